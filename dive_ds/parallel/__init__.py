@@ -1,0 +1,1 @@
+"""DeepSpeed glue: process groups, expert parallelism, ZeRO. Model code never imports this."""

@@ -1,0 +1,99 @@
+"""Channel statistics of the FFN's down_proj input and the FLAP scores built on them.
+
+Pure functions, float64. Legend: D domains, L layers, F FFN channels, H hidden size.
+
+Sufficient statistics per (domain, layer, channel): token count n, sum s, sum of squares q.
+They merge exactly by addition, so any grouping of domains gets its statistics without
+touching the model again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+SCORES = ("wifv", "ifv", "wifn")
+
+
+@dataclass
+class ChannelStats:
+    """Statistics for a set of domains (or one merged group)."""
+
+    count_D: torch.Tensor
+    """[D] float64 tokens per domain (same for every layer)."""
+    sum_DLF: torch.Tensor
+    """[D, L, F] float64 per-channel sum of the down_proj input."""
+    sumsq_DLF: torch.Tensor
+    """[D, L, F] float64 per-channel sum of squares."""
+    mlp_in_sum_DLH: torch.Tensor
+    """[D, L, H] float64 sum of the MLP input (post-attention-norm hidden state): router init."""
+    down_colsq_LF: torch.Tensor
+    """[L, F] float64 sum_i W_down[i, j]^2 (WIFV weight)."""
+    down_colabs_LF: torch.Tensor
+    """[L, F] float64 sum_i |W_down[i, j]| (WIFN weight)."""
+
+    def merged(self, idx: list[int]) -> ChannelStats:
+        """Exact statistics of the union of the domains `idx` (a one-domain ChannelStats)."""
+        ix = torch.as_tensor(idx, dtype=torch.long)
+        return ChannelStats(
+            self.count_D[ix].sum(0, keepdim=True), self.sum_DLF[ix].sum(0, keepdim=True),
+            self.sumsq_DLF[ix].sum(0, keepdim=True), self.mlp_in_sum_DLH[ix].sum(0, keepdim=True),
+            self.down_colsq_LF, self.down_colabs_LF)
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        return {"count": self.count_D, "sum": self.sum_DLF, "sumsq": self.sumsq_DLF,
+                "mlp_in_sum": self.mlp_in_sum_DLH, "down_colsq": self.down_colsq_LF,
+                "down_colabs": self.down_colabs_LF}
+
+    @classmethod
+    def from_tensors(cls, t: dict[str, torch.Tensor]) -> ChannelStats:
+        return cls(t["count"], t["sum"], t["sumsq"], t["mlp_in_sum"], t["down_colsq"], t["down_colabs"])
+
+
+def mean_var(count: torch.Tensor, s: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and unbiased variance from (n, sum, sum of squares); count broadcasts."""
+    n = count.to(torch.float64)
+    while n.dim() < s.dim():
+        n = n.unsqueeze(-1)
+    mean = s / n
+    var = (q - s * mean) / (n - 1).clamp_min(1)
+    return mean, var.clamp_min(0)
+
+
+def channel_scores(stats: ChannelStats, method: str = "wifv") -> torch.Tensor:
+    """[D, L, F] FLAP channel importance.
+
+    wifv: unbiased variance * sum_i W_down[i, j]^2 (the paper's default, fluctuation metric)
+    ifv:  unbiased variance alone
+    wifn: sqrt(E[x_j^2]) * sum_i |W_down[i, j]| (weighted input norm)
+    """
+    if method not in SCORES:
+        raise ValueError(f"unknown score {method!r}; choose one of {SCORES}")
+    _, var = mean_var(stats.count_D, stats.sum_DLF, stats.sumsq_DLF)
+    if method == "wifv":
+        return var * stats.down_colsq_LF
+    if method == "ifv":
+        return var
+    n = stats.count_D.to(torch.float64).view(-1, 1, 1)
+    return (stats.sumsq_DLF / n).sqrt() * stats.down_colabs_LF
+
+
+def n_keep(width: int, prune_ratio: float) -> int:
+    """Channels kept when pruning `prune_ratio` of `width` (at least one)."""
+    if not 0.0 <= prune_ratio < 1.0:
+        raise ValueError(f"prune ratio must be in [0, 1) (got {prune_ratio}); e.g. 0.5 keeps half the FFN")
+    return max(1, round(width * (1.0 - prune_ratio)))
+
+
+def kept_channels(scores_LF: torch.Tensor, keep: int) -> torch.Tensor:
+    """[L, keep] indices of the highest-scoring channels per layer, ascending (ties -> lower index)."""
+    order = torch.sort(scores_LF, dim=-1, descending=True, stable=True).indices[..., :keep]
+    return order.sort(dim=-1).values
+
+
+def compensation_bias(w_down_HF: torch.Tensor, mean_F: torch.Tensor, kept_K: torch.Tensor) -> torch.Tensor:
+    """FLAP bias compensation b = W_down[:, removed] @ mean[removed] ([H], float64 math)."""
+    removed = torch.ones(w_down_HF.shape[1], dtype=torch.bool)
+    removed[kept_K] = False
+    return w_down_HF[:, removed].to(torch.float64) @ mean_F[removed].to(torch.float64)
