@@ -1,14 +1,158 @@
-"""Sub-commands beyond `calibrate` (mine, reconstruct, evaluate, export, demo)."""
+"""Sub-commands beyond `calibrate`: mine, reconstruct, evaluate, export, demo."""
 
 from __future__ import annotations
 
+from dive_ds.reconstruct import METHODS, PRESETS, ROUTER_INITS
+
 
 def add_all(sub) -> None:
-    p = sub.add_parser("demo", help="run the whole pipeline on the embedded default")
+    p = sub.add_parser("mine", help="domain affinity mining: group the calibration domains into N experts",
+                       description="Paper-faithful mining prunes the dense model with each domain's mask and "
+                                   "evaluates it on every domain (D x D perplexities, column-normalised, Pearson, "
+                                   "agglomerative clustering). The fast affinity (Jaccard overlap of kept channels, "
+                                   "from statistics alone) is always computed and compared. Writes groups.json, "
+                                   "mining.json, CSV matrices and PNG heatmaps with dendrograms to --out.")
+    p.add_argument("--calib", required=True, help="calibration folder from `dive-ds calibrate`")
+    p.add_argument("--experts", type=int, required=True, help="N groups (= experts)")
+    p.add_argument("--prune-ratio", type=float, default=0.5, help="r used for the domain-pruned models (default 0.5)")
+    p.add_argument("--score", default="wifv", choices=["wifv", "ifv", "wifn"], help="channel score (default wifv)")
+    p.add_argument("--no-bias-compensation", action="store_true", help="prune without the FLAP bias")
+    p.add_argument("--fast-only", action="store_true", help="skip the D x D pruned evaluations; cluster the fast affinity")
+    p.add_argument("--eval-windows", type=int, help="held-out windows per domain for the pruned evaluations (default all)")
+    p.add_argument("--linkage", default="average", choices=["average", "complete", "single", "weighted"],
+                   help="agglomerative linkage (default average)")
+    p.add_argument("--model", help="dense model (default: the one recorded in the calibration)")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward (default 8)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=cmd_mine)
+
+    p = sub.add_parser("reconstruct", help="build the MoE: one expert per group, pruned from the dense FFN",
+                       description="For each group the exactly merged statistics of its domains give the expert's "
+                                   "kept channels per layer (top (1-r) by score) and its FLAP compensation bias. "
+                                   "Attention, embeddings, norms and LM head are copied; a new router per layer. "
+                                   "Streams the dense checkpoint one layer at a time. Baselines use --method.")
+    p.add_argument("--calib", required=True, help="calibration folder from `dive-ds calibrate`")
+    p.add_argument("--groups", help="groups JSON {group: [domains]} (from `dive-ds mine` or your own); "
+                                    "required for --method dive")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="reference settings: 1of8 = N=8, k=1, r=0.5; "
+                                                             "2of8 = N=8, k=2, r=0.75")
+    p.add_argument("--experts", type=int, help="N experts (default 8)")
+    p.add_argument("--top-k", type=int, help="k experts per token (default 1)")
+    p.add_argument("--prune-ratio", type=float, help="r, fraction of FFN channels each expert drops (default 0.5)")
+    p.add_argument("--score", default="wifv", choices=["wifv", "ifv", "wifn"], help="channel score (default wifv)")
+    p.add_argument("--no-bias-compensation", action="store_true", help="experts without the FLAP bias")
+    p.add_argument("--router-init", default="random", choices=ROUTER_INITS,
+                   help="random: seeded N(0, 0.02) (paper); centroid: from the groups' mean MLP inputs")
+    p.add_argument("--method", default="dive", choices=METHODS,
+                   help="dive (default) or a baseline: random-split (LLaMA-MoE), upcycle (N dense copies, r=0), "
+                        "nomining (random domain groups), flap (1 dense pruned FFN)")
+    p.add_argument("--seed", type=int, default=42, help="router init / random baselines seed")
+    p.add_argument("--model", help="dense model (default: the one recorded in the calibration)")
+    p.add_argument("--out", required=True, help="output MoE checkpoint folder (Hugging Face format)")
+    p.set_defaults(func=cmd_reconstruct)
+
+    p = sub.add_parser("evaluate", help="held-out perplexity per domain (router and oracle routing)",
+                       description="Perplexity on each domain's held-out windows (from the calibration folder), "
+                                   "their mean, total and activated parameters. For a DIVE MoE also the 'oracle' "
+                                   "routing (each domain's tokens to its group's expert) and the expert load.")
+    p.add_argument("model", help="model folder (dense or dive_moe), or `demo`")
+    p.add_argument("--calib", required=True, help="calibration folder whose held-out windows are used")
+    p.add_argument("--eval-windows", type=int, help="windows per domain (default all)")
+    p.add_argument("--no-oracle", action="store_true", help="skip the oracle routing")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward (default 8)")
+    p.add_argument("--out", help="write eval.json and eval.md here")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("export", help="write a dive_moe checkpoint as a stock transformers format")
+    p.add_argument("model", help="dive_moe checkpoint folder")
+    p.add_argument("--format", default="mixtral", choices=["mixtral"], help="target format (default mixtral)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("demo", help="the whole pipeline on the embedded default (SmolLM2 + demo pack)",
+                       description="calibrate -> mine -> reconstruct (DIVE and baselines) -> evaluate, on "
+                                   "SmolLM2-135M-Instruct and the built-in demo pack, with small sample counts.")
+    p.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
+    p.add_argument("--experts", type=int, default=6, help="N experts (default 6)")
+    p.add_argument("--top-k", type=int, default=1, help="k (default 1)")
+    p.add_argument("--prune-ratio", type=float, default=0.5, help="r (default 0.5)")
+    p.add_argument("--samples-per-domain", type=int, default=16, help="calibration windows per domain (default 16)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256)")
+    p.add_argument("--eval-windows", type=int, default=6, help="held-out windows per domain (default 6)")
+    p.add_argument("--mining-eval-windows", type=int, default=2,
+                   help="held-out windows per domain for the D x D pruned evaluations (default 2)")
+    p.add_argument("--only", nargs="+", metavar="DOMAIN", help="use only these demo domains")
     p.set_defaults(func=cmd_demo)
 
 
-def cmd_demo(a) -> int:
-    from dive_ds.cli import main
+def _recon_cfg(a):
+    from dive_ds.reconstruct import ReconstructConfig
 
-    return main(["calibrate", "--demo"])
+    base = dict(PRESETS[a.preset]) if a.preset else {"num_experts": 8, "top_k": 1, "prune_ratio": 0.5}
+    for flag, key in (("experts", "num_experts"), ("top_k", "top_k"), ("prune_ratio", "prune_ratio")):
+        if getattr(a, flag) is not None:
+            base[key] = getattr(a, flag)
+    if a.method == "flap":
+        base.update(num_experts=1, top_k=1)
+    if a.method == "upcycle":
+        base["prune_ratio"] = 0.0
+    return ReconstructConfig(score=a.score, bias_compensation=not a.no_bias_compensation,
+                             router_init=a.router_init, seed=a.seed, method=a.method, **base)
+
+
+def cmd_mine(a) -> int:
+    from dive_ds.workflows import run_mine
+
+    if not 0.0 <= a.prune_ratio < 1.0:
+        raise ValueError(f"--prune-ratio must be in [0, 1) (got {a.prune_ratio})")
+    rep = run_mine(a.calib, a.out, a.experts, a.prune_ratio, a.score, not a.no_bias_compensation, a.fast_only,
+                   a.eval_windows, a.model, a.batch_size, a.linkage)
+    _print_mining(rep, a.out)
+    return 0
+
+
+def _print_mining(rep: dict, out) -> None:
+    print(f"\nmining ({rep['affinity_used']}, {rep['mining_seconds']}s) -> {out}/groups.json")
+    for g, members in rep["groups"].items():
+        print(f"  {g}: {', '.join(members)}")
+    if "family_recovery_ari" in rep:
+        print(f"  family recovery (ARI vs source families): {rep['family_recovery_ari']:.3f} "
+              f"(fast affinity: {rep['family_recovery_ari_fast']:.3f})")
+    if rep.get("fast_vs_paper"):
+        c = rep["fast_vs_paper"]
+        print(f"  fast vs paper affinity: Pearson {c['pearson']:.3f}, Spearman {c['spearman']:.3f}, "
+              f"ARI of groupings {c['ari']:.3f}")
+
+
+def cmd_reconstruct(a) -> int:
+    from dive_ds.workflows import run_reconstruct
+
+    run_reconstruct(a.calib, a.groups, a.out, _recon_cfg(a), a.model)
+    return 0
+
+
+def cmd_evaluate(a) -> int:
+    from dive_ds.calibrate import load_calibration
+    from dive_ds.workflows import markdown_table, run_evaluate
+
+    res = run_evaluate(a.model, a.calib, a.out, oracle=not a.no_oracle, batch_size=a.batch_size,
+                       eval_windows=a.eval_windows)
+    print(markdown_table([res], load_calibration(a.calib).domains))
+    return 0
+
+
+def cmd_export(a) -> int:
+    from dive_ds.models.export import export_mixtral
+
+    export_mixtral(a.model, a.out)
+    print(f"exported {a.model} -> {a.out} (format {a.format})")
+    return 0
+
+
+def cmd_demo(a) -> int:
+    from dive_ds.demo import run_demo
+
+    run_demo(a)
+    return 0
+
+

@@ -172,7 +172,7 @@ def model_fingerprint(config: PretrainedConfig, ckpt: LayerwiseCheckpoint) -> st
                                                    "num_hidden_layers", "num_attention_heads", "vocab_size")}
     h.update(json.dumps(arch, sort_keys=True).encode())
     last = config.num_hidden_layers - 1
-    for key in (f"model.layers.0.mlp.down_proj.weight", f"model.layers.{last}.mlp.up_proj.weight"):
+    for key in ("model.layers.0.mlp.down_proj.weight", f"model.layers.{last}.mlp.up_proj.weight"):
         t = ckpt.get(key).to(torch.float32).contiguous()
         h.update(t.flatten()[:: max(1, t.numel() // 4096)].numpy().tobytes())
     return h.hexdigest()[:16]

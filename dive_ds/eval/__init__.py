@@ -1,0 +1,1 @@
+"""Held-out perplexity, oracle routing, parameter counts and reports."""

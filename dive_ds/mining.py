@@ -1,0 +1,608 @@
+"""Domain affinity mining: affinity matrices and clustering, as pure functions on arrays.
+
+Two ways to a D x D domain similarity, both ending in the same clustering:
+
+- perplexity-based (the paper): a D x D perplexity matrix of domain-pruned models on
+  every domain's held-out text -> column normalisation -> Pearson similarity;
+- fast, from calibration statistics alone (no pruned evaluations): overlap of the
+  per-domain kept-channel sets (Jaccard), or correlation of the per-domain channel
+  scores, averaged over layers.
+
+`compare_affinities` checks one against the other.
+
+Shape legend (suffixes on array names):
+    D  domains (calibration / evaluation domains)
+    L  decoder layers
+    F  FFN channels per layer (intermediate size)
+    M  entries of a condensed distance vector, D * (D - 1) / 2
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import tempfile
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import scipy.cluster.hierarchy as sch
+from scipy.spatial.distance import squareform
+from scipy.stats import rankdata
+
+# Linkage methods that are valid on an arbitrary (non-Euclidean) distance such as 1 - r.
+# ward / centroid / median assume Euclidean distances and are refused.
+LINKAGE_METHODS = ("average", "complete", "single", "weighted")
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _as_matrix(M, name: str, *, square: bool = True) -> np.ndarray:
+    M = np.asarray(M, dtype=np.float64)
+    if M.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D matrix, got shape {M.shape}")
+    if square and M.shape[0] != M.shape[1]:
+        raise ValueError(f"{name} must be square (D x D), got shape {M.shape}")
+    if M.size == 0:
+        raise ValueError(f"{name} is empty (shape {M.shape}); it needs at least one domain")
+    bad = np.argwhere(~np.isfinite(M))
+    if len(bad):
+        where = ", ".join(str(tuple(int(i) for i in b)) for b in bad[:5])
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise ValueError(f"{name} has {len(bad)} non-finite entries at {where}{more}")
+    return M
+
+
+def _check_names(names: Sequence[str], what: str = "domain_names") -> list[str]:
+    if isinstance(names, str):
+        raise ValueError(f"{what} must be a sequence of names, not the single string {names!r}")
+    names = [str(n) for n in names]
+    dup = sorted(n for n, count in Counter(names).items() if count > 1)
+    if dup:
+        raise ValueError(f"{what} contains duplicates: {dup}")
+    return names
+
+
+# ------------------------------------------------------------------- perplexity affinity
+
+
+def normalise_columns(ppl_DD) -> np.ndarray:
+    """Column-normalise a perplexity matrix: A[i, j] = min_k P[k, j] / P[i, j].
+
+    Rows i are domain-pruned models, columns j are evaluation domains. The normalisation
+    removes the scale difference between evaluation sets: every column's best model gets
+    exactly 1.0 and the others a value in (0, 1].
+
+    Raises ValueError if the matrix is not square, has non-finite or non-positive entries.
+    """
+    P_DD = _as_matrix(ppl_DD, "perplexity matrix")
+    bad = np.argwhere(P_DD <= 0)
+    if len(bad):
+        where = ", ".join(str(tuple(int(i) for i in b)) for b in bad[:5])
+        raise ValueError(f"perplexity matrix must be positive; {len(bad)} entries <= 0 at {where}")
+    return P_DD.min(axis=0, keepdims=True) / P_DD
+
+
+def pearson_similarity(A_DD, axis: str = "rows") -> np.ndarray:
+    """Pearson correlation between the rows (axis="rows") or columns ("columns") of A.
+
+    Returns a symmetric matrix S with S[i, i] = 1 and entries in [-1, 1]. A row (column)
+    of zero variance has no defined correlation; here it is defined as 0 with every other
+    row and 1 with itself, so the result never contains NaN. "Zero variance" means
+    exactly constant (max == min), not numerically small. A need not be square.
+    """
+    A = _as_matrix(A_DD, "affinity matrix", square=False)
+    if axis in ("rows", "row", 0):
+        X = A
+    elif axis in ("columns", "cols", "column", 1):
+        X = A.T
+    else:
+        raise ValueError(f"axis={axis!r}; use axis='rows' or axis='columns'")
+    C = X - X.mean(axis=1, keepdims=True)
+    const = np.ptp(X, axis=1) == 0
+    C[const] = 0.0
+    # Rescaling a row does not change its correlations; doing it first avoids overflow.
+    scale = np.abs(C).max(axis=1)
+    const |= scale == 0
+    C[~const] /= scale[~const, None]
+    norm = np.sqrt((C * C).sum(axis=1))
+    U = np.zeros_like(C)
+    U[~const] = C[~const] / norm[~const, None]
+    S = np.clip(U @ U.T, -1.0, 1.0)
+    S = 0.5 * (S + S.T)
+    np.fill_diagonal(S, 1.0)
+    return S
+
+
+# ------------------------------------------------------------------------- clustering
+
+
+def _distance_condensed(S_DD: np.ndarray) -> np.ndarray:
+    S = 0.5 * (S_DD + S_DD.T)
+    dist_DD = np.clip(1.0 - S, 0.0, None)
+    np.fill_diagonal(dist_DD, 0.0)
+    return squareform(dist_DD, checks=False)  # dist_M
+
+
+def linkage_matrix(S_DD, method: str = "average") -> np.ndarray:
+    """Agglomerative linkage (scipy format, shape [D - 1, 4]) on the distance 1 - S.
+
+    S is symmetrised, the distance clipped at 0 and its diagonal set to 0. `method` is one
+    of LINKAGE_METHODS (those valid for a non-Euclidean distance). Needs D >= 2.
+    """
+    S = _as_matrix(S_DD, "similarity matrix")
+    if method not in LINKAGE_METHODS:
+        raise ValueError(
+            f"linkage method {method!r} is not supported on 1 - correlation distances; "
+            f"use one of {list(LINKAGE_METHODS)}"
+        )
+    if S.shape[0] < 2:
+        raise ValueError(f"a linkage needs at least 2 domains, got {S.shape[0]}")
+    return sch.linkage(_distance_condensed(S), method=method)
+
+
+def canonical_labels(labels_D) -> np.ndarray:
+    """Renumber labels 0, 1, ... in order of first appearance (int64 array)."""
+    labels = np.asarray(labels_D)
+    _, first, inverse = np.unique(labels, return_index=True, return_inverse=True)
+    rank = np.empty(len(first), dtype=np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(len(first))
+    return rank[inverse.reshape(-1)]
+
+
+def cluster_domains(S_DD, n_groups: int, method: str = "average") -> np.ndarray:
+    """Cluster domains into exactly `n_groups` groups by agglomerative clustering on 1 - S.
+
+    Cut with fcluster(maxclust); if ties in merge heights make it return fewer groups,
+    cut the tree after D - n_groups merges instead (cut_tree), which always yields exactly
+    n_groups. Labels are 0 .. n_groups-1 in order of first appearance (canonical and
+    deterministic). Returns an int64 array of shape [D].
+    """
+    S = _as_matrix(S_DD, "similarity matrix")
+    D = S.shape[0]
+    if isinstance(n_groups, bool) or not isinstance(n_groups, (int, np.integer)):
+        raise ValueError(f"n_groups must be an integer, got {n_groups!r}")
+    n_groups = int(n_groups)
+    if n_groups < 1:
+        raise ValueError(f"n_groups={n_groups} (--experts {n_groups}) must be >= 1")
+    if n_groups > D:
+        raise ValueError(
+            f"--experts {n_groups} is larger than the {D} domains; use --experts <= {D} or pass --groups FILE"
+        )
+    if D == 1:
+        return np.zeros(1, dtype=np.int64)
+    Z = linkage_matrix(S, method)
+    labels = sch.fcluster(Z, t=n_groups, criterion="maxclust")
+    if len(np.unique(labels)) != n_groups:
+        labels = sch.cut_tree(Z, n_clusters=n_groups).reshape(-1)
+    labels = canonical_labels(labels)
+    assert labels.max() + 1 == n_groups
+    return labels
+
+
+# ------------------------------------------------------------------------------ groups
+
+
+def groups_from_labels(labels_D, domain_names: Sequence[str]) -> dict[str, list[str]]:
+    """{"group_0": [names...], "group_1": ...}: group k holds the domains labelled k.
+
+    Labels must be integers 0 .. G-1 with every value present; names keep the order of
+    `domain_names` within a group.
+    """
+    names = _check_names(domain_names)
+    labels = np.asarray(labels_D)
+    if labels.ndim != 1 or len(labels) != len(names):
+        raise ValueError(f"labels have shape {labels.shape} but there are {len(names)} domain names")
+    if len(labels) == 0:
+        return {}
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
+    G = int(labels.max()) + 1
+    missing = sorted(set(range(G)) - set(labels.tolist()))
+    if labels.min() < 0 or missing:
+        raise ValueError(
+            f"labels must cover 0..{G - 1} exactly; got values {sorted(set(labels.tolist()))} "
+            "(renumber them with canonical_labels)"
+        )
+    return {f"group_{k}": [n for n, lab in zip(names, labels) if lab == k] for k in range(G)}
+
+
+def labels_from_groups(groups: Mapping[str, Sequence[str]], domain_names: Sequence[str]) -> np.ndarray:
+    """Inverse of groups_from_labels: label[d] = position of d's group in `groups` order.
+
+    Validates that every domain is in exactly one group. All problems found (empty
+    groups, unknown names, domains listed twice, domains in no group) are reported in one
+    ValueError. Returns an int64 array of shape [D]; the label is the group's index in the
+    mapping's order (expert k = k-th group), not renumbered.
+    """
+    names = _check_names(domain_names)
+    if not isinstance(groups, Mapping) or len(groups) == 0:
+        raise ValueError(f"groups must be a non-empty mapping of group name -> domain names, got {groups!r}")
+    index = {n: i for i, n in enumerate(names)}
+    labels = np.full(len(names), -1, dtype=np.int64)
+    problems: list[str] = []
+    unknown: list[str] = []
+    dup: list[str] = []
+    for k, (gname, members) in enumerate(groups.items()):
+        if isinstance(members, str):
+            problems.append(f"group {gname!r} must be a list of domain names, not the string {members!r}")
+            continue
+        members = list(members)
+        if not members:
+            problems.append(f"group {gname!r} is empty")
+        for m in members:
+            if m not in index:
+                unknown.append(str(m))
+            elif labels[index[m]] >= 0:
+                dup.append(m)
+            else:
+                labels[index[m]] = k
+    if unknown:
+        problems.append(f"unknown domains {sorted(set(unknown))} (known: {names})")
+    if dup:
+        problems.append(f"domains in more than one group (or listed twice): {sorted(set(dup))}")
+    missing = [n for n, lab in zip(names, labels) if lab < 0 and n not in dup]
+    if missing:
+        problems.append(f"domains in no group: {missing}")
+    if problems:
+        raise ValueError("invalid groups: " + "; ".join(problems))
+    return labels
+
+
+# ------------------------------------------------------------------ partition agreement
+
+
+def adjusted_rand_index(labels_a, labels_b) -> float:
+    """Adjusted Rand index (Hubert & Arabie, 1985) of two partitions of the same items.
+
+    Computed from the contingency table in exact integer arithmetic with one final
+    division. Labels may be any comparable values (ints, strings). 1.0 for identical
+    partitions up to relabelling, about 0 for independent ones, can be negative.
+    Degenerate cases where the index is 0/0 (n <= 1; both partitions all singletons; both
+    a single cluster) are exactly the cases of identical partitions and return 1.0.
+    """
+    a, b = np.asarray(labels_a).reshape(-1), np.asarray(labels_b).reshape(-1)
+    if len(a) != len(b):
+        raise ValueError(f"partitions have different lengths: {len(a)} and {len(b)}")
+    n = len(a)
+    if n <= 1:
+        return 1.0
+    _, ia = np.unique(a, return_inverse=True)
+    _, ib = np.unique(b, return_inverse=True)
+    ia, ib = ia.reshape(-1).astype(np.int64), ib.reshape(-1).astype(np.int64)
+    # Non-zero cells of the contingency table only (it would be n x n for singletons).
+    _, cells = np.unique(ia * (ib.max() + 1) + ib, return_counts=True)
+
+    def comb2(x) -> int:
+        return sum(int(v) * (int(v) - 1) // 2 for v in np.asarray(x).reshape(-1))
+
+    index = comb2(cells)
+    sum_a = comb2(np.bincount(ia))
+    sum_b = comb2(np.bincount(ib))
+    total = n * (n - 1) // 2
+    # ARI = (index - sa*sb/total) / ((sa+sb)/2 - sa*sb/total), multiplied through by 2*total.
+    num = 2 * (index * total - sum_a * sum_b)
+    den = (sum_a + sum_b) * total - 2 * sum_a * sum_b
+    if den == 0:
+        return 1.0
+    return num / den
+
+
+def family_recovery(labels_D, families: Sequence[str]) -> float:
+    """ARI of a grouping against the domains' source families (one string per domain)."""
+    labels = np.asarray(labels_D).reshape(-1)
+    families = [str(f) for f in families]
+    if len(families) != len(labels):
+        raise ValueError(f"{len(families)} families for {len(labels)} labels")
+    return adjusted_rand_index(labels, np.asarray(families, dtype=str))
+
+
+# ----------------------------------------------------- fast affinity from statistics
+
+
+def _as_scores(scores_DLF) -> np.ndarray:
+    s = np.asarray(scores_DLF, dtype=np.float64)
+    if s.ndim != 3 or 0 in s.shape:
+        raise ValueError(f"scores must have shape [D, L, F] with no empty axis, got {s.shape}")
+    if not np.isfinite(s).all():
+        raise ValueError(f"scores have {int((~np.isfinite(s)).sum())} non-finite entries")
+    return s
+
+
+def keep_count(n_channels: int, keep_fraction: float) -> int:
+    """Channels kept per layer: round(F * keep_fraction) (Python round, half to even)."""
+    if not 0.0 < keep_fraction <= 1.0:
+        raise ValueError(f"keep_fraction={keep_fraction} must be in (0, 1]")
+    k = int(round(n_channels * keep_fraction))
+    if k < 1:
+        raise ValueError(f"keep_fraction={keep_fraction} keeps no channel of {n_channels}; raise it")
+    return k
+
+
+def kept_sets(scores_DLF, keep_fraction: float) -> np.ndarray:
+    """Boolean mask [D, L, F] of the top round(F * keep_fraction) channels per (domain, layer).
+
+    Ties are broken deterministically in favour of the lower channel index (stable sort
+    of the negated scores).
+    """
+    s = _as_scores(scores_DLF)
+    D, L, F = s.shape
+    k = keep_count(F, keep_fraction)
+    top_DLk = np.argsort(-s, axis=-1, kind="stable")[..., :k]
+    kept_DLF = np.zeros(s.shape, dtype=bool)
+    np.put_along_axis(kept_DLF, top_DLk, True, axis=-1)
+    return kept_DLF
+
+
+def jaccard_affinity(kept_DLF) -> np.ndarray:
+    """S[a, b] = mean over layers of |K_a ∩ K_b| / |K_a ∪ K_b| of the kept-channel sets.
+
+    A layer where both sets are empty counts as identical (1.0).
+    """
+    kept = np.asarray(kept_DLF)
+    if kept.dtype != bool:
+        raise ValueError(f"kept_DLF must be a boolean mask, got dtype {kept.dtype}")
+    if kept.ndim != 3 or 0 in kept.shape:
+        raise ValueError(f"kept_DLF must have shape [D, L, F], got {kept.shape}")
+    K_LDF = np.ascontiguousarray(kept.transpose(1, 0, 2), dtype=np.float64)
+    inter_LDD = K_LDF @ K_LDF.transpose(0, 2, 1)  # exact: counts far below 2**53
+    size_LD = K_LDF.sum(axis=-1)
+    union_LDD = size_LD[:, :, None] + size_LD[:, None, :] - inter_LDD
+    jac_LDD = np.divide(inter_LDD, union_LDD, out=np.ones_like(inter_LDD), where=union_LDD > 0)
+    return jac_LDD.mean(axis=0)
+
+
+def score_correlation_affinity(scores_DLF, rel_eps: float = 1e-6) -> np.ndarray:
+    """S[a, b] = mean over layers of Pearson corr(log(s_a + eps_a), log(s_b + eps_b)).
+
+    Pearson on log scores rather than Spearman: WIFV scores are non-negative and
+    heavy-tailed (variance times a weight norm), so the log makes them roughly symmetric
+    and Pearson then behaves much like a rank correlation, while costing one matmul per
+    layer instead of a rank transform of D x L x F values, and keeping magnitudes (a
+    channel that is 100x more important counts more than one that is 1.1x).
+    eps is relative, eps = rel_eps * mean(s) per (domain, layer), so multiplying one
+    domain's scores in one layer by any c > 0 only shifts its log vector and leaves the
+    affinity unchanged. A (domain, layer) with all scores equal counts as correlation 0
+    with the others (see pearson_similarity). Scores must be >= 0.
+    """
+    s = _as_scores(scores_DLF)
+    if (s < 0).any():
+        raise ValueError(
+            f"scores must be >= 0 for the log transform; min is {s.min()} "
+            "(use a non-negative score such as WIFV, IFV or WIFN)"
+        )
+    if rel_eps <= 0:
+        raise ValueError(f"rel_eps={rel_eps} must be > 0")
+    mean_DL1 = s.mean(axis=-1, keepdims=True)
+    eps_DL1 = np.where(mean_DL1 > 0, rel_eps * mean_DL1, 1.0)
+    log_DLF = np.log(s + eps_DL1)
+    S = np.mean([pearson_similarity(log_DLF[:, layer, :]) for layer in range(s.shape[1])], axis=0)
+    np.fill_diagonal(S, 1.0)
+    return S
+
+
+def _offdiag_corr(x_M: np.ndarray, y_M: np.ndarray) -> float:
+    if np.array_equal(x_M, y_M):
+        return 1.0
+    return float(pearson_similarity(np.stack([x_M, y_M]))[0, 1])
+
+
+def compare_affinities(S1_DD, S2_DD, n_groups: int, method: str = "average") -> dict:
+    """Agreement of two similarity matrices over the same domains.
+
+    Returns {"pearson": Pearson correlation of the upper-triangle off-diagonal entries,
+    "spearman": the same on their ranks, "ari": ARI of cluster_domains(S1, n_groups) vs
+    cluster_domains(S2, n_groups), "labels_1": int64 [D], "labels_2": int64 [D]}.
+    Correlations are 1.0 when the off-diagonal entries are identical and 0.0 when exactly
+    one side is constant (or D < 3 with different entries), never NaN.
+    """
+    S1 = _as_matrix(S1_DD, "first similarity matrix")
+    S2 = _as_matrix(S2_DD, "second similarity matrix")
+    if S1.shape != S2.shape:
+        raise ValueError(f"similarity matrices differ in shape: {S1.shape} vs {S2.shape}")
+    iu = np.triu_indices(S1.shape[0], k=1)
+    x_M, y_M = S1[iu], S2[iu]
+    if len(x_M):
+        pearson = _offdiag_corr(x_M, y_M)
+        spearman = _offdiag_corr(rankdata(x_M), rankdata(y_M))
+    else:
+        pearson = spearman = 1.0
+    labels_1 = cluster_domains(S1, n_groups, method)
+    labels_2 = cluster_domains(S2, n_groups, method)
+    return {
+        "pearson": pearson,
+        "spearman": spearman,
+        "ari": adjusted_rand_index(labels_1, labels_2),
+        "labels_1": labels_1,
+        "labels_2": labels_2,
+    }
+
+
+# --------------------------------------------------------------------------- plotting
+
+
+def _atomic_tmp(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def plot_side_inches(n_domains: int) -> float:
+    """Side of the (square) affinity figure in inches: max(6, 3 + 0.4 * D)."""
+    return max(6.0, 3.0 + 0.4 * n_domains)
+
+
+def plot_affinity(
+    S_DD, domain_names: Sequence[str], labels_D, path, title: str, method: str = "average", dpi: int = 100
+) -> Path:
+    """Write a PNG: dendrogram of 1 - S on top of a heatmap of S in dendrogram leaf order.
+
+    The heatmap has a colour bar, domain names as tick labels, a coloured strip with each
+    domain's group (`labels_D`, may be None) and white lines where consecutive leaves
+    change group (groups from another affinity need not be contiguous in this order).
+    The figure is square, plot_side_inches(D) inches at `dpi`. Written atomically (temp
+    file in the same folder, then os.replace). Returns the path.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    S = _as_matrix(S_DD, "similarity matrix")
+    names = _check_names(domain_names)
+    D = S.shape[0]
+    if len(names) != D:
+        raise ValueError(f"{len(names)} domain names for a {D} x {D} matrix")
+    labels = None if labels_D is None else np.asarray(labels_D).reshape(-1)
+    if labels is not None and len(labels) != D:
+        raise ValueError(f"{len(labels)} labels for {D} domains")
+    Z = linkage_matrix(S, method)
+    order = np.asarray(sch.leaves_list(Z))
+
+    side = plot_side_inches(D)
+    fig = Figure(figsize=(side, side), dpi=dpi)
+    FigureCanvasAgg(fig)
+    # Margins sized for the longest name at 8 pt (~0.07 in per character).
+    margin = min(0.4, (0.3 + 0.07 * max(len(n) for n in names)) / side)
+    gs = fig.add_gridspec(
+        2,
+        3,
+        height_ratios=[1.0, 4.0],
+        width_ratios=[4.0, 0.18, 0.15],
+        left=margin,
+        bottom=margin,
+        right=0.9,
+        top=0.92,
+        wspace=0.06,
+        hspace=0.02,
+    )
+    ax_dend = fig.add_subplot(gs[0, 0])
+    ax_heat = fig.add_subplot(gs[1, 0])
+    ax_strip = fig.add_subplot(gs[1, 1], sharey=ax_heat)
+    ax_cbar = fig.add_subplot(gs[1, 2])
+
+    sch.dendrogram(Z, ax=ax_dend, orientation="top", no_labels=True, link_color_func=lambda _: "k")
+    ax_dend.set_xlim(0, 10 * D)  # scipy puts leaf i at x = 10 i + 5
+    ax_dend.set_xticks([])
+    ax_dend.set_ylabel("1 - S", fontsize=8)
+    ax_dend.tick_params(labelsize=7)
+    for spine in ("top", "right"):
+        ax_dend.spines[spine].set_visible(False)
+
+    S_ord = S[np.ix_(order, order)]
+    im = ax_heat.imshow(S_ord, cmap="viridis", aspect="auto", interpolation="nearest")
+    ax_heat.set_xticks(range(D), [names[i] for i in order], rotation=90, fontsize=8)
+    ax_heat.set_yticks(range(D), [names[i] for i in order], fontsize=8)
+    if D <= 16:
+        lo, hi = float(S_ord.min()), float(S_ord.max())
+        mid = 0.5 * (lo + hi)
+        for r in range(D):
+            for c in range(D):
+                ax_heat.text(
+                    c,
+                    r,
+                    f"{S_ord[r, c]:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="black" if S_ord[r, c] > mid else "white",
+                )
+    fig.colorbar(im, cax=ax_cbar)
+    ax_cbar.tick_params(labelsize=7)
+
+    if labels is not None:
+        _, code_D = np.unique(labels, return_inverse=True)
+        lab_ord = code_D.reshape(-1)[order]  # colour codes; the text shows the caller's label
+        ax_strip.imshow(
+            lab_ord[:, None] % 20, cmap="tab20", vmin=-0.5, vmax=19.5, aspect="auto", interpolation="nearest"
+        )
+        for r, i in enumerate(order):
+            ax_strip.text(0, r, str(labels[i]), ha="center", va="center", fontsize=7)
+        for i in np.flatnonzero(lab_ord[1:] != lab_ord[:-1]) + 1:
+            ax_heat.axhline(i - 0.5, color="white", lw=2)
+            ax_heat.axvline(i - 0.5, color="white", lw=2)
+    ax_strip.set_xticks([0], ["group"], rotation=90, fontsize=8)
+    ax_strip.tick_params(axis="y", left=False, labelleft=False)
+    fig.suptitle(title, fontsize=10)
+
+    path = Path(path)
+    tmp = _atomic_tmp(path)
+    try:
+        fig.savefig(tmp, format="png", dpi=dpi)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+# ----------------------------------------------------------------------------- writers
+
+
+def write_matrix_csv(path, M, row_names: Sequence[str], col_names: Sequence[str]) -> Path:
+    """Write a labelled matrix as CSV (atomic): header "", col names; one row per name.
+
+    Values are written with repr (round-trips float64 exactly; nan/inf allowed).
+    """
+    M = np.asarray(M, dtype=np.float64)
+    rows, cols = _check_names(row_names, "row_names"), _check_names(col_names, "col_names")
+    if M.shape != (len(rows), len(cols)):
+        raise ValueError(
+            f"matrix shape {M.shape} does not match {len(rows)} row and {len(cols)} column names"
+        )
+    path = Path(path)
+    tmp = _atomic_tmp(path)
+    try:
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["", *cols])
+            for name, row in zip(rows, M):
+                w.writerow([name, *(repr(float(v)) for v in row)])
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def read_matrix_csv(path) -> tuple[np.ndarray, list[str], list[str]]:
+    """Read a CSV written by write_matrix_csv: (M [R, C] float64, row_names, col_names)."""
+    path = Path(path)
+    with open(path, newline="") as f:
+        table = [r for r in csv.reader(f) if r]
+    if not table:
+        raise ValueError(f"{path} is empty")
+    cols = table[0][1:]
+    rows, values = [], []
+    for n, r in enumerate(table[1:], start=2):
+        if len(r) != len(cols) + 1:
+            raise ValueError(f"{path} line {n}: {len(r)} fields, expected {len(cols) + 1}")
+        rows.append(r[0])
+        try:
+            values.append([float(v) for v in r[1:]])
+        except ValueError as e:
+            raise ValueError(f"{path} line {n}: {e}") from None
+    M = np.asarray(values, dtype=np.float64).reshape(len(rows), len(cols))
+    return M, rows, cols
+
+
+__all__ = [
+    "LINKAGE_METHODS",
+    "adjusted_rand_index",
+    "canonical_labels",
+    "cluster_domains",
+    "compare_affinities",
+    "family_recovery",
+    "groups_from_labels",
+    "jaccard_affinity",
+    "keep_count",
+    "kept_sets",
+    "labels_from_groups",
+    "linkage_matrix",
+    "normalise_columns",
+    "pearson_similarity",
+    "plot_affinity",
+    "plot_side_inches",
+    "read_matrix_csv",
+    "score_correlation_affinity",
+    "write_matrix_csv",
+]

@@ -1,0 +1,211 @@
+"""The pipeline steps behind the CLI: mine, reconstruct, evaluate (validate first, then work)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dive_ds import mining
+from dive_ds.calibrate import Calibration, check_same_model, load_calibration, run_manifest_base
+from dive_ds.eval.perplexity import domain_perplexities, pruned_ffn, routing_report
+from dive_ds.reconstruct import ReconstructConfig, plan_experts, write_moe
+from dive_ds.stats import channel_scores, kept_channels, mean_var, n_keep
+
+
+def _write_json(path: Path, obj) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def load_groups(path: str | Path, domains: list[str]) -> dict[str, list[str]]:
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"groups file {path} does not exist; pass a JSON file {{group: [domains]}} or run `dive-ds mine`")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"groups file {path} is not valid JSON: {e}") from e
+    groups = raw.get("groups", raw) if isinstance(raw, dict) else None
+    if not isinstance(groups, dict):
+        raise ValueError(f"groups file {path} must map group name -> list of domains")
+    mining.labels_from_groups(groups, domains)  # validates: unknown / duplicate / missing domains
+    return {str(k): list(v) for k, v in groups.items()}
+
+
+def _model_path(cal: Calibration, model: str | None) -> Path:
+    from dive_ds.models.loading import local_snapshot, resolve_model
+
+    return Path(local_snapshot(resolve_model(model))) if model else Path(cal.manifest["model"]["path"])
+
+
+def run_mine(calib_dir: str | Path, out: str | Path, num_groups: int, prune_ratio: float = 0.5, score: str = "wifv",
+             bias_compensation: bool = True, fast_only: bool = False, eval_windows: int | None = None,
+             model: str | None = None, batch_size: int = 8, linkage: str = "average") -> dict:
+    """Domain affinity mining: D x D pruned perplexities (paper) and the fast statistics-only affinity."""
+    from dive_ds.models.loading import load_dense_model
+
+    cal = load_calibration(calib_dir)
+    names, n_dom = cal.domains, len(cal.domains)
+    if num_groups > n_dom:
+        raise ValueError(f"--experts {num_groups} is larger than the {n_dom} domains; "
+                         f"use --experts <= {n_dom} or pass --groups FILE")
+    keep = n_keep(cal.stats.sum_DLF.shape[2], prune_ratio)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    scores = channel_scores(cal.stats, score)  # [D, L, F]
+    report: dict = run_manifest_base("mining") | {"calibration": str(cal.path), "domains": names,
+                                                   "families": cal.families, "prune_ratio": prune_ratio,
+                                                   "score": score, "experts": num_groups}
+    fast = mining.jaccard_affinity(mining.kept_sets(scores.numpy(), keep / scores.shape[2]))
+    mining.write_matrix_csv(out / "fast_affinity.csv", fast, names, names)
+    t0 = time.time()
+    if not fast_only:
+        model_dir = _model_path(cal, model)
+        check_same_model(cal, model_dir)
+        dense = load_dense_model(model_dir)
+        evals = {n: w[:eval_windows] if eval_windows else w for n, w in cal.eval.items()}
+        mean, _ = mean_var(cal.stats.count_D, cal.stats.sum_DLF, cal.stats.sumsq_DLF)
+        ppl = np.zeros((n_dom, n_dom))
+        for i, name in enumerate(names):
+            kept = kept_channels(scores[i], keep)
+            with pruned_ffn(dense, kept, mean[i] if bias_compensation else None):
+                row = domain_perplexities(dense, evals, batch_size)
+            ppl[i] = [row[n] for n in names]
+            print(f"  pruned on {name:<20} own ppl {ppl[i, i]:8.2f}   ({time.time() - t0:.0f}s)", flush=True)
+        mining.write_matrix_csv(out / "pruned_ppl.csv", ppl, names, names)
+        affinity = mining.pearson_similarity(mining.normalise_columns(ppl))
+        mining.write_matrix_csv(out / "affinity.csv", affinity, names, names)
+        cmp = mining.compare_affinities(affinity, fast, num_groups, method=linkage) if n_dom > 1 else {}
+        report["fast_vs_paper"] = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in cmp.items()}
+        report["pruned_eval_tokens"] = int(sum(w.numel() for w in evals.values()) * n_dom)
+    else:
+        affinity = fast
+    report["mining_seconds"] = round(time.time() - t0, 1)
+    labels = mining.cluster_domains(affinity, num_groups, method=linkage)
+    groups = mining.groups_from_labels(labels, names)
+    report["groups"] = groups
+    report["affinity_used"] = "fast (jaccard of kept channels)" if fast_only else "paper (pruned perplexity)"
+    fams = [cal.families.get(n) for n in names]
+    if all(fams):
+        report["family_recovery_ari"] = mining.family_recovery(labels, fams)
+        report["family_recovery_ari_fast"] = mining.family_recovery(mining.cluster_domains(fast, num_groups), fams)
+    if n_dom > 1:
+        mining.plot_affinity(affinity, names, labels, out / "affinity.png",
+                             f"domain affinity ({report['affinity_used']}), {num_groups} groups")
+        mining.plot_affinity(fast, names, mining.cluster_domains(fast, num_groups), out / "fast_affinity.png",
+                             f"fast affinity (kept-channel Jaccard), {num_groups} groups")
+    _write_json(out / "mining.json", report)
+    _write_json(out / "groups.json", groups)
+    return report
+
+
+def run_reconstruct(calib_dir: str | Path, groups_file: str | Path | None, out: str | Path, cfg: ReconstructConfig,
+                    model: str | None = None) -> Path:
+    cal = load_calibration(calib_dir)
+    groups = None
+    if cfg.method == "dive":
+        if groups_file is None:
+            raise ValueError("dive reconstruction needs --groups FILE (from `dive-ds mine`, or your own)")
+        groups = load_groups(groups_file, cal.domains)
+        if len(groups) != cfg.num_experts:
+            raise ValueError(f"--experts {cfg.num_experts} but {groups_file} has {len(groups)} groups; "
+                             "make them equal (re-run `dive-ds mine --experts N`)")
+    if cfg.method == "nomining" and cfg.num_experts > len(cal.domains):
+        raise ValueError(f"--experts {cfg.num_experts} is larger than the {len(cal.domains)} domains; "
+                         f"use --experts <= {len(cal.domains)}")
+    model_dir = _model_path(cal, model)
+    check_same_model(cal, model_dir)
+    plan = plan_experts(cal.stats, cal.domains, groups, cfg)
+    t0 = time.time()
+    write_moe(model_dir, plan, cfg, out, extra_files={"calibration": str(cal.path)})
+    print(f"wrote {cfg.method} MoE ({cfg.num_experts} experts x {plan.kept_ELK.shape[-1]} channels, top-{cfg.top_k}) "
+          f"to {out} in {time.time() - t0:.1f}s")
+    return Path(out)
+
+
+def oracle_map(model_dir: Path, domains: list[str]) -> dict[str, int] | None:
+    """domain -> expert index from the checkpoint's recorded groups (None if it has none)."""
+    meta = model_dir / "dive_experts.json"
+    if not meta.exists():
+        return None
+    groups = json.loads(meta.read_text())["groups"]
+    mapping = {d: e for e, members in enumerate(groups.values()) for d in members}
+    if not all(d in mapping for d in domains):
+        return {d: 0 for d in domains} if len(groups) == 1 else \
+            {d: i % len(groups) for i, d in enumerate(domains)}  # random baselines: a fixed arbitrary map
+    return mapping
+
+
+def run_evaluate(model: str, calib_dir: str | Path, out: str | Path | None = None, oracle: bool = True,
+                 batch_size: int = 8, eval_windows: int | None = None, label: str | None = None) -> dict:
+    """Held-out perplexity per domain (+ oracle routing for a MoE); writes JSON and Markdown."""
+    from transformers import AutoModelForCausalLM
+
+    from dive_ds.models.loading import resolve_model
+    from dive_ds.models.moe import DiveMoeConfig, count_parameters
+
+    cal = load_calibration(calib_dir)
+    model_dir = Path(resolve_model(model))
+    m = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    evals = {n: w[:eval_windows] if eval_windows else w for n, w in cal.eval.items()}
+    t0 = time.time()
+    res: dict = {"model": str(model_dir), "label": label or model_dir.name, "calibration": str(cal.path)}
+    if isinstance(m.config, DiveMoeConfig):
+        res["params"] = count_parameters(m.config)
+        mapping = oracle_map(model_dir, cal.domains)
+        rr = routing_report(m, evals, batch_size, expected=mapping)
+        res["router"] = rr["ppl"]
+        res["expert_load"] = rr["expert_load"]
+        res["routed_to_own_expert"] = rr["routed_to_own_expert"]
+        if oracle and mapping is not None:
+            res["oracle"] = domain_perplexities(m, evals, batch_size, oracle=mapping)
+            res["oracle_map"] = mapping
+    else:
+        n = sum(p.numel() for p in m.parameters())
+        res["params"] = {"total": n, "activated": n}
+        res["router"] = domain_perplexities(m, evals, batch_size)
+    for key in ("router", "oracle"):
+        if key in res:
+            res[f"{key}_mean"] = float(np.mean(list(res[key].values())))
+    res["tokens"] = int(sum(w.numel() for w in evals.values())) * (2 if "oracle" in res else 1)
+    res["seconds"] = round(time.time() - t0, 1)
+    res["tokens_per_s"] = round(res["tokens"] / max(res["seconds"], 1e-9), 1)
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json(out / "eval.json", res)
+        (out / "eval.md").write_text(markdown_table([res], cal.domains))
+    return res
+
+
+def markdown_table(results: list[dict], domains: list[str]) -> str:
+    """One row per (model, routing): perplexity per domain, mean, total / activated parameters."""
+    head = "| model | routing | " + " | ".join(domains) + " | mean | total params | activated |\n"
+    head += "|---" * (len(domains) + 5) + "|\n"
+    rows = []
+    for r in results:
+        for key in ("router", "oracle"):
+            if key not in r:
+                continue
+            ppl = r[key]
+            routing = {"router": "router" if "oracle_map" in r or "expert_load" in r else "dense", "oracle": "oracle"}[key]
+            rows.append(f"| {r['label']} | {routing} | " + " | ".join(_fmt(ppl[d]) for d in domains)
+                        + f" | {_fmt(r[key + '_mean'])} | {r['params']['total'] / 1e6:.1f}M | "
+                          f"{r['params']['activated'] / 1e6:.1f}M |")
+    return head + "\n".join(rows) + "\n"
+
+
+def _fmt(x: float) -> str:
+    if not math.isfinite(x):
+        return "inf"
+    return f"{x:.1f}" if x < 1000 else f"{x:.3g}"
