@@ -1,0 +1,129 @@
+"""Export a dive_moe checkpoint as a stock transformers Mixtral checkpoint.
+
+A DIVE MoE without expert output biases is exactly a Mixtral model: same decoder, same
+fused expert layout, and sparse top-k routing with softmax over the chosen logits equals
+Mixtral's softmax-then-renormalise. The noisy top-k `noise_weight` is training-only and is
+dropped. Exported checkpoints load anywhere Mixtral does, without `dive_ds` installed.
+"""
+
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import MixtralConfig, MixtralForCausalLM
+
+from dive_ds.models.moe import DiveMoeConfig, DiveMoeForCausalLM
+
+logger = logging.getLogger(__name__)
+
+# Files of a model folder that are not weights or config: copied along so the export is usable as is.
+_SIDE_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "vocab.json",
+    "merges.txt",
+)
+
+
+def mixtral_config(config: DiveMoeConfig) -> MixtralConfig:
+    """The MixtralConfig with the same decoder as a DiveMoeConfig (raises ValueError when none exists)."""
+    if config.attention_bias:
+        raise ValueError(
+            "attention_bias=True: Mixtral attention has no biases, so this model has no Mixtral equivalent. "
+            "Keep the dive_moe format for it."
+        )
+    return MixtralConfig(
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.expert_intermediate_size,
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads,
+        head_dim=config.head_dim,
+        hidden_act=config.hidden_act,
+        max_position_embeddings=config.max_position_embeddings,
+        initializer_range=config.initializer_range,
+        rms_norm_eps=config.rms_norm_eps,
+        use_cache=config.use_cache,
+        pad_token_id=config.pad_token_id,
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+        tie_word_embeddings=config.tie_word_embeddings,
+        sliding_window=None,
+        attention_dropout=config.attention_dropout,
+        num_experts_per_tok=config.num_experts_per_tok,
+        num_local_experts=config.num_local_experts,
+        router_jitter_noise=0.0,
+        rope_parameters=dict(config.rope_parameters) if config.rope_parameters is not None else None,
+        dtype=config.dtype,
+    )
+
+
+def _check_no_bias(model: DiveMoeForCausalLM) -> None:
+    for i, layer in enumerate(model.model.layers):
+        bias = layer.mlp.experts.bias
+        if bias is not None and bool(bias.detach().ne(0).any()):
+            raise ValueError(
+                f"layer {i} has non-zero expert output biases (max |b| = {bias.detach().abs().max().item():.3g}); "
+                "Mixtral experts have no bias, so the export would change the model. Keep the dive_moe format "
+                "(loadable with AutoModelForCausalLM after `import dive_ds`), or build/retrain the MoE with "
+                "expert_bias=False."
+            )
+
+
+def export_mixtral(src_dir: str | Path, out_dir: str | Path) -> Path:
+    """Write the dive_moe checkpoint in `src_dir` as a MixtralForCausalLM checkpoint in `out_dir`.
+
+    Refuses (ValueError) when any expert bias is non-zero or `out_dir` is a non-empty folder.
+    The checkpoint is written to a temporary sibling folder and renamed at the end, so a
+    failed export leaves nothing behind.
+    """
+    src_dir, out_dir = Path(src_dir), Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise ValueError(
+            f"out_dir={out_dir} exists and is not an empty folder: choose a new path or remove it."
+        )
+    config = DiveMoeConfig.from_pretrained(src_dir)
+    target_config = mixtral_config(config)
+    model = DiveMoeForCausalLM.from_pretrained(src_dir, config=config, dtype="auto")
+    _check_no_bias(model)
+    if config.router_mode == "dense":
+        logger.warning(
+            "router_mode='dense' in %s: Mixtral always routes sparse top-%d.",
+            src_dir,
+            config.num_experts_per_tok,
+        )
+
+    state = {
+        key: tensor
+        for key, tensor in model.state_dict().items()
+        if not key.endswith(("mlp.gate.noise_weight", "mlp.experts.bias"))
+    }
+    # Built on the meta device and filled with assign=True: the export shares the source's storage.
+    with torch.device("meta"):
+        target = MixtralForCausalLM(target_config)
+    target.load_state_dict(state, strict=True, assign=True)
+    target.tie_weights()
+    target.eval()
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        target.save_pretrained(tmp_dir)
+        for name in _SIDE_FILES:
+            if (src_dir / name).is_file():
+                shutil.copy2(src_dir / name, tmp_dir / name)
+        if out_dir.exists():
+            out_dir.rmdir()  # empty, checked above
+        tmp_dir.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    logger.info("exported %s -> %s (MixtralForCausalLM)", src_dir, out_dir)
+    return out_dir

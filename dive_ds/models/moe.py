@@ -1,0 +1,550 @@
+"""The DIVE Mixture-of-Experts model: a Llama decoder whose every FFN is a routed set of experts.
+
+Attention, embeddings, norms and LM head are Llama's own; only each decoder layer's `mlp`
+is replaced by a `DiveMoeBlock` (router `gate` + `experts`). The dispatch is split into
+pure functions (`permute` -> `grouped_expert_mlp` -> `unpermute`) so that an
+expert-parallel layer can put an all-to-all between them; nothing here knows about
+process groups.
+
+Shape suffixes used in names:
+  B batch, S sequence, T tokens (B*S), H hidden size,
+  E experts, F expert FFN width, K experts per token (K = E in dense router mode),
+  N routed rows (T*K, one per token-expert pair, sorted by expert).
+"""
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from huggingface_hub.dataclasses import strict
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaModel,
+    PreTrainedModel,
+)
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.models.llama.modeling_llama import (
+    LlamaAttention,
+    LlamaDecoderLayer,
+    LlamaPreTrainedModel,
+    LlamaRMSNorm,
+    LlamaRotaryEmbedding,
+)
+
+logger = logging.getLogger(__name__)
+
+ROUTER_MODES = ("sparse", "dense")
+EXPERT_IMPLS = ("auto", "grouped_mm", "loop")
+
+
+# --------------------------------------------------------------------------- config
+
+
+@strict
+class DiveMoeConfig(LlamaConfig):
+    """A Llama config plus the MoE fields; every decoder layer's FFN is a DIVE MoE block."""
+
+    model_type = "dive_moe"
+    # The dense MLP projections of LlamaConfig's plan do not exist here.
+    base_model_tp_plan = {
+        "layers.*.self_attn.q_proj": "colwise",
+        "layers.*.self_attn.k_proj": "colwise",
+        "layers.*.self_attn.v_proj": "colwise",
+        "layers.*.self_attn.o_proj": "rowwise",
+    }
+
+    num_local_experts: int = 8
+    """E: experts per layer."""
+    num_experts_per_tok: int = 1
+    """k: experts each token is sent to in sparse router mode (1 <= k <= E)."""
+    expert_intermediate_size: int | None = None
+    """F: FFN width of each expert; None means intermediate_size (the dense width)."""
+    expert_bias: bool = True
+    """Per-expert output bias [E, H] added to each expert's output before weighting (FLAP bias compensation)."""
+    router_mode: str = "sparse"
+    """"sparse": top-k, softmax over the k chosen logits. "dense": every expert, softmax over all E."""
+    router_temperature: float | int = 1.0
+    """Softmax temperature of the dense router mode (ignored in sparse mode); > 0."""
+    router_noise: bool = True
+    """Noisy top-k (learned noise scale) in training mode; never applied in eval mode or dense mode."""
+    router_noise_scale: float | int = 1.0
+    """Constant multiplying the noise std: noise = randn * softplus(x @ noise_weight.T) * scale."""
+
+    def __post_init__(self, **kwargs):
+        if self.expert_intermediate_size is None:
+            self.expert_intermediate_size = self.intermediate_size
+        _check_moe_fields(self)
+        super().__post_init__(**kwargs)
+
+
+def _check_moe_fields(config: DiveMoeConfig) -> None:
+    num_experts, top_k = config.num_local_experts, config.num_experts_per_tok
+    if num_experts < 1:
+        raise ValueError(f"num_local_experts={num_experts}: a MoE layer needs at least one expert.")
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(
+            f"num_experts_per_tok={top_k} with num_local_experts={num_experts}: "
+            f"choose num_experts_per_tok between 1 and {num_experts}."
+        )
+    if config.expert_intermediate_size < 1:
+        raise ValueError(
+            f"expert_intermediate_size={config.expert_intermediate_size}: set a positive expert FFN width."
+        )
+    if config.router_mode not in ROUTER_MODES:
+        raise ValueError(f"router_mode={config.router_mode!r}: use one of {ROUTER_MODES}.")
+    if not config.router_temperature > 0:
+        raise ValueError(
+            f"router_temperature={config.router_temperature}: use a temperature > 0 (1.0 = plain softmax)."
+        )
+    if config.router_noise_scale < 0:
+        raise ValueError(
+            f"router_noise_scale={config.router_noise_scale}: use a scale >= 0 (or router_noise=False)."
+        )
+    if config.mlp_bias:
+        raise ValueError(
+            "mlp_bias=True: DIVE experts have no gate/up/down biases (only the per-expert output bias, "
+            "expert_bias). Set mlp_bias=False."
+        )
+
+
+# --------------------------------------------------------------------------- dispatch (pure functions)
+
+
+def permute(x_TH: torch.Tensor, top_idx_TK: torch.Tensor, num_experts: int):
+    """Sort the (token, expert) pairs by expert id so each expert's rows are one contiguous segment.
+
+    Returns (x_NH, order_N, counts_E): x_NH[i] is the input of pair order_N[i], a flat index
+    into [T, K] (so its source token is order_N[i] // K); the sort is stable, so within an
+    expert tokens keep their order. counts_E[e] is the number of rows of expert e.
+    """
+    k = top_idx_TK.shape[1]
+    flat_N = top_idx_TK.reshape(-1)
+    order_N = torch.argsort(flat_N, stable=True)
+    x_NH = x_TH.index_select(0, order_N // k)
+    # scatter_add, not bincount: bincount syncs with the host on CUDA.
+    counts_E = torch.zeros(num_experts, dtype=torch.long, device=flat_N.device)
+    counts_E.scatter_add_(0, flat_N, torch.ones_like(flat_N))
+    return x_NH, order_N, counts_E
+
+
+def unpermute(
+    y_NH: torch.Tensor, order_N: torch.Tensor, weights_TK: torch.Tensor, num_tokens: int
+) -> torch.Tensor:
+    """Inverse of `permute`: weight each row by its routing weight and sum each token's K rows -> [T, H]."""
+    k = weights_TK.shape[1]
+    w_N = weights_TK.reshape(-1).index_select(0, order_N).to(y_NH.dtype)
+    # index_copy back to [T*K, H] then a sum over K: deterministic, unlike an atomic index_add.
+    y_unsorted = y_NH.new_zeros(num_tokens * k, y_NH.shape[1]).index_copy(0, order_N, y_NH * w_N[:, None])
+    return y_unsorted.view(num_tokens, k, -1).sum(dim=1)
+
+
+_GROUPED_MM_SUPPORT: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch._grouped_mm runs forward and backward for this device type and dtype (probed once)."""
+    key = (torch.device(device).type, dtype)
+    if key not in _GROUPED_MM_SUPPORT:
+        _GROUPED_MM_SUPPORT[key] = _probe_grouped_mm(torch.device(device), dtype)
+    return _GROUPED_MM_SUPPORT[key]
+
+
+def _probe_grouped_mm(device: torch.device, dtype: torch.dtype) -> bool:
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    try:
+        # The probe may run inside a checkpointed forward: identity saved-tensor hooks keep its
+        # tensors away from torch.utils.checkpoint (which would see them once, not on recompute).
+        with (
+            torch.inference_mode(False),
+            torch.enable_grad(),
+            torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t),
+        ):
+            # No torch.randn: the probe must not move the global RNG (routing noise draws from it).
+            a = torch.linspace(-1, 1, 96, device=device, dtype=dtype).view(6, 16).requires_grad_()
+            b = torch.linspace(1, -1, 256, device=device, dtype=dtype).view(2, 8, 16).requires_grad_()
+            offs = torch.tensor([2, 6], device=device, dtype=torch.int32)
+            y = _grouped_mm(a, b.transpose(-2, -1), offs)
+            # sum() sends an expanded (stride-0) gradient: the case _GradForGroupedMm exists for.
+            y.float().sum().backward()
+            ref = torch.cat([a[:2] @ b[0].T, a[2:] @ b[1].T]).float()
+            return bool(torch.allclose(y.float(), ref, rtol=2e-2, atol=2e-2))
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
+
+
+class _GradForGroupedMm(torch.autograd.Function):
+    """Identity whose backward hands on a contiguous, aligned gradient.
+
+    The backward of torch._grouped_mm rejects gradients with stride 0 (e.g. from a .sum())
+    or strides that are not multiples of 16 bytes.
+    """
+
+    @staticmethod
+    def forward(ctx, y):
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if grad.is_contiguous() and _aligned_16(grad):
+            return grad
+        return grad.clone(memory_format=torch.contiguous_format)
+
+
+def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    return _GradForGroupedMm.apply(torch._grouped_mm(a, b, offs=offs))
+
+
+def _aligned_16(t: torch.Tensor) -> bool:
+    # torch._grouped_mm needs 16-byte aligned base pointers and strides.
+    size = t.element_size()
+    return t.data_ptr() % 16 == 0 and all((s * size) % 16 == 0 for s in t.stride() if s != 1)
+
+
+def _can_grouped_mm(x_NH: torch.Tensor, gate_up_EFH2: torch.Tensor, down_EHF: torch.Tensor) -> bool:
+    if not (x_NH.dtype == gate_up_EFH2.dtype == down_EHF.dtype):
+        return False
+    if not grouped_mm_supported(x_NH.device, x_NH.dtype):
+        return False
+    width = down_EHF.shape[-1]
+    return (
+        all(_aligned_16(t) for t in (x_NH, gate_up_EFH2, down_EHF))
+        and (width * x_NH.element_size()) % 16 == 0
+    )
+
+
+def grouped_expert_mlp(
+    x_NH: torch.Tensor,
+    counts_E: torch.Tensor,
+    gate_up_EFH2: torch.Tensor,
+    down_EHF: torch.Tensor,
+    act: Callable[[torch.Tensor], torch.Tensor],
+    bias_EH: torch.Tensor | None = None,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Run each expert's gated FFN on its contiguous segment of rows -> y_NH.
+
+    gate_up_EFH2 is [E, 2F, H] (gate rows first, then up rows: Mixtral's fused layout),
+    down_EHF is [E, H, F]. impl: "grouped_mm" (one torch._grouped_mm per projection),
+    "loop" (one matmul per expert segment), or "auto" (grouped_mm when it works for this
+    device, dtype and memory alignment, else loop).
+    """
+    if impl not in EXPERT_IMPLS:
+        raise ValueError(f"impl={impl!r}: use one of {EXPERT_IMPLS}.")
+    num_experts, width = down_EHF.shape[0], down_EHF.shape[-1]
+    use_grouped = impl == "grouped_mm" or (impl == "auto" and _can_grouped_mm(x_NH, gate_up_EFH2, down_EHF))
+    if impl == "grouped_mm" and not _can_grouped_mm(x_NH, gate_up_EFH2, down_EHF):
+        raise ValueError(
+            f"impl='grouped_mm' is not usable for {x_NH.device.type}/{x_NH.dtype} with these shapes "
+            "(needs torch._grouped_mm, equal dtypes, 16-byte aligned H and F): use impl='auto' or 'loop'."
+        )
+
+    if use_grouped:
+        offs_E = torch.cumsum(counts_E, dim=0, dtype=torch.int32)
+        gate_up_N2F = _grouped_mm(x_NH, gate_up_EFH2.transpose(-2, -1), offs_E)
+        h_NF = act(gate_up_N2F[:, :width]) * gate_up_N2F[:, width:]
+        y_NH = _grouped_mm(h_NF, down_EHF.transpose(-2, -1), offs_E)
+        if bias_EH is not None:
+            expert_N = torch.repeat_interleave(
+                torch.arange(num_experts, device=counts_E.device), counts_E, output_size=x_NH.shape[0]
+            )
+            y_NH = y_NH + bias_EH.index_select(0, expert_N)
+        return y_NH
+
+    segments = torch.split(x_NH, counts_E.tolist())
+    outputs = []
+    for e, x_seg in enumerate(segments):
+        gate_up = F.linear(x_seg, gate_up_EFH2[e])
+        y_seg = F.linear(act(gate_up[:, :width]) * gate_up[:, width:], down_EHF[e])
+        outputs.append(y_seg if bias_EH is None else y_seg + bias_EH[e])
+    return torch.cat(outputs, dim=0)
+
+
+# --------------------------------------------------------------------------- modules
+
+
+class RouterOutput(NamedTuple):
+    top_idx_TK: torch.Tensor
+    """Chosen experts per token (all E experts in dense mode)."""
+    weights_TK: torch.Tensor
+    """Routing weight of each chosen expert (fp32); sums to 1 over K."""
+    probs_TE: torch.Tensor
+    """Full softmax over all experts (tempered in dense mode), for monitoring."""
+    logits_TE: torch.Tensor
+    """Clean router logits (fp32), e.g. for an auxiliary loss."""
+
+
+class DiveRouter(nn.Module):
+    """Linear router (no bias) with the learned noise scale of noisy top-k gating."""
+
+    def __init__(self, config: DiveMoeConfig):
+        super().__init__()
+        self.num_experts = config.num_local_experts
+        self.top_k = config.num_experts_per_tok
+        self.mode = config.router_mode
+        self.temperature = float(config.router_temperature)
+        self.noise = config.router_noise
+        self.noise_scale = float(config.router_noise_scale)
+        self.weight = nn.Parameter(torch.empty(config.num_local_experts, config.hidden_size))
+        self.noise_weight = nn.Parameter(torch.empty(config.num_local_experts, config.hidden_size))
+
+    def forward(self, x_TH: torch.Tensor) -> RouterOutput:
+        logits_TE = F.linear(x_TH, self.weight).float()
+        if self.mode == "dense":
+            probs_TE = torch.softmax(logits_TE / self.temperature, dim=-1)
+            top_idx_TK = torch.arange(self.num_experts, device=x_TH.device).expand(x_TH.shape[0], -1)
+            return RouterOutput(top_idx_TK, probs_TE, probs_TE, logits_TE)
+
+        select_TE = logits_TE
+        if self.training and self.noise and self.noise_scale > 0:
+            noise_std_TE = F.softplus(F.linear(x_TH, self.noise_weight).float()) * self.noise_scale
+            select_TE = logits_TE + torch.randn_like(logits_TE) * noise_std_TE
+        top_logits_TK, top_idx_TK = torch.topk(select_TE, self.top_k, dim=-1)
+        # softmax over the k chosen logits == Mixtral's softmax over E, top-k, renormalise.
+        weights_TK = torch.softmax(top_logits_TK, dim=-1)
+        return RouterOutput(top_idx_TK, weights_TK, torch.softmax(logits_TE, dim=-1), logits_TE)
+
+    def extra_repr(self) -> str:
+        return f"experts={self.num_experts}, top_k={self.top_k}, mode={self.mode}, temperature={self.temperature}"
+
+
+class DiveExperts(nn.Module):
+    """E gated FFN experts stored as 3-D tensors (Mixtral's fused layout) plus an optional output bias."""
+
+    def __init__(self, config: DiveMoeConfig):
+        super().__init__()
+        num_experts, hidden, width = (
+            config.num_local_experts,
+            config.hidden_size,
+            config.expert_intermediate_size,
+        )
+        self.num_experts = num_experts
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * width, hidden))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, width))
+        self.bias = nn.Parameter(torch.empty(num_experts, hidden)) if config.expert_bias else None
+        self.act_fn = ACT2FN[config.hidden_act]
+        self.impl = "auto"
+        """Dispatch implementation for grouped_expert_mlp: "auto", "grouped_mm" or "loop"."""
+
+    def forward(self, x_TH: torch.Tensor, top_idx_TK: torch.Tensor, weights_TK: torch.Tensor):
+        """-> (y_TH, counts_E)."""
+        x_NH, order_N, counts_E = permute(x_TH, top_idx_TK, self.num_experts)
+        y_NH = grouped_expert_mlp(
+            x_NH, counts_E, self.gate_up_proj, self.down_proj, self.act_fn, self.bias, impl=self.impl
+        )
+        return unpermute(y_NH, order_N, weights_TK, x_TH.shape[0]), counts_E
+
+
+class DiveMoeBlock(nn.Module):
+    """Router + experts, a drop-in replacement for a Llama MLP: [B, S, H] -> [B, S, H].
+
+    After each forward: `last_expert_counts` (LongTensor [E], rows per expert) and
+    `last_router_entropy` (mean entropy of the full softmax over E; None when the router
+    was bypassed), both detached and left on the device.
+    """
+
+    def __init__(self, config: DiveMoeConfig):
+        super().__init__()
+        self.num_experts = config.num_local_experts
+        self.gate = DiveRouter(config)
+        self.experts = DiveExperts(config)
+        self.forced_expert: int | None = None
+        """Oracle routing: when set, every token goes to this expert with weight 1 (router bypassed)."""
+        self.last_expert_counts: torch.Tensor | None = None
+        self.last_router_entropy: torch.Tensor | None = None
+
+    def forward(self, hidden_states_BSH: torch.Tensor) -> torch.Tensor:
+        shape = hidden_states_BSH.shape
+        x_TH = hidden_states_BSH.reshape(-1, shape[-1])
+        if self.forced_expert is not None:
+            top_idx_TK = torch.full(
+                (x_TH.shape[0], 1), self.forced_expert, dtype=torch.long, device=x_TH.device
+            )
+            weights_TK = torch.ones(x_TH.shape[0], 1, device=x_TH.device)
+            entropy = None
+        else:
+            routed = self.gate(x_TH)
+            top_idx_TK, weights_TK = routed.top_idx_TK, routed.weights_TK
+            with torch.no_grad():
+                entropy = -torch.special.xlogy(routed.probs_TE, routed.probs_TE).sum(-1).mean()
+        y_TH, counts_E = self.experts(x_TH, top_idx_TK, weights_TK)
+        self.last_expert_counts = counts_E.detach()
+        self.last_router_entropy = entropy
+        return y_TH.view(shape)
+
+
+class DiveMoeDecoderLayer(LlamaDecoderLayer):
+    """A Llama decoder layer whose `mlp` is a DiveMoeBlock (forward is Llama's)."""
+
+    def __init__(self, config: DiveMoeConfig, layer_idx: int):
+        # Skip LlamaDecoderLayer.__init__: it would allocate (and init) a dense MLP we throw away.
+        nn.Module.__init__(self)
+        self.hidden_size = config.hidden_size
+        self.self_attn = LlamaAttention(config=config, layer_idx=layer_idx)
+        self.mlp = DiveMoeBlock(config)
+        self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+
+class DiveMoePreTrainedModel(LlamaPreTrainedModel):
+    config_class = DiveMoeConfig
+    config: DiveMoeConfig
+    _no_split_modules = ["DiveMoeDecoderLayer"]
+    # The loop dispatch reads expert counts on the host (a graph break).
+    _can_compile_fullgraph = False
+    _can_record_outputs = {
+        "hidden_states": DiveMoeDecoderLayer,
+        "attentions": LlamaAttention,
+    }
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        std = self.config.initializer_range
+        if isinstance(module, DiveRouter):
+            init.normal_(module.weight, mean=0.0, std=std)
+            init.zeros_(module.noise_weight)
+        elif isinstance(module, DiveExperts):
+            init.normal_(module.gate_up_proj, mean=0.0, std=std)
+            init.normal_(module.down_proj, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        loaded = super().from_pretrained(*args, **kwargs)
+        align_expert_weights(loaded[0] if isinstance(loaded, tuple) else loaded)
+        return loaded
+
+
+class DiveMoeModel(DiveMoePreTrainedModel, LlamaModel):
+    """LlamaModel with DiveMoeDecoderLayer layers (forward is Llama's)."""
+
+    config_class = DiveMoeConfig
+
+    def __init__(self, config: DiveMoeConfig):
+        # Skip LlamaModel.__init__ (it builds dense layers); build the same modules with MoE layers.
+        PreTrainedModel.__init__(self, config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(
+            [DiveMoeDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
+        )
+        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = LlamaRotaryEmbedding(config=config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+
+class DiveMoeForCausalLM(DiveMoePreTrainedModel, LlamaForCausalLM):
+    """LlamaForCausalLM over a DiveMoeModel (forward, loss and generate are Llama's)."""
+
+    config_class = DiveMoeConfig
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: DiveMoeConfig):
+        PreTrainedModel.__init__(self, config)
+        self.model = DiveMoeModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@torch.no_grad()
+def align_expert_weights(model: nn.Module) -> None:
+    """Copy expert weights that are not 16-byte aligned into fresh (aligned) storage.
+
+    Weights loaded from a memory-mapped safetensors file on CPU sit at 8-byte offsets,
+    which torch._grouped_mm refuses; without this the dispatch silently takes the loop
+    path (slower, and not bit-identical to the model that was saved).
+    """
+    for experts in (m for m in model.modules() if isinstance(m, DiveExperts)):
+        for param in experts.parameters(recurse=False):
+            if param.data_ptr() % 16:
+                param.data = param.data.clone()
+
+
+def moe_blocks(model: nn.Module) -> list[DiveMoeBlock]:
+    """All DiveMoeBlocks of a model, in layer order."""
+    return [m for m in model.modules() if isinstance(m, DiveMoeBlock)]
+
+
+@contextlib.contextmanager
+def route_all_to(model: nn.Module, expert_idx: int) -> Iterator[None]:
+    """Oracle routing: inside the block every token of every layer goes to `expert_idx` with weight 1."""
+    blocks = moe_blocks(model)
+    if not blocks:
+        raise ValueError("route_all_to: the model has no DiveMoeBlock; pass a dive_moe model.")
+    for block in blocks:
+        if not 0 <= expert_idx < block.num_experts:
+            raise ValueError(f"expert_idx={expert_idx}: use an expert index in [0, {block.num_experts}).")
+    previous = [block.forced_expert for block in blocks]
+    try:
+        for block in blocks:
+            block.forced_expert = expert_idx
+        yield
+    finally:
+        for block, forced in zip(blocks, previous):
+            block.forced_expert = forced
+
+
+def set_router_mode(model: nn.Module, mode: str, temperature: float | None = None) -> None:
+    """Switch every router to "sparse" or "dense" (and set the dense temperature); updates model.config too."""
+    if mode not in ROUTER_MODES:
+        raise ValueError(f"mode={mode!r}: use one of {ROUTER_MODES}.")
+    if temperature is not None and not temperature > 0:
+        raise ValueError(f"temperature={temperature}: use a temperature > 0 (1.0 = plain softmax).")
+    blocks = moe_blocks(model)
+    if not blocks:
+        raise ValueError("set_router_mode: the model has no DiveMoeBlock; pass a dive_moe model.")
+    for block in blocks:
+        block.gate.mode = mode
+        if temperature is not None:
+            block.gate.temperature = float(temperature)
+    config = getattr(model, "config", None)
+    if isinstance(config, DiveMoeConfig):
+        config.router_mode = mode
+        if temperature is not None:
+            config.router_temperature = float(temperature)
+
+
+def count_parameters(config: DiveMoeConfig) -> dict[str, int]:
+    """Total and activated parameter counts from the config alone.
+
+    Activated = everything but the experts, plus k experts' worth per layer (the sparse
+    top-k figure, also reported for a model in dense router mode). Tied embeddings count once.
+    """
+    hidden, vocab, layers = config.hidden_size, config.vocab_size, config.num_hidden_layers
+    q_width = config.num_attention_heads * config.head_dim
+    kv_width = config.num_key_value_heads * config.head_dim
+    attention = hidden * q_width * 2 + hidden * kv_width * 2
+    if config.attention_bias:
+        attention += q_width + 2 * kv_width + hidden
+    norms = 2 * hidden
+    router = 2 * config.num_local_experts * hidden  # weight + noise_weight
+    one_expert = 3 * config.expert_intermediate_size * hidden + (hidden if config.expert_bias else 0)
+    shared = vocab * hidden + hidden + (0 if config.tie_word_embeddings else vocab * hidden)
+    per_layer_shared = attention + norms + router
+    total = shared + layers * (per_layer_shared + config.num_local_experts * one_expert)
+    activated = shared + layers * (per_layer_shared + config.num_experts_per_tok * one_expert)
+    return {"total": total, "activated": activated}
+
+
+def register() -> None:
+    """Make "dive_moe" known to AutoConfig / AutoModel / AutoModelForCausalLM (idempotent)."""
+    AutoConfig.register("dive_moe", DiveMoeConfig, exist_ok=True)
+    AutoModel.register(DiveMoeConfig, DiveMoeModel, exist_ok=True)
+    AutoModelForCausalLM.register(DiveMoeConfig, DiveMoeForCausalLM, exist_ok=True)
