@@ -2,13 +2,6 @@
 
 __version__ = "0.1.0"
 
+from dive_ds.models.moe import register as _register  # noqa: E402
 
-def _register() -> None:
-    try:
-        from dive_ds.models.moe import register
-    except ImportError:  # model module not built yet in a partial checkout
-        return
-    register()
-
-
-_register()
+_register()  # "dive_moe" becomes known to AutoConfig / AutoModelForCausalLM

@@ -12,6 +12,7 @@ Legend: S windows, L seq len, H hidden, F FFN width, D domains.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
@@ -141,7 +142,8 @@ def streaming_stats(model_dir: str | Path, windows: dict[str, torch.Tensor],
             bar.update(idx.numel() * seq_len)
         h1.remove()
         h2.remove()
-        del layer
+        del layer, w_down, out, x
+        gc.collect()  # decoder layers hold reference cycles; free this one before loading the next
         elapsed = time.time() - t0
         bar.set_postfix(layer=f"{layer_idx + 1}/{n_layers}",
                         model_tok_s=f"{total_tokens * (layer_idx + 1) / n_layers / elapsed:.0f}")

@@ -143,26 +143,39 @@ class LayerwiseCheckpoint:
                                  "convert the checkpoint to safetensors (save_pretrained(safe_serialization=True))")
             with safe_open(single, "pt") as f:
                 self.key_to_file = {k: single for k in f.keys()}
-        self._handles: dict[Path, object] = {}
 
     def keys(self) -> list[str]:
         return list(self.key_to_file)
 
     def get(self, key: str) -> torch.Tensor:
-        path = self.key_to_file[key]
-        if path not in self._handles:
-            self._handles[path] = safe_open(path, "pt")
-        return self._handles[path].get_tensor(key)
+        return self.get_many([key])[key]
+
+    def get_many(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        """Read tensors into private memory and unmap the file again.
+
+        safetensors maps the file; pages a forward pass touches would stay resident (and count
+        in RSS) for as long as the mapping lives, so a handle is opened per read and closed.
+        """
+        out: dict[str, torch.Tensor] = {}
+        by_file: dict[Path, list[str]] = {}
+        for k in keys:
+            by_file.setdefault(self.key_to_file[k], []).append(k)
+        for path, ks in by_file.items():
+            with safe_open(path, "pt") as f:
+                for k in ks:
+                    out[k] = f.get_tensor(k).clone()
+        return out
 
     def has(self, key: str) -> bool:
         return key in self.key_to_file
 
     def layer_state(self, layer: int, prefix: str = "model.layers") -> dict[str, torch.Tensor]:
         head = f"{prefix}.{layer}."
-        return {k[len(head):]: self.get(k) for k in self.key_to_file if k.startswith(head)}
+        got = self.get_many([k for k in self.key_to_file if k.startswith(head)])
+        return {k[len(head):]: v for k, v in got.items()}
 
     def close(self) -> None:
-        self._handles.clear()
+        """Nothing stays open between reads (kept for callers that close explicitly)."""
 
 
 def model_fingerprint(config: PretrainedConfig, ckpt: LayerwiseCheckpoint) -> str:
