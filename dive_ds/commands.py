@@ -78,7 +78,7 @@ def add_all(sub) -> None:
     p.add_argument("--prune-ratio", type=float, default=0.5, help="r (default 0.5)")
     p.add_argument("--samples-per-domain", type=int, default=16, help="calibration windows per domain (default 16)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256)")
-    p.add_argument("--eval-windows", type=int, default=6, help="held-out windows per domain (default 6)")
+    p.add_argument("--eval-windows", type=int, default=4, help="held-out windows per domain (default 4)")
     p.add_argument("--mining-eval-windows", type=int, default=2,
                    help="held-out windows per domain for the D x D pruned evaluations (default 2)")
     p.add_argument("--only", nargs="+", metavar="DOMAIN", help="use only these demo domains")

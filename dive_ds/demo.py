@@ -55,8 +55,9 @@ def run_demo(a) -> dict:
     cal = load_calibration(out / "calib")
     results = [run_evaluate("demo", out / "calib", out / "eval-dense", label="dense")]
     for name in builds:
+        # an untrained router is only informative for DIVE itself; baselines are compared by oracle
         results.append(run_evaluate(str(out / f"moe-{name}"), out / "calib", out / f"eval-{name}",
-                                    oracle=name != "flap", label=name))
+                                    oracle=name != "flap", router=name in ("dive", "flap"), label=name))
     times["evaluate"] = time.time() - t
     table = markdown_table(results, cal.domains)
     mining_rep = json.loads((out / "mining" / "mining.json").read_text())

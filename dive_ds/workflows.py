@@ -147,7 +147,8 @@ def oracle_map(model_dir: Path, domains: list[str]) -> dict[str, int] | None:
 
 
 def run_evaluate(model: str, calib_dir: str | Path, out: str | Path | None = None, oracle: bool = True,
-                 batch_size: int = 8, eval_windows: int | None = None, label: str | None = None) -> dict:
+                 batch_size: int = 8, eval_windows: int | None = None, label: str | None = None,
+                 router: bool = True) -> dict:
     """Held-out perplexity per domain (+ oracle routing for a MoE); writes JSON and Markdown."""
     from transformers import AutoModelForCausalLM
 
@@ -163,10 +164,11 @@ def run_evaluate(model: str, calib_dir: str | Path, out: str | Path | None = Non
     if isinstance(m.config, DiveMoeConfig):
         res["params"] = count_parameters(m.config)
         mapping = oracle_map(model_dir, cal.domains)
-        rr = routing_report(m, evals, batch_size, expected=mapping)
-        res["router"] = rr["ppl"]
-        res["expert_load"] = rr["expert_load"]
-        res["routed_to_own_expert"] = rr["routed_to_own_expert"]
+        if router or not oracle:
+            rr = routing_report(m, evals, batch_size, expected=mapping)
+            res["router"] = rr["ppl"]
+            res["expert_load"] = rr["expert_load"]
+            res["routed_to_own_expert"] = rr["routed_to_own_expert"]
         if oracle and mapping is not None:
             res["oracle"] = domain_perplexities(m, evals, batch_size, oracle=mapping)
             res["oracle_map"] = mapping
@@ -177,7 +179,7 @@ def run_evaluate(model: str, calib_dir: str | Path, out: str | Path | None = Non
     for key in ("router", "oracle"):
         if key in res:
             res[f"{key}_mean"] = float(np.mean(list(res[key].values())))
-    res["tokens"] = int(sum(w.numel() for w in evals.values())) * (2 if "oracle" in res else 1)
+    res["tokens"] = int(sum(w.numel() for w in evals.values())) * (("oracle" in res) + ("router" in res))
     res["seconds"] = round(time.time() - t0, 1)
     res["tokens_per_s"] = round(res["tokens"] / max(res["seconds"], 1e-9), 1)
     if out is not None:

@@ -36,9 +36,8 @@ def test_mine_reconstruct_evaluate(tiny, tmp_path, capsys):
     res = json.loads((tmp_path / "ev" / "eval.json").read_text())
     assert set(res["oracle"]) == set(rows) and all(math.isfinite(v) for v in res["oracle"].values())
     assert res["params"]["activated"] < res["params"]["total"]
-    # each domain's tokens under the oracle go to its own group's expert: share is exactly 1 there
-    for d, share in res["routed_to_own_expert"].items():
-        assert 0.0 <= share <= 1.0
+    # the (untrained) router's share of each domain's tokens sent to that domain's expert
+    assert all(0.0 <= share <= 1.0 for share in res["routed_to_own_expert"].values())
     out = capsys.readouterr().out
     assert "| moe | oracle |" in out
 

@@ -172,7 +172,14 @@ def _local_dataset(source: DomainSource):
     if builder is None:
         raise ValueError(f"unsupported file type {suffix!r} ({source.files[0]}); use .txt, .jsonl, .json or .parquet")
     kwargs = {"sample_by": "document"} if builder == "text" else {}
-    return datasets.load_dataset(builder, data_files=list(source.files), split="train", **kwargs)
+    # local files load in well under a second; their "Generating train split" bars are noise
+    was_enabled = datasets.utils.logging.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        return datasets.load_dataset(builder, data_files=list(source.files), split="train", **kwargs)
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
 
 
 def iter_documents(domain: Domain, max_chars: int | None = None) -> Iterator[str]:

@@ -1,0 +1,75 @@
+"""Bad input to calibrate: one line, non-zero exit, nothing written."""
+
+import json
+import shutil
+
+import pytest
+from transformers import GPT2Config
+
+from dive_ds.cli import main
+from tests.helpers import save_tiny_llama
+
+
+def _registry(tmp_path, n_docs=50, words=400):
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("\n".join(json.dumps({"text": " ".join(f"w{i}x{j}" for j in range(words))}) for i in range(n_docs)))
+    reg = tmp_path / "reg.json"
+    reg.write_text(json.dumps({"domains": {"a": {"source": {"type": "local", "files": "docs.jsonl"}}}}))
+    return reg
+
+
+def _err(capsys) -> str:
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dive-ds: error: "), lines
+    return lines[0]
+
+
+def test_model_without_gated_mlp(tmp_path, capsys):
+    GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50).save_pretrained(tmp_path / "gpt2")
+    capsys.readouterr()
+    assert main(["calibrate", "--model", str(tmp_path / "gpt2"), "--domains", str(_registry(tmp_path)),
+                 "--out", str(tmp_path / "out")]) == 2
+    assert "model_type 'gpt2' has no supported gated MLP" in _err(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_tokenizer_model_mismatch(tmp_path, capsys):
+    from dive_ds.models.loading import demo_model_dir
+
+    save_tiny_llama(tmp_path / "m")  # vocab 97
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(demo_model_dir() / f, tmp_path / "m" / f)  # SmolLM2's 49,152-token tokenizer
+    capsys.readouterr()
+    assert main(["calibrate", "--model", str(tmp_path / "m"), "--domains", str(_registry(tmp_path)),
+                 "--out", str(tmp_path / "out")]) == 2
+    assert "does not belong to this model" in _err(capsys)
+
+
+def test_too_little_text_and_foreign_out_dir(tmp_path, capsys):
+    from dive_ds.models.loading import demo_model_dir
+
+    save_tiny_llama(tmp_path / "m", vocab_size=49152)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(demo_model_dir() / f, tmp_path / "m" / f)
+    reg = _registry(tmp_path, n_docs=3, words=50)
+    capsys.readouterr()
+    args = ["calibrate", "--model", str(tmp_path / "m"), "--domains", str(reg), "--seq-len", "32", "--eval-windows", "1"]
+    assert main([*args, "--samples-per-domain", "500", "--out", str(tmp_path / "out")]) == 2
+    assert "domain 'a' has only" in _err(capsys) and not (tmp_path / "out").exists()
+    assert main([*args, "--samples-per-domain", "4", "--out", str(tmp_path / "out"), "--no-progress"]) == 0
+    capsys.readouterr()
+    man = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert man["domains"][0]["calib_tokens"] == 4 * 32
+    # same run again: reused; another run into the same folder: refused
+    assert main([*args, "--samples-per-domain", "4", "--out", str(tmp_path / "out"), "--no-progress"]) == 0
+    assert "reusing" in capsys.readouterr().out
+    assert main([*args, "--samples-per-domain", "5", "--out", str(tmp_path / "out")]) == 2
+    assert "holds a different run" in _err(capsys)
+
+
+@pytest.mark.parametrize("argv", [["calibrate", "--help"], ["mine", "--help"], ["reconstruct", "--help"]])
+def test_help_documents_flags(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 0
+    assert "--out" in capsys.readouterr().out
