@@ -1,0 +1,1 @@
+"""Domain registry, demo text pack, calibration sampling, training streams."""

@@ -1,0 +1,1 @@
+"""Dense model loading and the DIVE MoE model (no torch.distributed here)."""
