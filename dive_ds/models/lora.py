@@ -1,0 +1,232 @@
+"""LoRA for the fused 3-D experts of a DIVE MoE (stage 2 of DIVE retraining).
+
+Every expert e gets its own low-rank pair on the fused gate/up projection and on the down
+projection; the adapters run inside the grouped dispatch, over the same expert-sorted rows
+as the frozen weights:
+
+    gate_up(x) = W_gu[e] x + s * B_gu[e] A_gu[e] drop(x)        s = alpha / r
+    down(h)    = W_d[e]  h + s * B_d[e]  A_d[e]  drop(h)
+
+B starts at zero, so an adapted model starts out equal to the plain one. `merge_expert_lora`
+folds s * B @ A into `gate_up_proj` / `down_proj` and puts the original `DiveExperts`
+back, so a merged model is again a plain `DiveMoeForCausalLM` (same parameter names).
+
+Shape suffixes (as in moe.py): E experts, H hidden, F expert FFN width, R LoRA rank,
+N routed rows (sorted by expert), T tokens, K experts per token.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dive_ds.models.moe import (
+    EXPERT_IMPLS,
+    DiveExperts,
+    _aligned_16,
+    _grouped_mm,
+    grouped_mm_supported,
+    moe_blocks,
+    permute,
+    unpermute,
+)
+
+LORA_PARAM_NAMES = ("lora_gate_up_A", "lora_gate_up_B", "lora_down_A", "lora_down_B")
+
+
+def _shape(p: torch.Tensor) -> torch.Size:
+    # A ZeRO-3 partitioned parameter keeps its full shape in ds_shape (its .shape is empty).
+    return getattr(p, "ds_shape", p.shape)
+
+
+def _segment_matmul(
+    x_NI: torch.Tensor, w_EOI: torch.Tensor, counts_E: torch.Tensor, offs_E: torch.Tensor | None
+) -> torch.Tensor:
+    """Row segment e of x times w[e].T -> [N, O]; one grouped matmul when offs_E is given, else a loop."""
+    if offs_E is not None:
+        return _grouped_mm(x_NI, w_EOI.transpose(-2, -1), offs_E)
+    segments = torch.split(x_NI, counts_E.tolist())
+    return torch.cat([F.linear(seg, w_EOI[e]) for e, seg in enumerate(segments)], dim=0)
+
+
+def lora_expert_mlp(
+    x_NH: torch.Tensor,
+    counts_E: torch.Tensor,
+    gate_up_EFH2: torch.Tensor,
+    down_EHF: torch.Tensor,
+    lora: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    scale: float,
+    act,
+    dropout,
+    bias_EH: torch.Tensor | None = None,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """`grouped_expert_mlp` plus per-expert LoRA on both projections -> y_NH.
+
+    lora = (A_gu [E,R,H], B_gu [E,2F,R], A_d [E,R,F], B_d [E,H,R]); `dropout` is applied to the
+    LoRA input only (the frozen path sees the clean rows), as in PEFT.
+    """
+    if impl not in EXPERT_IMPLS:
+        raise ValueError(f"impl={impl!r}: use one of {EXPERT_IMPLS}.")
+    a_gu, b_gu, a_d, b_d = lora
+    num_experts, width = down_EHF.shape[0], down_EHF.shape[-1]
+    tensors = (x_NH, gate_up_EFH2, down_EHF, a_gu, b_gu, a_d, b_d)
+    rank = a_gu.shape[1]
+    can_grouped = (
+        len({t.dtype for t in tensors}) == 1
+        and grouped_mm_supported(x_NH.device, x_NH.dtype)
+        and all(_aligned_16(t) for t in tensors)
+        and all((n * x_NH.element_size()) % 16 == 0 for n in (width, rank))
+    )
+    if impl == "grouped_mm" and not can_grouped:
+        raise ValueError(
+            f"impl='grouped_mm' is not usable for {x_NH.device.type}/{x_NH.dtype} with these shapes "
+            "(needs torch._grouped_mm, equal dtypes, 16-byte aligned F and rank): use impl='auto' or 'loop'."
+        )
+    use_grouped = can_grouped and impl != "loop"
+    offs_E = torch.cumsum(counts_E, dim=0, dtype=torch.int32) if use_grouped else None
+
+    gate_up_N2F = _segment_matmul(x_NH, gate_up_EFH2, counts_E, offs_E)
+    low_NR = _segment_matmul(dropout(x_NH), a_gu, counts_E, offs_E)
+    gate_up_N2F = gate_up_N2F + scale * _segment_matmul(low_NR, b_gu, counts_E, offs_E)
+    h_NF = act(gate_up_N2F[:, :width]) * gate_up_N2F[:, width:]
+    y_NH = _segment_matmul(h_NF, down_EHF, counts_E, offs_E)
+    low_NR = _segment_matmul(dropout(h_NF), a_d, counts_E, offs_E)
+    y_NH = y_NH + scale * _segment_matmul(low_NR, b_d, counts_E, offs_E)
+    if bias_EH is not None:
+        expert_N = torch.repeat_interleave(
+            torch.arange(num_experts, device=counts_E.device), counts_E, output_size=x_NH.shape[0]
+        )
+        y_NH = y_NH + bias_EH.index_select(0, expert_N)
+    return y_NH
+
+
+class LoraDiveExperts(nn.Module):
+    """A `DiveExperts` with per-expert LoRA; holds the very same base Parameters (names unchanged).
+
+    The wrapped `DiveExperts` object is kept (unregistered) so `merge` can hand it back.
+    """
+
+    def __init__(self, base: DiveExperts, r: int, alpha: float, dropout: float, generator: torch.Generator):
+        super().__init__()
+        self.__dict__["_base"] = base  # not a submodule: parameter names stay mlp.experts.gate_up_proj, ...
+        self.num_experts = base.num_experts
+        self.act_fn = base.act_fn
+        self.impl = base.impl
+        self.gate_up_proj = base.gate_up_proj
+        self.down_proj = base.down_proj
+        self.bias = base.bias
+        self.r, self.alpha = r, float(alpha)
+        self.scale = self.alpha / r
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        num_experts, width2, hidden = _shape(base.gate_up_proj)
+        width = width2 // 2
+        ref = base.gate_up_proj
+        dtype = ref.dtype
+
+        def a_init(rows: int, cols: int) -> nn.Parameter:
+            # PEFT's kaiming_uniform_(a=sqrt(5)) on an [r, in] matrix: U(-1/sqrt(in), 1/sqrt(in)).
+            bound = 1.0 / math.sqrt(cols)
+            a = torch.empty(num_experts, rows, cols).uniform_(-bound, bound, generator=generator)
+            return nn.Parameter(a.to(device=ref.device, dtype=dtype))
+
+        def zeros(rows: int, cols: int) -> nn.Parameter:
+            return nn.Parameter(torch.zeros(num_experts, rows, cols, device=ref.device, dtype=dtype))
+
+        self.lora_gate_up_A = a_init(r, hidden)  # [E, R, H]
+        self.lora_gate_up_B = zeros(2 * width, r)  # [E, 2F, R]
+        self.lora_down_A = a_init(r, width)  # [E, R, F]
+        self.lora_down_B = zeros(hidden, r)  # [E, H, R]
+
+    @property
+    def base(self) -> DiveExperts:
+        return self.__dict__["_base"]
+
+    def forward(self, x_TH: torch.Tensor, top_idx_TK: torch.Tensor, weights_TK: torch.Tensor):
+        """-> (y_TH, counts_E), like DiveExperts.forward."""
+        x_NH, order_N, counts_E = permute(x_TH, top_idx_TK, self.num_experts)
+        lora = (self.lora_gate_up_A, self.lora_gate_up_B, self.lora_down_A, self.lora_down_B)
+        y_NH = lora_expert_mlp(
+            x_NH,
+            counts_E,
+            self.gate_up_proj,
+            self.down_proj,
+            lora,
+            self.scale,
+            self.act_fn,
+            self.lora_dropout,
+            self.bias,
+            impl=self.impl,
+        )
+        return unpermute(y_NH, order_N, weights_TK, x_TH.shape[0]), counts_E
+
+    @torch.no_grad()
+    def merge(self) -> DiveExperts:
+        """Fold s * B @ A into the base weights (in place, computed in fp32) and return the plain experts."""
+        if any(hasattr(p, "ds_id") for p in self.parameters()):
+            raise ValueError(
+                "merge_expert_lora: parameters are ZeRO-3 partitioned; gather a full state dict "
+                "first (dive_ds.train.loop.consolidate_*), then merge on a plain model"
+            )
+        for w, b, a in (
+            (self.gate_up_proj, self.lora_gate_up_B, self.lora_gate_up_A),
+            (self.down_proj, self.lora_down_B, self.lora_down_A),
+        ):
+            delta = torch.bmm(b.float(), a.float()) * self.scale
+            w.copy_((w.float() + delta).to(w.dtype))
+        base = self.base
+        base.impl = self.impl
+        return base
+
+    def extra_repr(self) -> str:
+        return f"experts={self.num_experts}, r={self.r}, alpha={self.alpha:g}"
+
+
+def add_expert_lora(
+    model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.1, seed: int = 0
+) -> list[nn.Parameter]:
+    """Put LoRA on every MoE block's experts (in place); returns the new LoRA parameters.
+
+    A is drawn from a generator seeded with `seed`, so every data-parallel rank builds the same
+    adapters. The base expert weights are not frozen here: the caller chooses what trains.
+    """
+    if r < 1:
+        raise ValueError(f"LoRA rank r={r}: use r >= 1")
+    if alpha <= 0:
+        raise ValueError(f"LoRA alpha={alpha}: use alpha > 0")
+    if not 0 <= dropout < 1:
+        raise ValueError(f"LoRA dropout={dropout}: use 0 <= dropout < 1")
+    blocks = moe_blocks(model)
+    if not blocks:
+        raise ValueError("add_expert_lora: the model has no DiveMoeBlock; pass a dive_moe model")
+    generator = torch.Generator().manual_seed(seed)
+    new_params: list[nn.Parameter] = []
+    for block in blocks:
+        if isinstance(block.experts, LoraDiveExperts):
+            raise ValueError("add_expert_lora: the model already has expert LoRA; merge it first")
+        block.experts = LoraDiveExperts(block.experts, r, alpha, dropout, generator)
+        new_params += [getattr(block.experts, n) for n in LORA_PARAM_NAMES]
+    return new_params
+
+
+def merge_expert_lora(model: nn.Module) -> nn.Module:
+    """Fold every expert LoRA into gate_up_proj / down_proj and remove it; returns the model."""
+    for block in moe_blocks(model):
+        if isinstance(block.experts, LoraDiveExperts):
+            block.experts = block.experts.merge()
+    return model
+
+
+def has_expert_lora(model: nn.Module) -> bool:
+    return any(isinstance(b.experts, LoraDiveExperts) for b in moe_blocks(model))
+
+
+def lora_settings_from_state_dict(state_dict: dict[str, torch.Tensor]) -> int | None:
+    """The LoRA rank stored in a state dict (None when it holds no expert LoRA)."""
+    for key, value in state_dict.items():
+        if key.endswith(".lora_gate_up_A"):
+            return int(value.shape[1])
+    return None

@@ -1,0 +1,604 @@
+"""DIVE retraining on one rank: configs, data stream, stages, checkpoints/resume, TensorBoard, export.
+
+The training runs here are in-process (DeepSpeed on a 1-rank gloo group set up once per session),
+except the crash/resume test, which kills a real launcher process and relaunches it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import dive_ds  # noqa: F401  (registers dive_moe)
+from dive_ds.models.moe import DiveMoeConfig, DiveMoeForCausalLM, moe_blocks
+from dive_ds.train.config import (
+    RunConfig,
+    StageConfig,
+    load_run_config,
+    read_mapping,
+    resolve_ds_config,
+    run_config_from_dict,
+)
+from dive_ds.train.data import ByteTokenizer, PackedStream, build_stream, heldout_windows, resolve_domains
+
+REPO = Path(__file__).resolve().parents[1]
+ZERO2 = REPO / "ds_configs" / "zero2.json"
+ZERO3 = REPO / "ds_configs" / "zero3.json"
+# torch deprecates collective names DeepSpeed 0.19 still calls; pytest re-enables what the trainer silences
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:.*all_gather_into_tensor.*:FutureWarning"),
+    pytest.mark.filterwarnings("ignore:.*reduce_scatter_tensor.*:FutureWarning"),
+]
+DOMAIN_WORDS = {
+    "prose": "the cat sat on the mat and looked at the dog while it rained outside".split(),
+    "code": "def foo ( x ) : return x + 1 # bar = [ i for i in range ( 10 ) ]".split(),
+}
+
+
+# --------------------------------------------------------------------------- helpers (used by test_train_dist too)
+
+
+def subprocess_env(**extra) -> dict:
+    launcher_vars = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in launcher_vars}  # the in-process group set these
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "dive_ds" / "torch_extensions"))
+    env |= {
+        "DS_ACCELERATOR": "cpu",
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": str(REPO),
+    }
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def make_tiny_setup(root: Path, top_k: int = 2) -> dict:
+    """A tiny random DIVE MoE (vocab 260 for the byte tokenizer) and a 2-domain local registry."""
+    import random
+
+    root.mkdir(parents=True, exist_ok=True)
+    config = DiveMoeConfig(
+        vocab_size=260,
+        hidden_size=32,
+        intermediate_size=64,
+        expert_intermediate_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        num_local_experts=4,
+        num_experts_per_tok=top_k,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    model = DiveMoeForCausalLM(config)
+    with torch.no_grad():
+        for block in moe_blocks(model):
+            block.experts.bias.normal_(0.0, 0.02)
+    model.save_pretrained(root / "moe")
+    rng = random.Random(0)
+    registry = {"version": 1, "domains": {}}
+    for name, words in DOMAIN_WORDS.items():
+        with open(root / f"{name}.jsonl", "w") as f:
+            for i in range(60):
+                text = f"<{name} doc {i}> " + " ".join(rng.choice(words) for _ in range(rng.randint(8, 40)))
+                f.write(json.dumps({"text": text}) + "\n")
+        registry["domains"][name] = {"source": {"type": "local", "files": [f"{name}.jsonl"]}}
+    (root / "registry.json").write_text(json.dumps(registry))
+    return {"model": root / "moe", "registry": root / "registry.json"}
+
+
+def base_run(setup: dict, out: Path, **sections) -> dict:
+    raw = {
+        "out_dir": str(out),
+        "model": {"path": str(setup["model"])},
+        "data": {
+            "registry": str(setup["registry"]),
+            "seq_len": 32,
+            "tokenizer": "bytes",
+            "holdout_every": 10,
+            "shuffle_buffer": 16,
+        },
+        "train": {"global_batch_size": 4},
+        "stages": {"router": {"steps": 4, "lr": 1.0e-2}, "experts": {"steps": 6, "lr": 1.0e-2}},
+        "checkpoint": {"every": 2, "keep": 2},
+        "eval": {"every": 3, "windows_per_domain": 2, "batch_size": 2},
+        "logging": {"every": 1, "heatmap_every": 3, "progress": False},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict):
+            raw.setdefault(key, {}).update(value)
+        else:
+            raw[key] = value
+    return raw
+
+
+def write_yaml(raw: dict, path: Path) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def write_ds(base: Path, path: Path, **zero) -> Path:
+    ds = json.loads(base.read_text())
+    ds["zero_optimization"].update(zero)
+    path.write_text(json.dumps(ds))
+    return path
+
+
+def step_losses(out: Path) -> dict[tuple[str, int], float]:
+    """Loss per (stage, step) from metrics.jsonl; a step logged twice (re-run after a resume) keeps the last."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {(r["stage"], r["step"]): r["loss"] for r in rows if "event" not in r}
+
+
+def state_hashes(state: dict[str, torch.Tensor]) -> dict[str, str]:
+    return {
+        k: hashlib.sha256(v.detach().float().contiguous().numpy().tobytes()).hexdigest()
+        for k, v in state.items()
+    }
+
+
+def load_state(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(folder / "model.safetensors")
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+def start_world() -> None:
+    """A 1-rank gloo group in this process; the launcher variables it needed are removed again afterwards
+    (only LOCAL_RANK stays, DeepSpeed reads it), so subprocesses started by any test get a clean env."""
+    from dive_ds.train.loop import setup_distributed
+
+    os.environ.setdefault(
+        "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "dive_ds" / "torch_extensions")
+    )
+    before = set(os.environ)
+    setup_distributed()
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        if key not in before:
+            os.environ.pop(key, None)
+
+
+@pytest.fixture(scope="session")
+def world():
+    """A 1-rank process group for in-process DeepSpeed runs (set up once)."""
+    from dive_ds.train.loop import teardown_distributed
+
+    if "RANK" in os.environ and os.environ.get("WORLD_SIZE") != "1":
+        pytest.skip("running under a multi-rank launcher")
+    start_world()
+    yield
+    teardown_distributed()
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> dict:
+    return make_tiny_setup(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def memorise_run(world, tiny, tmp_path_factory) -> dict:
+    """Router (10 steps) then experts (10 steps, aux loss on) on a memorisable 4-sequence stream."""
+    from dive_ds.train.loop import train
+
+    out = tmp_path_factory.mktemp("memorise") / "run"
+    raw = base_run(
+        tiny,
+        out,
+        data={"overfit_sequences": 4},
+        stages={
+            "router": {"steps": 10, "lr": 3.0e-2},
+            "experts": {"steps": 10, "lr": 1.0e-2, "aux_loss_coef": 0.01},
+        },
+        checkpoint={"every": 5, "keep": 1},
+        eval={"every": 5},
+    )
+    run = run_config_from_dict(raw)
+    results = train(run, read_mapping(ZERO2), str(ZERO2))
+    return {"out": out, "run": run, "results": results}
+
+
+# --------------------------------------------------------------------------- config
+
+
+def test_config_defaults_follow_the_paper():
+    run = run_config_from_dict({"model": {"path": "x"}})
+    router, experts, cont = run.stages
+    assert (router.name, router.router_mode, router.schedule, router.lr, router.lora) == (
+        "router",
+        "dense",
+        "constant",
+        1e-4,
+        False,
+    )
+    assert (experts.router_mode, experts.schedule, experts.warmup_ratio, experts.min_lr_ratio) == (
+        "sparse",
+        "cosine",
+        0.03,
+        0.1,
+    )
+    assert (experts.lora, experts.lora_r, experts.lora_alpha, experts.lora_dropout) == (True, 8, 16.0, 0.1)
+    assert experts.train_router and experts.train_norms and not experts.unfreeze_attention
+    assert not cont.enabled and cont.lr == 1e-5 and cont.lora
+    from dive_ds.train.config import stage_temperature
+
+    assert stage_temperature(router, 1) == 0.05 and stage_temperature(router, 2) == 0.5
+    assert run.data.seq_len == 1024 and run.data.registry == "demo"
+
+
+def test_config_overrides_and_yaml(tmp_path):
+    path = write_yaml(
+        {"out_dir": "o", "model": {"path": "m"}, "stages": {"experts": {"lr": 2e-4}}}, tmp_path / "r.yaml"
+    )
+    run = load_run_config(
+        path,
+        [
+            "stages.experts.lr=5e-5",
+            "data.domains=[a, b]",
+            "stages.continue.enabled=true",
+            "stages.continue.steps=3",
+            "train.global_batch_size=16",
+        ],
+    )
+    assert run.stage("experts").lr == 5e-5 and run.data.domains == ("a", "b")
+    assert [s.name for s in run.enabled_stages()] == ["router", "experts", "continue"]
+    assert run.stage("continue").steps == 3 and run.train.global_batch_size == 16
+    assert isinstance(run, RunConfig) and isinstance(run.stage("router"), StageConfig)
+    again = run_config_from_dict(run.to_dict())  # the recorded config reloads to the same thing
+    assert again == run
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        (
+            {"modle": {}},
+            "unknown key 'modle'; allowed: checkpoint, data, eval, logging, model, out_dir, stages, train",
+        ),
+        ({"stages": {"experts": {"lrr": 1}}}, "unknown key 'stages.experts.lrr'; allowed: aux_loss_coef"),
+        ({"stages": {"warmup": {}}}, "unknown key 'stages.warmup'; allowed: router, experts, continue"),
+        ({"data": {"seq_len": "long"}}, "data.seq_len: expected an integer, got 'long'"),
+        ({"stages": {"router": {"schedule": "linear"}}}, "stages.router.schedule='linear'; use one of"),
+        ({"checkpoint": {"resume": "maybe"}}, "checkpoint.resume='maybe'"),
+    ],
+)
+def test_config_errors(raw, message):
+    with pytest.raises(ValueError) as err:
+        run_config_from_dict(raw)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def _ds(**changes) -> dict:
+    ds = json.loads(ZERO2.read_text())
+    for key, value in changes.items():
+        ds[key] = value
+    return ds
+
+
+@pytest.mark.parametrize(
+    "ds, world, accel, message",
+    [
+        (
+            _ds(gradient_accumulation_steps=4),
+            2,
+            "cpu",
+            "train_micro_batch_size_per_gpu (1) x gradient_accumulation_steps (4) x world size (2) = 8 but the run "
+            "config's train.global_batch_size is 4; set gradient_accumulation_steps to 2 or omit it",
+        ),
+        (_ds(train_micro_batch_size_per_gpu=3), 1, "cpu", "global_batch_size 4 is not a multiple of"),
+        (
+            _ds(bf16={"enabled": True}),
+            1,
+            "cpu",
+            "bf16.enabled is true but the run config's train.precision is fp32",
+        ),
+        (_ds(fp16={"enabled": True}), 1, "cpu", "fp16 is enabled"),
+        (
+            _ds(train_batch_size="auto"),
+            1,
+            "cpu",
+            "'train_batch_size' is \"auto\", which only the HF Trainer fills",
+        ),
+        (_ds(scheduler={"type": "WarmupLR"}), 1, "cpu", "remove the `scheduler` block"),
+        (_ds(optimizer={"type": "AdamW", "params": {"lr": 1e-4}}), 1, "cpu", "torch_adam must be true"),
+    ],
+)
+def test_ds_config_cross_checks(ds, world, accel, message):
+    run = run_config_from_dict({"model": {"path": "m"}, "train": {"global_batch_size": 4}})
+    with pytest.raises(ValueError) as err:
+        resolve_ds_config(ds, run, world, accel, "zero2.json")
+    assert message in str(err.value) and str(err.value).startswith("zero2.json: ")
+
+
+def test_ds_config_bf16_on_cpu_and_zero_stage_and_derived_accumulation():
+    bf16 = run_config_from_dict(
+        {"model": {"path": "m"}, "train": {"precision": "bf16", "global_batch_size": 8}}
+    )
+    ds = _ds(bf16={"enabled": True})
+    with pytest.raises(ValueError, match="bf16 is enabled but the accelerator is cpu"):
+        resolve_ds_config(ds, bf16, 1, "cpu")
+    assert resolve_ds_config(ds, bf16, 2, "cuda")["gradient_accumulation_steps"] == 4
+    z2_only = run_config_from_dict({"model": {"path": "m"}, "train": {"zero_stages": [2]}})
+    with pytest.raises(ValueError, match=r"ZeRO stage 3 is not allowed by train.zero_stages \[2\]"):
+        resolve_ds_config(json.loads(ZERO3.read_text()), z2_only, 1, "cpu")
+    resolved = resolve_ds_config(json.loads(ZERO2.read_text()), z2_only, 2, "cpu")
+    assert (
+        resolved["train_micro_batch_size_per_gpu"],
+        resolved["gradient_accumulation_steps"],
+        resolved["train_batch_size"],
+    ) == (1, 4, 8)
+
+
+def test_shipped_configs_are_strict_and_valid():
+    run = run_config_from_dict(read_mapping(REPO / "configs" / "demo_retrain.yaml"))
+    assert [s.name for s in run.enabled_stages()] == ["router", "experts"]
+    for name in ("zero2.json", "zero3.json", "zero3_offload.json"):
+        ds = json.loads((REPO / "ds_configs" / name).read_text())
+        resolve_ds_config(ds, run, 1, "cpu", name)
+        assert ds["optimizer"]["params"]["torch_adam"] is True and ds["bf16"]["enabled"] is False
+    z3 = json.loads(ZERO3.read_text())["zero_optimization"]
+    assert z3["stage"] == 3 and z3["leaf_module"]["classes"] == ["dive_ds.models.moe.DiveMoeBlock"]
+
+
+def test_launcher_reports_one_line_errors(tmp_path, capsys):
+    sys.path.insert(0, str(REPO / "launchers"))
+    try:
+        import retrain as launcher
+    finally:
+        sys.path.pop(0)
+    bad = write_yaml({"model": {"path": "m"}, "stagse": {}}, tmp_path / "bad.yaml")
+    assert launcher.main(["--deepspeed", str(ZERO2), "--config", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("retrain: error: run config: unknown key 'stagse'") and "\n" not in err
+    assert launcher.main(["--deepspeed", str(ZERO2)]) == 2
+    assert "pass --deepspeed CONFIG.json and --config RUN.yaml" in capsys.readouterr().err
+
+
+def test_missing_checkpoint_and_missing_model_fail_early(tiny, tmp_path):
+    from dive_ds.train.loop import train
+
+    raw = base_run(tiny, tmp_path / "run", checkpoint={"resume": "required"})
+    with pytest.raises(
+        ValueError, match=r"checkpoint.resume is 'required' but .*checkpoints holds no checkpoint"
+    ):
+        train(run_config_from_dict(raw), read_mapping(ZERO2))
+    raw = base_run(tiny, tmp_path / "run", model={"path": str(tmp_path / "nowhere")})
+    with pytest.raises(ValueError, match="is not a Hugging Face model folder"):
+        train(run_config_from_dict(raw), read_mapping(ZERO2))
+    raw = base_run(tiny, tmp_path / "run")
+    with pytest.raises(ValueError, match="run --stages router first"):
+        train(run_config_from_dict(raw), read_mapping(ZERO2), stages=["experts"])
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _stream(tiny, **data) -> PackedStream:
+    raw = base_run(tiny, Path("unused"), data=data)
+    return build_stream(run_config_from_dict(raw).data, ByteTokenizer())
+
+
+def test_stream_is_deterministic_resumable_and_bounded(tiny):
+    a, b = _stream(tiny), _stream(tiny)
+    first = [a.next_sequence() for _ in range(40)]
+    assert first == [b.next_sequence() for _ in range(40)]
+    assert all(len(t) == 32 for _, t in first) and {d for d, _ in first} == {0, 1}
+    state = json.loads(json.dumps(a.state_dict()))  # what a checkpoint stores (tiny, JSON-safe)
+    tail = [a.next_sequence() for _ in range(200)]  # runs over several epochs of both domains
+    resumed = _stream(tiny)
+    resumed.load_state_dict(state)
+    assert [resumed.next_sequence() for _ in range(200)] == tail
+    assert state["sequences"] == 40 and set(state["domains"]) == {"prose", "code"}
+    other_seed = _stream(tiny, seed=7)
+    assert [other_seed.next_sequence() for _ in range(40)] != first
+
+
+def test_stream_mixture_weights_and_holdout(tiny):
+    s = _stream(tiny, weights={"prose": 3.0, "code": 1.0})
+    domains = [s.next_sequence()[0] for _ in range(400)]
+    assert 0.68 < domains.count(0) / 400 < 0.82
+    text = bytes(t for _ in range(300) for t in s.next_sequence()[1] if t < 256).decode("utf-8", "replace")
+    held = [f"<prose doc {i}>" for i in range(9, 60, 10)]  # holdout_every=10 keeps docs 9, 19, ... out
+    assert "<prose doc 8>" in text and not any(h in text for h in held)
+    domains_, _ = resolve_domains(run_config_from_dict(base_run(tiny, Path("u"))).data)
+    w = heldout_windows(domains_[0], ByteTokenizer(), 32, 3, 10)
+    assert w.shape == (3, 32) and bytes(w[0, :15].tolist()).decode().startswith("<prose doc 9>")
+
+
+def test_overfit_stream_repeats():
+    from dive_ds.data.registry import Domain, DomainSource
+    from dive_ds.train.config import DataConfig
+
+    cfg = DataConfig(seq_len=8, overfit_sequences=2, tokenizer="bytes", holdout_every=0)
+    dom = Domain("d", DomainSource(type="local"))
+
+    class Tiny(PackedStream):
+        pass
+
+    s = Tiny(cfg, [dom], __import__("numpy").array([1.0]), ByteTokenizer())
+    s.streams[0]._docs = iter(["abcdefghijklmnopqrstuvwxyz"] * 3)
+    s.streams[0]._tokens = list(b"abcdefghijklmnopqrstuvwxyz") + [256]
+    s._overfit = [s._fresh(i) for i in range(2)]
+    seqs = [s.next_sequence() for _ in range(5)]
+    assert seqs[0] == seqs[2] == seqs[4] and seqs[1] == seqs[3] and seqs[0] != seqs[1]
+
+
+def test_lr_schedule():
+    from dive_ds.train.loop import lr_factor
+
+    stage = StageConfig(name="experts", steps=100, schedule="cosine", warmup_ratio=0.03, min_lr_ratio=0.1)
+    f = lr_factor(stage, 100)
+    assert [round(f(s), 6) for s in (0, 1, 2)] == [round(1 / 3, 6), round(2 / 3, 6), 1.0]
+    assert (
+        f(3) == pytest.approx(1.0) and f(99) == pytest.approx(0.1, abs=1e-3) and f(100) == pytest.approx(0.1)
+    )
+    assert f(51) == pytest.approx(0.55, abs=0.01)
+    const = lr_factor(StageConfig(steps=10, schedule="constant"), 10)
+    assert {const(s) for s in range(10)} == {1.0}
+
+
+# --------------------------------------------------------------------------- training
+
+
+def test_router_stage_trains_only_routers_and_loss_falls(memorise_run, tiny):
+    out = memorise_run["out"]
+    before = state_hashes(load_state(tiny["model"]))
+    after = state_hashes(load_state(out / "stages" / "router" / "model"))
+    assert before.keys() == after.keys()
+    changed = {k for k in before if before[k] != after[k]}
+    assert changed == {f"model.layers.{i}.mlp.gate.weight" for i in range(2)}
+    losses = [v for (stage, _), v in sorted(step_losses(out).items()) if stage == "router"]
+    assert len(losses) == 10 and losses[-1] < losses[0] - 0.05, losses
+
+
+def test_experts_stage_trains_only_lora_routers_norms_and_loss_falls(memorise_run):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    out = memorise_run["out"]
+    before = state_hashes(load_state(out / "stages" / "router" / "model"))
+    ckpt = out / "stages" / "experts" / "checkpoints"
+    trained = get_fp32_state_dict_from_zero_checkpoint(str(ckpt))  # unmerged: LoRA still separate
+    after = state_hashes(trained)
+    lora = {k for k in after if ".lora_" in k}
+    assert len(lora) == 2 * 4
+    assert all(trained[k].abs().sum() > 0 for k in lora if k.endswith("_B"))  # B moved away from zero
+    changed = {k for k in before.keys() & after.keys() if before[k] != after[k]}
+    allowed = {k for k in before if ".mlp.gate." in k or "norm" in k}
+    assert (
+        changed <= allowed
+        and any("norm" in k for k in changed)
+        and any(".mlp.gate.weight" in k for k in changed)
+    )
+    assert not any("self_attn" in k or "embed" in k or "experts.gate_up_proj" in k for k in changed)
+    losses = [v for (stage, _), v in sorted(step_losses(out).items()) if stage == "experts"]
+    assert len(losses) == 10 and losses[-1] < losses[0] - 0.05, losses
+    start = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines() if '"stage_start"' in r]
+    experts = next(r for r in start if r["stage"] == "experts")["trainable"]
+    assert set(experts["by_kind"]) == {"lora", "router", "router_noise", "norm"}
+    assert experts["trainable"] == sum(experts["by_kind"].values()) < experts["total"]
+
+
+def test_final_model_is_plain_hf_and_matches_live_eval(memorise_run):
+    from transformers import AutoModelForCausalLM
+
+    from dive_ds.train.loop import eval_windows, evaluate, summarise_eval
+
+    out, run = memorise_run["out"], memorise_run["run"]
+    final = out / "model"
+    model = AutoModelForCausalLM.from_pretrained(final).eval()
+    assert type(model).__name__ == "DiveMoeForCausalLM" and model.config.router_mode == "sparse"
+    assert not any("lora" in n for n, _ in model.named_parameters())
+    windows = eval_windows(run, ByteTokenizer(), 260)
+    hf = summarise_eval(evaluate(lambda ids: model(input_ids=ids).logits, windows, 2, torch.device("cpu")))
+    live = memorise_run["results"]["experts"]["final_eval"]
+    assert hf["loss"] == pytest.approx(live["loss"], abs=1e-6)
+    assert hf["ppl"] == pytest.approx(live["ppl"], rel=1e-5)
+
+
+def test_run_folder_records_and_tensorboard(memorise_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = memorise_run["out"]
+    assert (out / "run_config.yaml").is_file() and (out / "ds_config.json").is_file()
+    info = json.loads((out / "run_info.json").read_text())
+    assert {"dive_ds", "torch", "deepspeed", "transformers"} <= set(info["versions"]) and "git_rev" in info
+    assert info["data_recipe"]["seq_len"] == 32 and set(info["data_recipe"]["domains"]) == {"prose", "code"}
+    assert json.loads((out / "ds_config.json").read_text())["gradient_accumulation_steps"] == 4
+    acc = EventAccumulator(str(out / "tb"), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    want = {
+        "train/loss",
+        "train/lr",
+        "train/grad_norm",
+        "train/tokens_seen",
+        "train/tokens_per_s",
+        "train/step_time_s",
+        "train/aux_loss",
+        "train/aux_loss_coef",
+        "moe/load_cv_mean",
+        "moe/load_cv/layer_00",
+        "moe/load_cv/layer_01",
+        "moe/load/layer_00/expert_00",
+        "moe/load/layer_01/expert_03",
+        "moe/router_entropy/layer_00",
+        "moe/router_entropy_mean",
+        "eval/ppl/prose",
+        "eval/ppl/code",
+        "eval/ppl_mean",
+        "eval/loss",
+    }
+    assert want <= tags, want - tags
+    loss = acc.Scalars("train/loss")
+    assert [e.step for e in loss] == list(range(1, 21))  # router steps 1-10, experts 11-20 (global steps)
+    tokens = acc.Scalars("train/tokens_seen")
+    assert tokens[9].value == 10 * 4 * 32 and tokens[-1].value == 10 * 4 * 32
+    shares = [acc.Scalars(f"moe/load/layer_00/expert_{e:02d}")[-1].value for e in range(4)]
+    assert sum(shares) == pytest.approx(1.0, abs=1e-6)
+    assert acc.Scalars("train/aux_loss_coef")[-1].value == pytest.approx(0.01)
+    assert {e.step for e in acc.Scalars("eval/ppl/prose")} == {0, 5, 10, 15, 20}  # 0 and 10: stage baselines
+    assert "moe/expert_load_heatmap" in acc.Tags()["images"]
+
+
+@pytest.mark.parametrize("zero", ["zero2", "zero3-exclude-frozen"])
+def test_resume_after_crash_reproduces_every_loss(zero, world, tiny, tmp_path):
+    """Kill the launcher right after experts step 3 (checkpoint at 2), relaunch: identical losses, step by step.
+
+    train.rng_per_micro_batch is off, so the noise and dropout after the resume depend on the RNG states
+    restored from the checkpoint. The zero3 variant partitions every parameter and saves checkpoints
+    without the frozen weights (checkpoint.exclude_frozen).
+    """
+    from dive_ds.train.loop import train
+
+    if zero == "zero2":
+        ds, extra = ZERO2, {}
+    else:
+        ds, extra = (
+            write_ds(ZERO3, tmp_path / "zero3.json", stage3_param_persistence_threshold=0),
+            {"exclude_frozen": True},
+        )
+    raw = base_run(tiny, tmp_path / "reference", train={"rng_per_micro_batch": False}, checkpoint=extra)
+    train(run_config_from_dict(raw), read_mapping(ds), str(ds))  # uninterrupted, in-process
+    raw["out_dir"] = str(tmp_path / "run")
+    cfg = write_yaml(raw, tmp_path / "run.yaml")
+    cmd = [
+        sys.executable,
+        str(REPO / "launchers" / "retrain.py"),
+        "--deepspeed",
+        str(ds),
+        "--config",
+        str(cfg),
+    ]
+    first = subprocess.run(
+        cmd,
+        env=subprocess_env(DIVE_DS_TEST_CRASH_AFTER_STEP="experts:3"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert first.returncode == 3, first.stderr[-3000:]
+    assert not (tmp_path / "run" / "model").exists()
+    second = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "[router] already done" in second.stdout and "resumed from" in second.stdout
+    assert "step_00000002 at step 2" in second.stdout
+    resumed, reference = step_losses(tmp_path / "run"), step_losses(tmp_path / "reference")
+    assert resumed.keys() == reference.keys() and len(reference) == 10
+    assert resumed == reference  # exact on CPU fp32
+    ckpts = sorted(p.name for p in (tmp_path / "run" / "stages" / "experts" / "checkpoints").glob("step_*"))
+    assert ckpts == ["step_00000004", "step_00000006"]  # keep = 2
+    final, ref_final = load_state(tmp_path / "run" / "model"), load_state(tmp_path / "reference" / "model")
+    assert all(torch.equal(final[k], ref_final[k]) for k in ref_final)
