@@ -82,6 +82,9 @@ def add_all(sub) -> None:
     p.add_argument("--mining-eval-windows", type=int, default=2,
                    help="held-out windows per domain for the D x D pruned evaluations (default 2)")
     p.add_argument("--only", nargs="+", metavar="DOMAIN", help="use only these demo domains")
+    p.add_argument("--retrain-steps", type=int, nargs=2, default=[4, 8], metavar=("ROUTER", "EXPERTS"),
+                   help="steps of the router and experts stages (default 4 8; 0 0 skips retraining)")
+    p.add_argument("--retrain-batch", type=int, default=4, help="sequences of 256 tokens per step (default 4)")
     p.set_defaults(func=cmd_demo)
 
 

@@ -29,18 +29,18 @@ def run_demo(a) -> dict:
           f"tokens per domain (the reference recipe uses 1024 x 256; smaller here so the demo fits a 2-core machine), "
           f"N={a.experts} experts, top-{a.top_k}, r={a.prune_ratio}")
     times = {}
-    t = _step("1/4 calibrate: one streaming pass over all domains")
+    t = _step("1/5 calibrate: one streaming pass over all domains")
     args = ["calibrate", "--demo", "--samples-per-domain", str(a.samples_per_domain), "--seq-len", str(a.seq_len),
             "--eval-windows", str(a.eval_windows), "--out", str(out / "calib")]
     if a.only:
         args += ["--only", *a.only]
     _check(cli(args))
     times["calibrate"] = time.time() - t
-    t = _step("2/4 mine: domain affinity and groups")
+    t = _step("2/5 mine: domain affinity and groups")
     _check(cli(["mine", "--calib", str(out / "calib"), "--experts", str(a.experts), "--prune-ratio", str(a.prune_ratio),
                 "--eval-windows", str(a.mining_eval_windows), "--out", str(out / "mining")]))
     times["mine"] = time.time() - t
-    t = _step("3/4 reconstruct: DIVE and baselines")
+    t = _step("3/5 reconstruct: DIVE and baselines")
     common = ["--calib", str(out / "calib"), "--prune-ratio", str(a.prune_ratio)]
     builds = {
         "dive": ["--groups", str(out / "mining" / "groups.json"), "--experts", str(a.experts), "--top-k", str(a.top_k)],
@@ -51,7 +51,7 @@ def run_demo(a) -> dict:
     for name, extra in builds.items():
         _check(cli(["reconstruct", *common, *extra, "--out", str(out / f"moe-{name}")]))
     times["reconstruct"] = time.time() - t
-    t = _step("4/4 evaluate: held-out perplexity per domain")
+    t = _step("4/5 evaluate: held-out perplexity per domain")
     cal = load_calibration(out / "calib")
     results = [run_evaluate("demo", out / "calib", out / "eval-dense", label="dense")]
     for name in builds:
@@ -59,6 +59,12 @@ def run_demo(a) -> dict:
         results.append(run_evaluate(str(out / f"moe-{name}"), out / "calib", out / f"eval-{name}",
                                     oracle=name != "flap", router=name in ("dive", "flap"), label=name))
     times["evaluate"] = time.time() - t
+    if any(a.retrain_steps):
+        t = _step("5/5 retrain: router stage, then LoRA experts stage (DeepSpeed ZeRO-2, 1 process)")
+        retrained = _retrain(out, a)
+        results.append(run_evaluate(str(retrained), out / "calib", out / "eval-dive-retrained", oracle=False,
+                                    label="dive-retrained"))
+        times["retrain"] = time.time() - t
     table = markdown_table(results, cal.domains)
     mining_rep = json.loads((out / "mining" / "mining.json").read_text())
     summary = {"times_s": {k: round(v, 1) for k, v in times.items()}, "total_s": round(time.time() - t_all, 1),
@@ -70,13 +76,36 @@ def run_demo(a) -> dict:
                "groups": mining_rep["groups"]}
     (out / "summary.md").write_text(table)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print("\nHeld-out perplexity (oracle = each domain's tokens to its group's expert; the router is untrained "
-          "until retraining):\n")
+    print("\nHeld-out perplexity (oracle = each domain's tokens to its group's expert; `dive | router` is before "
+          "retraining, `dive-retrained | router` after it):\n")
     print(table)
     print(f"family recovery of the mined groups (ARI): {summary['family_recovery_ari']}")
     print(f"fast vs paper affinity: {summary['fast_vs_paper']}")
     print(f"step times (s): {summary['times_s']}; total {summary['total_s']}s; outputs in {out}/")
     return summary
+
+
+def _retrain(out: Path, a) -> Path:
+    """A short run of configs/demo_retrain.yaml on the demo's DIVE MoE, in its own process
+    (DeepSpeed sets up a process group; the demo itself stays free of one)."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    router_steps, expert_steps = a.retrain_steps
+    cmd = [sys.executable, str(repo / "launchers" / "retrain.py"), "--deepspeed", str(repo / "ds_configs" / "zero2.json"),
+           "--config", str(repo / "configs" / "demo_retrain.yaml"),
+           "--set", f"out_dir={out / 'retrain'}", "--set", f"model.path={out / 'moe-dive'}",
+           "--set", f"train.global_batch_size={a.retrain_batch}",
+           "--set", f"stages.router.steps={router_steps}", "--set", f"stages.experts.steps={expert_steps}",
+           "--set", f"checkpoint.every={router_steps + expert_steps}", "--set", "checkpoint.exclude_frozen=true",
+           "--set", "eval.at_start=false", "--set", f"eval.every={router_steps + expert_steps}"]
+    print(f"{router_steps} router steps + {expert_steps} expert steps of {a.retrain_batch} x 256 tokens "
+          "(the paper: ~0.5B + ~5B tokens); TensorBoard: tensorboard --logdir " + str(out / "retrain"), flush=True)
+    rc = subprocess.run(cmd, env=os.environ.copy()).returncode
+    _check(rc)
+    return out / "retrain" / "model"
 
 
 def _check(rc: int) -> None:
