@@ -36,8 +36,8 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check dive_ds launchers tests
-	$(VENV)/bin/ruff format --check dive_ds launchers tests
+	$(VENV)/bin/ruff check dive_ds launchers tests benchmarks
+	$(VENV)/bin/ruff format --check dive_ds launchers tests benchmarks
 
 clean-cache:
 	rm -rf $(DIVE_DS_CACHE)

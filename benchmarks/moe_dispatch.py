@@ -32,7 +32,10 @@ def naive(x, idx, w, gate_up, down, bias):
 def sorted_dispatch(impl):
     def run(x, idx, w, gate_up, down, bias):
         x_n, order, counts = permute(x, idx, down.shape[0])
-        return unpermute(grouped_expert_mlp(x_n, counts, gate_up, down, F.silu, bias, impl=impl), order, w, x.shape[0])
+        return unpermute(
+            grouped_expert_mlp(x_n, counts, gate_up, down, F.silu, bias, impl=impl), order, w, x.shape[0]
+        )
+
     return run
 
 
@@ -67,8 +70,10 @@ def main():
     impls = {"naive torch.where loop": naive, "sorted + segment loop": sorted_dispatch("loop")}
     if grouped_mm_supported(x.device, x.dtype):
         impls["sorted + torch._grouped_mm"] = sorted_dispatch("grouped_mm")
-    print(f"{a.tokens} tokens, H={a.hidden}, F={a.width}, E={a.experts}, top-{a.top_k}, "
-          f"{torch.get_num_threads()} threads, fwd+bwd")
+    print(
+        f"{a.tokens} tokens, H={a.hidden}, F={a.width}, E={a.experts}, top-{a.top_k}, "
+        f"{torch.get_num_threads()} threads, fwd+bwd"
+    )
     times = {}
     for name, fn in impls.items():
         torch.testing.assert_close(fn(*args), ref, rtol=1e-4, atol=1e-5)

@@ -75,8 +75,9 @@ def _hidden_buffer(shape, offload_dir: str | None) -> torch.Tensor:
 
 
 @torch.no_grad()
-def streaming_stats(model_dir: str | Path, windows: dict[str, torch.Tensor],
-                    cfg: CalibConfig = CalibConfig()) -> tuple[ChannelStats, dict]:
+def streaming_stats(
+    model_dir: str | Path, windows: dict[str, torch.Tensor], cfg: CalibConfig = CalibConfig()
+) -> tuple[ChannelStats, dict]:
     """Per-domain, per-layer statistics of the down_proj input; returns (stats, timing info)."""
     from transformers import AutoConfig
 
@@ -90,17 +91,21 @@ def streaming_stats(model_dir: str | Path, windows: dict[str, torch.Tensor],
     seq_len = next(iter(windows.values())).shape[1]
     counts = torch.tensor([w.numel() for w in windows.values()], dtype=torch.float64)
     n_dom = len(names)
-    st = ChannelStats(counts, torch.zeros(n_dom, n_layers, ffn, dtype=torch.float64),
-                      torch.zeros(n_dom, n_layers, ffn, dtype=torch.float64),
-                      torch.zeros(n_dom, n_layers, hidden, dtype=torch.float64),
-                      torch.zeros(n_layers, ffn, dtype=torch.float64), torch.zeros(n_layers, ffn, dtype=torch.float64))
+    st = ChannelStats(
+        counts,
+        torch.zeros(n_dom, n_layers, ffn, dtype=torch.float64),
+        torch.zeros(n_dom, n_layers, ffn, dtype=torch.float64),
+        torch.zeros(n_dom, n_layers, hidden, dtype=torch.float64),
+        torch.zeros(n_layers, ffn, dtype=torch.float64),
+        torch.zeros(n_layers, ffn, dtype=torch.float64),
+    )
 
     all_ids = torch.cat([windows[n] for n in names])  # [S, L]
     owner = torch.cat([torch.full((windows[n].shape[0],), d) for d, n in enumerate(names)])
     emb = ckpt.get("model.embed_tokens.weight").to(torch.float32)
     hid = _hidden_buffer((all_ids.shape[0], seq_len, hidden), cfg.hidden_offload_dir)
     for i in range(0, all_ids.shape[0], 256):
-        hid[i:i + 256] = torch.nn.functional.embedding(all_ids[i:i + 256], emb)
+        hid[i : i + 256] = torch.nn.functional.embedding(all_ids[i : i + 256], emb)
     del emb
     rope = rope_cls(config=config)
     pos = torch.arange(seq_len).unsqueeze(0)
@@ -110,7 +115,7 @@ def streaming_stats(model_dir: str | Path, windows: dict[str, torch.Tensor],
     batches = []
     for d in range(n_dom):
         idx = (owner == d).nonzero().flatten()
-        batches += [(d, idx[j:j + cfg.batch_size]) for j in range(0, len(idx), cfg.batch_size)]
+        batches += [(d, idx[j : j + cfg.batch_size]) for j in range(0, len(idx), cfg.batch_size)]
     current = {"d": 0}
 
     def down_hook(_mod, args):
@@ -122,8 +127,14 @@ def streaming_stats(model_dir: str | Path, windows: dict[str, torch.Tensor],
         st.mlp_in_sum_DLH[current["d"], current["l"]] += args[0].reshape(-1, hidden).to(torch.float64).sum(0)
 
     total_tokens = all_ids.numel()
-    bar = tqdm(total=n_layers * total_tokens, unit="tok", unit_scale=True, disable=not cfg.progress,
-               desc="calibrate", dynamic_ncols=True)
+    bar = tqdm(
+        total=n_layers * total_tokens,
+        unit="tok",
+        unit_scale=True,
+        disable=not cfg.progress,
+        desc="calibrate",
+        dynamic_ncols=True,
+    )
     t0 = time.time()
     for layer_idx in range(n_layers):
         layer = build_layer(config, layer_cls, layer_idx, ckpt.layer_state(layer_idx))
@@ -145,14 +156,21 @@ def streaming_stats(model_dir: str | Path, windows: dict[str, torch.Tensor],
         del layer, w_down, out, x
         gc.collect()  # decoder layers hold reference cycles; free this one before loading the next
         elapsed = time.time() - t0
-        bar.set_postfix(layer=f"{layer_idx + 1}/{n_layers}",
-                        model_tok_s=f"{total_tokens * (layer_idx + 1) / n_layers / elapsed:.0f}")
+        bar.set_postfix(
+            layer=f"{layer_idx + 1}/{n_layers}",
+            model_tok_s=f"{total_tokens * (layer_idx + 1) / n_layers / elapsed:.0f}",
+        )
     bar.close()
     elapsed = time.time() - t0
     if cfg.hidden_offload_dir is not None:
         shutil.rmtree(cfg.hidden_offload_dir, ignore_errors=True)
-    info = {"tokens": total_tokens, "layers": n_layers, "seconds": round(elapsed, 2),
-            "tokens_per_s": round(total_tokens / elapsed, 1), "passes_over_data": 1}
+    info = {
+        "tokens": total_tokens,
+        "layers": n_layers,
+        "seconds": round(elapsed, 2),
+        "tokens_per_s": round(total_tokens / elapsed, 1),
+        "passes_over_data": 1,
+    }
     return st, info
 
 
@@ -160,8 +178,16 @@ def _git_rev() -> str | None:
     import subprocess
 
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
+        return (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"],
+                capture_output=True,
+                text=True,
+                cwd=Path(__file__).parent,
+                timeout=5,
+            ).stdout.strip()
+            or None
+        )
     except Exception:
         return None
 
@@ -169,8 +195,12 @@ def _git_rev() -> str | None:
 def run_manifest_base(kind: str) -> dict:
     import dive_ds
 
-    return {"kind": kind, "dive_ds_version": dive_ds.__version__, "git_rev": _git_rev(),
-            "torch": torch.__version__}
+    return {
+        "kind": kind,
+        "dive_ds_version": dive_ds.__version__,
+        "git_rev": _git_rev(),
+        "torch": torch.__version__,
+    }
 
 
 def check_out_dir(out: Path, identity: dict, force: bool) -> bool:
@@ -183,16 +213,20 @@ def check_out_dir(out: Path, identity: dict, force: bool) -> bool:
         if old == identity and not force:
             return True
         if old != identity and not force:
-            raise ValueError(f"output folder {out} holds a different run ({man}); "
-                             "pass --force to replace it or choose another --out")
+            raise ValueError(
+                f"output folder {out} holds a different run ({man}); "
+                "pass --force to replace it or choose another --out"
+            )
     elif any(out.iterdir()) and not force:
-        raise ValueError(f"output folder {out} is not empty and holds no {MANIFEST}; "
-                         "choose another --out or pass --force")
+        raise ValueError(
+            f"output folder {out} is not empty and holds no {MANIFEST}; choose another --out or pass --force"
+        )
     return False
 
 
-def write_calibration(out: Path, stats: ChannelStats, samples: dict[str, DomainSamples], manifest: dict,
-                      force: bool = False) -> Path:
+def write_calibration(
+    out: Path, stats: ChannelStats, samples: dict[str, DomainSamples], manifest: dict, force: bool = False
+) -> Path:
     """Write stats + samples + manifest atomically (temp folder, then rename)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
@@ -233,14 +267,23 @@ class Calibration:
 def load_calibration(path: str | Path) -> Calibration:
     path = Path(path)
     if not (path / MANIFEST).exists() or not (path / STATS_FILE).exists():
-        raise ValueError(f"{path} is not a calibration folder (no {MANIFEST}/{STATS_FILE}); "
-                         "run `dive-ds calibrate --out DIR` first")
+        raise ValueError(
+            f"{path} is not a calibration folder (no {MANIFEST}/{STATS_FILE}); "
+            "run `dive-ds calibrate --out DIR` first"
+        )
     man = json.loads((path / MANIFEST).read_text())
     stats = ChannelStats.from_tensors(load_file(path / STATS_FILE))
     samples = load_file(path / SAMPLES_FILE)
     names = [d["name"] for d in man["domains"]]
-    return Calibration(path, stats, names, {d["name"]: d.get("family") for d in man["domains"]},
-                       {n: samples[f"calib.{n}"] for n in names}, {n: samples[f"eval.{n}"] for n in names}, man)
+    return Calibration(
+        path,
+        stats,
+        names,
+        {d["name"]: d.get("family") for d in man["domains"]},
+        {n: samples[f"calib.{n}"] for n in names},
+        {n: samples[f"eval.{n}"] for n in names},
+        man,
+    )
 
 
 def check_same_model(cal: Calibration, model_dir: str | Path) -> None:
@@ -250,18 +293,28 @@ def check_same_model(cal: Calibration, model_dir: str | Path) -> None:
     config = AutoConfig.from_pretrained(model_dir)
     ffn = cal.stats.sum_DLF.shape
     if (ffn[1], ffn[2]) != (config.num_hidden_layers, config.intermediate_size):
-        raise ValueError(f"statistics in {cal.path} are for {ffn[1]} layers x {ffn[2]} FFN channels but {model_dir} "
-                         f"has {config.num_hidden_layers} x {config.intermediate_size}: they come from another model; "
-                         "re-run `dive-ds calibrate` on this model")
+        raise ValueError(
+            f"statistics in {cal.path} are for {ffn[1]} layers x {ffn[2]} FFN channels but {model_dir} "
+            f"has {config.num_hidden_layers} x {config.intermediate_size}: they come from another model; "
+            "re-run `dive-ds calibrate` on this model"
+        )
     fp = model_fingerprint(config, LayerwiseCheckpoint(model_dir))
     if fp != cal.fingerprint:
-        raise ValueError(f"statistics in {cal.path} have model fingerprint {cal.fingerprint} but {model_dir} has {fp}: "
-                         "they come from another model; re-run `dive-ds calibrate` on this model")
+        raise ValueError(
+            f"statistics in {cal.path} have model fingerprint {cal.fingerprint} but {model_dir} has {fp}: "
+            "they come from another model; re-run `dive-ds calibrate` on this model"
+        )
 
 
-
-def run_calibration(model: str, registry_path: str, out: str | Path, sampler_cfg, domains: list[str] | None = None,
-                    calib_cfg: CalibConfig = CalibConfig(), force: bool = False) -> Path:
+def run_calibration(
+    model: str,
+    registry_path: str,
+    out: str | Path,
+    sampler_cfg,
+    domains: list[str] | None = None,
+    calib_cfg: CalibConfig = CalibConfig(),
+    force: bool = False,
+) -> Path:
     """Registry + model -> calibration folder (validates everything before the heavy pass)."""
     from dive_ds.data.registry import iter_documents, load_registry
     from dive_ds.data.sampler import sample_domain_text
@@ -272,8 +325,12 @@ def run_calibration(model: str, registry_path: str, out: str | Path, sampler_cfg
     config = load_config(model_ref)
     registry = load_registry(registry_path)
     chosen = registry.select(domains)
-    identity = {"model": str(model_ref), "registry": str(registry.path), "domains": [d.name for d in chosen],
-                "sampler": asdict(sampler_cfg)}
+    identity = {
+        "model": str(model_ref),
+        "registry": str(registry.path),
+        "domains": [d.name for d in chosen],
+        "sampler": asdict(sampler_cfg),
+    }
     if check_out_dir(out, identity, force):
         print(f"{out} already holds this calibration run; reusing it (pass --force to recompute)")
         return out
@@ -288,14 +345,26 @@ def run_calibration(model: str, registry_path: str, out: str | Path, sampler_cfg
     stats, info = streaming_stats(model_dir, {n: s.calib for n, s in samples.items()}, calib_cfg)
     manifest = run_manifest_base("calibration") | {
         "identity": identity,
-        "model": {"path": str(model_dir), "fingerprint": model_fingerprint(config, LayerwiseCheckpoint(model_dir)),
-                  "model_type": config.model_type, "num_hidden_layers": config.num_hidden_layers,
-                  "hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size},
+        "model": {
+            "path": str(model_dir),
+            "fingerprint": model_fingerprint(config, LayerwiseCheckpoint(model_dir)),
+            "model_type": config.model_type,
+            "num_hidden_layers": config.num_hidden_layers,
+            "hidden_size": config.hidden_size,
+            "intermediate_size": config.intermediate_size,
+        },
         "sampler": asdict(sampler_cfg),
-        "domains": [{"name": d.name, "family": d.family, "documents": samples[d.name].documents,
-                     "calib_pool_tokens": samples[d.name].calib_pool_tokens,
-                     "calib_tokens": samples[d.name].calib.numel(), "eval_tokens": samples[d.name].eval.numel()}
-                    for d in chosen],
+        "domains": [
+            {
+                "name": d.name,
+                "family": d.family,
+                "documents": samples[d.name].documents,
+                "calib_pool_tokens": samples[d.name].calib_pool_tokens,
+                "calib_tokens": samples[d.name].calib.numel(),
+                "eval_tokens": samples[d.name].eval.numel(),
+            }
+            for d in chosen
+        ],
         "pass": info | {"sampling_seconds": round(t_sample, 2)},
     }
     write_calibration(out, stats, samples, manifest, force=True)

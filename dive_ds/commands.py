@@ -6,55 +6,97 @@ from dive_ds.reconstruct import METHODS, PRESETS, ROUTER_INITS
 
 
 def add_all(sub) -> None:
-    p = sub.add_parser("mine", help="domain affinity mining: group the calibration domains into N experts",
-                       description="Paper-faithful mining prunes the dense model with each domain's mask and "
-                                   "evaluates it on every domain (D x D perplexities, column-normalised, Pearson, "
-                                   "agglomerative clustering). The fast affinity (Jaccard overlap of kept channels, "
-                                   "from statistics alone) is always computed and compared. Writes groups.json, "
-                                   "mining.json, CSV matrices and PNG heatmaps with dendrograms to --out.")
+    p = sub.add_parser(
+        "mine",
+        help="domain affinity mining: group the calibration domains into N experts",
+        description="Paper-faithful mining prunes the dense model with each domain's mask and "
+        "evaluates it on every domain (D x D perplexities, column-normalised, Pearson, "
+        "agglomerative clustering). The fast affinity (Jaccard overlap of kept channels, "
+        "from statistics alone) is always computed and compared. Writes groups.json, "
+        "mining.json, CSV matrices and PNG heatmaps with dendrograms to --out.",
+    )
     p.add_argument("--calib", required=True, help="calibration folder from `dive-ds calibrate`")
     p.add_argument("--experts", type=int, required=True, help="N groups (= experts)")
-    p.add_argument("--prune-ratio", type=float, default=0.5, help="r used for the domain-pruned models (default 0.5)")
-    p.add_argument("--score", default="wifv", choices=["wifv", "ifv", "wifn"], help="channel score (default wifv)")
+    p.add_argument(
+        "--prune-ratio", type=float, default=0.5, help="r used for the domain-pruned models (default 0.5)"
+    )
+    p.add_argument(
+        "--score", default="wifv", choices=["wifv", "ifv", "wifn"], help="channel score (default wifv)"
+    )
     p.add_argument("--no-bias-compensation", action="store_true", help="prune without the FLAP bias")
-    p.add_argument("--fast-only", action="store_true", help="skip the D x D pruned evaluations; cluster the fast affinity")
-    p.add_argument("--eval-windows", type=int, help="held-out windows per domain for the pruned evaluations (default all)")
-    p.add_argument("--linkage", default="average", choices=["average", "complete", "single", "weighted"],
-                   help="agglomerative linkage (default average)")
+    p.add_argument(
+        "--fast-only",
+        action="store_true",
+        help="skip the D x D pruned evaluations; cluster the fast affinity",
+    )
+    p.add_argument(
+        "--eval-windows",
+        type=int,
+        help="held-out windows per domain for the pruned evaluations (default all)",
+    )
+    p.add_argument(
+        "--linkage",
+        default="average",
+        choices=["average", "complete", "single", "weighted"],
+        help="agglomerative linkage (default average)",
+    )
     p.add_argument("--model", help="dense model (default: the one recorded in the calibration)")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward (default 8)")
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=cmd_mine)
 
-    p = sub.add_parser("reconstruct", help="build the MoE: one expert per group, pruned from the dense FFN",
-                       description="For each group the exactly merged statistics of its domains give the expert's "
-                                   "kept channels per layer (top (1-r) by score) and its FLAP compensation bias. "
-                                   "Attention, embeddings, norms and LM head are copied; a new router per layer. "
-                                   "Streams the dense checkpoint one layer at a time. Baselines use --method.")
+    p = sub.add_parser(
+        "reconstruct",
+        help="build the MoE: one expert per group, pruned from the dense FFN",
+        description="For each group the exactly merged statistics of its domains give the expert's "
+        "kept channels per layer (top (1-r) by score) and its FLAP compensation bias. "
+        "Attention, embeddings, norms and LM head are copied; a new router per layer. "
+        "Streams the dense checkpoint one layer at a time. Baselines use --method.",
+    )
     p.add_argument("--calib", required=True, help="calibration folder from `dive-ds calibrate`")
-    p.add_argument("--groups", help="groups JSON {group: [domains]} (from `dive-ds mine` or your own); "
-                                    "required for --method dive")
-    p.add_argument("--preset", choices=sorted(PRESETS), help="reference settings: 1of8 = N=8, k=1, r=0.5; "
-                                                             "2of8 = N=8, k=2, r=0.75")
+    p.add_argument(
+        "--groups",
+        help="groups JSON {group: [domains]} (from `dive-ds mine` or your own); required for --method dive",
+    )
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        help="reference settings: 1of8 = N=8, k=1, r=0.5; 2of8 = N=8, k=2, r=0.75",
+    )
     p.add_argument("--experts", type=int, help="N experts (default 8)")
     p.add_argument("--top-k", type=int, help="k experts per token (default 1)")
-    p.add_argument("--prune-ratio", type=float, help="r, fraction of FFN channels each expert drops (default 0.5)")
-    p.add_argument("--score", default="wifv", choices=["wifv", "ifv", "wifn"], help="channel score (default wifv)")
+    p.add_argument(
+        "--prune-ratio", type=float, help="r, fraction of FFN channels each expert drops (default 0.5)"
+    )
+    p.add_argument(
+        "--score", default="wifv", choices=["wifv", "ifv", "wifn"], help="channel score (default wifv)"
+    )
     p.add_argument("--no-bias-compensation", action="store_true", help="experts without the FLAP bias")
-    p.add_argument("--router-init", default="random", choices=ROUTER_INITS,
-                   help="random: seeded N(0, 0.02) (paper); centroid: from the groups' mean MLP inputs")
-    p.add_argument("--method", default="dive", choices=METHODS,
-                   help="dive (default) or a baseline: random-split (LLaMA-MoE), upcycle (N dense copies, r=0), "
-                        "nomining (random domain groups), flap (1 dense pruned FFN)")
+    p.add_argument(
+        "--router-init",
+        default="random",
+        choices=ROUTER_INITS,
+        help="random: seeded N(0, 0.02) (paper); centroid: from the groups' mean MLP inputs",
+    )
+    p.add_argument(
+        "--method",
+        default="dive",
+        choices=METHODS,
+        help="dive (default) or a baseline: random-split (LLaMA-MoE), upcycle (N dense copies, r=0), "
+        "nomining (random domain groups), flap (1 dense pruned FFN)",
+    )
     p.add_argument("--seed", type=int, default=42, help="router init / random baselines seed")
     p.add_argument("--model", help="dense model (default: the one recorded in the calibration)")
     p.add_argument("--out", required=True, help="output MoE checkpoint folder (Hugging Face format)")
     p.set_defaults(func=cmd_reconstruct)
 
-    p = sub.add_parser("evaluate", help="held-out perplexity per domain (router and oracle routing)",
-                       description="Perplexity on each domain's held-out windows (from the calibration folder), "
-                                   "their mean, total and activated parameters. For a DIVE MoE also the 'oracle' "
-                                   "routing (each domain's tokens to its group's expert) and the expert load.")
+    p = sub.add_parser(
+        "evaluate",
+        help="held-out perplexity per domain (router and oracle routing)",
+        description="Perplexity on each domain's held-out windows (from the calibration folder), "
+        "their mean, total and activated parameters. For a DIVE MoE also the 'oracle' "
+        "routing (each domain's tokens to its group's expert) and the expert load.",
+    )
     p.add_argument("model", help="model folder (dense or dive_moe), or `demo`")
     p.add_argument("--calib", required=True, help="calibration folder whose held-out windows are used")
     p.add_argument("--eval-windows", type=int, help="windows per domain (default all)")
@@ -69,22 +111,39 @@ def add_all(sub) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("demo", help="the whole pipeline on the embedded default (SmolLM2 + demo pack)",
-                       description="calibrate -> mine -> reconstruct (DIVE and baselines) -> evaluate, on "
-                                   "SmolLM2-135M-Instruct and the built-in demo pack, with small sample counts.")
+    p = sub.add_parser(
+        "demo",
+        help="the whole pipeline on the embedded default (SmolLM2 + demo pack)",
+        description="calibrate -> mine -> reconstruct (DIVE and baselines) -> evaluate, on "
+        "SmolLM2-135M-Instruct and the built-in demo pack, with small sample counts.",
+    )
     p.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
     p.add_argument("--experts", type=int, default=6, help="N experts (default 6)")
     p.add_argument("--top-k", type=int, default=1, help="k (default 1)")
     p.add_argument("--prune-ratio", type=float, default=0.5, help="r (default 0.5)")
-    p.add_argument("--samples-per-domain", type=int, default=16, help="calibration windows per domain (default 16)")
+    p.add_argument(
+        "--samples-per-domain", type=int, default=16, help="calibration windows per domain (default 16)"
+    )
     p.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256)")
     p.add_argument("--eval-windows", type=int, default=4, help="held-out windows per domain (default 4)")
-    p.add_argument("--mining-eval-windows", type=int, default=2,
-                   help="held-out windows per domain for the D x D pruned evaluations (default 2)")
+    p.add_argument(
+        "--mining-eval-windows",
+        type=int,
+        default=2,
+        help="held-out windows per domain for the D x D pruned evaluations (default 2)",
+    )
     p.add_argument("--only", nargs="+", metavar="DOMAIN", help="use only these demo domains")
-    p.add_argument("--retrain-steps", type=int, nargs=2, default=[4, 8], metavar=("ROUTER", "EXPERTS"),
-                   help="steps of the router and experts stages (default 4 8; 0 0 skips retraining)")
-    p.add_argument("--retrain-batch", type=int, default=4, help="sequences of 256 tokens per step (default 4)")
+    p.add_argument(
+        "--retrain-steps",
+        type=int,
+        nargs=2,
+        default=[4, 8],
+        metavar=("ROUTER", "EXPERTS"),
+        help="steps of the router and experts stages (default 4 8; 0 0 skips retraining)",
+    )
+    p.add_argument(
+        "--retrain-batch", type=int, default=4, help="sequences of 256 tokens per step (default 4)"
+    )
     p.set_defaults(func=cmd_demo)
 
 
@@ -99,8 +158,14 @@ def _recon_cfg(a):
         base.update(num_experts=1, top_k=1)
     if a.method == "upcycle":
         base["prune_ratio"] = 0.0
-    return ReconstructConfig(score=a.score, bias_compensation=not a.no_bias_compensation,
-                             router_init=a.router_init, seed=a.seed, method=a.method, **base)
+    return ReconstructConfig(
+        score=a.score,
+        bias_compensation=not a.no_bias_compensation,
+        router_init=a.router_init,
+        seed=a.seed,
+        method=a.method,
+        **base,
+    )
 
 
 def cmd_mine(a) -> int:
@@ -108,8 +173,19 @@ def cmd_mine(a) -> int:
 
     if not 0.0 <= a.prune_ratio < 1.0:
         raise ValueError(f"--prune-ratio must be in [0, 1) (got {a.prune_ratio})")
-    rep = run_mine(a.calib, a.out, a.experts, a.prune_ratio, a.score, not a.no_bias_compensation, a.fast_only,
-                   a.eval_windows, a.model, a.batch_size, a.linkage)
+    rep = run_mine(
+        a.calib,
+        a.out,
+        a.experts,
+        a.prune_ratio,
+        a.score,
+        not a.no_bias_compensation,
+        a.fast_only,
+        a.eval_windows,
+        a.model,
+        a.batch_size,
+        a.linkage,
+    )
     _print_mining(rep, a.out)
     return 0
 
@@ -119,12 +195,16 @@ def _print_mining(rep: dict, out) -> None:
     for g, members in rep["groups"].items():
         print(f"  {g}: {', '.join(members)}")
     if "family_recovery_ari" in rep:
-        print(f"  family recovery (ARI vs source families): {rep['family_recovery_ari']:.3f} "
-              f"(fast affinity: {rep['family_recovery_ari_fast']:.3f})")
+        print(
+            f"  family recovery (ARI vs source families): {rep['family_recovery_ari']:.3f} "
+            f"(fast affinity: {rep['family_recovery_ari_fast']:.3f})"
+        )
     if rep.get("fast_vs_paper"):
         c = rep["fast_vs_paper"]
-        print(f"  fast vs paper affinity: Pearson {c['pearson']:.3f}, Spearman {c['spearman']:.3f}, "
-              f"ARI of groupings {c['ari']:.3f}")
+        print(
+            f"  fast vs paper affinity: Pearson {c['pearson']:.3f}, Spearman {c['spearman']:.3f}, "
+            f"ARI of groupings {c['ari']:.3f}"
+        )
 
 
 def cmd_reconstruct(a) -> int:
@@ -138,8 +218,9 @@ def cmd_evaluate(a) -> int:
     from dive_ds.calibrate import load_calibration
     from dive_ds.workflows import markdown_table, run_evaluate
 
-    res = run_evaluate(a.model, a.calib, a.out, oracle=not a.no_oracle, batch_size=a.batch_size,
-                       eval_windows=a.eval_windows)
+    res = run_evaluate(
+        a.model, a.calib, a.out, oracle=not a.no_oracle, batch_size=a.batch_size, eval_windows=a.eval_windows
+    )
     print(markdown_table([res], load_calibration(a.calib).domains))
     return 0
 
@@ -157,5 +238,3 @@ def cmd_demo(a) -> int:
 
     run_demo(a)
     return 0
-
-

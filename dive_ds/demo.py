@@ -25,25 +25,59 @@ def run_demo(a) -> dict:
 
     out = Path(a.out)
     t_all = time.time()
-    print(f"DIVE demo: SmolLM2-135M-Instruct, built-in demo pack, {a.samples_per_domain} x {a.seq_len} calibration "
-          f"tokens per domain (the reference recipe uses 1024 x 256; smaller here so the demo fits a 2-core machine), "
-          f"N={a.experts} experts, top-{a.top_k}, r={a.prune_ratio}")
+    print(
+        f"DIVE demo: SmolLM2-135M-Instruct, built-in demo pack, {a.samples_per_domain} x {a.seq_len} calibration "
+        f"tokens per domain (the reference recipe uses 1024 x 256; smaller here so the demo fits a 2-core machine), "
+        f"N={a.experts} experts, top-{a.top_k}, r={a.prune_ratio}"
+    )
     times = {}
     t = _step("1/5 calibrate: one streaming pass over all domains")
-    args = ["calibrate", "--demo", "--samples-per-domain", str(a.samples_per_domain), "--seq-len", str(a.seq_len),
-            "--eval-windows", str(a.eval_windows), "--out", str(out / "calib")]
+    args = [
+        "calibrate",
+        "--demo",
+        "--samples-per-domain",
+        str(a.samples_per_domain),
+        "--seq-len",
+        str(a.seq_len),
+        "--eval-windows",
+        str(a.eval_windows),
+        "--out",
+        str(out / "calib"),
+    ]
     if a.only:
         args += ["--only", *a.only]
     _check(cli(args))
     times["calibrate"] = time.time() - t
     t = _step("2/5 mine: domain affinity and groups")
-    _check(cli(["mine", "--calib", str(out / "calib"), "--experts", str(a.experts), "--prune-ratio", str(a.prune_ratio),
-                "--eval-windows", str(a.mining_eval_windows), "--out", str(out / "mining")]))
+    _check(
+        cli(
+            [
+                "mine",
+                "--calib",
+                str(out / "calib"),
+                "--experts",
+                str(a.experts),
+                "--prune-ratio",
+                str(a.prune_ratio),
+                "--eval-windows",
+                str(a.mining_eval_windows),
+                "--out",
+                str(out / "mining"),
+            ]
+        )
+    )
     times["mine"] = time.time() - t
     t = _step("3/5 reconstruct: DIVE and baselines")
     common = ["--calib", str(out / "calib"), "--prune-ratio", str(a.prune_ratio)]
     builds = {
-        "dive": ["--groups", str(out / "mining" / "groups.json"), "--experts", str(a.experts), "--top-k", str(a.top_k)],
+        "dive": [
+            "--groups",
+            str(out / "mining" / "groups.json"),
+            "--experts",
+            str(a.experts),
+            "--top-k",
+            str(a.top_k),
+        ],
         "random-split": ["--method", "random-split", "--experts", str(a.experts), "--top-k", str(a.top_k)],
         "nomining": ["--method", "nomining", "--experts", str(a.experts), "--top-k", str(a.top_k)],
         "flap": ["--method", "flap"],
@@ -56,28 +90,52 @@ def run_demo(a) -> dict:
     results = [run_evaluate("demo", out / "calib", out / "eval-dense", label="dense")]
     for name in builds:
         # an untrained router is only informative for DIVE itself; baselines are compared by oracle
-        results.append(run_evaluate(str(out / f"moe-{name}"), out / "calib", out / f"eval-{name}",
-                                    oracle=name != "flap", router=name in ("dive", "flap"), label=name))
+        results.append(
+            run_evaluate(
+                str(out / f"moe-{name}"),
+                out / "calib",
+                out / f"eval-{name}",
+                oracle=name != "flap",
+                router=name in ("dive", "flap"),
+                label=name,
+            )
+        )
     times["evaluate"] = time.time() - t
     if any(a.retrain_steps):
         t = _step("5/5 retrain: router stage, then LoRA experts stage (DeepSpeed ZeRO-2, 1 process)")
         retrained = _retrain(out, a)
-        results.append(run_evaluate(str(retrained), out / "calib", out / "eval-dive-retrained", oracle=False,
-                                    label="dive-retrained"))
+        results.append(
+            run_evaluate(
+                str(retrained),
+                out / "calib",
+                out / "eval-dive-retrained",
+                oracle=False,
+                label="dive-retrained",
+            )
+        )
         times["retrain"] = time.time() - t
     table = markdown_table(results, cal.domains)
     mining_rep = json.loads((out / "mining" / "mining.json").read_text())
-    summary = {"times_s": {k: round(v, 1) for k, v in times.items()}, "total_s": round(time.time() - t_all, 1),
-               "mean_ppl": {r["label"]: {k: r[f"{k}_mean"] for k in ("router", "oracle") if f"{k}_mean" in r}
-                            for r in results},
-               "family_recovery_ari": mining_rep.get("family_recovery_ari"),
-               "fast_vs_paper": {k: v for k, v in mining_rep.get("fast_vs_paper", {}).items()
-                                 if k in ("pearson", "spearman", "ari")},
-               "groups": mining_rep["groups"]}
+    summary = {
+        "times_s": {k: round(v, 1) for k, v in times.items()},
+        "total_s": round(time.time() - t_all, 1),
+        "mean_ppl": {
+            r["label"]: {k: r[f"{k}_mean"] for k in ("router", "oracle") if f"{k}_mean" in r} for r in results
+        },
+        "family_recovery_ari": mining_rep.get("family_recovery_ari"),
+        "fast_vs_paper": {
+            k: v
+            for k, v in mining_rep.get("fast_vs_paper", {}).items()
+            if k in ("pearson", "spearman", "ari")
+        },
+        "groups": mining_rep["groups"],
+    }
     (out / "summary.md").write_text(table)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print("\nHeld-out perplexity (oracle = each domain's tokens to its group's expert; `dive | router` is before "
-          "retraining, `dive-retrained | router` after it):\n")
+    print(
+        "\nHeld-out perplexity (oracle = each domain's tokens to its group's expert; `dive | router` is before "
+        "retraining, `dive-retrained | router` after it):\n"
+    )
     print(table)
     print(f"family recovery of the mined groups (ARI): {summary['family_recovery_ari']}")
     print(f"fast vs paper affinity: {summary['fast_vs_paper']}")
@@ -94,15 +152,37 @@ def _retrain(out: Path, a) -> Path:
 
     repo = Path(__file__).resolve().parents[1]
     router_steps, expert_steps = a.retrain_steps
-    cmd = [sys.executable, str(repo / "launchers" / "retrain.py"), "--deepspeed", str(repo / "ds_configs" / "zero2.json"),
-           "--config", str(repo / "configs" / "demo_retrain.yaml"),
-           "--set", f"out_dir={out / 'retrain'}", "--set", f"model.path={out / 'moe-dive'}",
-           "--set", f"train.global_batch_size={a.retrain_batch}",
-           "--set", f"stages.router.steps={router_steps}", "--set", f"stages.experts.steps={expert_steps}",
-           "--set", f"checkpoint.every={router_steps + expert_steps}", "--set", "checkpoint.exclude_frozen=true",
-           "--set", "eval.at_start=false", "--set", f"eval.every={router_steps + expert_steps}"]
-    print(f"{router_steps} router steps + {expert_steps} expert steps of {a.retrain_batch} x 256 tokens "
-          "(the paper: ~0.5B + ~5B tokens); TensorBoard: tensorboard --logdir " + str(out / "retrain"), flush=True)
+    cmd = [
+        sys.executable,
+        str(repo / "launchers" / "retrain.py"),
+        "--deepspeed",
+        str(repo / "ds_configs" / "zero2.json"),
+        "--config",
+        str(repo / "configs" / "demo_retrain.yaml"),
+        "--set",
+        f"out_dir={out / 'retrain'}",
+        "--set",
+        f"model.path={out / 'moe-dive'}",
+        "--set",
+        f"train.global_batch_size={a.retrain_batch}",
+        "--set",
+        f"stages.router.steps={router_steps}",
+        "--set",
+        f"stages.experts.steps={expert_steps}",
+        "--set",
+        f"checkpoint.every={router_steps + expert_steps}",
+        "--set",
+        "checkpoint.exclude_frozen=true",
+        "--set",
+        "eval.at_start=false",
+        "--set",
+        f"eval.every={router_steps + expert_steps}",
+    ]
+    print(
+        f"{router_steps} router steps + {expert_steps} expert steps of {a.retrain_batch} x 256 tokens "
+        "(the paper: ~0.5B + ~5B tokens); TensorBoard: tensorboard --logdir " + str(out / "retrain"),
+        flush=True,
+    )
     rc = subprocess.run(cmd, env=os.environ.copy()).returncode
     _check(rc)
     return out / "retrain" / "model"

@@ -23,8 +23,10 @@ from safetensors.torch import save_file
 from dive_ds.models.loading import LayerwiseCheckpoint, check_gated_mlp
 from dive_ds.stats import ChannelStats, channel_scores, compensation_bias, kept_channels, mean_var, n_keep
 
-PRESETS = {"1of8": dict(num_experts=8, top_k=1, prune_ratio=0.5),
-           "2of8": dict(num_experts=8, top_k=2, prune_ratio=0.75)}
+PRESETS = {
+    "1of8": dict(num_experts=8, top_k=1, prune_ratio=0.5),
+    "2of8": dict(num_experts=8, top_k=2, prune_ratio=0.75),
+}
 METHODS = ("dive", "random-split", "upcycle", "nomining", "flap")
 ROUTER_INITS = ("random", "centroid")
 
@@ -60,7 +62,9 @@ class ReconstructConfig:
         if not 1 <= self.top_k <= self.num_experts:
             raise ValueError(f"--top-k {self.top_k} must be between 1 and --experts {self.num_experts}")
         if not 0.0 <= self.prune_ratio < 1.0:
-            raise ValueError(f"--prune-ratio must be in [0, 1) (got {self.prune_ratio}); e.g. 0.5 keeps half the FFN")
+            raise ValueError(
+                f"--prune-ratio must be in [0, 1) (got {self.prune_ratio}); e.g. 0.5 keeps half the FFN"
+            )
         if self.router_init not in ROUTER_INITS:
             raise ValueError(f"unknown router init {self.router_init!r}; choose one of {ROUTER_INITS}")
         if self.score not in ("wifv", "ifv", "wifn"):
@@ -85,7 +89,9 @@ def _group_indices(groups: dict[str, list[str]], domains: list[str]) -> list[lis
     return [[pos[d] for d in members] for members in groups.values()]
 
 
-def _router_init(stats: ChannelStats, idx_per_expert: list[list[int]], cfg: ReconstructConfig) -> torch.Tensor:
+def _router_init(
+    stats: ChannelStats, idx_per_expert: list[list[int]], cfg: ReconstructConfig
+) -> torch.Tensor:
     n_layers, hidden = stats.mlp_in_sum_DLH.shape[1:]
     g = torch.Generator().manual_seed(cfg.seed)
     if cfg.router_init == "random" or not any(idx_per_expert):
@@ -104,8 +110,9 @@ def _router_init(stats: ChannelStats, idx_per_expert: list[list[int]], cfg: Reco
     return (w * scale).to(torch.float32)
 
 
-def plan_experts(stats: ChannelStats, domains: list[str], groups: dict[str, list[str]] | None,
-                 cfg: ReconstructConfig) -> ExpertPlan:
+def plan_experts(
+    stats: ChannelStats, domains: list[str], groups: dict[str, list[str]] | None, cfg: ReconstructConfig
+) -> ExpertPlan:
     """Which channels each expert keeps, per layer, and its bias (pure function of statistics)."""
     n_layers, ffn = stats.sum_DLF.shape[1:]
     keep = n_keep(ffn, cfg.prune_ratio)
@@ -118,11 +125,15 @@ def plan_experts(stats: ChannelStats, domains: list[str], groups: dict[str, list
         groups = {"flap_all": list(domains)}
     elif cfg.method == "nomining":
         perm = torch.randperm(len(domains), generator=g).tolist()
-        groups = {f"random_{e}": [domains[i] for i in perm[e::cfg.num_experts]] for e in range(cfg.num_experts)}
+        groups = {
+            f"random_{e}": [domains[i] for i in perm[e :: cfg.num_experts]] for e in range(cfg.num_experts)
+        }
     if cfg.method in ("dive", "nomining", "flap"):
         if groups is None or len(groups) != cfg.num_experts:
-            raise ValueError(f"{cfg.num_experts} experts need {cfg.num_experts} groups "
-                             f"(got {0 if groups is None else len(groups)}); mine them or pass --groups FILE")
+            raise ValueError(
+                f"{cfg.num_experts} experts need {cfg.num_experts} groups "
+                f"(got {0 if groups is None else len(groups)}); mine them or pass --groups FILE"
+            )
         idx = _group_indices(groups, domains)
         kept, means = [], []
         for members in idx:
@@ -140,7 +151,7 @@ def plan_experts(stats: ChannelStats, domains: list[str], groups: dict[str, list
             perm = torch.randperm(ffn, generator=g)
             for e in range(cfg.num_experts):
                 if cfg.num_experts * keep <= ffn:
-                    sel = perm[e * keep:(e + 1) * keep]
+                    sel = perm[e * keep : (e + 1) * keep]
                 else:
                     sel = torch.randperm(ffn, generator=g)[:keep]
                 kept_ELK[e, layer] = sel.sort().values
@@ -161,15 +172,28 @@ def moe_config_dict(dense_config, cfg: ReconstructConfig, keep: int) -> dict:
     d = dense_config.to_dict()
     for k in ("architectures", "auto_map", "_name_or_path", "transformers_version", "quantization_config"):
         d.pop(k, None)
-    d.update(model_type="dive_moe", architectures=["DiveMoeForCausalLM"], num_local_experts=cfg.num_experts,
-             num_experts_per_tok=cfg.top_k, expert_intermediate_size=keep, expert_bias=True,
-             router_mode="sparse", dive_reconstruction=asdict(cfg))
+    d.update(
+        model_type="dive_moe",
+        architectures=["DiveMoeForCausalLM"],
+        num_local_experts=cfg.num_experts,
+        num_experts_per_tok=cfg.top_k,
+        expert_intermediate_size=keep,
+        expert_bias=True,
+        router_mode="sparse",
+        dive_reconstruction=asdict(cfg),
+    )
     return d
 
 
 @torch.no_grad()
-def write_moe(dense_dir: str | Path, plan: ExpertPlan, cfg: ReconstructConfig, out: str | Path,
-              extra_files: dict[str, str] | None = None, dtype: torch.dtype = torch.float32) -> Path:
+def write_moe(
+    dense_dir: str | Path,
+    plan: ExpertPlan,
+    cfg: ReconstructConfig,
+    out: str | Path,
+    extra_files: dict[str, str] | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
     """Stream the dense checkpoint layer by layer into a DIVE MoE checkpoint at `out` (atomic)."""
     from transformers import AutoConfig
 
@@ -193,15 +217,25 @@ def write_moe(dense_dir: str | Path, plan: ExpertPlan, cfg: ReconstructConfig, o
         del shared
         for layer in range(n_layers):
             st = ckpt.layer_state(layer)
-            w_gate, w_up, w_down = st.pop("mlp.gate_proj.weight"), st.pop("mlp.up_proj.weight"), st.pop("mlp.down_proj.weight")
+            w_gate, w_up, w_down = (
+                st.pop("mlp.gate_proj.weight"),
+                st.pop("mlp.up_proj.weight"),
+                st.pop("mlp.down_proj.weight"),
+            )
             kept = plan.kept_ELK[:, layer]  # [E, K]
             tensors = {f"model.layers.{layer}.{k}": v.to(dtype) for k, v in st.items()}
             p = f"model.layers.{layer}.mlp."
-            tensors[p + "experts.gate_up_proj"] = torch.cat([w_gate[kept], w_up[kept]], dim=1).to(dtype)  # [E,2K,H]
+            tensors[p + "experts.gate_up_proj"] = torch.cat([w_gate[kept], w_up[kept]], dim=1).to(
+                dtype
+            )  # [E,2K,H]
             tensors[p + "experts.down_proj"] = torch.stack([w_down[:, k] for k in kept]).to(dtype)  # [E,H,K]
             if plan.mean_ELF is not None:
-                tensors[p + "experts.bias"] = torch.stack([
-                    compensation_bias(w_down, plan.mean_ELF[e, layer], kept[e]) for e in range(kept.shape[0])]).to(dtype)
+                tensors[p + "experts.bias"] = torch.stack(
+                    [
+                        compensation_bias(w_down, plan.mean_ELF[e, layer], kept[e])
+                        for e in range(kept.shape[0])
+                    ]
+                ).to(dtype)
             else:
                 tensors[p + "experts.bias"] = torch.zeros(kept.shape[0], config.hidden_size, dtype=dtype)
             tensors[p + "gate.weight"] = plan.router_ELH[:, layer].to(dtype).contiguous()
@@ -210,15 +244,33 @@ def write_moe(dense_dir: str | Path, plan: ExpertPlan, cfg: ReconstructConfig, o
             save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / name, metadata={"format": "pt"})
             weight_map.update(dict.fromkeys(tensors, name))
             del tensors, st, w_gate, w_up, w_down
-        (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
+        (tmp / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1)
+        )
         moe_cfg.save_pretrained(tmp)
-        for fname in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                      "chat_template.jinja", "generation_config.json"):
+        for fname in (
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+            "tokenizer.model",
+            "chat_template.jinja",
+            "generation_config.json",
+        ):
             if (dense_dir / fname).exists():
                 shutil.copy2(dense_dir / fname, tmp / fname)
-        (tmp / "dive_experts.json").write_text(json.dumps(
-            {"groups": plan.groups, "reconstruction": asdict(cfg), "expert_width": keep,
-             "dense_model": str(dense_dir)} | (extra_files or {}), indent=2) + "\n")
+        (tmp / "dive_experts.json").write_text(
+            json.dumps(
+                {
+                    "groups": plan.groups,
+                    "reconstruction": asdict(cfg),
+                    "expert_width": keep,
+                    "dense_model": str(dense_dir),
+                }
+                | (extra_files or {}),
+                indent=2,
+            )
+            + "\n"
+        )
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

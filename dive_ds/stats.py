@@ -37,14 +37,23 @@ class ChannelStats:
         """Exact statistics of the union of the domains `idx` (a one-domain ChannelStats)."""
         ix = torch.as_tensor(idx, dtype=torch.long)
         return ChannelStats(
-            self.count_D[ix].sum(0, keepdim=True), self.sum_DLF[ix].sum(0, keepdim=True),
-            self.sumsq_DLF[ix].sum(0, keepdim=True), self.mlp_in_sum_DLH[ix].sum(0, keepdim=True),
-            self.down_colsq_LF, self.down_colabs_LF)
+            self.count_D[ix].sum(0, keepdim=True),
+            self.sum_DLF[ix].sum(0, keepdim=True),
+            self.sumsq_DLF[ix].sum(0, keepdim=True),
+            self.mlp_in_sum_DLH[ix].sum(0, keepdim=True),
+            self.down_colsq_LF,
+            self.down_colabs_LF,
+        )
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
-        return {"count": self.count_D, "sum": self.sum_DLF, "sumsq": self.sumsq_DLF,
-                "mlp_in_sum": self.mlp_in_sum_DLH, "down_colsq": self.down_colsq_LF,
-                "down_colabs": self.down_colabs_LF}
+        return {
+            "count": self.count_D,
+            "sum": self.sum_DLF,
+            "sumsq": self.sumsq_DLF,
+            "mlp_in_sum": self.mlp_in_sum_DLH,
+            "down_colsq": self.down_colsq_LF,
+            "down_colabs": self.down_colabs_LF,
+        }
 
     @classmethod
     def from_tensors(cls, t: dict[str, torch.Tensor]) -> ChannelStats:

@@ -30,7 +30,9 @@ def _write_json(path: Path, obj) -> None:
 def load_groups(path: str | Path, domains: list[str]) -> dict[str, list[str]]:
     path = Path(path)
     if not path.exists():
-        raise ValueError(f"groups file {path} does not exist; pass a JSON file {{group: [domains]}} or run `dive-ds mine`")
+        raise ValueError(
+            f"groups file {path} does not exist; pass a JSON file {{group: [domains]}} or run `dive-ds mine`"
+        )
     try:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -48,24 +50,41 @@ def _model_path(cal: Calibration, model: str | None) -> Path:
     return Path(local_snapshot(resolve_model(model))) if model else Path(cal.manifest["model"]["path"])
 
 
-def run_mine(calib_dir: str | Path, out: str | Path, num_groups: int, prune_ratio: float = 0.5, score: str = "wifv",
-             bias_compensation: bool = True, fast_only: bool = False, eval_windows: int | None = None,
-             model: str | None = None, batch_size: int = 8, linkage: str = "average") -> dict:
+def run_mine(
+    calib_dir: str | Path,
+    out: str | Path,
+    num_groups: int,
+    prune_ratio: float = 0.5,
+    score: str = "wifv",
+    bias_compensation: bool = True,
+    fast_only: bool = False,
+    eval_windows: int | None = None,
+    model: str | None = None,
+    batch_size: int = 8,
+    linkage: str = "average",
+) -> dict:
     """Domain affinity mining: D x D pruned perplexities (paper) and the fast statistics-only affinity."""
     from dive_ds.models.loading import load_dense_model
 
     cal = load_calibration(calib_dir)
     names, n_dom = cal.domains, len(cal.domains)
     if num_groups > n_dom:
-        raise ValueError(f"--experts {num_groups} is larger than the {n_dom} domains; "
-                         f"use --experts <= {n_dom} or pass --groups FILE")
+        raise ValueError(
+            f"--experts {num_groups} is larger than the {n_dom} domains; "
+            f"use --experts <= {n_dom} or pass --groups FILE"
+        )
     keep = n_keep(cal.stats.sum_DLF.shape[2], prune_ratio)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     scores = channel_scores(cal.stats, score)  # [D, L, F]
-    report: dict = run_manifest_base("mining") | {"calibration": str(cal.path), "domains": names,
-                                                   "families": cal.families, "prune_ratio": prune_ratio,
-                                                   "score": score, "experts": num_groups}
+    report: dict = run_manifest_base("mining") | {
+        "calibration": str(cal.path),
+        "domains": names,
+        "families": cal.families,
+        "prune_ratio": prune_ratio,
+        "score": score,
+        "experts": num_groups,
+    }
     fast = mining.jaccard_affinity(mining.kept_sets(scores.numpy(), keep / scores.shape[2]))
     mining.write_matrix_csv(out / "fast_affinity.csv", fast, names, names)
     t0 = time.time()
@@ -86,7 +105,9 @@ def run_mine(calib_dir: str | Path, out: str | Path, num_groups: int, prune_rati
         affinity = mining.pearson_similarity(mining.normalise_columns(ppl))
         mining.write_matrix_csv(out / "affinity.csv", affinity, names, names)
         cmp = mining.compare_affinities(affinity, fast, num_groups, method=linkage) if n_dom > 1 else {}
-        report["fast_vs_paper"] = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in cmp.items()}
+        report["fast_vs_paper"] = {
+            k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in cmp.items()
+        }
         report["pruned_eval_tokens"] = int(sum(w.numel() for w in evals.values()) * n_dom)
     else:
         affinity = fast
@@ -98,19 +119,36 @@ def run_mine(calib_dir: str | Path, out: str | Path, num_groups: int, prune_rati
     fams = [cal.families.get(n) for n in names]
     if all(fams):
         report["family_recovery_ari"] = mining.family_recovery(labels, fams)
-        report["family_recovery_ari_fast"] = mining.family_recovery(mining.cluster_domains(fast, num_groups), fams)
+        report["family_recovery_ari_fast"] = mining.family_recovery(
+            mining.cluster_domains(fast, num_groups), fams
+        )
     if n_dom > 1:
-        mining.plot_affinity(affinity, names, labels, out / "affinity.png",
-                             f"domain affinity ({report['affinity_used']}), {num_groups} groups")
-        mining.plot_affinity(fast, names, mining.cluster_domains(fast, num_groups), out / "fast_affinity.png",
-                             f"fast affinity (kept-channel Jaccard), {num_groups} groups")
+        mining.plot_affinity(
+            affinity,
+            names,
+            labels,
+            out / "affinity.png",
+            f"domain affinity ({report['affinity_used']}), {num_groups} groups",
+        )
+        mining.plot_affinity(
+            fast,
+            names,
+            mining.cluster_domains(fast, num_groups),
+            out / "fast_affinity.png",
+            f"fast affinity (kept-channel Jaccard), {num_groups} groups",
+        )
     _write_json(out / "mining.json", report)
     _write_json(out / "groups.json", groups)
     return report
 
 
-def run_reconstruct(calib_dir: str | Path, groups_file: str | Path | None, out: str | Path, cfg: ReconstructConfig,
-                    model: str | None = None) -> Path:
+def run_reconstruct(
+    calib_dir: str | Path,
+    groups_file: str | Path | None,
+    out: str | Path,
+    cfg: ReconstructConfig,
+    model: str | None = None,
+) -> Path:
     cal = load_calibration(calib_dir)
     groups = None
     if cfg.method == "dive":
@@ -118,18 +156,24 @@ def run_reconstruct(calib_dir: str | Path, groups_file: str | Path | None, out: 
             raise ValueError("dive reconstruction needs --groups FILE (from `dive-ds mine`, or your own)")
         groups = load_groups(groups_file, cal.domains)
         if len(groups) != cfg.num_experts:
-            raise ValueError(f"--experts {cfg.num_experts} but {groups_file} has {len(groups)} groups; "
-                             "make them equal (re-run `dive-ds mine --experts N`)")
+            raise ValueError(
+                f"--experts {cfg.num_experts} but {groups_file} has {len(groups)} groups; "
+                "make them equal (re-run `dive-ds mine --experts N`)"
+            )
     if cfg.method == "nomining" and cfg.num_experts > len(cal.domains):
-        raise ValueError(f"--experts {cfg.num_experts} is larger than the {len(cal.domains)} domains; "
-                         f"use --experts <= {len(cal.domains)}")
+        raise ValueError(
+            f"--experts {cfg.num_experts} is larger than the {len(cal.domains)} domains; "
+            f"use --experts <= {len(cal.domains)}"
+        )
     model_dir = _model_path(cal, model)
     check_same_model(cal, model_dir)
     plan = plan_experts(cal.stats, cal.domains, groups, cfg)
     t0 = time.time()
     write_moe(model_dir, plan, cfg, out, extra_files={"calibration": str(cal.path)})
-    print(f"wrote {cfg.method} MoE ({cfg.num_experts} experts x {plan.kept_ELK.shape[-1]} channels, top-{cfg.top_k}) "
-          f"to {out} in {time.time() - t0:.1f}s")
+    print(
+        f"wrote {cfg.method} MoE ({cfg.num_experts} experts x {plan.kept_ELK.shape[-1]} channels, top-{cfg.top_k}) "
+        f"to {out} in {time.time() - t0:.1f}s"
+    )
     return Path(out)
 
 
@@ -141,14 +185,24 @@ def oracle_map(model_dir: Path, domains: list[str]) -> dict[str, int] | None:
     groups = json.loads(meta.read_text())["groups"]
     mapping = {d: e for e, members in enumerate(groups.values()) for d in members}
     if not all(d in mapping for d in domains):
-        return {d: 0 for d in domains} if len(groups) == 1 else \
-            {d: i % len(groups) for i, d in enumerate(domains)}  # random baselines: a fixed arbitrary map
+        return (
+            {d: 0 for d in domains}
+            if len(groups) == 1
+            else {d: i % len(groups) for i, d in enumerate(domains)}
+        )  # random baselines: a fixed arbitrary map
     return mapping
 
 
-def run_evaluate(model: str, calib_dir: str | Path, out: str | Path | None = None, oracle: bool = True,
-                 batch_size: int = 8, eval_windows: int | None = None, label: str | None = None,
-                 router: bool = True) -> dict:
+def run_evaluate(
+    model: str,
+    calib_dir: str | Path,
+    out: str | Path | None = None,
+    oracle: bool = True,
+    batch_size: int = 8,
+    eval_windows: int | None = None,
+    label: str | None = None,
+    router: bool = True,
+) -> dict:
     """Held-out perplexity per domain (+ oracle routing for a MoE); writes JSON and Markdown."""
     from transformers import AutoModelForCausalLM
 
@@ -200,10 +254,16 @@ def markdown_table(results: list[dict], domains: list[str]) -> str:
             if key not in r:
                 continue
             ppl = r[key]
-            routing = {"router": "router" if "oracle_map" in r or "expert_load" in r else "dense", "oracle": "oracle"}[key]
-            rows.append(f"| {r['label']} | {routing} | " + " | ".join(_fmt(ppl[d]) for d in domains)
-                        + f" | {_fmt(r[key + '_mean'])} | {r['params']['total'] / 1e6:.1f}M | "
-                          f"{r['params']['activated'] / 1e6:.1f}M |")
+            routing = {
+                "router": "router" if "oracle_map" in r or "expert_load" in r else "dense",
+                "oracle": "oracle",
+            }[key]
+            rows.append(
+                f"| {r['label']} | {routing} | "
+                + " | ".join(_fmt(ppl[d]) for d in domains)
+                + f" | {_fmt(r[key + '_mean'])} | {r['params']['total'] / 1e6:.1f}M | "
+                f"{r['params']['activated'] / 1e6:.1f}M |"
+            )
     return head + "\n".join(rows) + "\n"
 
 

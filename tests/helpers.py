@@ -9,8 +9,17 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 
 def tiny_llama_config(**kw) -> LlamaConfig:
-    base = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True, rms_norm_eps=1e-5)
+    base = dict(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+        rms_norm_eps=1e-5,
+    )
     base.update(kw)
     return LlamaConfig(**base)
 
@@ -26,8 +35,16 @@ def save_tiny_llama(folder: Path, seed: int = 0, **kw) -> LlamaForCausalLM:
     return model
 
 
-def make_tiny_calibration(root: Path, n_domains: int = 4, windows: int = 6, seq_len: int = 16, n_eval: int = 3,
-                          seed: int = 0, families=None, **model_kw) -> tuple[Path, Path]:
+def make_tiny_calibration(
+    root: Path,
+    n_domains: int = 4,
+    windows: int = 6,
+    seq_len: int = 16,
+    n_eval: int = 3,
+    seed: int = 0,
+    families=None,
+    **model_kw,
+) -> tuple[Path, Path]:
     """A tiny random Llama on disk plus a calibration folder for it (random-token domains
     with different token distributions, so domains differ). Returns (model_dir, calib_dir)."""
     from dive_ds.calibrate import CalibConfig, run_manifest_base, streaming_stats, write_calibration
@@ -42,15 +59,31 @@ def make_tiny_calibration(root: Path, n_domains: int = 4, windows: int = 6, seq_
     for d in range(n_domains):
         lo = (d * vocab) // (2 * n_domains)  # each domain favours its own slice of the vocabulary
         ids = torch.randint(lo, lo + vocab // 2, ((windows + n_eval), seq_len), generator=g)
-        samples[f"dom{d}"] = DomainSamples(calib=ids[:windows], eval=ids[windows:], calib_pool_tokens=windows * seq_len,
-                                           documents=1)
-    stats, info = streaming_stats(model_dir, {k: s.calib for k, s in samples.items()}, CalibConfig(progress=False))
+        samples[f"dom{d}"] = DomainSamples(
+            calib=ids[:windows], eval=ids[windows:], calib_pool_tokens=windows * seq_len, documents=1
+        )
+    stats, info = streaming_stats(
+        model_dir, {k: s.calib for k, s in samples.items()}, CalibConfig(progress=False)
+    )
     fams = families or [f"fam{d // 2}" for d in range(n_domains)]
     manifest = run_manifest_base("calibration") | {
         "identity": {"test": True},
-        "model": {"path": str(model_dir), "fingerprint": model_fingerprint(model.config, LayerwiseCheckpoint(model_dir))},
-        "domains": [{"name": n, "family": fams[i], "documents": 1, "calib_pool_tokens": s.calib.numel(),
-                     "calib_tokens": s.calib.numel(), "eval_tokens": s.eval.numel()} for i, (n, s) in enumerate(samples.items())],
-        "pass": info | {"sampling_seconds": 0.0}}
+        "model": {
+            "path": str(model_dir),
+            "fingerprint": model_fingerprint(model.config, LayerwiseCheckpoint(model_dir)),
+        },
+        "domains": [
+            {
+                "name": n,
+                "family": fams[i],
+                "documents": 1,
+                "calib_pool_tokens": s.calib.numel(),
+                "calib_tokens": s.calib.numel(),
+                "eval_tokens": s.eval.numel(),
+            }
+            for i, (n, s) in enumerate(samples.items())
+        ],
+        "pass": info | {"sampling_seconds": 0.0},
+    }
     write_calibration(calib_dir, stats, samples, manifest)
     return model_dir, calib_dir

@@ -31,8 +31,14 @@ def main():
     base = psutil.Process().memory_info().rss / 2**20
     if what == "calibrate":
         g = torch.Generator().manual_seed(0)
-        streaming_stats(model_dir, {"a": torch.randint(0, 256, (4, 32), generator=g),
-                                    "b": torch.randint(0, 256, (4, 32), generator=g)}, CalibConfig(progress=False))
+        streaming_stats(
+            model_dir,
+            {
+                "a": torch.randint(0, 256, (4, 32), generator=g),
+                "b": torch.randint(0, 256, (4, 32), generator=g),
+            },
+            CalibConfig(progress=False),
+        )
     elif what == "reconstruct":
         cal = load_calibration(sys.argv[3])
         cfg = ReconstructConfig(num_experts=4, top_k=1, prune_ratio=0.5, method="random-split")
@@ -44,7 +50,11 @@ def main():
         with torch.no_grad():
             m(torch.randint(0, 256, (8, 32)))
     peak = _vm_hwm_mb()
-    print(json.dumps({"baseline_mb": round(base, 1), "peak_mb": round(peak, 1), "delta_mb": round(peak - base, 1)}))
+    print(
+        json.dumps(
+            {"baseline_mb": round(base, 1), "peak_mb": round(peak, 1), "delta_mb": round(peak - base, 1)}
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -15,10 +15,12 @@ def _reference_stats(model, windows):
     cur = {}
     hooks = []
     for li, layer in enumerate(model.model.layers):
+
         def hook(_m, args, li=li):
             x = args[0].reshape(-1, cfg.intermediate_size).double()
             sums[cur["d"], li] += x.sum(0)
             sq[cur["d"], li] += (x * x).sum(0)
+
         hooks.append(layer.mlp.down_proj.register_forward_pre_hook(hook))
     with torch.no_grad():
         for d, w in enumerate(windows.values()):
@@ -47,8 +49,11 @@ def test_streaming_with_memmap_offload(tmp_path):
     save_tiny_llama(tmp_path / "m", seed=2)
     windows = {"a": torch.randint(0, 97, (4, 8)), "b": torch.randint(0, 97, (3, 8))}
     st1, _ = streaming_stats(tmp_path / "m", windows, CalibConfig(batch_size=3, progress=False))
-    st2, _ = streaming_stats(tmp_path / "m", windows,
-                             CalibConfig(batch_size=3, progress=False, hidden_offload_dir=str(tmp_path / "off")))
+    st2, _ = streaming_stats(
+        tmp_path / "m",
+        windows,
+        CalibConfig(batch_size=3, progress=False, hidden_offload_dir=str(tmp_path / "off")),
+    )
     torch.testing.assert_close(st1.sumsq_DLF, st2.sumsq_DLF, rtol=0, atol=0)
     assert not (tmp_path / "off").exists()
 
@@ -58,7 +63,9 @@ def test_merge_equals_union(tmp_path):
     g = torch.Generator().manual_seed(5)
     a, b = torch.randint(0, 97, (4, 8), generator=g), torch.randint(0, 97, (6, 8), generator=g)
     st, _ = streaming_stats(tmp_path / "m", {"a": a, "b": b}, CalibConfig(batch_size=4, progress=False))
-    union, _ = streaming_stats(tmp_path / "m", {"ab": torch.cat([a, b])}, CalibConfig(batch_size=4, progress=False))
+    union, _ = streaming_stats(
+        tmp_path / "m", {"ab": torch.cat([a, b])}, CalibConfig(batch_size=4, progress=False)
+    )
     merged = st.merged([0, 1])
     torch.testing.assert_close(merged.sum_DLF, union.sum_DLF, rtol=1e-12, atol=1e-9)
     torch.testing.assert_close(merged.sumsq_DLF, union.sumsq_DLF, rtol=1e-12, atol=1e-9)

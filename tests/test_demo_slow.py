@@ -26,8 +26,10 @@ def test_demo_model_loads_with_sane_perplexity():
     tok = load_tokenizer(path, model.config)
     reg = load_registry("demo")
     cfg = SamplerConfig(samples_per_domain=2, seq_len=64, eval_windows=2, seed=0)
-    samples = {d: sample_domain_text(d, list(iter_documents(reg.domains[d], cfg.chars_budget())), tok, cfg)
-               for d in ("wiki_evals", "code_stdlib")}
+    samples = {
+        d: sample_domain_text(d, list(iter_documents(reg.domains[d], cfg.chars_budget())), tok, cfg)
+        for d in ("wiki_evals", "code_stdlib")
+    }
     ppl = perplexity(model, samples["wiki_evals"].eval)
     assert 5 < ppl < 200, ppl  # a real pretrained model on encyclopedic text
     st, info = streaming_stats(path, {d: s.calib for d, s in samples.items()}, CalibConfig(progress=False))
@@ -38,12 +40,37 @@ def test_demo_model_loads_with_sane_perplexity():
 
 def test_demo_pipeline_end_to_end(tmp_path):
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--only", *DOMAINS, "--experts", "4", "--samples-per-domain", "16",
-                 "--seq-len", "128", "--eval-windows", "3", "--mining-eval-windows", "2"]) == 0
+    assert (
+        main(
+            [
+                "demo",
+                "--out",
+                str(out),
+                "--only",
+                *DOMAINS,
+                "--experts",
+                "4",
+                "--samples-per-domain",
+                "16",
+                "--seq-len",
+                "128",
+                "--eval-windows",
+                "3",
+                "--mining-eval-windows",
+                "2",
+                "--retrain-steps",
+                "2",
+                "2",
+                "--retrain-batch",
+                "2",
+            ]
+        )
+        == 0
+    )
     s = json.loads((out / "summary.json").read_text())
     m = s["mean_ppl"]
     print(json.dumps(s, indent=1))
-    for v in (m["dense"]["router"], m["dive"]["oracle"], m["flap"]["router"]):
+    for v in (m["dense"]["router"], m["dive"]["oracle"], m["flap"]["router"], m["dive-retrained"]["router"]):
         assert math.isfinite(v)
     assert m["dense"]["router"] < m["dive"]["oracle"]  # pruning half the FFN costs, before retraining
     # the paper's claim on expert quality: diverse domain experts beat a random split and one pooled FLAP
@@ -55,3 +82,8 @@ def test_demo_pipeline_end_to_end(tmp_path):
 
     moe = AutoModelForCausalLM.from_pretrained(out / "moe-dive")
     assert type(moe).__name__ == "DiveMoeForCausalLM" and moe.config.num_local_experts == 4
+    retrained = AutoModelForCausalLM.from_pretrained(
+        out / "retrain" / "model"
+    )  # LoRA merged: a plain MoE again
+    assert not any("lora" in n for n, _ in retrained.named_parameters())
+    assert any((out / "retrain").rglob("events.out.tfevents.*"))

@@ -12,7 +12,9 @@ from tests.helpers import save_tiny_llama
 
 def _registry(tmp_path, n_docs=50, words=400):
     docs = tmp_path / "docs.jsonl"
-    docs.write_text("\n".join(json.dumps({"text": " ".join(f"w{i}x{j}" for j in range(words))}) for i in range(n_docs)))
+    docs.write_text(
+        "\n".join(json.dumps({"text": " ".join(f"w{i}x{j}" for j in range(words))}) for i in range(n_docs))
+    )
     reg = tmp_path / "reg.json"
     reg.write_text(json.dumps({"domains": {"a": {"source": {"type": "local", "files": "docs.jsonl"}}}}))
     return reg
@@ -27,8 +29,20 @@ def _err(capsys) -> str:
 def test_model_without_gated_mlp(tmp_path, capsys):
     GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50).save_pretrained(tmp_path / "gpt2")
     capsys.readouterr()
-    assert main(["calibrate", "--model", str(tmp_path / "gpt2"), "--domains", str(_registry(tmp_path)),
-                 "--out", str(tmp_path / "out")]) == 2
+    assert (
+        main(
+            [
+                "calibrate",
+                "--model",
+                str(tmp_path / "gpt2"),
+                "--domains",
+                str(_registry(tmp_path)),
+                "--out",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 2
+    )
     assert "model_type 'gpt2' has no supported gated MLP" in _err(capsys)
     assert not (tmp_path / "out").exists()
 
@@ -40,8 +54,20 @@ def test_tokenizer_model_mismatch(tmp_path, capsys):
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(demo_model_dir() / f, tmp_path / "m" / f)  # SmolLM2's 49,152-token tokenizer
     capsys.readouterr()
-    assert main(["calibrate", "--model", str(tmp_path / "m"), "--domains", str(_registry(tmp_path)),
-                 "--out", str(tmp_path / "out")]) == 2
+    assert (
+        main(
+            [
+                "calibrate",
+                "--model",
+                str(tmp_path / "m"),
+                "--domains",
+                str(_registry(tmp_path)),
+                "--out",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 2
+    )
     assert "does not belong to this model" in _err(capsys)
 
 
@@ -53,7 +79,17 @@ def test_too_little_text_and_foreign_out_dir(tmp_path, capsys):
         shutil.copy(demo_model_dir() / f, tmp_path / "m" / f)
     reg = _registry(tmp_path, n_docs=3, words=50)
     capsys.readouterr()
-    args = ["calibrate", "--model", str(tmp_path / "m"), "--domains", str(reg), "--seq-len", "32", "--eval-windows", "1"]
+    args = [
+        "calibrate",
+        "--model",
+        str(tmp_path / "m"),
+        "--domains",
+        str(reg),
+        "--seq-len",
+        "32",
+        "--eval-windows",
+        "1",
+    ]
     assert main([*args, "--samples-per-domain", "500", "--out", str(tmp_path / "out")]) == 2
     assert "domain 'a' has only" in _err(capsys) and not (tmp_path / "out").exists()
     assert main([*args, "--samples-per-domain", "4", "--out", str(tmp_path / "out"), "--no-progress"]) == 0

@@ -30,9 +30,25 @@ def test_mine_reconstruct_evaluate(tiny, tmp_path, capsys):
     assert -1.0 <= rep["fast_vs_paper"]["pearson"] <= 1.0 and "family_recovery_ari" in rep
     assert (tmp_path / "mine" / "affinity.png").read_bytes()[:4] == b"\x89PNG"
 
-    assert main(["reconstruct", "--calib", str(calib), "--groups", str(tmp_path / "mine" / "groups.json"),
-                 "--experts", "2", "--out", str(tmp_path / "moe")]) == 0
-    assert main(["evaluate", str(tmp_path / "moe"), "--calib", str(calib), "--out", str(tmp_path / "ev")]) == 0
+    assert (
+        main(
+            [
+                "reconstruct",
+                "--calib",
+                str(calib),
+                "--groups",
+                str(tmp_path / "mine" / "groups.json"),
+                "--experts",
+                "2",
+                "--out",
+                str(tmp_path / "moe"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(["evaluate", str(tmp_path / "moe"), "--calib", str(calib), "--out", str(tmp_path / "ev")]) == 0
+    )
     res = json.loads((tmp_path / "ev" / "eval.json").read_text())
     assert set(res["oracle"]) == set(rows) and all(math.isfinite(v) for v in res["oracle"].values())
     assert res["params"]["activated"] < res["params"]["total"]
@@ -44,8 +60,22 @@ def test_mine_reconstruct_evaluate(tiny, tmp_path, capsys):
 
 def test_upcycled_single_expert_has_dense_perplexity(tiny, tmp_path):
     model_dir, calib = tiny
-    assert main(["reconstruct", "--calib", str(calib), "--method", "upcycle", "--experts", "1",
-                 "--out", str(tmp_path / "up")]) == 0
+    assert (
+        main(
+            [
+                "reconstruct",
+                "--calib",
+                str(calib),
+                "--method",
+                "upcycle",
+                "--experts",
+                "1",
+                "--out",
+                str(tmp_path / "up"),
+            ]
+        )
+        == 0
+    )
     assert main(["evaluate", str(tmp_path / "up"), "--calib", str(calib), "--out", str(tmp_path / "e1")]) == 0
     assert main(["evaluate", str(model_dir), "--calib", str(calib), "--out", str(tmp_path / "e2")]) == 0
     moe = json.loads((tmp_path / "e1" / "eval.json").read_text())
@@ -54,16 +84,54 @@ def test_upcycled_single_expert_has_dense_perplexity(tiny, tmp_path):
         assert moe["router"][d] == pytest.approx(dense["router"][d], rel=1e-5)
 
 
-@pytest.mark.parametrize("argv,msg", [
-    (["mine", "--calib", "{calib}", "--experts", "5", "--out", "{tmp}/m"], "--experts 5 is larger than the 4 domains"),
-    (["mine", "--calib", "{tmp}/nowhere", "--experts", "2", "--out", "{tmp}/m"], "is not a calibration folder"),
-    (["reconstruct", "--calib", "{calib}", "--experts", "2", "--out", "{tmp}/r"], "needs --groups FILE"),
-    (["reconstruct", "--calib", "{calib}", "--method", "nomining", "--experts", "2", "--top-k", "3",
-      "--out", "{tmp}/r"], "--top-k 3 must be between 1 and --experts 2"),
-    (["reconstruct", "--calib", "{calib}", "--method", "nomining", "--prune-ratio", "1.5", "--out", "{tmp}/r"],
-     r"--prune-ratio must be in \[0, 1\)"),
-    (["calibrate", "--model", "{tmp}", "--domains", "{tmp}/none.yaml", "--out", "{tmp}/c"], "has no config.json"),
-])
+@pytest.mark.parametrize(
+    "argv,msg",
+    [
+        (
+            ["mine", "--calib", "{calib}", "--experts", "5", "--out", "{tmp}/m"],
+            "--experts 5 is larger than the 4 domains",
+        ),
+        (
+            ["mine", "--calib", "{tmp}/nowhere", "--experts", "2", "--out", "{tmp}/m"],
+            "is not a calibration folder",
+        ),
+        (["reconstruct", "--calib", "{calib}", "--experts", "2", "--out", "{tmp}/r"], "needs --groups FILE"),
+        (
+            [
+                "reconstruct",
+                "--calib",
+                "{calib}",
+                "--method",
+                "nomining",
+                "--experts",
+                "2",
+                "--top-k",
+                "3",
+                "--out",
+                "{tmp}/r",
+            ],
+            "--top-k 3 must be between 1 and --experts 2",
+        ),
+        (
+            [
+                "reconstruct",
+                "--calib",
+                "{calib}",
+                "--method",
+                "nomining",
+                "--prune-ratio",
+                "1.5",
+                "--out",
+                "{tmp}/r",
+            ],
+            r"--prune-ratio must be in \[0, 1\)",
+        ),
+        (
+            ["calibrate", "--model", "{tmp}", "--domains", "{tmp}/none.yaml", "--out", "{tmp}/c"],
+            "has no config.json",
+        ),
+    ],
+)
 def test_cli_errors_are_one_line(tiny, tmp_path, capsys, argv, msg):
     import re
 

@@ -29,8 +29,9 @@ def _groups(tmp_path, groups):
 def test_expert_equals_sliced_dense_plus_bias(tiny, tmp_path):
     model_dir, calib_dir = tiny
     cfg = ReconstructConfig(num_experts=2, top_k=1, prune_ratio=0.5)
-    out = run_reconstruct(calib_dir, _groups(tmp_path, {"a": ["dom0", "dom1"], "b": ["dom2", "dom3"]}),
-                          tmp_path / "moe", cfg)
+    out = run_reconstruct(
+        calib_dir, _groups(tmp_path, {"a": ["dom0", "dom1"], "b": ["dom2", "dom3"]}), tmp_path / "moe", cfg
+    )
     cal = load_calibration(calib_dir)
     dense = load_file(model_dir / "model.safetensors")
     moe = {}
@@ -43,7 +44,9 @@ def test_expert_equals_sliced_dense_plus_bias(tiny, tmp_path):
         p = f"model.layers.{layer}.mlp."
         g, u, d = (dense[p + n + ".weight"] for n in ("gate_proj", "up_proj", "down_proj"))
         k = kept[layer]
-        torch.testing.assert_close(moe[p + "experts.gate_up_proj"][1], torch.cat([g[k], u[k]]), rtol=0, atol=0)
+        torch.testing.assert_close(
+            moe[p + "experts.gate_up_proj"][1], torch.cat([g[k], u[k]]), rtol=0, atol=0
+        )
         torch.testing.assert_close(moe[p + "experts.down_proj"][1], d[:, k], rtol=0, atol=0)
         removed = torch.ones(48, dtype=torch.bool)
         removed[k] = False
@@ -72,14 +75,20 @@ def test_pruned_expert_is_dense_with_zeroed_channels_plus_bias():
     mask = torch.zeros(48)
     mask[kept] = 1
     removed = mask == 0
-    expected = (h * mask) @ mlp.down_proj.weight.T + (mlp.down_proj.weight[:, removed].double() @ mean[removed]).float()
+    expected = (h * mask) @ mlp.down_proj.weight.T + (
+        mlp.down_proj.weight[:, removed].double() @ mean[removed]
+    ).float()
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_one_expert_full_width_equals_dense(tiny, tmp_path):
     model_dir, calib_dir = tiny
-    out = run_reconstruct(calib_dir, None, tmp_path / "up1", ReconstructConfig(num_experts=1, top_k=1, prune_ratio=0.0,
-                                                                               method="upcycle"))
+    out = run_reconstruct(
+        calib_dir,
+        None,
+        tmp_path / "up1",
+        ReconstructConfig(num_experts=1, top_k=1, prune_ratio=0.0, method="upcycle"),
+    )
     ids = torch.randint(0, 97, (2, 12))
     dense = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     moe = AutoModelForCausalLM.from_pretrained(out).eval()
@@ -90,24 +99,32 @@ def test_one_expert_full_width_equals_dense(tiny, tmp_path):
 def test_baseline_plans(tiny):
     _, calib_dir = tiny
     cal = load_calibration(calib_dir)
-    rs = plan_experts(cal.stats, cal.domains, None, ReconstructConfig(num_experts=2, prune_ratio=0.5,
-                                                                      method="random-split"))
+    rs = plan_experts(
+        cal.stats, cal.domains, None, ReconstructConfig(num_experts=2, prune_ratio=0.5, method="random-split")
+    )
     # 2 x 24 channels of 48: a disjoint cover, per layer
     for layer in range(3):
         both = torch.cat([rs.kept_ELK[0, layer], rs.kept_ELK[1, layer]])
         assert sorted(both.tolist()) == list(range(48))
-    nm = plan_experts(cal.stats, cal.domains, None, ReconstructConfig(num_experts=2, prune_ratio=0.5, method="nomining"))
+    nm = plan_experts(
+        cal.stats, cal.domains, None, ReconstructConfig(num_experts=2, prune_ratio=0.5, method="nomining")
+    )
     assert sorted(sum(nm.groups.values(), [])) == cal.domains
-    fl = plan_experts(cal.stats, cal.domains, None, ReconstructConfig(num_experts=1, prune_ratio=0.5, method="flap"))
+    fl = plan_experts(
+        cal.stats, cal.domains, None, ReconstructConfig(num_experts=1, prune_ratio=0.5, method="flap")
+    )
     pooled = cal.stats.merged([0, 1, 2, 3])
     assert torch.equal(fl.kept_ELK[0], kept_channels(channel_scores(pooled, "wifv")[0], 24))
 
 
-@pytest.mark.parametrize("kwargs,msg", [
-    (dict(num_experts=2, top_k=3), "--top-k 3 must be between 1 and --experts 2"),
-    (dict(prune_ratio=1.0), r"--prune-ratio must be in \[0, 1\)"),
-    (dict(prune_ratio=-0.2), r"--prune-ratio must be in \[0, 1\)"),
-])
+@pytest.mark.parametrize(
+    "kwargs,msg",
+    [
+        (dict(num_experts=2, top_k=3), "--top-k 3 must be between 1 and --experts 2"),
+        (dict(prune_ratio=1.0), r"--prune-ratio must be in \[0, 1\)"),
+        (dict(prune_ratio=-0.2), r"--prune-ratio must be in \[0, 1\)"),
+    ],
+)
 def test_config_errors(kwargs, msg):
     with pytest.raises(ValueError, match=msg):
         ReconstructConfig(**kwargs)
@@ -117,11 +134,19 @@ def test_bad_groups_and_foreign_stats(tiny, tmp_path):
     model_dir, calib_dir = tiny
     cfg = ReconstructConfig(num_experts=2)
     with pytest.raises(ValueError, match="nope"):
-        run_reconstruct(calib_dir, _groups(tmp_path, {"a": ["dom0", "nope"], "b": ["dom1", "dom2", "dom3"]}),
-                        tmp_path / "x", cfg)
+        run_reconstruct(
+            calib_dir,
+            _groups(tmp_path, {"a": ["dom0", "nope"], "b": ["dom1", "dom2", "dom3"]}),
+            tmp_path / "x",
+            cfg,
+        )
     with pytest.raises(ValueError, match="--experts 2 but .* has 3 groups"):
-        run_reconstruct(calib_dir, _groups(tmp_path, {"a": ["dom0"], "b": ["dom1"], "c": ["dom2", "dom3"]}),
-                        tmp_path / "x", cfg)
+        run_reconstruct(
+            calib_dir,
+            _groups(tmp_path, {"a": ["dom0"], "b": ["dom1"], "c": ["dom2", "dom3"]}),
+            tmp_path / "x",
+            cfg,
+        )
     with pytest.raises(ValueError, match="--experts 9 is larger than the 4 domains"):
         run_reconstruct(calib_dir, None, tmp_path / "x", ReconstructConfig(num_experts=9, method="nomining"))
     from tests.helpers import save_tiny_llama
@@ -129,13 +154,23 @@ def test_bad_groups_and_foreign_stats(tiny, tmp_path):
     other = tmp_path / "other"
     save_tiny_llama(other, seed=99)
     with pytest.raises(ValueError, match="come from another model"):
-        run_reconstruct(calib_dir, _groups(tmp_path, {"a": ["dom0", "dom1"], "b": ["dom2", "dom3"]}),
-                        tmp_path / "x", cfg, model=str(other))
+        run_reconstruct(
+            calib_dir,
+            _groups(tmp_path, {"a": ["dom0", "dom1"], "b": ["dom2", "dom3"]}),
+            tmp_path / "x",
+            cfg,
+            model=str(other),
+        )
     wide = tmp_path / "wide"
     save_tiny_llama(wide, seed=0, intermediate_size=64)
     with pytest.raises(ValueError, match="48 FFN channels but .* has 3 x 64"):
-        run_reconstruct(calib_dir, _groups(tmp_path, {"a": ["dom0", "dom1"], "b": ["dom2", "dom3"]}),
-                        tmp_path / "x", cfg, model=str(wide))
+        run_reconstruct(
+            calib_dir,
+            _groups(tmp_path, {"a": ["dom0", "dom1"], "b": ["dom2", "dom3"]}),
+            tmp_path / "x",
+            cfg,
+            model=str(wide),
+        )
     assert not (tmp_path / "x").exists()
 
 

@@ -18,26 +18,44 @@ def test_local_formats(tmp_path):
     (tmp_path / "txt").mkdir()
     for i in range(3):
         (tmp_path / "txt" / f"{i}.txt").write_text(f"line one of {i}\nline two\n")
-    reg = _write(tmp_path, "version: 1\ndomains:\n  js: {family: f1, source: {type: local, files: a.jsonl, text_field: body}}\n"
-                           "  tx: {source: {type: local, files: ['txt/*.txt']}}\n", "reg.yaml")
+    reg = _write(
+        tmp_path,
+        "version: 1\ndomains:\n  js: {family: f1, source: {type: local, files: a.jsonl, text_field: body}}\n"
+        "  tx: {source: {type: local, files: ['txt/*.txt']}}\n",
+        "reg.yaml",
+    )
     r = load_registry(reg)
     assert list(r.domains) == ["js", "tx"] and r.domains["js"].family == "f1"
     docs = list(iter_documents(r.domains["js"]))
     assert len(docs) == 5 and docs[0].startswith("doc 0")
     txt = list(iter_documents(r.domains["tx"]))
     assert len(txt) == 3 and txt[0] == "line one of 0\nline two\n"  # one document per file
-    assert len(list(iter_documents(r.domains["js"], max_chars=250))) == 3  # 120-char docs: stops once 250 is passed
+    assert (
+        len(list(iter_documents(r.domains["js"], max_chars=250))) == 3
+    )  # 120-char docs: stops once 250 is passed
 
 
-@pytest.mark.parametrize("content,msg", [
-    ("", "file is empty"),
-    ({"domains": {}, "extra": 1}, r"unknown key\(s\) \['extra'\]"),
-    ({"domains": {"a": {"source": {"type": "local", "files": "x.jsonl"}, "colour": "red"}}}, r"unknown key\(s\) \['colour'\]"),
-    ({"domains": {"a": {"source": {"type": "ftp"}}}}, "source.type` must be one of"),
-    ({"domains": {"a": {"source": {"type": "local", "files": "missing.jsonl"}}}}, "no file matches 'missing.jsonl'"),
-    ({"domains": {"a": {"source": {"type": "hub"}}}}, "hub source needs `id`"),
-    ({"domains": {"a": {"source": {"type": "demo", "name": "klingon"}}}}, "unknown demo domain 'klingon'"),
-])
+@pytest.mark.parametrize(
+    "content,msg",
+    [
+        ("", "file is empty"),
+        ({"domains": {}, "extra": 1}, r"unknown key\(s\) \['extra'\]"),
+        (
+            {"domains": {"a": {"source": {"type": "local", "files": "x.jsonl"}, "colour": "red"}}},
+            r"unknown key\(s\) \['colour'\]",
+        ),
+        ({"domains": {"a": {"source": {"type": "ftp"}}}}, "source.type` must be one of"),
+        (
+            {"domains": {"a": {"source": {"type": "local", "files": "missing.jsonl"}}}},
+            "no file matches 'missing.jsonl'",
+        ),
+        ({"domains": {"a": {"source": {"type": "hub"}}}}, "hub source needs `id`"),
+        (
+            {"domains": {"a": {"source": {"type": "demo", "name": "klingon"}}}},
+            "unknown demo domain 'klingon'",
+        ),
+    ],
+)
 def test_registry_errors(tmp_path, content, msg):
     with pytest.raises(ValueError, match=msg):
         load_registry(_write(tmp_path, content))
@@ -48,7 +66,9 @@ def test_missing_and_empty_files(tmp_path):
         load_registry(tmp_path / "nope.yaml")
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(ValueError, match="is empty"):
-        load_registry(_write(tmp_path, {"domains": {"a": {"source": {"type": "local", "files": "empty.jsonl"}}}}))
+        load_registry(
+            _write(tmp_path, {"domains": {"a": {"source": {"type": "local", "files": "empty.jsonl"}}}})
+        )
 
 
 def test_wrong_text_field(tmp_path):

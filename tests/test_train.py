@@ -571,7 +571,14 @@ def test_resume_after_crash_reproduces_every_loss(zero, world, tiny, tmp_path):
             {"exclude_frozen": True},
         )
     raw = base_run(tiny, tmp_path / "reference", train={"rng_per_micro_batch": False}, checkpoint=extra)
-    train(run_config_from_dict(raw), read_mapping(ds), str(ds))  # uninterrupted, in-process
+    # uninterrupted, in-process, with the thread count of the relaunched subprocesses
+    # (subprocess_env sets OMP_NUM_THREADS=1; another count changes the fp32 reduction order)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(run_config_from_dict(raw), read_mapping(ds), str(ds))
+    finally:
+        torch.set_num_threads(threads)
     raw["out_dir"] = str(tmp_path / "run")
     cfg = write_yaml(raw, tmp_path / "run.yaml")
     cmd = [

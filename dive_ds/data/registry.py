@@ -103,7 +103,9 @@ def load_registry(path: str | Path) -> Registry:
     try:
         raw = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as e:
-        raise ValueError(f"registry {path}: not valid {path.suffix.lstrip('.') or 'YAML'}: {e}".splitlines()[0]) from e
+        raise ValueError(
+            f"registry {path}: not valid {path.suffix.lstrip('.') or 'YAML'}: {e}".splitlines()[0]
+        ) from e
     if not isinstance(raw, dict):
         _fail(path, "top level must be a mapping with `domains:`")
     unknown = set(raw) - _TOP_KEYS
@@ -125,7 +127,10 @@ def load_registry(path: str | Path) -> Registry:
         kind = src["type"]
         bad = set(src) - _SOURCE_KEYS[kind]
         if bad:
-            _fail(path, f"domain {name!r}: unknown {kind} source key(s) {sorted(bad)}; allowed: {sorted(_SOURCE_KEYS[kind])}")
+            _fail(
+                path,
+                f"domain {name!r}: unknown {kind} source key(s) {sorted(bad)}; allowed: {sorted(_SOURCE_KEYS[kind])}",
+            )
         if kind == "local":
             patterns = src.get("files")
             if isinstance(patterns, str):
@@ -146,13 +151,22 @@ def load_registry(path: str | Path) -> Registry:
         elif kind == "hub":
             if not src.get("id"):
                 _fail(path, f"domain {name!r}: hub source needs `id`")
-            source = DomainSource(type="hub", id=src["id"], config=src.get("config"), split=src.get("split", "train"),
-                                  text_field=src.get("text_field", "text"), revision=src.get("revision"))
+            source = DomainSource(
+                type="hub",
+                id=src["id"],
+                config=src.get("config"),
+                split=src.get("split", "train"),
+                text_field=src.get("text_field", "text"),
+                revision=src.get("revision"),
+            )
         else:
             from dive_ds.data.demo_pack import DEMO_DOMAINS
 
             if src.get("name") not in DEMO_DOMAINS:
-                _fail(path, f"domain {name!r}: unknown demo domain {src.get('name')!r}; known: {list(DEMO_DOMAINS)}")
+                _fail(
+                    path,
+                    f"domain {name!r}: unknown demo domain {src.get('name')!r}; known: {list(DEMO_DOMAINS)}",
+                )
             source = DomainSource(type="demo", name=src["name"])
         weight = float(spec.get("weight", 1.0))
         if weight <= 0:
@@ -166,11 +180,15 @@ def _local_dataset(source: DomainSource):
 
     suffixes = {Path(f).suffix for f in source.files}
     if len(suffixes) != 1:
-        raise ValueError(f"mixed file types {sorted(suffixes)} in one domain; split them into separate domains")
+        raise ValueError(
+            f"mixed file types {sorted(suffixes)} in one domain; split them into separate domains"
+        )
     suffix = suffixes.pop()
     builder = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(suffix)
     if builder is None:
-        raise ValueError(f"unsupported file type {suffix!r} ({source.files[0]}); use .txt, .jsonl, .json or .parquet")
+        raise ValueError(
+            f"unsupported file type {suffix!r} ({source.files[0]}); use .txt, .jsonl, .json or .parquet"
+        )
     kwargs = {"sample_by": "document"} if builder == "text" else {}
     # local files load in well under a second; their "Generating train split" bars are noise
     was_enabled = datasets.utils.logging.is_progress_bar_enabled()
@@ -189,7 +207,9 @@ def iter_documents(domain: Domain, max_chars: int | None = None) -> Iterator[str
         from dive_ds.data.demo_pack import demo_registry_path
 
         pack = load_registry(demo_registry_path())
-        yield from iter_documents(Domain(domain.name, pack.domains[src.name].source, domain.family), max_chars)
+        yield from iter_documents(
+            Domain(domain.name, pack.domains[src.name].source, domain.family), max_chars
+        )
         return
     if src.type == "local":
         ds = _local_dataset(src)
@@ -200,8 +220,10 @@ def iter_documents(domain: Domain, max_chars: int | None = None) -> Iterator[str
         ds = datasets.load_dataset(src.id, src.config, split=src.split, revision=src.revision, streaming=True)
         field_name = src.text_field
     if field_name not in (ds.column_names or [field_name]):
-        raise ValueError(f"domain {domain.name!r}: no field {field_name!r} in its data "
-                         f"(columns: {ds.column_names}); set `text_field` in the registry")
+        raise ValueError(
+            f"domain {domain.name!r}: no field {field_name!r} in its data "
+            f"(columns: {ds.column_names}); set `text_field` in the registry"
+        )
     total = 0
     for row in ds:
         text = row[field_name]

@@ -56,8 +56,9 @@ class DomainSamples:
     documents: int
 
 
-def split_eval(docs: list[list[int]], n_eval_tokens: int, eos: int,
-               rng: np.random.Generator) -> tuple[list[int], list[list[int]]]:
+def split_eval(
+    docs: list[list[int]], n_eval_tokens: int, eos: int, rng: np.random.Generator
+) -> tuple[list[int], list[list[int]]]:
     """Shuffle documents; take an EOS-joined evaluation stream of `n_eval_tokens` from the front."""
     order = rng.permutation(len(docs))
     stream: list[int] = []
@@ -96,7 +97,7 @@ def draw_windows(pool: list[list[int]], n: int, seq_len: int, rng: np.random.Gen
     out = torch.empty(n, seq_len, dtype=torch.long)
     for row, i in enumerate(which):
         start = int(rng.integers(0, len(pool[i]) - seq_len + 1))
-        out[row] = torch.tensor(pool[i][start:start + seq_len])
+        out[row] = torch.tensor(pool[i][start : start + seq_len])
     return out
 
 
@@ -107,16 +108,20 @@ def sample_domain_tokens(name: str, docs: list[list[int]], cfg: SamplerConfig, e
     total = sum(len(d) for d in docs)
     stream, rest = split_eval(docs, n_eval_tokens, eos, rng)
     if len(stream) < n_eval_tokens:
-        raise ValueError(f"domain {name!r} has only {total} tokens in {len(docs)} documents; "
-                         f"it needs {n_eval_tokens} held-out + {cfg.samples_per_domain} x {cfg.seq_len} calibration "
-                         "tokens: lower --samples-per-domain/--seq-len/--eval-windows or add text")
+        raise ValueError(
+            f"domain {name!r} has only {total} tokens in {len(docs)} documents; "
+            f"it needs {n_eval_tokens} held-out + {cfg.samples_per_domain} x {cfg.seq_len} calibration "
+            "tokens: lower --samples-per-domain/--seq-len/--eval-windows or add text"
+        )
     pool = calibration_pool(rest, cfg.seq_len, eos)
     pool_tokens = sum(len(d) for d in pool)
     need = cfg.samples_per_domain * cfg.seq_len
     if pool_tokens < need:
-        raise ValueError(f"domain {name!r} has only {pool_tokens} calibration tokens after the {n_eval_tokens}-token "
-                         f"held-out split ({total} in {len(docs)} documents); N x L = {cfg.samples_per_domain} x "
-                         f"{cfg.seq_len} = {need} needed: lower --samples-per-domain or --seq-len, or add text")
+        raise ValueError(
+            f"domain {name!r} has only {pool_tokens} calibration tokens after the {n_eval_tokens}-token "
+            f"held-out split ({total} in {len(docs)} documents); N x L = {cfg.samples_per_domain} x "
+            f"{cfg.seq_len} = {need} needed: lower --samples-per-domain or --seq-len, or add text"
+        )
     calib = draw_windows(pool, cfg.samples_per_domain, cfg.seq_len, rng)
     ev = torch.tensor(stream[:n_eval_tokens], dtype=torch.long).view(cfg.eval_windows, cfg.seq_len)
     return DomainSamples(calib=calib, eval=ev, calib_pool_tokens=pool_tokens, documents=len(docs))

@@ -19,10 +19,11 @@ def window_nll(model: nn.Module, windows_NS: torch.Tensor, batch_size: int = 8) 
     """(summed next-token NLL, predicted tokens) over every window; no padding, no cross-window context."""
     total, count = 0.0, 0
     for i in range(0, windows_NS.shape[0], batch_size):
-        ids = windows_NS[i:i + batch_size]
+        ids = windows_NS[i : i + batch_size]
         logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                                                reduction="sum")
+        nll = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
+        )
         total += nll.item()
         count += ids[:, 1:].numel()
     return total, count
@@ -45,8 +46,9 @@ class PrunedMLP(nn.Module):
         self.act = dense_mlp.act_fn
 
     def forward(self, x):
-        y = nn.functional.linear(self.act(nn.functional.linear(x, self.gate)) * nn.functional.linear(x, self.up),
-                                 self.down)
+        y = nn.functional.linear(
+            self.act(nn.functional.linear(x, self.gate)) * nn.functional.linear(x, self.up), self.down
+        )
         return y if self.bias is None else y + self.bias
 
 
@@ -69,8 +71,12 @@ def pruned_ffn(model: nn.Module, kept_LK: torch.Tensor, means_LF: torch.Tensor |
             layer.mlp = mlp
 
 
-def domain_perplexities(model: nn.Module, eval_windows: dict[str, torch.Tensor], batch_size: int = 8,
-                        oracle: dict[str, int] | None = None) -> dict[str, float]:
+def domain_perplexities(
+    model: nn.Module,
+    eval_windows: dict[str, torch.Tensor],
+    batch_size: int = 8,
+    oracle: dict[str, int] | None = None,
+) -> dict[str, float]:
     """Perplexity per domain; with `oracle` (domain -> expert), every token of a domain goes to that expert."""
     from dive_ds.models.moe import route_all_to
 
@@ -83,8 +89,12 @@ def domain_perplexities(model: nn.Module, eval_windows: dict[str, torch.Tensor],
 
 
 @torch.no_grad()
-def routing_report(model: nn.Module, eval_windows: dict[str, torch.Tensor], batch_size: int = 8,
-                   expected: dict[str, int] | None = None) -> dict:
+def routing_report(
+    model: nn.Module,
+    eval_windows: dict[str, torch.Tensor],
+    batch_size: int = 8,
+    expected: dict[str, int] | None = None,
+) -> dict:
     """Normal routing: perplexity per domain plus each domain's expert load (share of routed rows per
     expert, averaged over layers) and, with `expected` (domain -> expert), the share routed there."""
     from dive_ds.models.moe import moe_blocks
@@ -95,7 +105,7 @@ def routing_report(model: nn.Module, eval_windows: dict[str, torch.Tensor], batc
         counts = torch.zeros(len(blocks), blocks[0].num_experts)
         nll, n = 0.0, 0
         for i in range(0, w.shape[0], batch_size):
-            a, b = window_nll(model, w[i:i + batch_size], batch_size)
+            a, b = window_nll(model, w[i : i + batch_size], batch_size)
             nll, n = nll + a, n + b
             counts += torch.stack([blk.last_expert_counts.float().cpu() for blk in blocks])
         share = counts / counts.sum(-1, keepdim=True)

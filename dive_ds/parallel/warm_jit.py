@@ -18,8 +18,14 @@ def _free_port() -> int:
 
 def main() -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}.items():
+    for key, value in {
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+    }.items():
         os.environ.setdefault(key, value)
     t0 = time.time()
     import deepspeed
@@ -27,7 +33,9 @@ def main() -> None:
 
     deepspeed.init_distributed(dist_backend="gloo")
     dist.destroy_process_group()
-    print(f"deepspeed JIT ops ready ({time.time() - t0:.1f}s, cache {os.environ.get('TORCH_EXTENSIONS_DIR')})")
+    print(
+        f"deepspeed JIT ops ready ({time.time() - t0:.1f}s, cache {os.environ.get('TORCH_EXTENSIONS_DIR')})"
+    )
 
 
 if __name__ == "__main__":
