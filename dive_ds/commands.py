@@ -98,8 +98,14 @@ def add_all(sub) -> None:
         "routing (each domain's tokens to its group's expert) and the expert load.",
     )
     p.add_argument("model", help="model folder (dense or dive_moe), or `demo`")
-    p.add_argument("--calib", required=True, help="calibration folder whose held-out windows are used")
-    p.add_argument("--eval-windows", type=int, help="windows per domain (default all)")
+    p.add_argument("--calib", help="calibration folder whose held-out windows are used")
+    p.add_argument("--domains", help="or: a domain registry (or `demo`); held-out windows are drawn from it with "
+                   "calibrate's split, so the same --seed/--seq-len/--eval-windows never touch calibration text")  # fmt: skip
+    p.add_argument("--seq-len", type=int, default=256, help="with --domains: tokens per window (default 256)")
+    p.add_argument("--seed", type=int, default=42, help="with --domains: sampling seed (default 42)")
+    p.add_argument(
+        "--eval-windows", type=int, help="windows per domain (default: all of --calib; 16 with --domains)"
+    )
     p.add_argument("--no-oracle", action="store_true", help="skip the oracle routing")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward (default 8)")
     p.add_argument("--out", help="write eval.json and eval.md here")
@@ -215,13 +221,13 @@ def cmd_reconstruct(a) -> int:
 
 
 def cmd_evaluate(a) -> int:
-    from dive_ds.calibrate import load_calibration
     from dive_ds.workflows import markdown_table, run_evaluate
 
     res = run_evaluate(
-        a.model, a.calib, a.out, oracle=not a.no_oracle, batch_size=a.batch_size, eval_windows=a.eval_windows
-    )
-    print(markdown_table([res], load_calibration(a.calib).domains))
+        a.model, a.calib, a.out, oracle=not a.no_oracle, batch_size=a.batch_size, eval_windows=a.eval_windows,
+        registry=a.domains, seq_len=a.seq_len, seed=a.seed,
+    )  # fmt: skip
+    print(markdown_table([res], res["domains"]))
     return 0
 
 

@@ -193,31 +193,67 @@ def oracle_map(model_dir: Path, domains: list[str]) -> dict[str, int] | None:
     return mapping
 
 
+def registry_eval_windows(
+    registry: str | Path, model_dir: Path, eval_windows: int, seq_len: int, seed: int
+) -> dict[str, torch.Tensor]:
+    """Held-out windows drawn from a registry exactly as `calibrate` draws them (same split for the
+    same seed, window count and length), so calibration text is never evaluated on."""
+    from dive_ds.data.registry import iter_documents, load_registry
+    from dive_ds.data.sampler import SamplerConfig, sample_domain_text
+    from dive_ds.models.loading import load_tokenizer
+
+    reg = load_registry(registry)
+    cfg = SamplerConfig(samples_per_domain=1, seq_len=seq_len, eval_windows=eval_windows, seed=seed)
+    tok = load_tokenizer(model_dir)
+    return {
+        d.name: sample_domain_text(d.name, list(iter_documents(d, cfg.chars_budget())), tok, cfg).eval
+        for d in reg.domains.values()
+    }
+
+
 def run_evaluate(
     model: str,
-    calib_dir: str | Path,
+    calib_dir: str | Path | None,
     out: str | Path | None = None,
     oracle: bool = True,
     batch_size: int = 8,
     eval_windows: int | None = None,
     label: str | None = None,
     router: bool = True,
+    registry: str | Path | None = None,
+    seq_len: int = 256,
+    seed: int = 42,
 ) -> dict:
-    """Held-out perplexity per domain (+ oracle routing for a MoE); writes JSON and Markdown."""
+    """Held-out perplexity per domain (+ oracle routing for a MoE); writes JSON and Markdown.
+
+    Windows come from a calibration folder (`calib_dir`) or are drawn from a registry."""
     from transformers import AutoModelForCausalLM
 
     from dive_ds.models.loading import resolve_model
     from dive_ds.models.moe import DiveMoeConfig, count_parameters
 
-    cal = load_calibration(calib_dir)
+    if (calib_dir is None) == (registry is None):
+        raise ValueError("pass exactly one of --calib DIR (its held-out windows) or --domains REGISTRY")
     model_dir = Path(resolve_model(model))
+    if calib_dir is not None:
+        cal = load_calibration(calib_dir)
+        evals = {n: w[:eval_windows] if eval_windows else w for n, w in cal.eval.items()}
+        source = str(cal.path)
+    else:
+        evals = registry_eval_windows(registry, model_dir, eval_windows or 16, seq_len, seed)
+        source = str(registry)
+    domains = list(evals)
     m = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    evals = {n: w[:eval_windows] if eval_windows else w for n, w in cal.eval.items()}
     t0 = time.time()
-    res: dict = {"model": str(model_dir), "label": label or model_dir.name, "calibration": str(cal.path)}
+    res: dict = {
+        "model": str(model_dir),
+        "label": label or model_dir.name,
+        "eval_source": source,
+        "domains": domains,
+    }
     if isinstance(m.config, DiveMoeConfig):
         res["params"] = count_parameters(m.config)
-        mapping = oracle_map(model_dir, cal.domains)
+        mapping = oracle_map(model_dir, domains)
         if router or not oracle:
             rr = routing_report(m, evals, batch_size, expected=mapping)
             res["router"] = rr["ppl"]
@@ -240,7 +276,7 @@ def run_evaluate(
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         _write_json(out / "eval.json", res)
-        (out / "eval.md").write_text(markdown_table([res], cal.domains))
+        (out / "eval.md").write_text(markdown_table([res], domains))
     return res
 
 

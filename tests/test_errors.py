@@ -109,3 +109,31 @@ def test_help_documents_flags(argv, capsys):
         main(argv)
     assert e.value.code == 0
     assert "--out" in capsys.readouterr().out
+
+
+def test_evaluate_from_registry_uses_calibrations_held_out_split(tmp_path, capsys):
+    from dive_ds.models.loading import demo_model_dir
+
+    save_tiny_llama(tmp_path / "m", vocab_size=49152)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(demo_model_dir() / f, tmp_path / "m" / f)
+    reg = _registry(tmp_path, n_docs=20, words=60)
+    common = ["--seq-len", "32", "--eval-windows", "2", "--seed", "3"]
+    assert main(["calibrate", "--model", str(tmp_path / "m"), "--domains", str(reg), "--samples-per-domain", "4",
+                 *common, "--out", str(tmp_path / "cal"), "--no-progress"]) == 0  # fmt: skip
+    assert (
+        main(
+            ["evaluate", str(tmp_path / "m"), "--calib", str(tmp_path / "cal"), "--out", str(tmp_path / "e1")]
+        )
+        == 0
+    )
+    assert (
+        main(["evaluate", str(tmp_path / "m"), "--domains", str(reg), *common, "--out", str(tmp_path / "e2")])
+        == 0
+    )
+    e1 = json.loads((tmp_path / "e1" / "eval.json").read_text())["router"]
+    e2 = json.loads((tmp_path / "e2" / "eval.json").read_text())["router"]
+    assert e1 == e2 and e1["a"] > 1.0
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "m"), "--out", str(tmp_path / "e3")]) == 2
+    assert "exactly one of --calib DIR" in _err(capsys)
