@@ -111,6 +111,27 @@ def add_all(sub) -> None:
     p.add_argument("--out", help="write eval.json and eval.md here")
     p.set_defaults(func=cmd_evaluate)
 
+    p = sub.add_parser("plan", help="parameters and per-GPU memory of a DIVE MoE on a cluster (arithmetic only)",
+                       description="Total / activated / trainable parameters and bytes per GPU for weights, "
+                       "gradients, optimiser states and activations under expert parallelism and ZeRO-2/3; says "
+                       "whether it fits --gpu-mem. An estimate for choosing settings (see dive_ds/plan.py).")  # fmt: skip
+    p.add_argument("--model", required=True, help="config.json, model folder, or a preset: "
+                   "llama2-70b, llama3-70b, tinyllama-1.1b, smollm2-135m")  # fmt: skip
+    p.add_argument("--experts", type=int, default=8, help="N (default 8)")
+    p.add_argument("--top-k", type=int, default=1, help="k (default 1)")
+    p.add_argument("--prune-ratio", type=float, default=0.5, help="r (default 0.5)")
+    p.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
+    p.add_argument("--ep", type=int, default=8, help="expert-parallel size (default 8)")
+    p.add_argument("--zero", type=int, default=3, help="ZeRO stage, 2 or 3 (default 3)")
+    p.add_argument(
+        "--stage", default="experts", choices=["router", "experts"], help="trainables (default experts)"
+    )
+    p.add_argument("--micro-batch", type=int, default=1, help="sequences per GPU per micro step (default 1)")
+    p.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence (default 1024)")
+    p.add_argument("--gpu-mem", type=float, default=80.0, help="GPU memory in GB (default 80)")
+    p.set_defaults(func=cmd_plan)
+
     p = sub.add_parser("export", help="write a dive_moe checkpoint as a stock transformers format")
     p.add_argument("model", help="dive_moe checkpoint folder")
     p.add_argument("--format", default="mixtral", choices=["mixtral"], help="target format (default mixtral)")
@@ -228,6 +249,16 @@ def cmd_evaluate(a) -> int:
         registry=a.domains, seq_len=a.seq_len, seed=a.seed,
     )  # fmt: skip
     print(markdown_table([res], res["domains"]))
+    return 0
+
+
+def cmd_plan(a) -> int:
+    from dive_ds.plan import PlanConfig, format_plan, load_model_config, plan
+
+    cfg = PlanConfig(experts=a.experts, top_k=a.top_k, prune_ratio=a.prune_ratio, nodes=a.nodes,
+                     gpus_per_node=a.gpus_per_node, ep=a.ep, zero=a.zero, stage=a.stage,
+                     micro_batch=a.micro_batch, seq_len=a.seq_len, gpu_mem_gb=a.gpu_mem)  # fmt: skip
+    print(format_plan(a.model, cfg, plan(load_model_config(a.model), cfg)))
     return 0
 
 

@@ -1,0 +1,147 @@
+"""`dive-ds plan`: parameter counts and per-GPU memory for a DIVE MoE on a cluster (pure arithmetic).
+
+Memory model (bytes per GPU), bf16 weights and gradients, fp32 Adam (master + 2 moments):
+- expert parameters are split over the expert-parallel group (each rank holds E/P experts);
+  everything else is replicated before ZeRO;
+- ZeRO-2 partitions gradients and optimiser states over the data-parallel ranks (experts
+  over the expert-data-parallel group of W/P ranks); ZeRO-3 also partitions the weights;
+- activations: every layer's input is kept (activation checkpointing) plus one layer's
+  working set, b*s*h*(34 + 5*a*s/h) bytes (the usual estimate for a transformer layer in
+  16-bit), with the MoE FFN part scaled by top-k x expert width / dense width.
+It is an estimate for choosing settings, not a measurement; leave headroom (default 10%).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+PRESETS = {
+    "llama2-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                       num_key_value_heads=8, vocab_size=32000, tie_word_embeddings=False),
+    "llama3-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                       num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
+    "tinyllama-1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                           num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False),
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
+}  # fmt: skip
+GB = 1e9
+
+
+@dataclass(frozen=True)
+class PlanConfig:
+    """What to plan for."""
+
+    experts: int = 8
+    """N experts per layer."""
+    top_k: int = 1
+    """Experts per token."""
+    prune_ratio: float = 0.5
+    """r: each expert keeps round(F * (1 - r)) channels."""
+    nodes: int = 1
+    gpus_per_node: int = 8
+    ep: int = 8
+    """Expert-parallel size P (divides N and the world size)."""
+    zero: int = 3
+    stage: str = "experts"
+    """Trainables: router (routers only) or experts (LoRA + routers + norms)."""
+    lora_rank: int = 8
+    micro_batch: int = 1
+    seq_len: int = 1024
+    gpu_mem_gb: float = 80.0
+    headroom: float = 0.10
+
+    def __post_init__(self):
+        world = self.nodes * self.gpus_per_node
+        if self.zero not in (2, 3):
+            raise ValueError(f"--zero must be 2 or 3 (got {self.zero})")
+        if self.experts % self.ep or world % self.ep:
+            raise ValueError(
+                f"--ep {self.ep} must divide --experts {self.experts} and the world size {world}"
+            )
+        if not 1 <= self.top_k <= self.experts:
+            raise ValueError(f"--top-k {self.top_k} must be between 1 and --experts {self.experts}")
+        if not 0.0 <= self.prune_ratio < 1.0:
+            raise ValueError(f"--prune-ratio must be in [0, 1) (got {self.prune_ratio})")
+        if self.stage not in ("router", "experts"):
+            raise ValueError(f"--stage must be router or experts (got {self.stage})")
+
+
+def load_model_config(model: str) -> dict:
+    if model in PRESETS:
+        return dict(PRESETS[model])
+    p = Path(model)
+    p = p / "config.json" if p.is_dir() else p
+    if not p.exists():
+        raise ValueError(
+            f"--model {model!r} is neither a config.json / model folder nor a preset ({', '.join(PRESETS)})"
+        )
+    return json.loads(p.read_text())
+
+
+def plan(model_cfg: dict, cfg: PlanConfig) -> dict:
+    h, f, n_layers = model_cfg["hidden_size"], model_cfg["intermediate_size"], model_cfg["num_hidden_layers"]
+    heads, kv = (
+        model_cfg["num_attention_heads"],
+        model_cfg.get("num_key_value_heads", model_cfg["num_attention_heads"]),
+    )
+    head_dim = model_cfg.get("head_dim") or h // heads
+    vocab, tied = model_cfg["vocab_size"], model_cfg.get("tie_word_embeddings", False)
+    width = max(1, round(f * (1 - cfg.prune_ratio)))
+    e = cfg.experts
+    attn = 2 * h * heads * head_dim + 2 * h * kv * head_dim
+    norms = 2 * h
+    router = 2 * e * h  # weight + noise_weight
+    expert = 3 * width * h + h  # gate, up, down + bias
+    shared = vocab * h * (1 if tied else 2) + h
+    non_expert = shared + n_layers * (attn + norms + router)
+    experts_total = n_layers * e * expert
+    total = non_expert + experts_total
+    activated = non_expert + n_layers * cfg.top_k * expert
+    lora_per_expert = cfg.lora_rank * (h + 2 * width) + cfg.lora_rank * (width + h)
+    if cfg.stage == "router":
+        train_non_expert, train_expert = n_layers * e * h, 0
+    else:
+        train_non_expert, train_expert = n_layers * (router + norms) + h, n_layers * e * lora_per_expert
+    trainable = train_non_expert + train_expert
+
+    world = cfg.nodes * cfg.gpus_per_node
+    edp = world // cfg.ep  # ranks sharing the same experts
+    w_non = non_expert / (world if cfg.zero == 3 else 1)
+    w_exp = experts_total / cfg.ep / (edp if cfg.zero == 3 else 1)
+    # ZeRO-3 gathers one layer at a time for compute: add one full layer (non-expert + local experts)
+    gathered = (attn + norms + router + e // cfg.ep * expert) if cfg.zero == 3 else 0
+    weights = 2 * (w_non + w_exp + gathered)
+    lora_local = train_expert / cfg.ep  # LoRA tensors live with their experts
+    grads = 2 * (train_non_expert / world + lora_local / edp)
+    optim = 12 * (train_non_expert / world + lora_local / edp)
+    b, s = cfg.micro_batch, cfg.seq_len
+    moe_scale = cfg.top_k * width / f
+    layer_act = b * s * h * (34 + 5 * heads * s / h)
+    layer_act *= 0.5 + 0.5 * moe_scale  # roughly half of the 34 h terms are the FFN's
+    activations = n_layers * b * s * h * 2 + layer_act + b * s * vocab * 4  # + fp32 logits
+    per_gpu = weights + grads + optim + activations
+    budget = cfg.gpu_mem_gb * GB * (1 - cfg.headroom)
+    return {
+        "params": {"total": total, "activated": activated, "trainable": trainable,
+                   "trainable_fraction": trainable / total, "expert_width": width},
+        "per_gpu_bytes": {"weights": weights, "gradients": grads, "optimizer": optim, "activations": activations,
+                          "total": per_gpu},
+        "world": world, "expert_data_parallel": edp, "fits": per_gpu <= budget, "budget_bytes": budget,
+    }  # fmt: skip
+
+
+def format_plan(name: str, cfg: PlanConfig, p: dict) -> str:
+    pr, m = p["params"], p["per_gpu_bytes"]
+    return (
+        f"{name}: N={cfg.experts} k={cfg.top_k} r={cfg.prune_ratio} (expert width {pr['expert_width']}), "
+        f"{cfg.nodes}x{cfg.gpus_per_node} GPUs, EP={cfg.ep}, ZeRO-{cfg.zero}, stage {cfg.stage}\n"
+        f"  params: total {pr['total'] / 1e9:.2f}B, activated {pr['activated'] / 1e9:.2f}B, "
+        f"trainable {pr['trainable'] / 1e6:.1f}M ({100 * pr['trainable_fraction']:.3f}%)\n"
+        f"  per GPU: weights {m['weights'] / GB:.1f} GB + grads {m['gradients'] / GB:.2f} GB + optimizer "
+        f"{m['optimizer'] / GB:.2f} GB + activations {m['activations'] / GB:.1f} GB (mb {cfg.micro_batch} x "
+        f"{cfg.seq_len}) = {m['total'] / GB:.1f} GB -> "
+        f"{'fits' if p['fits'] else 'DOES NOT fit'} {cfg.gpu_mem_gb:g} GB with {cfg.headroom:.0%} headroom"
+    )
