@@ -204,13 +204,14 @@ def run_manifest_base(kind: str) -> dict:
 
 
 def check_out_dir(out: Path, identity: dict, force: bool) -> bool:
-    """True if `out` already holds this exact run (reuse it); raise if it holds another run."""
+    """True if `out` already holds this exact run (reuse it); raise if it holds another run,
+    unless `force` (then it will be replaced)."""
     man = out / MANIFEST
     if not out.exists():
         return False
     if man.exists():
         old = json.loads(man.read_text()).get("identity")
-        if old == identity and not force:
+        if old == identity:
             return True
         if old != identity and not force:
             raise ValueError(
@@ -332,7 +333,7 @@ def run_calibration(
         "sampler": asdict(sampler_cfg),
     }
     if check_out_dir(out, identity, force):
-        print(f"{out} already holds this calibration run; reusing it (pass --force to recompute)")
+        print(f"{out} already holds this calibration run; reusing it (delete it to recompute)")
         return out
     model_dir = local_snapshot(model_ref)
     tok = load_tokenizer(model_dir, config)

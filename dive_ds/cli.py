@@ -47,7 +47,11 @@ def _add_calibrate(sub) -> None:
         help="keep carried hidden states in a memory-mapped file here (for calibration sets larger than RAM)",
     )
     p.add_argument("--out", help="output folder (written atomically)")
-    p.add_argument("--force", action="store_true", help="replace an output folder that holds another run")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an output folder that holds another run (the same run is always reused; delete the folder to recompute)",
+    )
     p.add_argument(
         "--demo",
         action="store_true",

@@ -41,6 +41,7 @@ def run_demo(a) -> dict:
         str(a.seq_len),
         "--eval-windows",
         str(a.eval_windows),
+        "--force",  # the demo owns its run folder: new settings replace the old calibration
         "--out",
         str(out / "calib"),
     ]
