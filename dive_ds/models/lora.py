@@ -114,6 +114,8 @@ class LoraDiveExperts(nn.Module):
         super().__init__()
         self.__dict__["_base"] = base  # not a submodule: parameter names stay mlp.experts.gate_up_proj, ...
         self.num_experts = base.num_experts
+        self.expert_ids = base.expert_ids
+        self.num_global_experts = base.num_global_experts
         self.act_fn = base.act_fn
         self.impl = base.impl
         self.gate_up_proj = base.gate_up_proj
@@ -127,10 +129,15 @@ class LoraDiveExperts(nn.Module):
         ref = base.gate_up_proj
         dtype = ref.dtype
 
+        # Experts held by an expert-parallel layer are a subset of all experts: A is drawn for all
+        # of them and sliced, so every placement gets the adapters of the single-rank model.
+        ids = base.expert_ids
+        drawn = base.num_global_experts
+
         def a_init(rows: int, cols: int) -> nn.Parameter:
             # PEFT's kaiming_uniform_(a=sqrt(5)) on an [r, in] matrix: U(-1/sqrt(in), 1/sqrt(in)).
             bound = 1.0 / math.sqrt(cols)
-            a = torch.empty(num_experts, rows, cols).uniform_(-bound, bound, generator=generator)
+            a = torch.empty(drawn, rows, cols).uniform_(-bound, bound, generator=generator)[ids]
             return nn.Parameter(a.to(device=ref.device, dtype=dtype))
 
         def zeros(rows: int, cols: int) -> nn.Parameter:
@@ -148,8 +155,13 @@ class LoraDiveExperts(nn.Module):
     def forward(self, x_TH: torch.Tensor, top_idx_TK: torch.Tensor, weights_TK: torch.Tensor):
         """-> (y_TH, counts_E), like DiveExperts.forward."""
         x_NH, order_N, counts_E = permute(x_TH, top_idx_TK, self.num_experts)
+        y_NH = self.mlp(x_NH, counts_E)
+        return unpermute(y_NH, order_N, weights_TK, x_TH.shape[0]), counts_E
+
+    def mlp(self, x_NH: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """Expert-sorted rows -> y_NH, like DiveExperts.mlp (plus the adapters)."""
         lora = (self.lora_gate_up_A, self.lora_gate_up_B, self.lora_down_A, self.lora_down_B)
-        y_NH = lora_expert_mlp(
+        return lora_expert_mlp(
             x_NH,
             counts_E,
             self.gate_up_proj,
@@ -161,7 +173,6 @@ class LoraDiveExperts(nn.Module):
             self.bias,
             impl=self.impl,
         )
-        return unpermute(y_NH, order_N, weights_TK, x_TH.shape[0]), counts_E
 
     @torch.no_grad()
     def merge(self) -> DiveExperts:

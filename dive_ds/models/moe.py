@@ -320,14 +320,19 @@ class DiveRouter(nn.Module):
 class DiveExperts(nn.Module):
     """E gated FFN experts stored as 3-D tensors (Mixtral's fused layout) plus an optional output bias."""
 
-    def __init__(self, config: DiveMoeConfig):
+    def __init__(self, config: DiveMoeConfig, expert_ids: list[int] | None = None):
         super().__init__()
+        if expert_ids is not None and not all(0 <= e < config.num_local_experts for e in expert_ids):
+            raise ValueError(f"expert_ids={expert_ids}: use ids in [0, {config.num_local_experts}).")
         num_experts, hidden, width = (
-            config.num_local_experts,
+            len(expert_ids) if expert_ids is not None else config.num_local_experts,
             config.hidden_size,
             config.expert_intermediate_size,
         )
         self.num_experts = num_experts
+        self.expert_ids = list(expert_ids) if expert_ids is not None else list(range(num_experts))
+        """Global ids of the experts held here (a subset when an expert-parallel layer owns them)."""
+        self.num_global_experts = config.num_local_experts
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * width, hidden))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, width))
         self.bias = nn.Parameter(torch.empty(num_experts, hidden)) if config.expert_bias else None
@@ -335,12 +340,16 @@ class DiveExperts(nn.Module):
         self.impl = "auto"
         """Dispatch implementation for grouped_expert_mlp: "auto", "grouped_mm" or "loop"."""
 
+    def mlp(self, x_NH: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """Expert-sorted rows (counts_E rows per held expert, in order) -> y_NH."""
+        return grouped_expert_mlp(
+            x_NH, counts_E, self.gate_up_proj, self.down_proj, self.act_fn, self.bias, impl=self.impl
+        )
+
     def forward(self, x_TH: torch.Tensor, top_idx_TK: torch.Tensor, weights_TK: torch.Tensor):
         """-> (y_TH, counts_E)."""
         x_NH, order_N, counts_E = permute(x_TH, top_idx_TK, self.num_experts)
-        y_NH = grouped_expert_mlp(
-            x_NH, counts_E, self.gate_up_proj, self.down_proj, self.act_fn, self.bias, impl=self.impl
-        )
+        y_NH = self.mlp(x_NH, counts_E)
         return unpermute(y_NH, order_N, weights_TK, x_TH.shape[0]), counts_E
 
 
@@ -365,21 +374,23 @@ class DiveMoeBlock(nn.Module):
     def forward(self, hidden_states_BSH: torch.Tensor) -> torch.Tensor:
         shape = hidden_states_BSH.shape
         x_TH = hidden_states_BSH.reshape(-1, shape[-1])
-        if self.forced_expert is not None:
-            top_idx_TK = torch.full(
-                (x_TH.shape[0], 1), self.forced_expert, dtype=torch.long, device=x_TH.device
-            )
-            weights_TK = torch.ones(x_TH.shape[0], 1, device=x_TH.device)
-            entropy = None
-        else:
-            routed = self.gate(x_TH)
-            top_idx_TK, weights_TK = routed.top_idx_TK, routed.weights_TK
-            with torch.no_grad():
-                entropy = -torch.special.xlogy(routed.probs_TE, routed.probs_TE).sum(-1).mean()
+        top_idx_TK, weights_TK, entropy = self.route(x_TH)
         y_TH, counts_E = self.experts(x_TH, top_idx_TK, weights_TK)
         self.last_expert_counts = counts_E.detach()
         self.last_router_entropy = entropy
         return y_TH.view(shape)
+
+    def route(self, x_TH: torch.Tensor):
+        """-> (top_idx_TK, weights_TK, entropy): the router's choice, or the forced expert (oracle)."""
+        if self.forced_expert is not None:
+            top_idx_TK = torch.full(
+                (x_TH.shape[0], 1), self.forced_expert, dtype=torch.long, device=x_TH.device
+            )
+            return top_idx_TK, torch.ones(x_TH.shape[0], 1, device=x_TH.device), None
+        routed = self.gate(x_TH)
+        with torch.no_grad():
+            entropy = -torch.special.xlogy(routed.probs_TE, routed.probs_TE).sum(-1).mean()
+        return routed.top_idx_TK, routed.weights_TK, entropy
 
 
 class DiveMoeDecoderLayer(LlamaDecoderLayer):
