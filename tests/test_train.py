@@ -128,9 +128,14 @@ def write_yaml(raw: dict, path: Path) -> Path:
     return path
 
 
-def write_ds(base: Path, path: Path, **zero) -> Path:
+def write_ds(base: Path, path: Path, ep: int | None = None, **zero) -> Path:
+    """A copy of a ds_configs JSON with zero_optimization overrides; ep None drops the expert_parallel
+    section (plain ZeRO, every rank all experts), an int sets its autoep_size."""
     ds = json.loads(base.read_text())
     ds["zero_optimization"].update(zero)
+    ds.pop("expert_parallel", None)
+    if ep is not None:
+        ds["expert_parallel"] = {"enabled": True, "autoep_size": ep}
     path.write_text(json.dumps(ds))
     return path
 
@@ -266,7 +271,7 @@ def test_config_overrides_and_yaml(tmp_path):
     [
         (
             {"modle": {}},
-            "unknown key 'modle'; allowed: checkpoint, data, eval, logging, model, out_dir, stages, train",
+            "unknown key 'modle'; allowed: checkpoint, data, eval, logging, model, out_dir, parallel, stages, train",
         ),
         ({"stages": {"experts": {"lrr": 1}}}, "unknown key 'stages.experts.lrr'; allowed: aux_loss_coef"),
         ({"stages": {"warmup": {}}}, "unknown key 'stages.warmup'; allowed: router, experts, continue"),

@@ -149,3 +149,92 @@ def test_zero3_two_ranks_torchrun_matches_one_rank_and_consolidates(reference, t
     # offline, from the partitioned checkpoint files (zero_to_fp32), LoRA merged
     merged = consolidate_checkpoint(ckpt, tmp_path / "consolidated")
     assert loss_of(merged) == pytest.approx(live["loss"], abs=1e-6)
+
+
+# --------------------------------------------------------------------------- expert parallelism
+
+
+@pytest.fixture(scope="module")
+def reference_ep(world_1, tmp_path_factory) -> dict:
+    """1 rank, ZeRO-2, no expert parallelism, LoRA dropout 0: what ep_size 2 must reproduce.
+
+    LoRA dropout is off because with expert parallelism an expert's dropout mask is drawn on the rank
+    that holds the expert, over rows from every rank: a different (equally valid) random stream.
+    """
+    from dive_ds.train.loop import train
+
+    root = tmp_path_factory.mktemp("dist_ep")
+    setup = make_tiny_setup(root / "tiny")
+    raw = base_run(setup, root / "ref", stages={"experts": {"steps": 6, "lr": 1.0e-2, "lora_dropout": 0.0}})
+    train(run_config_from_dict(raw), read_mapping(ZERO2), str(ZERO2))
+    return {"root": root, "raw": raw, "losses": step_losses(root / "ref")}
+
+
+def test_zero3_ep2_matches_one_rank_resumes_and_consolidates(reference_ep, tmp_path):
+    """ZeRO-3 + expert parallelism 2 (ds_configs/zero3.json) on 2 ranks, killed after experts step 3 and
+    relaunched: every step's loss equals the 1-rank run; the stage output and the offline
+    consolidation of the last checkpoint give the live engine's held-out loss."""
+    from transformers import AutoModelForCausalLM
+
+    from dive_ds.train.loop import CRASH_ENV, consolidate_checkpoint, eval_windows, evaluate, summarise_eval
+
+    out = tmp_path / "z3ep"
+    raw = dict(reference_ep["raw"], out_dir=str(out))
+    cfg = write_yaml(raw, tmp_path / "run.yaml")
+    ds = write_ds(ZERO3, tmp_path / "zero3.json", ep=2, stage3_param_persistence_threshold=0)
+    cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(REPO / "launchers" / "retrain.py"), "--deepspeed", str(ds), "--config", str(cfg)]  # fmt: skip
+    crashed = subprocess.run(
+        cmd, env=subprocess_env(**{CRASH_ENV: "experts:3"}), capture_output=True, text=True, timeout=400
+    )
+    assert crashed.returncode != 0 and not (out / "model").exists()
+    assert (out / "stages" / "experts" / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+    cmd[4] = str(free_port())
+    proc = launch(cmd, out)
+    assert "resumed from" in proc.stdout
+    assert "expert parallel 2" in proc.stdout
+    assert_same_losses(step_losses(out), reference_ep["losses"])
+    rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {r["zero_stage"] for r in rows if r.get("event") == "stage_start"} == {3}
+
+    ckpt = out / "stages" / "experts" / "checkpoints"
+    tag = (ckpt / "latest").read_text().strip()
+    assert sorted(p.name for p in (ckpt / tag).glob("ep_trainable_rank*.safetensors")) == [
+        "ep_trainable_rank000.safetensors", "ep_trainable_rank001.safetensors"
+    ]  # fmt: skip
+    run = run_config_from_dict(raw)
+    windows = eval_windows(run, ByteTokenizer(), 260)
+    live = json.loads((out / "stages" / "experts" / "summary.json").read_text())["final_eval"]
+
+    def loss_of(folder: Path) -> float:
+        model = AutoModelForCausalLM.from_pretrained(folder).eval()
+        assert model.config.num_local_experts == 4
+        return summarise_eval(
+            evaluate(lambda ids: model(input_ids=ids).logits, windows, 2, torch.device("cpu"))
+        )["loss"]
+
+    assert loss_of(out / "model") == pytest.approx(live["loss"], abs=1e-6)
+    merged = consolidate_checkpoint(ckpt, tmp_path / "consolidated")
+    assert loss_of(merged) == pytest.approx(live["loss"], abs=1e-6)
+
+
+def test_zero2_ep2_deepspeed_launcher_experts_stage_matches_one_rank(reference_ep, tmp_path):
+    """ZeRO-2 + EP 2 (ds_configs/zero2_ep.json) runs the experts stage (from the reference's router
+    output) with the 1-rank losses; the router stage (experts frozen) is refused with DeepSpeed's reason."""
+    out = tmp_path / "z2ep"
+    raw = dict(reference_ep["raw"], out_dir=str(out))
+    cfg = write_yaml(raw, tmp_path / "run.yaml")
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+           str(REPO / "launchers" / "retrain.py"), "--deepspeed", str(REPO / "ds_configs" / "zero2_ep.json"),
+           "--config", str(cfg)]  # fmt: skip
+    refused = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=400)
+    assert refused.returncode != 0
+    assert "stage router with ZeRO-2 and expert parallelism 2: the experts are frozen" in refused.stderr
+    assert not (out / "stages").exists()
+    router_out = Path(reference_ep["raw"]["out_dir"]) / "stages" / "router" / "model"
+    cmd[4] = str(free_port())
+    launch(cmd + ["--stages", "experts", "--set", f"stages.experts.init_from={router_out}"], out)
+    want = {k: v for k, v in reference_ep["losses"].items() if k[0] == "experts"}
+    got = step_losses(out)
+    assert got.keys() == want.keys() and len(want) == 6
+    assert max(abs(got[k] - want[k]) for k in want) < 2e-5, (got, want)

@@ -233,6 +233,16 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class ParallelConfig:
+    """How the MoE is spread over ranks (beyond ZeRO's data parallelism)."""
+
+    ep_size: int | None = None
+    """Expert-parallel size P: each rank holds E / P experts of every layer, tokens travel by all-to-all.
+    None: the DeepSpeed JSON's `expert_parallel.autoep_size` when that section is enabled, else no
+    expert parallelism (every rank runs all experts)."""
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """A whole retraining run."""
 
@@ -246,6 +256,7 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def stage(self, name: str) -> StageConfig:
         return next(s for s in self.stages if s.name == name)
@@ -449,6 +460,8 @@ def validate_run_config(cfg: RunConfig) -> None:
         raise ValueError(f"run config: train.global_batch_size={t.global_batch_size}; use >= 1")
     if t.precision not in PRECISIONS:
         raise ValueError(f"run config: train.precision={t.precision!r}; use one of {PRECISIONS}")
+    if cfg.parallel.ep_size is not None and cfg.parallel.ep_size < 1:
+        raise ValueError(f"run config: parallel.ep_size={cfg.parallel.ep_size}; use >= 1 (or null: none)")
     if not set(t.zero_stages) <= {0, 1, 2, 3} or not t.zero_stages:
         raise ValueError(f"run config: train.zero_stages={list(t.zero_stages)}; choose from 0, 1, 2, 3")
     for s in cfg.stages:
@@ -611,9 +624,30 @@ def resolve_ds_config(
             f"{source}: remove the `scheduler` block; each stage's lr schedule comes from the "
             "run config (stages.<name>.lr / schedule / warmup_ratio)"
         )
-    if ds.get("expert_parallel", {}).get("enabled", False):
-        raise ValueError(f"{source}: expert_parallel (AutoEP) is not supported by this trainer; remove it")
+    # The expert_parallel section is read by dive_ds (resolve_ep_size), which builds DIVE's own AutoEP-family
+    # layers; DeepSpeed's AutoEP transform would replace them with plain Mixtral-style layers.
+    ds.pop("expert_parallel", None)
     return ds
+
+
+def resolve_ep_size(ds: dict, run: RunConfig, source: str = "DeepSpeed config") -> int | None:
+    """The expert-parallel size: parallel.ep_size, else the JSON's expert_parallel.autoep_size, else None."""
+    if run.parallel.ep_size is not None:
+        return run.parallel.ep_size
+    section = ds.get("expert_parallel")
+    if not section or not section.get("enabled", False):
+        return None
+    size = section.get("autoep_size")
+    if not isinstance(size, int) or size < 1:
+        raise ValueError(f"{source}: expert_parallel.autoep_size={size!r}; use an integer >= 1")
+    unsupported = sorted(set(section) - {"enabled", "autoep_size"})
+    if unsupported:
+        raise ValueError(
+            f"{source}: expert_parallel.{unsupported[0]} is an option of DeepSpeed's own AutoEP transform, "
+            "which dive_ds does not use (DIVE builds its own AutoEP-family layers); keep only enabled and "
+            "autoep_size"
+        )
+    return size
 
 
 def stage_ds_config(ds: dict, stage: StageConfig) -> dict:

@@ -57,6 +57,7 @@ from dive_ds.train.config import (
     RunConfig,
     StageConfig,
     resolve_ds_config,
+    resolve_ep_size,
     stage_ds_config,
     stage_steps,
     stage_temperature,
@@ -474,15 +475,83 @@ def latest_tag(ckpt_dir: Path) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def _generic_checkpointing(engine, ep: bool):
+    """Expert-parallel DIVE layers checkpoint through DeepSpeed's generic ZeRO path, not its MoE path.
+
+    DeepSpeed 0.19.8's MoE checkpointing of AutoEP layers hard-codes GroupedExperts' w1/w2/w3 and,
+    under ZeRO-3, refuses frozen expert weights (DIVE freezes them in both stages). With
+    `has_moe_layers` off for the call, each rank's optimizer shard (its partition of every trainable
+    parameter, experts included) is saved and restored as is; frozen weights are never saved (they
+    are the stage input's) and the trainable values are also written per expert-parallel rank by
+    `_save_ep_trainable` for resume and offline consolidation.
+    """
+    if not ep:
+        yield
+        return
+    saved = engine.has_moe_layers
+    engine.has_moe_layers = False
+    try:
+        yield
+    finally:
+        engine.has_moe_layers = saved
+
+
+EP_TRAINABLE = "ep_trainable_rank{:03d}.safetensors"
+SHARED_TRAINABLE = "shared_trainable.safetensors"
+
+
+@torch.no_grad()
+def _save_ep_trainable(module: nn.Module, folder: Path) -> None:
+    """Trainable tensors of an expert-parallel run: shared ones by rank 0, each expert-parallel rank's
+    experts by the first rank of its expert-data-parallel group (collective: every rank calls it)."""
+    from deepspeed.runtime.zero.partition_parameters import GatheredParameters
+    from safetensors.torch import save_file
+
+    from dive_ds.parallel.expert_parallel import ep_block_class
+
+    rank = dist.get_rank()
+    expert_of = {}
+    for mname, m in module.named_modules():
+        if isinstance(m, ep_block_class()):
+            for pname, _ in m.experts.named_parameters():
+                expert_of[f"{mname}.experts.{pname}"] = m
+    shared, experts, ep_rank, first_of_edp = {}, {}, 0, False
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        ctx = GatheredParameters([p], modifier_rank=None) if hasattr(p, "ds_id") else contextlib.nullcontext()
+        with ctx:
+            block = expert_of.get(name)
+            if block is None:
+                if rank == 0:
+                    shared[name] = p.data.detach().to("cpu", torch.float32).clone()
+            else:
+                from deepspeed.utils import groups
+
+                ep_rank = block.ep_rank
+                first_of_edp = groups._get_expert_data_parallel_rank(block.ep_group_name) == 0
+                if first_of_edp:
+                    experts[name] = p.data.detach().to("cpu", torch.float32).clone()
+    if rank == 0:
+        save_file(shared, folder / SHARED_TRAINABLE, metadata={"format": "pt"})
+    if experts and first_of_edp:
+        save_file(experts, folder / EP_TRAINABLE.format(ep_rank), metadata={"format": "pt"})
+
+
 def save_checkpoint(engine, ckpt_dir: Path, step: int, client: dict, keep: int, meta: dict) -> str:
     """DeepSpeed save_checkpoint + this rank's RNG states; rank 0 then prunes to the last `keep`."""
     tag = f"step_{step:08d}"
-    engine.save_checkpoint(
-        str(ckpt_dir),
-        tag=tag,
-        client_state={"dive_ds": client},
-        exclude_frozen_parameters=bool(meta.get("exclude_frozen")),
-    )
+    ep = bool(meta.get("ep_size"))
+    with _generic_checkpointing(engine, ep):
+        engine.save_checkpoint(
+            str(ckpt_dir),
+            tag=tag,
+            client_state={"dive_ds": client},
+            exclude_frozen_parameters=bool(meta.get("exclude_frozen")) or ep,
+        )
+    if ep:
+        _save_ep_trainable(engine.module, ckpt_dir / tag)
     rank = dist.get_rank() if dist.is_initialized() else 0
     torch.save(_rng_state(), ckpt_dir / tag / f"rng_state_rank{rank:04d}.pt")
     if rank == 0:
@@ -496,19 +565,22 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, client: dict, keep: int, 
     return tag
 
 
-def load_checkpoint(engine, ckpt_dir: Path, tag: str, frozen_excluded: bool = False) -> dict:
+def load_checkpoint(
+    engine, ckpt_dir: Path, tag: str, frozen_excluded: bool = False, ep: bool = False
+) -> dict:
     """Model, optimizer, scheduler (DeepSpeed) and this rank's RNG states -> the dive_ds client state.
 
     With `frozen_excluded` the checkpoint holds only trainable weights; the frozen ones already loaded
     from the stage input stay (non-strict module load).
     """
-    path, client = engine.load_checkpoint(
-        str(ckpt_dir),
-        tag=tag,
-        load_optimizer_states=True,
-        load_lr_scheduler_states=True,
-        load_module_strict=not frozen_excluded,
-    )
+    with _generic_checkpointing(engine, ep):
+        path, client = engine.load_checkpoint(
+            str(ckpt_dir),
+            tag=tag,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=True,
+            load_module_strict=not (frozen_excluded or ep),
+        )
     if path is None or not client or "dive_ds" not in client:
         raise ValueError(
             f"could not load checkpoint {ckpt_dir / tag} (no DeepSpeed state or dive_ds client state)"
@@ -533,17 +605,38 @@ def gather_state_dict(module: nn.Module) -> dict[str, torch.Tensor] | None:
 
     rank = dist.get_rank() if dist.is_initialized() else 0
     out: dict[str, torch.Tensor] | None = {} if rank == 0 else None
+    ep_groups = _ep_groups_of(module)
     for name, p in module.named_parameters():
         ctx = GatheredParameters([p], modifier_rank=None) if hasattr(p, "ds_id") else contextlib.nullcontext()
         with ctx:
+            data = p.data.detach().to("cpu", torch.float32)
+            group = ep_groups.get(name)
+            if (
+                group is not None
+            ):  # an expert-parallel rank holds experts [r*E/P, (r+1)*E/P): stack in rank order
+                parts = [torch.empty_like(data) for _ in range(dist.get_world_size(group=group))]
+                dist.all_gather(parts, data.contiguous(), group=group)
+                data = torch.cat(parts, dim=0)
             if out is not None:
-                out[name] = p.data.detach().to("cpu", torch.float32).clone()
+                out[name] = data.clone()
     if out is not None:
         for name, b in module.named_buffers():
             short = name.rsplit(".", 1)[-1]
             owner = module.get_submodule(name.rsplit(".", 1)[0]) if "." in name else module
             if short not in owner._non_persistent_buffers_set:
                 out[name] = b.detach().to("cpu").clone()
+    return out
+
+
+def _ep_groups_of(module: nn.Module) -> dict[str, object]:
+    """{parameter name: expert-parallel group} for the expert parameters of ep_size > 1 blocks."""
+    from dive_ds.parallel.expert_parallel import ep_block_class
+
+    out = {}
+    for mname, m in module.named_modules():
+        if isinstance(m, ep_block_class()) and m.ep_size > 1:
+            for pname, _ in m.experts.named_parameters():
+                out[f"{mname}.experts.{pname}"] = m.ep_group
     return out
 
 
@@ -593,6 +686,28 @@ def export_hf(
     return out
 
 
+def _ep_checkpoint_state(folder: Path, meta: dict) -> dict[str, torch.Tensor]:
+    """Trainable tensors of an expert-parallel checkpoint: the shared file plus every expert-parallel
+    rank's experts stacked in rank order (DeepSpeed's zero_to_fp32 cannot merge per-rank expert groups)."""
+    from safetensors.torch import load_file
+
+    ep = int(meta["ep_size"])
+    missing = [
+        n
+        for n in [SHARED_TRAINABLE] + [EP_TRAINABLE.format(r) for r in range(ep)]
+        if not (folder / n).is_file()
+    ]
+    if missing:
+        raise ValueError(
+            f"{folder}: expert-parallel checkpoint is incomplete (no {missing[0]}); use another tag"
+        )
+    state = load_file(folder / SHARED_TRAINABLE)
+    parts = [load_file(folder / EP_TRAINABLE.format(r)) for r in range(ep)]
+    for name in parts[0]:
+        state[name] = torch.cat([p[name] for p in parts], dim=0)
+    return state
+
+
 def consolidate_checkpoint(ckpt_dir: str | Path, out: str | Path, tag: str | None = None) -> Path:
     """A DeepSpeed ZeRO-2/3 checkpoint of a stage -> plain HF MoE folder, offline (zero_to_fp32).
 
@@ -607,8 +722,13 @@ def consolidate_checkpoint(ckpt_dir: str | Path, out: str | Path, tag: str | Non
     if tag is None or not (ckpt_dir / tag / "dive_ds_stage.json").is_file():
         raise ValueError(f"no dive_ds checkpoint in {ckpt_dir} (expected a 'latest' file and step_* folders)")
     meta = json.loads((ckpt_dir / tag / "dive_ds_stage.json").read_text())
-    state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
-    if meta.get("exclude_frozen"):  # frozen weights are the stage input's: read them from there
+    if meta.get("ep_size"):
+        state = _ep_checkpoint_state(ckpt_dir / tag, meta)
+    else:
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    if meta.get("exclude_frozen") or meta.get(
+        "ep_size"
+    ):  # frozen weights are the stage input's: read them from there
         source = Path(meta["input"])
         if not (source / "config.json").is_file():
             raise ValueError(
@@ -722,6 +842,38 @@ def _crash_step(stage: str) -> int | None:
     return int(value)
 
 
+def _param_groups(model: nn.Module, ep_size: int | None, zero_stage: int) -> list:
+    """Trainable parameters for the optimizer; with expert parallelism, DeepSpeed's MoE param groups.
+
+    ZeRO-1/2 with MoE layers insists on at least one MoE param group, which the router stage (experts
+    frozen) does not have: it gets an empty one.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not ep_size:
+        return params
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    return split_params_into_different_moe_groups_for_optimizer({"params": params, "name": "dive"})
+
+
+ZERO2_EP_FROZEN = (
+    "DeepSpeed 0.19.8's ZeRO-1/2 optimizer asserts 'The model has moe layers, but None of the param "
+    "groups are marked as MoE' when no expert parameter trains"
+)
+
+
+def check_ep_stage(stage: StageConfig, zero_stage: int, ep_size: int | None) -> None:
+    """Refuse, before any work, a stage that DeepSpeed cannot run with expert parallelism."""
+    if not ep_size or zero_stage not in (1, 2):
+        return
+    if not (stage.lora or stage.train_expert_bias):
+        raise ValueError(
+            f"stage {stage.name} with ZeRO-{zero_stage} and expert parallelism {ep_size}: the experts are "
+            f"frozen and {ZERO2_EP_FROZEN}; run this stage with ds_configs/zero3.json (ZeRO-3 + EP) or "
+            "without expert parallelism (--set parallel.ep_size=1)"
+        )
+
+
 def run_stage(
     run: RunConfig,
     plan: StagePlan,
@@ -731,6 +883,7 @@ def run_stage(
     world: int,
     windows: dict[str, torch.Tensor],
     tokenizer,
+    ep_size: int | None = None,
 ) -> dict:
     import deepspeed
     from deepspeed.utils import set_z3_leaf_modules
@@ -754,8 +907,18 @@ def run_stage(
         )
 
     _seed_all(run.train.seed + plan.index)  # a resumed stage overwrites this with the checkpoint's RNG states
-    model, keep_alive = load_model(input_dir, ds, run.model.zero3_init)
+    if ep_size:
+        from dive_ds.parallel.ep_model import build_ep_model, ensure_ep_groups
+
+        ep_rank, _ = ensure_ep_groups(ep_size)
+        model, keep_alive = build_ep_model(input_dir, ep_size, ep_rank), None
+    else:
+        model, keep_alive = load_model(input_dir, ds, run.model.zero3_init)
     counts = prepare_stage_model(model, stage, run.train.seed)
+    if ep_size:
+        from dive_ds.parallel.expert_parallel import retag_model
+
+        retag_model(model)  # LoRA tensors of the experts reduce over the expert-data-parallel group too
     if rank == 0:
         print(trainable_line(stage.name, counts), flush=True)
     if not stage.unfreeze_embeddings:
@@ -771,7 +934,7 @@ def run_stage(
     factor = lr_factor(stage, steps)
     engine, _, _, scheduler = deepspeed.initialize(
         model=model,
-        model_parameters=[p for p in model.parameters() if p.requires_grad],
+        model_parameters=_param_groups(model, ep_size, zero_stage),
         config=ds,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor),
         dist_init_required=False,
@@ -786,7 +949,7 @@ def run_stage(
         excluded = json.loads((plan.ckpt_dir / tag / "dive_ds_stage.json").read_text()).get(
             "exclude_frozen", False
         )
-        client = load_checkpoint(engine, plan.ckpt_dir, tag, frozen_excluded=excluded)
+        client = load_checkpoint(engine, plan.ckpt_dir, tag, frozen_excluded=excluded, ep=bool(ep_size))
         if client["stage"] != stage.name:
             raise ValueError(
                 f"checkpoint {plan.ckpt_dir / tag} belongs to stage {client['stage']!r}, not {stage.name!r}"
@@ -806,6 +969,7 @@ def run_stage(
         "steps": steps,
         "world_size": world,
         "zero_stage": zero_stage,
+        "ep_size": ep_size,
         "exclude_frozen": run.checkpoint.exclude_frozen,
         "lora": {"r": stage.lora_r, "alpha": stage.lora_alpha, "dropout": stage.lora_dropout}
         if stage.lora
@@ -1115,7 +1279,12 @@ def train(
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     ds = resolve_ds_config(ds_raw, run, world, accelerator_name(), ds_source)
+    ep_size = resolve_ep_size(ds_raw, run, ds_source)
+    ep_size = ep_size if ep_size and ep_size > 1 else None  # 1: every rank all experts, the plain path
     plans = plan_stages(run, stages)
+    for plan in plans:
+        if not plan.done():
+            check_ep_stage(plan.stage, int(ds.get("zero_optimization", {}).get("stage", 0)), ep_size)
     todo = [p for p in plans if not p.done()]
     if todo and run.checkpoint.resume == "required" and latest_tag(todo[0].ckpt_dir) is None:
         raise ValueError(
@@ -1149,6 +1318,10 @@ def train(
     ref = inputs[todo[0].stage.name] if todo else inputs[plans[0].stage.name]
     config = DiveMoeConfig.from_pretrained(ref) if todo else None
     vocab = config.vocab_size if config is not None else 1 << 62
+    if ep_size and config is not None:
+        from dive_ds.parallel.ep_model import check_ep_size
+
+        check_ep_size(ep_size, world, config.num_local_experts)
     tokenizer = load_tokenizer(run.data.tokenizer, ref, vocab) if todo else None
     domains, probs = resolve_domains(run.data)
     windows = eval_windows(run, tokenizer, vocab) if todo else {}
@@ -1156,7 +1329,8 @@ def train(
     if rank == 0:
         _record_run(run, ds, ds_source, world, recipe, argv)
         print(
-            f"retrain: {world} rank(s) on {accelerator_name()}; global batch {run.train.global_batch_size} x "
+            f"retrain: {world} rank(s) on {accelerator_name()}"
+            f"{f', expert parallel {ep_size}' if ep_size else ''}; global batch {run.train.global_batch_size} x "
             f"{run.data.seq_len} tokens; stages {', '.join(p.stage.name for p in plans)}; out {run.out_dir}",
             flush=True,
         )
@@ -1169,7 +1343,9 @@ def train(
             results[plan.stage.name] = json.loads((plan.model_dir / DONE_FILE).read_text())
             continue
         stage_in = check_moe_folder(inputs[plan.stage.name], f"stages.{plan.stage.name} input")
-        results[plan.stage.name] = run_stage(run, plan, stage_in, ds, rank, world, windows, tokenizer)
+        results[plan.stage.name] = run_stage(
+            run, plan, stage_in, ds, rank, world, windows, tokenizer, ep_size
+        )
     last = run.enabled_stages()[-1]
     last_dir = Path(run.out_dir) / "stages" / last.name / "model"
     if rank == 0 and (last_dir / DONE_FILE).is_file():
