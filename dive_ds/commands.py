@@ -1,6 +1,8 @@
-"""Sub-commands beyond `calibrate`: mine, reconstruct, evaluate, export, demo."""
+"""Sub-commands beyond `calibrate`: mine, reconstruct, consolidate, evaluate, plan, export, demo."""
 
 from __future__ import annotations
+
+import os
 
 from dive_ds.reconstruct import METHODS, PRESETS, ROUTER_INITS
 
@@ -87,8 +89,28 @@ def add_all(sub) -> None:
     )
     p.add_argument("--seed", type=int, default=42, help="router init / random baselines seed")
     p.add_argument("--model", help="dense model (default: the one recorded in the calibration)")
-    p.add_argument("--out", required=True, help="output MoE checkpoint folder (Hugging Face format)")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="output MoE folder (Hugging Face format; with --shards: the shard folder all nodes share)",
+    )
+    p.add_argument("--shards", action="store_true", help="write this node's part of a sharded folder "
+                   "(one task per node, all into the same --out; join with `dive-ds consolidate`)")  # fmt: skip
+    p.add_argument("--node-rank", type=int, help="with --shards: this node's id (default $SLURM_NODEID)")
+    p.add_argument("--nodes", type=int, help="with --shards: nodes in the job (default $SLURM_NNODES)")
+    p.add_argument("--gpus-per-node", type=int, help="with --shards: ranks per node of the training job")
+    p.add_argument("--ep", type=int, help="with --shards: expert-parallel size of the training job")
     p.set_defaults(func=cmd_reconstruct)
+
+    p = sub.add_parser(
+        "consolidate",
+        help="join a sharded MoE folder into one Hugging Face dive_moe folder",
+        description="Checks that every node of `reconstruct --shards` finished, then streams the "
+        "shards layer by layer into the folder `reconstruct` writes without --shards.",
+    )
+    p.add_argument("--shards", required=True, help="sharded folder (the --out of `reconstruct --shards`)")
+    p.add_argument("--out", required=True, help="output folder (Hugging Face format; must not exist)")
+    p.set_defaults(func=cmd_consolidate)
 
     p = sub.add_parser(
         "evaluate",
@@ -234,10 +256,55 @@ def _print_mining(rep: dict, out) -> None:
         )
 
 
+def _env_int(flag: str, value: int | None, env: str) -> int:
+    if value is not None:
+        return value
+    raw = os.environ.get(env)
+    if raw is None:
+        raise ValueError(f"--shards needs {flag} (or ${env} from SLURM); pass {flag} N")
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"${env}={raw!r} is not an integer; pass {flag} N") from None
+
+
+def _placement(a):
+    """The node placement of `reconstruct --shards`, validated; None without --shards."""
+    from dive_ds.models.shards import NodePlacement
+
+    flags = {"--node-rank": a.node_rank, "--nodes": a.nodes, "--gpus-per-node": a.gpus_per_node, "--ep": a.ep}
+    if not a.shards:
+        given = [f for f, v in flags.items() if v is not None]
+        if given:
+            raise ValueError(f"{given[0]} only applies with --shards; add --shards or drop {given[0]}")
+        return None
+    for flag in ("--gpus-per-node", "--ep"):
+        if flags[flag] is None:
+            raise ValueError(f"--shards needs {flag}; pass the training job's {flag} N")
+    return NodePlacement(
+        node=_env_int("--node-rank", a.node_rank, "SLURM_NODEID"),
+        nodes=_env_int("--nodes", a.nodes, "SLURM_NNODES"),
+        gpus_per_node=a.gpus_per_node,
+        ep_size=a.ep,
+    )
+
+
 def cmd_reconstruct(a) -> int:
     from dive_ds.workflows import run_reconstruct
 
-    run_reconstruct(a.calib, a.groups, a.out, _recon_cfg(a), a.model)
+    cfg = _recon_cfg(a)
+    placement = _placement(a)
+    if placement is not None:
+        placement.check(cfg.num_experts)
+    run_reconstruct(a.calib, a.groups, a.out, cfg, a.model, shards=placement)
+    return 0
+
+
+def cmd_consolidate(a) -> int:
+    from dive_ds.models.shards import consolidate_shards
+
+    out = consolidate_shards(a.shards, a.out)
+    print(f"consolidated {a.shards} -> {out} (Hugging Face dive_moe folder)")
     return 0
 
 

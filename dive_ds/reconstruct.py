@@ -10,6 +10,7 @@ Legend: E experts, L layers, K kept channels per expert, F dense FFN width, H hi
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -21,6 +22,7 @@ import torch
 from safetensors.torch import save_file
 
 from dive_ds.models.loading import LayerwiseCheckpoint, check_gated_mlp
+from dive_ds.models.shards import NodePlacement, ShardWriter, node_file
 from dive_ds.stats import ChannelStats, channel_scores, compensation_bias, kept_channels, mean_var, n_keep
 
 PRESETS = {
@@ -185,6 +187,90 @@ def moe_config_dict(dense_config, cfg: ReconstructConfig, keep: int) -> dict:
     return d
 
 
+SIDE_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "generation_config.json",
+)
+"""Files of the dense folder copied next to the MoE weights."""
+
+
+def pop_dense_mlp(st: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Take the gated MLP out of one layer's state -> (w_gate_FH, w_up_FH, w_down_HF)."""
+    return st.pop("mlp.gate_proj.weight"), st.pop("mlp.up_proj.weight"), st.pop("mlp.down_proj.weight")
+
+
+def expert_tensors(
+    w_gate_FH: torch.Tensor,
+    w_up_FH: torch.Tensor,
+    w_down_HF: torch.Tensor,
+    plan: ExpertPlan,
+    layer: int,
+    experts: list[int],
+    dtype: torch.dtype,
+) -> dict[str, torch.Tensor]:
+    """Experts `experts` of one layer cut from its dense MLP, stacked in that order.
+
+    -> {'gate_up_proj' [k,2K,H], 'down_proj' [k,H,K], 'bias' [k,H]}. Each expert's values do not
+    depend on which others are asked for, so a node computing only its own experts writes the
+    same bits as `write_moe`.
+    """
+    kept = plan.kept_ELK[experts, layer]  # [k, K]
+    out = {
+        "gate_up_proj": torch.cat([w_gate_FH[kept], w_up_FH[kept]], dim=1).to(dtype),
+        "down_proj": torch.stack([w_down_HF[:, k] for k in kept]).to(dtype),
+    }
+    if plan.mean_ELF is not None:
+        out["bias"] = torch.stack(
+            [compensation_bias(w_down_HF, plan.mean_ELF[e, layer], kept[i]) for i, e in enumerate(experts)]
+        ).to(dtype)
+    else:
+        out["bias"] = torch.zeros(len(experts), w_down_HF.shape[0], dtype=dtype)
+    return out
+
+
+def router_tensors(plan: ExpertPlan, layer: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """{'gate.weight' [E,H], 'gate.noise_weight' [E,H] (zeros)} of one layer."""
+    w = plan.router_ELH[:, layer].to(dtype).contiguous()
+    return {"gate.weight": w, "gate.noise_weight": torch.zeros_like(w)}
+
+
+def experts_json(plan: ExpertPlan, cfg: ReconstructConfig, dense_dir: Path, extra: dict | None) -> str:
+    """The text of dive_experts.json: groups, reconstruction settings, expert width, dense model."""
+    info = {
+        "groups": plan.groups,
+        "reconstruction": asdict(cfg),
+        "expert_width": plan.kept_ELK.shape[-1],
+        "dense_model": str(dense_dir),
+    }
+    return json.dumps(info | (extra or {}), indent=2) + "\n"
+
+
+def plan_fingerprint(plan: ExpertPlan, moe_config: dict, dtype: torch.dtype) -> str:
+    """Short hash of everything that decides the MoE's bits except the dense weights themselves."""
+    h = hashlib.sha256()
+    h.update(json.dumps([moe_config, plan.groups, str(dtype)], sort_keys=True, default=str).encode())
+    for t in (plan.kept_ELK, plan.router_ELH, plan.mean_ELF):
+        if t is not None:
+            h.update(str((t.dtype, tuple(t.shape))).encode())
+            h.update(t.contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _moe_config(dense_dir: Path, plan: ExpertPlan, cfg: ReconstructConfig):
+    from transformers import AutoConfig
+
+    from dive_ds.models.moe import DiveMoeConfig
+
+    config = AutoConfig.from_pretrained(dense_dir)
+    check_gated_mlp(config)
+    d = moe_config_dict(config, cfg, plan.kept_ELK.shape[-1])
+    return config, d, DiveMoeConfig(**d)
+
+
 @torch.no_grad()
 def write_moe(
     dense_dir: str | Path,
@@ -194,18 +280,13 @@ def write_moe(
     extra_files: dict[str, str] | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> Path:
-    """Stream the dense checkpoint layer by layer into a DIVE MoE checkpoint at `out` (atomic)."""
-    from transformers import AutoConfig
+    """Stream the dense checkpoint layer by layer into a DIVE MoE checkpoint at `out` (atomic).
 
-    from dive_ds.models.moe import DiveMoeConfig
-
+    `extra_files`: extra entries of dive_experts.json (e.g. the calibration folder)."""
     dense_dir, out = Path(dense_dir), Path(out)
-    config = AutoConfig.from_pretrained(dense_dir)
-    check_gated_mlp(config)
+    config, _, moe_cfg = _moe_config(dense_dir, plan, cfg)
     ckpt = LayerwiseCheckpoint(dense_dir)
-    n_layers = config.num_hidden_layers
-    keep = plan.kept_ELK.shape[-1]
-    moe_cfg = DiveMoeConfig(**moe_config_dict(config, cfg, keep))
+    everyone = list(range(plan.kept_ELK.shape[0]))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     weight_map: dict[str, str] = {}
@@ -215,62 +296,26 @@ def write_moe(
         save_file({k: v.contiguous() for k, v in shared.items()}, tmp / name, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(shared, name))
         del shared
-        for layer in range(n_layers):
+        for layer in range(config.num_hidden_layers):
             st = ckpt.layer_state(layer)
-            w_gate, w_up, w_down = (
-                st.pop("mlp.gate_proj.weight"),
-                st.pop("mlp.up_proj.weight"),
-                st.pop("mlp.down_proj.weight"),
-            )
-            kept = plan.kept_ELK[:, layer]  # [E, K]
+            w_gate, w_up, w_down = pop_dense_mlp(st)
             tensors = {f"model.layers.{layer}.{k}": v.to(dtype) for k, v in st.items()}
             p = f"model.layers.{layer}.mlp."
-            tensors[p + "experts.gate_up_proj"] = torch.cat([w_gate[kept], w_up[kept]], dim=1).to(
-                dtype
-            )  # [E,2K,H]
-            tensors[p + "experts.down_proj"] = torch.stack([w_down[:, k] for k in kept]).to(dtype)  # [E,H,K]
-            if plan.mean_ELF is not None:
-                tensors[p + "experts.bias"] = torch.stack(
-                    [
-                        compensation_bias(w_down, plan.mean_ELF[e, layer], kept[e])
-                        for e in range(kept.shape[0])
-                    ]
-                ).to(dtype)
-            else:
-                tensors[p + "experts.bias"] = torch.zeros(kept.shape[0], config.hidden_size, dtype=dtype)
-            tensors[p + "gate.weight"] = plan.router_ELH[:, layer].to(dtype).contiguous()
-            tensors[p + "gate.noise_weight"] = torch.zeros(kept.shape[0], config.hidden_size, dtype=dtype)
+            ex = expert_tensors(w_gate, w_up, w_down, plan, layer, everyone, dtype)
+            tensors.update({p + "experts." + k: v for k, v in ex.items()})
+            tensors.update({p + k: v for k, v in router_tensors(plan, layer, dtype).items()})
             name = f"model-layer-{layer:05d}.safetensors"
             save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / name, metadata={"format": "pt"})
             weight_map.update(dict.fromkeys(tensors, name))
-            del tensors, st, w_gate, w_up, w_down
+            del tensors, st, w_gate, w_up, w_down, ex
         (tmp / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1)
         )
         moe_cfg.save_pretrained(tmp)
-        for fname in (
-            "tokenizer.json",
-            "tokenizer_config.json",
-            "special_tokens_map.json",
-            "tokenizer.model",
-            "chat_template.jinja",
-            "generation_config.json",
-        ):
+        for fname in SIDE_FILES:
             if (dense_dir / fname).exists():
                 shutil.copy2(dense_dir / fname, tmp / fname)
-        (tmp / "dive_experts.json").write_text(
-            json.dumps(
-                {
-                    "groups": plan.groups,
-                    "reconstruction": asdict(cfg),
-                    "expert_width": keep,
-                    "dense_model": str(dense_dir),
-                }
-                | (extra_files or {}),
-                indent=2,
-            )
-            + "\n"
-        )
+        (tmp / "dive_experts.json").write_text(experts_json(plan, cfg, dense_dir, extra_files))
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -278,3 +323,70 @@ def write_moe(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+@torch.no_grad()
+def write_moe_shards(
+    dense_dir: str | Path,
+    plan: ExpertPlan,
+    cfg: ReconstructConfig,
+    out: str | Path,
+    placement: NodePlacement,
+    extra_info: dict[str, str] | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> dict:
+    """This node's part of a sharded MoE folder (dive_ds.models.shards), streamed layer by layer.
+
+    Node 0 writes the shared tensors, config and side files; every node writes the experts it is
+    the writer of, with the same bits as `write_moe`. A node holds one dense layer (only its MLP
+    on nodes other than 0) plus its own experts of that layer. A rerun of a node whose part is
+    complete does nothing. -> the node's record (files, seconds, tensor_bytes, reused).
+    `extra_info`: extra entries of dive_experts.json, as `extra_files` of write_moe.
+    """
+    dense_dir, out = Path(dense_dir), Path(out)
+    config, moe_dict, moe_cfg = _moe_config(dense_dir, plan, cfg)
+    n_experts = plan.kept_ELK.shape[0]
+    writer = ShardWriter(
+        out,
+        moe_cfg,
+        n_experts,
+        placement.ep_size,
+        placement.nodes,
+        placement.gpus_per_node,
+        placement.node,
+        fingerprint=plan_fingerprint(plan, moe_dict, dtype),
+    )
+    if writer.already_done():
+        return json.loads((out / node_file(placement.node)).read_text()) | {"reused": True}
+    node0, mine = placement.node == 0, writer.experts
+    ckpt = LayerwiseCheckpoint(dense_dir)
+    if node0:
+        writer.write_shared(
+            {k: ckpt.get(k).to(dtype) for k in ckpt.keys() if not k.startswith("model.layers.")}
+        )
+    for layer in range(config.num_hidden_layers if node0 or mine else 0):
+        if node0:
+            st = ckpt.layer_state(layer)
+        else:  # the experts need only the MLP
+            head = f"model.layers.{layer}.mlp."
+            names = [head + n for n in ("gate_proj.weight", "up_proj.weight", "down_proj.weight")]
+            st = {k[len(f"model.layers.{layer}.") :]: v for k, v in ckpt.get_many(names).items()}
+        w_gate, w_up, w_down = pop_dense_mlp(st)
+        if node0:
+            p = f"model.layers.{layer}."
+            shared = {p + k: v.to(dtype) for k, v in st.items()}
+            shared.update({p + "mlp." + k: v for k, v in router_tensors(plan, layer, dtype).items()})
+            writer.write_shared_layer(layer, shared)
+            del shared
+        for e in mine:  # one at a time: the same bits as write_moe's stacked tensors (see expert_tensors)
+            ex = expert_tensors(w_gate, w_up, w_down, plan, layer, [e], dtype)
+            writer.write_expert(layer, e, {k: v[0] for k, v in ex.items()})
+            del ex
+        del st, w_gate, w_up, w_down
+    extra = None
+    if node0:
+        for fname in SIDE_FILES:
+            if (dense_dir / fname).exists():
+                writer.copy_file(dense_dir / fname)
+        extra = {"dive_experts.json": experts_json(plan, cfg, dense_dir, extra_info)}
+    return writer.finish(extra) | {"reused": False}

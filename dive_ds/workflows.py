@@ -15,7 +15,8 @@ import torch
 from dive_ds import mining
 from dive_ds.calibrate import Calibration, check_same_model, load_calibration, run_manifest_base
 from dive_ds.eval.perplexity import domain_perplexities, pruned_ffn, routing_report
-from dive_ds.reconstruct import ReconstructConfig, plan_experts, write_moe
+from dive_ds.models.shards import NodePlacement, check_shard_out
+from dive_ds.reconstruct import ReconstructConfig, plan_experts, write_moe, write_moe_shards
 from dive_ds.stats import channel_scores, kept_channels, mean_var, n_keep
 
 
@@ -148,7 +149,12 @@ def run_reconstruct(
     out: str | Path,
     cfg: ReconstructConfig,
     model: str | None = None,
+    shards: NodePlacement | None = None,
 ) -> Path:
+    """Plan the experts and write the MoE: one HF folder, or with `shards` this node's part of a sharded folder."""
+    if shards is not None:
+        shards.check(cfg.num_experts)
+        check_shard_out(Path(out))
     cal = load_calibration(calib_dir)
     groups = None
     if cfg.method == "dive":
@@ -169,6 +175,20 @@ def run_reconstruct(
     check_same_model(cal, model_dir)
     plan = plan_experts(cal.stats, cal.domains, groups, cfg)
     t0 = time.time()
+    if shards is not None:
+        rec = write_moe_shards(model_dir, plan, cfg, out, shards, extra_info={"calibration": str(cal.path)})
+        n = f"node {shards.node}/{shards.nodes}"
+        if rec["reused"]:
+            print(
+                f"{n}: reused its complete shards in {out} (nodes/node-{shards.node:05d}.json); nothing to do"
+            )
+        else:
+            print(
+                f"{n} wrote experts {rec['experts']} (of {cfg.num_experts}) of {plan.kept_ELK.shape[1]} layers"
+                f"{' and the shared tensors' if shards.node == 0 else ''}: {len(rec['files'])} files, "
+                f"{rec['tensor_bytes'] / 2**20:.1f} MiB to {out} in {time.time() - t0:.1f}s"
+            )
+        return Path(out)
     write_moe(model_dir, plan, cfg, out, extra_files={"calibration": str(cal.path)})
     print(
         f"wrote {cfg.method} MoE ({cfg.num_experts} experts x {plan.kept_ELK.shape[-1]} channels, top-{cfg.top_k}) "

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from dive_ds.models.moe import DiveExperts, DiveMoeBlock, DiveMoeConfig, DiveRouter, permute, unpermute
+from dive_ds.models.shards import experts_of_ep_rank  # noqa: F401 (placement lives with the shard layout)
 
 EP_FAMILY = "autoep_expert"
 
@@ -39,19 +40,6 @@ EP_FAMILY = "autoep_expert"
 def ep_group_name(ep_size: int) -> str:
     """The name DeepSpeed gives the expert-parallel group of size P (and its expert-data-parallel twin)."""
     return f"ep_size_{ep_size}"
-
-
-def experts_of_ep_rank(num_experts: int, ep_size: int, ep_rank: int) -> list[int]:
-    """The experts an expert-parallel rank holds: a contiguous block of E / P ids."""
-    if ep_size < 1 or num_experts % ep_size:
-        raise ValueError(
-            f"ep_size={ep_size} with {num_experts} experts: choose an expert-parallel size that divides "
-            f"the number of experts ({[p for p in range(1, num_experts + 1) if num_experts % p == 0]})"
-        )
-    if not 0 <= ep_rank < ep_size:
-        raise ValueError(f"ep_rank={ep_rank}: use a rank in [0, {ep_size})")
-    per = num_experts // ep_size
-    return list(range(ep_rank * per, (ep_rank + 1) * per))
 
 
 def group_by_local_expert(counts_PE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,638 @@
+"""A DIVE MoE stored as per-expert files, written by several nodes at once ("reconstruction once per node").
+
+On a cluster every node runs one reconstruct task; each writes only experts that its own
+ranks hold under expert parallelism, so no node ever materialises the whole MoE. Layout of
+a sharded folder OUT:
+
+    OUT/dive_shards.json                               layout + fingerprint (node 0)
+    OUT/config.json, dive_experts.json, tokenizer      node 0
+    OUT/shared/model-shared.safetensors                embeddings, final norm, lm_head if untied (node 0)
+    OUT/shared/layer-{l:05d}.safetensors               every non-expert tensor of layer l, full HF names (node 0)
+    OUT/experts/layer-{l:05d}/expert-{e:03d}.safetensors   gate_up_proj [2F,H], down_proj [H,F], bias [H]
+    OUT/nodes/node-{n:05d}.json                        what node n wrote; written last (its completion marker)
+
+Every file appears under its final name only when complete (temp name + os.replace in the same
+folder); the folder itself is never renamed, since several nodes write into it concurrently.
+
+Placement follows DeepSpeed: expert-parallel groups are consecutive global ranks,
+g = node * gpus_per_node + local, ep_rank = g % P, and ep_rank p holds experts [p*E/P, (p+1)*E/P).
+
+Legend: E experts, P expert-parallel size, L layers, F expert FFN width, H hidden, k experts asked for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from dive_ds.models.moe import DiveMoeConfig
+
+FORMAT = "dive_ds.shards/1"
+MANIFEST = "dive_shards.json"
+EXPERT_KEYS = ("gate_up_proj", "down_proj", "bias")
+"""Keys of one expert file (bias is absent for a model without expert output biases)."""
+_HF_EXPERT = "mlp.experts."
+
+
+# --------------------------------------------------------------------------- placement (pure)
+
+
+def _divisors(n: int) -> str:
+    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+
+
+def check_placement(num_experts: int, ep_size: int, nodes: int, gpus_per_node: int) -> None:
+    """ValueError (one line, with the fix) unless E experts can be split over P ranks of nodes x gpus_per_node."""
+    if num_experts < 1:
+        raise ValueError(f"num_experts={num_experts}: a MoE layer needs at least one expert")
+    if nodes < 1:
+        raise ValueError(f"--nodes {nodes}: use the number of nodes of the job (>= 1)")
+    if gpus_per_node < 1:
+        raise ValueError(f"--gpus-per-node {gpus_per_node}: use the GPUs (ranks) per node (>= 1)")
+    if ep_size < 1 or num_experts % ep_size:
+        raise ValueError(
+            f"--ep {ep_size} does not divide the {num_experts} experts per layer; "
+            f"use an expert-parallel size in: {_divisors(num_experts)}"
+        )
+    world = nodes * gpus_per_node
+    if world % ep_size:
+        raise ValueError(
+            f"--ep {ep_size} does not divide the {world} ranks (--nodes {nodes} x --gpus-per-node "
+            f"{gpus_per_node}); use an expert-parallel size in: {_divisors(world)}"
+        )
+
+
+def check_node(node: int, nodes: int) -> None:
+    if not 0 <= node < nodes:
+        raise ValueError(
+            f"--node-rank {node} is outside [0, {nodes}) for --nodes {nodes}; pass this node's id"
+        )
+
+
+def experts_of_ep_rank(num_experts: int, ep_size: int, ep_rank: int) -> list[int]:
+    """Experts held by expert-parallel rank `ep_rank`: the contiguous block [p*E/P, (p+1)*E/P)."""
+    if ep_size < 1 or num_experts % ep_size:
+        raise ValueError(
+            f"ep_size={ep_size} does not divide num_experts={num_experts}; "
+            f"use an expert-parallel size in: {_divisors(num_experts)}"
+        )
+    if not 0 <= ep_rank < ep_size:
+        raise ValueError(
+            f"ep_rank={ep_rank} is outside [0, {ep_size}); use a rank of the expert-parallel group"
+        )
+    per = num_experts // ep_size
+    return list(range(ep_rank * per, (ep_rank + 1) * per))
+
+
+def experts_of_node(num_experts: int, ep_size: int, node: int, gpus_per_node: int) -> list[int]:
+    """Experts held by any rank of `node` (sorted): the union over its global ranks."""
+    if gpus_per_node < 1:
+        raise ValueError(f"--gpus-per-node {gpus_per_node}: use the GPUs (ranks) per node (>= 1)")
+    if node < 0:
+        raise ValueError(f"--node-rank {node}: use a node id >= 0")
+    held: set[int] = set()
+    for g in range(node * gpus_per_node, (node + 1) * gpus_per_node):
+        held.update(experts_of_ep_rank(num_experts, ep_size, g % ep_size))
+    return sorted(held)
+
+
+def writers(num_experts: int, ep_size: int, nodes: int, gpus_per_node: int) -> dict[int, int]:
+    """expert -> the one node that writes it: among the nodes holding e (sorted), index e % count."""
+    check_placement(num_experts, ep_size, nodes, gpus_per_node)
+    holders: dict[int, list[int]] = {e: [] for e in range(num_experts)}
+    for n in range(nodes):
+        for e in experts_of_node(num_experts, ep_size, n, gpus_per_node):
+            holders[e].append(n)
+    return {e: hs[e % len(hs)] for e, hs in holders.items()}
+
+
+def shard_writer(expert: int, num_experts: int, ep_size: int, nodes: int, gpus_per_node: int) -> int:
+    """The node that writes `expert` (one of the nodes whose ranks hold it; spreads work over them)."""
+    if not 0 <= expert < num_experts:
+        raise ValueError(f"expert {expert} is outside [0, {num_experts})")
+    return writers(num_experts, ep_size, nodes, gpus_per_node)[expert]
+
+
+def experts_written_by(
+    node: int, num_experts: int, ep_size: int, nodes: int, gpus_per_node: int
+) -> list[int]:
+    """The experts `node` writes (sorted; may be empty when other nodes hold the same experts)."""
+    check_node(node, nodes)
+    return [e for e, n in writers(num_experts, ep_size, nodes, gpus_per_node).items() if n == node]
+
+
+@dataclass(frozen=True)
+class NodePlacement:
+    """Where one reconstruct task runs in the training job whose expert-parallel layout it writes for."""
+
+    node: int
+    """This node's id in [0, nodes) (SLURM_NODEID)."""
+    nodes: int
+    """Nodes of the training job (SLURM_NNODES)."""
+    gpus_per_node: int
+    """Ranks per node."""
+    ep_size: int
+    """P: expert-parallel size of the training job (divides the experts and nodes * gpus_per_node)."""
+
+    def __post_init__(self):
+        if self.nodes < 1:
+            raise ValueError(f"--nodes {self.nodes}: use the number of nodes of the job (>= 1)")
+        check_node(self.node, self.nodes)
+
+    def check(self, num_experts: int) -> None:
+        """ValueError unless `num_experts` experts fit this layout (before any heavy work)."""
+        check_placement(num_experts, self.ep_size, self.nodes, self.gpus_per_node)
+
+
+# --------------------------------------------------------------------------- file names and small I/O
+
+
+def shared_file() -> str:
+    return "shared/model-shared.safetensors"
+
+
+def shared_layer_file(layer: int) -> str:
+    return f"shared/layer-{layer:05d}.safetensors"
+
+
+def expert_file(layer: int, expert: int) -> str:
+    return f"experts/layer-{layer:05d}/expert-{expert:03d}.safetensors"
+
+
+def node_file(node: int) -> str:
+    return f"nodes/node-{node:05d}.json"
+
+
+def _tmp_name(path: Path) -> Path:
+    # Hidden, unique per process and call: concurrent writers never share a temp file.
+    return path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(path)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"format": "pt"})
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _atomic_text(text: str, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _atomic_copy(src: Path, path: Path) -> None:
+    tmp = _tmp_name(path)
+    try:
+        shutil.copy2(src, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _read(path: Path, keys: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """Tensors of one safetensors file in private memory (the mapping is closed again, as in loading.py)."""
+    with safe_open(path, "pt") as f:
+        return {k: f.get_tensor(k).clone() for k in (f.keys() if keys is None else keys)}
+
+
+def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def config_fingerprint(config: DiveMoeConfig) -> str:
+    """Short hash of a MoE config (the default fingerprint of a ShardWriter)."""
+    return hashlib.sha256(config.to_json_string(use_diff=False).encode()).hexdigest()[:16]
+
+
+def layout_manifest(
+    num_layers: int, num_experts: int, ep_size: int, nodes: int, gpus_per_node: int, fingerprint: str
+) -> dict:
+    """The content of dive_shards.json (JSON keys are strings: writers maps str(expert) -> node)."""
+    return {
+        "format": FORMAT,
+        "num_layers": num_layers,
+        "num_experts": num_experts,
+        "ep_size": ep_size,
+        "nodes": nodes,
+        "gpus_per_node": gpus_per_node,
+        "writers": {str(e): n for e, n in writers(num_experts, ep_size, nodes, gpus_per_node).items()},
+        "fingerprint": fingerprint,
+    }
+
+
+def _first_difference(old: dict, new: dict) -> str:
+    for key in new:
+        if old.get(key) != new[key]:
+            if key == "writers":
+                return "expert writers differ"
+            return f"{key} {old.get(key)!r} != {new[key]!r}"
+    return "contents differ"
+
+
+def _load_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def is_sharded(folder: str | Path) -> bool:
+    """Whether `folder` is (or is becoming) a sharded MoE folder rather than a Hugging Face one."""
+    folder = Path(folder)
+    return (folder / MANIFEST).is_file() or (folder / "nodes").is_dir()
+
+
+def check_shard_out(out: Path) -> None:
+    """ValueError when `out` exists and is not (the start of) a sharded folder."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; pass a folder for the shards")
+    # hidden names are other writers' temp files (a concurrent node 0 creating dive_shards.json)
+    visible = [p for p in out.iterdir() if not p.name.startswith(".")] if out.is_dir() else []
+    if visible and not (is_sharded(out) or (out / "experts").is_dir()):
+        raise ValueError(
+            f"--out {out} already holds something else (no {MANIFEST}); use another --out or remove it"
+        )
+
+
+# --------------------------------------------------------------------------- writer
+
+
+class ShardWriter:
+    """Writes one node's part of a sharded MoE folder; `finish()` writes the node's completion marker last.
+
+    Node 0 writes the shared tensors (`write_shared`, `write_shared_layer` for every layer), config.json
+    and dive_shards.json; every node writes the experts it is the writer of (`self.experts`) for
+    every layer. Refuses (ValueError) a folder that holds another layout or fingerprint.
+
+    `fingerprint` names the content (the reconstruction plan; a stage and step when saving a retrained
+    model): every node of one save passes the same, and a folder never mixes two. Default: a hash of
+    the config. A rerun of a node rewrites its files; its old marker is removed before the first one.
+    """
+
+    def __init__(
+        self,
+        out: str | Path,
+        config: DiveMoeConfig,
+        num_experts: int,
+        ep_size: int,
+        nodes: int,
+        gpus_per_node: int,
+        node: int,
+        fingerprint: str | None = None,
+    ):
+        check_placement(num_experts, ep_size, nodes, gpus_per_node)
+        check_node(node, nodes)
+        if config.num_local_experts != num_experts:
+            raise ValueError(
+                f"num_experts={num_experts} but the config has num_local_experts={config.num_local_experts}; "
+                "pass the config of this MoE"
+            )
+        self.out = Path(out)
+        self.config = config
+        self.node = node
+        self.num_layers = config.num_hidden_layers
+        self.num_experts = num_experts
+        self.experts = experts_written_by(node, num_experts, ep_size, nodes, gpus_per_node)
+        """The experts this node writes (sorted)."""
+        self.fingerprint = fingerprint or config_fingerprint(config)
+        self.manifest = layout_manifest(
+            self.num_layers, num_experts, ep_size, nodes, gpus_per_node, self.fingerprint
+        )
+        self.files: list[str] = []
+        self.tensor_bytes = 0
+        self._started = False
+        self.t0 = time.time()
+        check_shard_out(self.out)
+        self._check_existing()
+        self.out.mkdir(parents=True, exist_ok=True)
+        if node == 0 and _load_json(self.out / MANIFEST) != self.manifest:
+            _atomic_text(json.dumps(self.manifest, indent=1) + "\n", self.out / MANIFEST)
+
+    def _check_existing(self) -> None:
+        """Another plan, layout or config already in OUT (its manifest or any node marker) -> ValueError."""
+        old = _load_json(self.out / MANIFEST)
+        if old is not None and old != self.manifest:
+            raise ValueError(
+                f"{self.out} holds another sharded MoE ({_first_difference(old, self.manifest)}); "
+                "use another --out or remove it"
+            )
+        marker_dir = self.out / "nodes"
+        for path in sorted(marker_dir.glob("node-*.json")) if marker_dir.is_dir() else []:
+            rec = _load_json(path)
+            if rec is None or rec.get("layout") != self.manifest:
+                raise ValueError(
+                    f"{self.out} holds another sharded MoE (nodes/{path.name} was written for another "
+                    "plan, layout or config); use another --out or remove it"
+                )
+
+    def already_done(self) -> bool:
+        """This node's marker is there, for this layout and fingerprint, and every file it lists exists."""
+        rec = _load_json(self.out / node_file(self.node))
+        return (
+            rec is not None
+            and rec.get("layout") == self.manifest
+            and all((self.out / f).is_file() for f in rec.get("files", []))
+        )
+
+    def _begin(self) -> None:
+        # A marker from an earlier run goes before the first file is rewritten: the folder must not
+        # look complete while it holds a mix of the two runs.
+        if not self._started:
+            (self.out / node_file(self.node)).unlink(missing_ok=True)
+            self._started = True
+
+    def _save(self, tensors: dict[str, torch.Tensor], rel: str) -> None:
+        self._begin()
+        _atomic_save(tensors, self.out / rel)
+        self.files.append(rel)
+        self.tensor_bytes += _nbytes(tensors)
+
+    def _node0(self, what: str) -> None:
+        if self.node != 0:
+            raise ValueError(f"only node 0 writes {what} (this is node {self.node}); skip it on other nodes")
+
+    def write_shared(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Tensors outside the decoder layers (embeddings, final norm, lm_head if untied), HF names."""
+        self._node0("the shared tensors")
+        bad = [k for k in tensors if k.startswith("model.layers.")]
+        if bad:
+            raise ValueError(f"write_shared got the layer tensor {bad[0]}; pass it to write_shared_layer")
+        self._save(tensors, shared_file())
+
+    def write_shared_layer(self, layer: int, tensors: dict[str, torch.Tensor]) -> None:
+        """Every non-expert tensor of decoder layer `layer` (attention, norms, router), full HF names."""
+        self._node0("the shared layer tensors")
+        if not 0 <= layer < self.num_layers:
+            raise ValueError(f"layer {layer} is outside [0, {self.num_layers})")
+        head = f"model.layers.{layer}."
+        bad = [k for k in tensors if not k.startswith(head) or _HF_EXPERT in k]
+        if bad:
+            raise ValueError(
+                f"write_shared_layer({layer}) got {bad[0]}; pass only non-expert tensors named {head}*"
+            )
+        self._save(tensors, shared_layer_file(layer))
+
+    def write_expert(self, layer: int, expert: int, tensors: dict[str, torch.Tensor]) -> None:
+        """One expert of one layer: gate_up_proj [2F,H], down_proj [H,F] and (optional) bias [H]."""
+        if expert not in self.experts:
+            raise ValueError(
+                f"node {self.node} does not write expert {expert} (it writes {self.experts}); "
+                "write each expert on its shard_writer node"
+            )
+        if not 0 <= layer < self.num_layers:
+            raise ValueError(f"layer {layer} is outside [0, {self.num_layers})")
+        if set(tensors) - set(EXPERT_KEYS) or not {"gate_up_proj", "down_proj"} <= set(tensors):
+            raise ValueError(f"expert tensors are {sorted(tensors)}; pass gate_up_proj, down_proj and bias")
+        self._save(tensors, expert_file(layer, expert))
+
+    def copy_file(self, src: str | Path, name: str | None = None) -> None:
+        """Copy a side file (tokenizer, generation config) into OUT under `name` (default: its own name)."""
+        src = Path(src)
+        rel = name or src.name
+        self._begin()
+        _atomic_copy(src, self.out / rel)
+        self.files.append(rel)
+
+    def finish(self, extra_files: dict[str, str] | None = None) -> dict:
+        """Write config.json (node 0), `extra_files` ({name in OUT: text}), then this node's marker -> its record."""
+        expected = [expert_file(layer, e) for layer in range(self.num_layers) for e in self.experts]
+        if self.node == 0:
+            expected += [shared_file()] + [shared_layer_file(layer) for layer in range(self.num_layers)]
+        self._begin()
+        missing = [f for f in expected if f not in self.files]
+        if missing:
+            raise ValueError(
+                f"node {self.node} has not written {missing[0]} ({len(missing)} file(s) missing); "
+                "write every file of this node before finish()"
+            )
+        if self.node == 0:
+            tmp = Path(tempfile.mkdtemp(dir=self.out, prefix=".config.tmp-"))
+            try:
+                self.config.save_pretrained(tmp)
+                os.replace(tmp / "config.json", self.out / "config.json")
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+            self.files.append("config.json")
+        for name, text in (extra_files or {}).items():
+            _atomic_text(text, self.out / name)
+            self.files.append(name)
+        record = {
+            "node": self.node,
+            "layout": self.manifest,
+            "files": self.files,
+            "experts": self.experts,
+            "seconds": round(time.time() - self.t0, 3),
+            "tensor_bytes": self.tensor_bytes,
+        }
+        _atomic_text(json.dumps(record, indent=1) + "\n", self.out / node_file(self.node))
+        return record
+
+
+# --------------------------------------------------------------------------- reader
+
+
+class ShardedMoe:
+    """A complete sharded MoE folder (checked on open); reads only the files asked for."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self.manifest = self._read_manifest()
+        m = self.manifest
+        self.num_layers, self.num_experts, self.nodes = m["num_layers"], m["num_experts"], m["nodes"]
+        self._check_complete()
+        self._config: DiveMoeConfig | None = None
+
+    def _incomplete(self, what: str) -> ValueError:
+        return ValueError(f"{self.folder} is incomplete: {what}")
+
+    def _read_manifest(self) -> dict:
+        if not self.folder.is_dir():
+            raise ValueError(
+                f"{self.folder} does not exist; pass a folder from `dive-ds reconstruct --shards`"
+            )
+        path = self.folder / MANIFEST
+        if not path.is_file():
+            if is_sharded(self.folder) or (self.folder / "experts").is_dir():
+                raise self._incomplete(
+                    f"node 0 has not finished (no {MANIFEST}, no {node_file(0)}); rerun its reconstruct task"
+                )
+            raise ValueError(
+                f"{self.folder} is not a sharded MoE (no {MANIFEST}); pass a folder from `dive-ds reconstruct --shards`"
+            )
+        m = _load_json(path)
+        if m is None or m.get("format") != FORMAT:
+            raise ValueError(
+                f"{path} is not a {FORMAT} manifest; rerun `dive-ds reconstruct --shards` into a new folder"
+            )
+        return m
+
+    def _check_complete(self) -> None:
+        missing = [n for n in range(self.nodes) if not (self.folder / node_file(n)).is_file()]
+        if missing:
+            names = ", ".join(node_file(n) for n in missing)
+            if len(missing) == 1:
+                raise self._incomplete(
+                    f"node {missing[0]} has not finished (no {names}); rerun its reconstruct task"
+                )
+            ids = ", ".join(map(str, missing))
+            raise self._incomplete(
+                f"nodes {ids} have not finished (no {names}); rerun their reconstruct tasks"
+            )
+        for n in range(self.nodes):
+            rec = _load_json(self.folder / node_file(n))
+            if rec is None or rec.get("layout") != self.manifest:
+                raise ValueError(
+                    f"{self.folder}: {node_file(n)} was written for another plan, layout or config; "
+                    "remove the folder and rerun every node's reconstruct task"
+                )
+        wanted = ["config.json", shared_file()] + [
+            shared_layer_file(layer) for layer in range(self.num_layers)
+        ]
+        for layer in range(self.num_layers):
+            wanted += [expert_file(layer, e) for e in range(self.num_experts)]
+        for rel in wanted:
+            if not (self.folder / rel).is_file():
+                raise self._incomplete(
+                    f"{rel} is missing; rerun the reconstruct task of the node that writes it"
+                )
+
+    @property
+    def config(self) -> DiveMoeConfig:
+        if self._config is None:
+            self._config = DiveMoeConfig.from_pretrained(self.folder)
+            c = self._config
+            if (c.num_hidden_layers, c.num_local_experts) != (self.num_layers, self.num_experts):
+                raise ValueError(
+                    f"{self.folder}/config.json has {c.num_hidden_layers} layers x {c.num_local_experts} experts "
+                    f"but {MANIFEST} says {self.num_layers} x {self.num_experts}; rerun the reconstruction"
+                )
+        return self._config
+
+    def shared_global(self) -> dict[str, torch.Tensor]:
+        """Tensors outside the decoder layers (embeddings, final norm, lm_head if untied)."""
+        return _read(self.folder / shared_file())
+
+    def shared_layer(self, layer: int) -> dict[str, torch.Tensor]:
+        """Non-expert tensors of one decoder layer, full HF names."""
+        self._check_layer(layer)
+        return _read(self.folder / shared_layer_file(layer))
+
+    def shared_state(self) -> dict[str, torch.Tensor]:
+        """Every non-expert tensor of the model, full HF names."""
+        state = self.shared_global()
+        for layer in range(self.num_layers):
+            state.update(self.shared_layer(layer))
+        return state
+
+    def expert_tensors(self, layer: int, experts: list[int]) -> dict[str, torch.Tensor]:
+        """{'gate_up_proj' [k,2F,H], 'down_proj' [k,H,F], 'bias' [k,H]} of `experts`, stacked in that order."""
+        self._check_layer(layer)
+        experts = self._check_experts(experts)
+        parts = [_read(self.folder / expert_file(layer, e)) for e in experts]
+        keys = [k for k in EXPERT_KEYS if k in parts[0]]
+        if any(sorted(p) != sorted(keys) for p in parts):
+            raise ValueError(
+                f"{self.folder}: expert files of layer {layer} hold different tensors; rerun the writers"
+            )
+        return {k: torch.stack([p[k] for p in parts]) for k in keys}
+
+    def _check_layer(self, layer: int) -> None:
+        if not 0 <= layer < self.num_layers:
+            raise ValueError(f"layer {layer} is outside [0, {self.num_layers})")
+
+    def _check_experts(self, experts) -> list[int]:
+        experts = [int(e) for e in experts]
+        if not experts:
+            raise ValueError("experts is empty; pass the experts of this rank (experts_of_ep_rank)")
+        bad = [e for e in experts if not 0 <= e < self.num_experts]
+        if bad or len(set(experts)) != len(experts):
+            raise ValueError(f"experts {experts}: pass distinct expert ids in [0, {self.num_experts})")
+        return experts
+
+
+def load_rank_state(folder: str | Path, experts: list[int]) -> dict[str, torch.Tensor]:
+    """Every non-expert tensor plus `experts` only (stacked in the given order, [len(experts), ...]), HF names."""
+    moe = ShardedMoe(folder)
+    state = moe.shared_state()
+    for layer in range(moe.num_layers):
+        for k, v in moe.expert_tensors(layer, experts).items():
+            state[f"model.layers.{layer}.{_HF_EXPERT}{k}"] = v
+    return state
+
+
+# --------------------------------------------------------------------------- consolidation
+
+
+def consolidate_shards(folder: str | Path, out: str | Path) -> Path:
+    """Stream a complete sharded folder, layer by layer, into a Hugging Face dive_moe folder at `out` (atomic).
+
+    The files are those of `write_moe`: model-shared.safetensors, model-layer-XXXXX.safetensors,
+    model.safetensors.index.json, config.json and the side files (dive_experts.json, tokenizer).
+    """
+    folder, out = Path(folder), Path(out)
+    if out.resolve() == folder.resolve() or folder.resolve() in out.resolve().parents:
+        raise ValueError(f"--out {out} is inside the shard folder {folder}; choose a folder outside it")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"--out {out} exists and is not an empty folder; choose a new path or remove it")
+    moe = ShardedMoe(folder)
+    config = moe.config
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    weight_map: dict[str, str] = {}
+    try:
+        shared = moe.shared_global()
+        name = "model-shared.safetensors"
+        save_file({k: v.contiguous() for k, v in shared.items()}, tmp / name, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shared, name))
+        del shared
+        everyone = list(range(moe.num_experts))
+        for layer in range(moe.num_layers):
+            st = moe.shared_layer(layer)
+            # write_moe's order: attention and norms, then experts, then the router
+            gate = f"model.layers.{layer}.mlp.gate."
+            router = {k: st.pop(k) for k in (gate + "weight", gate + "noise_weight") if k in st}
+            router.update({k: st.pop(k) for k in list(st) if k.startswith(gate)})
+            tensors = dict(st)
+            head = f"model.layers.{layer}.{_HF_EXPERT}"
+            tensors.update({head + k: v for k, v in moe.expert_tensors(layer, everyone).items()})
+            tensors.update(router)
+            name = f"model-layer-{layer:05d}.safetensors"
+            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / name, metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(tensors, name))
+            del tensors, st, router
+        (tmp / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1)
+        )
+        config.save_pretrained(tmp)
+        for f in sorted(folder.iterdir()):
+            if f.is_file() and not f.name.startswith(".") and f.name not in (MANIFEST, "config.json"):
+                shutil.copy2(f, tmp / f.name)
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
