@@ -180,6 +180,14 @@ def load_model(path: Path, ds_config: dict, zero3_init: bool):
     each rank's partition inside zero.Init)."""
     from transformers import AutoModelForCausalLM
 
+    from dive_ds.models.shards import is_sharded
+
+    if is_sharded(path):
+        raise ValueError(
+            f"{path} is a sharded MoE (reconstruct --shards): retrain it with expert parallelism "
+            "(parallel.ep_size > 1 or expert_parallel.autoep_size), or make one HF folder first with "
+            "`dive-ds consolidate --shards`"
+        )
     keep = None
     if zero3_init and ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
         from transformers.integrations import HfDeepSpeedConfig
@@ -735,10 +743,21 @@ def consolidate_checkpoint(ckpt_dir: str | Path, out: str | Path, tag: str | Non
                 f"{ckpt_dir / tag} was saved without frozen weights, which come from the stage input "
                 f"{source}; that folder is gone: restore it to consolidate"
             )
-        from dive_ds.models.loading import LayerwiseCheckpoint
+        from dive_ds.models.shards import ShardedMoe, is_sharded
 
-        base = LayerwiseCheckpoint(source)
-        state = {k: base.get(k).float() for k in base.keys()} | state
+        if is_sharded(source):
+            sharded = ShardedMoe(source)
+            full = sharded.shared_state()
+            experts = list(range(sharded.config.num_local_experts))
+            for layer in range(sharded.config.num_hidden_layers):
+                for key, value in sharded.expert_tensors(layer, experts).items():
+                    full[f"model.layers.{layer}.mlp.experts.{key}"] = value
+            state = {k: v.float() for k, v in full.items()} | state
+        else:
+            from dive_ds.models.loading import LayerwiseCheckpoint
+
+            base = LayerwiseCheckpoint(source)
+            state = {k: base.get(k).float() for k in base.keys()} | state
     rank = lora_settings_from_state_dict(state)
     lora = meta.get("lora") if rank is not None else None
     return export_hf(

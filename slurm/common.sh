@@ -1,0 +1,106 @@
+#!/bin/bash
+# The DIVE pipeline shared by slurm/dive_tiny.sh and slurm/dive_70b.sh (sourced; needs their knobs).
+# No ssh/pdsh: every multi-node step is one `srun` task per node.
+
+log() { echo "[dive $(date +%H:%M:%S) restart ${SLURM_RESTART_COUNT:-0}] $*"; }
+
+master_addr() {
+    # The first node of the allocation, as an address: on clusters whose node names are not DNS names
+    # (e.g. a test cluster with NodeAddr=127.0.0.1) use the NodeAddr slurmctld knows.
+    local first addr
+    first="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
+    addr="$(scontrol show node "$first" | sed -n 's/.*NodeAddr=\([^ ]*\).*/\1/p' | head -n 1)"
+    echo "${addr:-$first}"
+}
+
+STEP_PID=""
+PREEMPTED=0
+
+on_preempt() {
+    # USR1 from --signal (time limit near) or from a pre-emption policy: let the trainer checkpoint.
+    PREEMPTED=1
+    log "USR1: asking the running step to checkpoint and stop"
+    if [[ -n "$STEP_PID" ]]; then
+        kill -TERM "$STEP_PID" 2>/dev/null || true
+    fi
+}
+
+run_step() {
+    # Run a command (an srun) in the background so the USR1 trap can interrupt `wait`.
+    "$@" &
+    STEP_PID=$!
+    local rc=0
+    wait "$STEP_PID" || rc=$?
+    if [[ "$PREEMPTED" == 1 ]]; then
+        wait "$STEP_PID" || true   # the step is finishing its checkpoint
+        log "checkpoint written; requeueing job $SLURM_JOB_ID"
+        scontrol requeue "$SLURM_JOB_ID"
+        exit 0
+    fi
+    STEP_PID=""
+    return "$rc"
+}
+
+step_calibrate() {
+    if [[ -f "$CALIB/manifest.json" ]]; then
+        log "calibration: reusing $CALIB"
+        return
+    fi
+    log "calibration (once, on $(hostname)) -> $CALIB"
+    # shellcheck disable=SC2086  # ONLY is a list of domain names
+    "$PYTHON" "$REPO/launchers/reconstruct.py" calibrate --model "$MODEL" --domains "$DOMAINS" \
+        ${ONLY:+--only $ONLY} --samples-per-domain "$SAMPLES" --seq-len "$SEQ_LEN" \
+        --eval-windows "${EVAL_WINDOWS:-2}" --no-progress --out "$CALIB"
+}
+
+step_mine() {
+    if [[ -f "$GROUPS_JSON" ]]; then
+        log "groups: reusing $GROUPS_JSON"
+        return
+    fi
+    log "mining (once) -> $OUT/mining"
+    "$PYTHON" "$REPO/launchers/reconstruct.py" mine --calib "$CALIB" --experts "$EXPERTS" \
+        ${MINE_FAST:+--fast-only} --out "$OUT/mining"
+    GROUPS_JSON="$OUT/mining/groups.json"
+}
+
+step_reconstruct() {
+    log "reconstruction, one task per node, EP $EP_SIZE -> $OUT/moe"
+    run_step srun --nodes="$NODES" --ntasks-per-node=1 --kill-on-bad-exit=1 \
+        "$PYTHON" "$REPO/launchers/reconstruct.py" reconstruct --calib "$CALIB" --groups "$GROUPS_JSON" \
+        --experts "$EXPERTS" --top-k "$TOP_K" --prune-ratio "$PRUNE_RATIO" --out "$OUT/moe" \
+        --shards --nodes "$NODES" --gpus-per-node "$GPUS_PER_NODE" --ep "$EP_SIZE"
+}
+
+step_retrain() {
+    local addr
+    addr="$(master_addr)"
+    log "retraining on $NODES node(s) x $GPUS_PER_NODE rank(s), EP $EP_SIZE, $DS_CONFIG; rendezvous $addr:$MASTER_PORT"
+    log "TensorBoard: tensorboard --logdir $OUT/retrain"
+    # SLURM_NODEID is the task's own node index: expand it inside the task.
+    # shellcheck disable=SC2016
+    run_step srun --nodes="$NODES" --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c \
+        '"$0" --nnodes="$1" --nproc_per_node="$2" --node_rank="$SLURM_NODEID" --master_addr="$3" \
+            --master_port="$4" "$5/launchers/retrain.py" --deepspeed "$6" --config "$7" \
+            --set model.path="$8/moe" --set out_dir="$8/retrain" --set parallel.ep_size="$9"' \
+        "$TORCHRUN" "$NODES" "$GPUS_PER_NODE" "$addr" "$MASTER_PORT" "$REPO" "$DS_CONFIG" "$RUN_CONFIG" \
+        "$OUT" "$EP_SIZE"
+}
+
+step_consolidate() {
+    local ckpt="$OUT/retrain/stages/experts/checkpoints"
+    log "consolidation: $ckpt -> $FINAL"
+    "$PYTHON" "$REPO/launchers/retrain.py" --consolidate "$ckpt" --out "$FINAL"
+}
+
+dive_main() {
+    trap on_preempt USR1
+    mkdir -p "$OUT"
+    log "job ${SLURM_JOB_ID:-?} on ${SLURM_JOB_NODELIST:-?}: $NODES node(s), out $OUT"
+    step_calibrate
+    step_mine
+    step_reconstruct
+    step_retrain
+    step_consolidate
+    log "done: $FINAL"
+}

@@ -1,0 +1,123 @@
+"""slurm/dive_tiny.sh on a real 2-node SLURM cluster started on this machine (tests/slurm_cluster.py):
+the whole pipeline end to end, then a pre-empted copy that checkpoints, requeues itself and ends with
+the same final loss. The daemons are stopped by their process ids at the end."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.slurm_cluster import LocalSlurm, ensure_packages
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "slurm" / "dive_tiny.sh"
+pytestmark = pytest.mark.slurm
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    reason = ensure_packages()
+    if reason:
+        pytest.skip(reason)
+    c = LocalSlurm(tmp_path_factory.mktemp("slurm"))
+    c.start()
+    yield c
+    c.stop()
+    for pid in c.pids():  # every daemon it started is gone
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def job_env(out: Path, **extra) -> dict:
+    return {"REPO": str(REPO), "OUT": str(out), "MINE_FAST": "1", "PYTHON": sys.executable} | extra
+
+
+def rows(out: Path) -> list[dict]:
+    return [json.loads(r) for r in (out / "retrain" / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_losses(out: Path) -> tuple[float, float]:
+    steps = [r for r in rows(out) if "event" not in r and r["stage"] == "experts"]
+    final = json.loads((out / "retrain" / "stages" / "experts" / "summary.json").read_text())["final_eval"]
+    return steps[-1]["loss"], final["loss"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(cluster, tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("tiny")
+    out = root / "out"
+    t0 = time.monotonic()
+    job = cluster.sbatch(SCRIPT, job_env(out), ["--chdir", str(root), "--output", str(root / "job-%j.out")])
+    state = cluster.wait(job, timeout=900)
+    log = (root / f"job-{job}.out").read_text()
+    return {"out": out, "state": state, "log": log, "seconds": time.monotonic() - t0}
+
+
+def test_sbatch_dive_tiny_end_to_end(tiny_run):
+    out, log = tiny_run["out"], tiny_run["log"]
+    assert tiny_run["state"] == "COMPLETED", log[-3000:]
+    assert "done:" in log
+    # reconstruction ran once per node, and each node wrote only its own experts' shards
+    layout = json.loads((out / "moe" / "dive_shards.json").read_text())
+    assert layout["nodes"] == 2 and layout["ep_size"] == 2 and layout["num_experts"] == 2
+    for node in (0, 1):
+        rec = json.loads((out / "moe" / "nodes" / f"node-{node:05d}.json").read_text())
+        assert rec["experts"] == [node]
+        expert_files = [f for f in rec["files"] if f.startswith("experts/")]
+        assert len(expert_files) == layout["num_layers"]
+        assert all(f.endswith(f"expert-{node:03d}.safetensors") for f in expert_files)
+        assert any(f.startswith("shared/") for f in rec["files"]) == (node == 0)
+    # retraining: 2 ranks over the 2 nodes, expert parallel 2, ZeRO-3; the held-out loss fell
+    start = [r for r in rows(out) if r.get("event") == "stage_start"]
+    assert {(r["world_size"], r["zero_stage"]) for r in start} == {(2, 3)}
+    evals = [r for r in rows(out) if r.get("event") == "eval"]
+    before, after = evals[0], evals[-1]
+    assert (before["stage"], before["step"]) == ("router", 0) and after["stage"] == "experts"
+    assert after["loss"] < before["loss"] - 0.05, (before["loss"], after["loss"])
+    # the consolidated model loads and gives the live engine's held-out loss
+    from transformers import AutoModelForCausalLM
+
+    from dive_ds.models.moe import register
+
+    register()
+    model = AutoModelForCausalLM.from_pretrained(out / "final").eval()
+    assert model.config.num_local_experts == 2
+    ids = torch.arange(10, 74).view(1, 64)
+    assert torch.isfinite(model(input_ids=ids).logits).all()
+    print(f"dive_tiny.sh on 2 nodes: {tiny_run['seconds']:.0f} s")
+
+
+def test_preempted_job_checkpoints_requeues_and_finishes_the_same(cluster, tiny_run, tmp_path):
+    ref = tiny_run["out"]
+    assert tiny_run["state"] == "COMPLETED"
+    out = tmp_path / "out"
+    env = job_env(out, CALIB=str(ref / "calib"), GROUPS_JSON=str(ref / "mining" / "groups.json"))
+    job = cluster.sbatch(SCRIPT, env, ["--chdir", str(tmp_path), "--output", str(tmp_path / "job-%j.out")])
+    metrics = out / "retrain" / "metrics.jsonl"
+    end = time.monotonic() + 600
+    while time.monotonic() < end:  # signal once the experts stage has made 2 steps
+        if metrics.is_file() and any(
+            r.get("stage") == "experts" and r.get("step", 0) >= 2 and "event" not in r for r in rows(out)
+        ):
+            break
+        assert cluster.state(job) in ("PENDING", "RUNNING", "CONFIGURING"), cluster.state(job)
+        time.sleep(1)
+    cluster.signal(job, "USR1")
+    cluster.start_now_when_requeued(job, timeout=300)
+    state = cluster.wait(job, timeout=900)
+    log = (tmp_path / f"job-{job}.out").read_text()
+    assert state == "COMPLETED", log[-3000:]
+    assert "requeueing job" in log and "restart 1]" in log, log[-3000:]
+    assert "resumed from" in log
+    assert int(cluster.job_info(job).get("Restarts", "0")) == 1
+    got, want = final_losses(out), final_losses(ref)
+    assert got[0] == pytest.approx(want[0], abs=1e-5) and got[1] == pytest.approx(want[1], abs=1e-5), (
+        got,
+        want,
+    )
