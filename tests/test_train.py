@@ -24,6 +24,7 @@ from dive_ds.train.config import (
     load_run_config,
     read_mapping,
     resolve_ds_config,
+    resolve_ep_size,
     run_config_from_dict,
 )
 from dive_ds.train.data import ByteTokenizer, PackedStream, build_stream, heldout_windows, resolve_domains
@@ -350,7 +351,13 @@ def test_ds_config_bf16_on_cpu_and_zero_stage_and_derived_accumulation():
 def test_shipped_configs_are_strict_and_valid():
     run = run_config_from_dict(read_mapping(REPO / "configs" / "demo_retrain.yaml"))
     assert [s.name for s in run.enabled_stages()] == ["router", "experts"]
-    for name in ("zero2.json", "zero3.json", "zero3_offload.json"):
+    for name in ("slurm_tiny.yaml", "dive_70b.yaml"):
+        other = run_config_from_dict(read_mapping(REPO / "configs" / name))
+        assert [s.name for s in other.enabled_stages()] == ["router", "experts"]
+    assert resolve_ep_size(json.loads(ZERO3.read_text()), run) == 2
+    assert resolve_ep_size(json.loads((REPO / "ds_configs" / "zero2_ep.json").read_text()), run) == 2
+    assert resolve_ep_size(json.loads(ZERO2.read_text()), run) is None
+    for name in ("zero2.json", "zero2_ep.json", "zero3.json", "zero3_offload.json"):
         ds = json.loads((REPO / "ds_configs" / name).read_text())
         resolve_ds_config(ds, run, 1, "cpu", name)
         assert ds["optimizer"]["params"]["torch_adam"] is True and ds["bf16"]["enabled"] is False
