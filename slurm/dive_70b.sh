@@ -34,10 +34,11 @@ TORCHRUN="${TORCHRUN:-$(dirname "$PYTHON")/torchrun}"
 NODES="${NODES:-${SLURM_NNODES:-4}}"
 GPUS_PER_NODE="${GPUS_PER_NODE:-8}"
 EP_SIZE="${EP_SIZE:-8}"                        # experts of a layer spread over the 8 GPUs of a node
-DS_CONFIG="${DS_CONFIG:-$REPO/ds_configs/zero3.json}"   # bf16: set "bf16": {"enabled": true} and train.precision bf16
+DS_CONFIG="${DS_CONFIG:-}"                     # empty: ds_configs/zero3.json with bf16 on (see below)
 RUN_CONFIG="${RUN_CONFIG:-$REPO/configs/dive_70b.yaml}"
 MODEL="${MODEL:-/shared/models/Llama-2-70b-hf}"   # a local Hugging Face folder (no hub download on compute nodes)
-DOMAINS="${DOMAINS:-/shared/data/slimpajama_domains.yaml}"  # domain registry: SlimPajama's 7 sources, or yours
+DOMAINS="${DOMAINS:-/shared/data/slimpajama_domains.yaml}"  # calibration's domain registry: SlimPajama's 7 sources,
+                                               # or yours; retraining reads data.registry of RUN_CONFIG (keep equal)
 ONLY="${ONLY:-}"
 EXPERTS="${EXPERTS:-8}"
 TOP_K="${TOP_K:-1}"
@@ -59,11 +60,47 @@ export NCCL_ASYNC_ERROR_HANDLING="${NCCL_ASYNC_ERROR_HANDLING:-1}"
 if [[ -n "${NCCL_SOCKET_IFNAME:-}" ]]; then export NCCL_SOCKET_IFNAME; fi
 if [[ -n "${NCCL_IB_DISABLE:-}" ]]; then export NCCL_IB_DISABLE; fi
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-8}"
+# Slurm 22.05+ srun no longer reads SLURM_CPUS_PER_TASK: without this each step's one task (torchrun and
+# its 8 ranks) could be confined to a single CPU.
+if [[ -n "${SLURM_CPUS_PER_TASK:-}" ]]; then export SRUN_CPUS_PER_TASK="$SLURM_CPUS_PER_TASK"; fi
+export DS_ACCELERATOR="${DS_ACCELERATOR:-cuda}"
 export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
 export TOKENIZERS_PARALLELISM=false
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 
+# configs/dive_70b.yaml trains in bf16 and the trainer refuses a DeepSpeed JSON that disagrees;
+# ds_configs/zero3.json is the fp32 CPU-tested file, so the default is that file with bf16 on,
+# written into the run folder (a given DS_CONFIG is used as it is).
+if [[ -z "$DS_CONFIG" ]]; then
+    DS_CONFIG="$OUT/ds_zero3_bf16.json"
+    mkdir -p "$OUT"
+    "$PYTHON" -c 'import json, sys; ds = json.load(open(sys.argv[1])); ds["bf16"] = {"enabled": True}
+json.dump(ds, open(sys.argv[2], "w"), indent=2)' "$REPO/ds_configs/zero3.json" "$DS_CONFIG"
+fi
+
+preflight() {
+    # The trainer's own checks of the run config against the DeepSpeed JSON (batch arithmetic, precision,
+    # ZeRO stage) and the EP layout, in seconds, before calibration and reconstruction (hours at 70B).
+    local world=$((NODES * GPUS_PER_NODE))
+    if (( EXPERTS % EP_SIZE || world % EP_SIZE )); then
+        echo "EP_SIZE=$EP_SIZE must divide EXPERTS=$EXPERTS and NODES x GPUS_PER_NODE=$world" >&2
+        exit 2
+    fi
+    "$PYTHON" -c 'import json, sys
+from dive_ds.train.config import load_run_config, resolve_ds_config
+cfg, ds, out, ep, world, acc, domains = sys.argv[1:]
+try:
+    run = load_run_config(cfg, [f"model.path={out}/moe", f"out_dir={out}/retrain", f"parallel.ep_size={ep}"])
+    resolve_ds_config(json.load(open(ds)), run, int(world), acc, ds)
+except ValueError as e:
+    sys.exit(f"preflight: {e}")
+if run.data.registry != domains:
+    print(f"preflight: note: calibration reads DOMAINS={domains}, retraining data.registry={run.data.registry}")
+' "$RUN_CONFIG" "$DS_CONFIG" "$OUT" "$EP_SIZE" "$world" "$DS_ACCELERATOR" "$DOMAINS"
+}
+
 # shellcheck source=slurm/common.sh
 source "$REPO/slurm/common.sh"
 
+preflight
 dive_main

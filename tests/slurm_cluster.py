@@ -182,8 +182,10 @@ PartitionName=debug Nodes=n[1-2] Default=YES MaxTime=INFINITE State=UP OverSubsc
             time.sleep(1)
         raise TimeoutError(f"job {job_id} was not requeued within {timeout:.0f} s")
 
-    def signal(self, job_id: int, sig: str = "USR1") -> None:
-        subprocess.run(["scancel", f"--signal={sig}", "--batch", str(job_id)], env=self.env, check=True)
+    def signal(self, job_id: int, sig: str = "USR1", batch_only: bool = True) -> None:
+        """`scancel --signal`: to the batch shell only (as `--signal=B:...` does), or to every step."""
+        batch = ["--batch"] if batch_only else []
+        subprocess.run(["scancel", f"--signal={sig}", *batch, str(job_id)], env=self.env, check=True)
 
     # ------------------------------------------------------------------ helpers
     def _spawn(self, name: str, cmd: list[str]) -> None:
