@@ -41,6 +41,27 @@ run_step() {
     return "$rc"
 }
 
+preflight() {
+    # The trainer's own checks of the run config against the DeepSpeed JSON (batch arithmetic, precision,
+    # ZeRO stage) and the EP layout, in seconds, before calibration and reconstruction (hours at 70B).
+    local world=$((NODES * GPUS_PER_NODE))
+    if (( EXPERTS % EP_SIZE || world % EP_SIZE )); then
+        echo "EP_SIZE=$EP_SIZE must divide EXPERTS=$EXPERTS and NODES x GPUS_PER_NODE=$world" >&2
+        exit 2
+    fi
+    "$PYTHON" -c 'import json, sys
+from dive_ds.train.config import load_run_config, resolve_ds_config
+cfg, ds, out, ep, world, acc, domains = sys.argv[1:]
+try:
+    run = load_run_config(cfg, [f"model.path={out}/moe", f"out_dir={out}/retrain", f"parallel.ep_size={ep}"])
+    resolve_ds_config(json.load(open(ds)), run, int(world), acc, ds)
+except ValueError as e:
+    sys.exit(f"preflight: {e}")
+if run.data.registry != domains:
+    print(f"preflight: note: calibration reads DOMAINS={domains}, retraining data.registry={run.data.registry}")
+' "$RUN_CONFIG" "$DS_CONFIG" "$OUT" "$EP_SIZE" "$world" "$DS_ACCELERATOR" "$DOMAINS"
+}
+
 step_calibrate() {
     if [[ -f "$CALIB/manifest.json" ]]; then
         log "calibration: reusing $CALIB"
@@ -95,6 +116,7 @@ step_consolidate() {
 
 dive_main() {
     trap on_preempt USR1
+    preflight
     mkdir -p "$OUT"
     log "job ${SLURM_JOB_ID:-?} on ${SLURM_JOB_NODELIST:-?}: $NODES node(s), out $OUT"
     step_calibrate

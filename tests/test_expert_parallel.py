@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,22 +13,10 @@ import pytest
 import torch
 
 from dive_ds.parallel.expert_parallel import ep_block_class, experts_of_ep_rank, group_by_local_expert
+from tests.test_train import subprocess_env
+from tests.test_train_dist import free_port
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def subprocess_env(**extra) -> dict:
-    launcher_vars = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-    env = {k: v for k, v in os.environ.items() if k not in launcher_vars}
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "dive_ds" / "torch_extensions"))
-    env |= {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    return env | {k: str(v) for k, v in extra.items()}
 
 
 def test_experts_of_ep_rank():

@@ -381,7 +381,10 @@ def test_save_load_round_trip_gives_identical_logits(tmp_path, tied):
     assert (loaded.lm_head.weight is loaded.model.embed_tokens.weight) == tied
 
 
-@pytest.mark.skipif(not grouped_mm_supported(torch.device("cpu"), torch.float32), reason="no _grouped_mm")
+@pytest.mark.skipif(
+    not grouped_mm_supported(torch.device("cpu"), torch.float32),
+    reason="this torch build has no torch._grouped_mm for CPU fp32",
+)
 def test_loaded_model_dispatches_with_grouped_mm(tmp_path, monkeypatch):
     random_model(tiny_config()).save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
