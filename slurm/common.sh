@@ -14,31 +14,65 @@ master_addr() {
 }
 
 STEP_PID=""
+STEP_STOP_FILE=""
 PREEMPTED=0
 
 on_preempt() {
-    # USR1 from --signal (time limit near) or from a pre-emption policy: let the trainer checkpoint.
+    # USR1 from --signal (time limit near) or from a pre-emption policy.
     PREEMPTED=1
-    log "USR1: asking the running step to checkpoint and stop"
-    if [[ -n "$STEP_PID" ]]; then
+    if [[ -n "$STEP_PID" && -n "$STEP_STOP_FILE" ]]; then
+        # Retraining: every rank sees the stop file after its step, the stage checkpoints and the
+        # launcher exits. (A signal to the srun step would cancel it at once: slurmstepd kills the tasks,
+        # and torchrun gives its workers only 30 s.)
+        log "USR1: asking retraining to checkpoint and stop ($STEP_STOP_FILE)"
+        touch "$STEP_STOP_FILE"
+    elif [[ -n "$STEP_PID" ]]; then
+        # Calibration, mining, reconstruction, consolidation: their outputs are written atomically and
+        # every step skips complete work, so stopping mid-way loses only that step's progress.
+        log "USR1: stopping the running step; the requeued job redoes it"
         kill -TERM "$STEP_PID" 2>/dev/null || true
+    else
+        log "USR1: between steps; requeueing"
     fi
 }
 
 run_step() {
-    # Run a command (an srun) in the background so the USR1 trap can interrupt `wait`.
+    # run_step STOP_FILE CMD...: run CMD in the background so the USR1 trap can interrupt `wait`.
+    # STOP_FILE (may be empty) is touched on USR1 to stop the step gracefully; CMD gets STOP_GRACE
+    # seconds to finish after that, then SIGTERM.
+    STEP_STOP_FILE="$1"
+    shift
+    if [[ "$PREEMPTED" == 1 ]]; then
+        requeue_now
+    fi
     "$@" &
     STEP_PID=$!
     local rc=0
     wait "$STEP_PID" || rc=$?
     if [[ "$PREEMPTED" == 1 ]]; then
-        wait "$STEP_PID" || true   # the step is finishing its checkpoint
-        log "checkpoint written; requeueing job $SLURM_JOB_ID"
-        scontrol requeue "$SLURM_JOB_ID"
-        exit 0
+        local waited=0
+        while kill -0 "$STEP_PID" 2>/dev/null; do
+            if (( waited == STOP_GRACE )); then
+                log "the step did not stop within STOP_GRACE=${STOP_GRACE}s; sending SIGTERM"
+                kill -TERM "$STEP_PID" 2>/dev/null || true
+            fi
+            sleep 1
+            waited=$((waited + 1))
+        done
+        rc=0
+        wait "$STEP_PID" || rc=$?
+        log "the step ended (exit $rc)"
+        requeue_now
     fi
     STEP_PID=""
+    STEP_STOP_FILE=""
     return "$rc"
+}
+
+requeue_now() {
+    log "requeueing job $SLURM_JOB_ID"
+    scontrol requeue "$SLURM_JOB_ID"
+    exit 0
 }
 
 preflight() {
@@ -69,7 +103,7 @@ step_calibrate() {
     fi
     log "calibration (once, on $(hostname)) -> $CALIB"
     # shellcheck disable=SC2086  # ONLY is a list of domain names
-    "$PYTHON" "$REPO/launchers/reconstruct.py" calibrate --model "$MODEL" --domains "$DOMAINS" \
+    run_step "" "$PYTHON" "$REPO/launchers/reconstruct.py" calibrate --model "$MODEL" --domains "$DOMAINS" \
         ${ONLY:+--only $ONLY} --samples-per-domain "$SAMPLES" --seq-len "$SEQ_LEN" \
         --eval-windows "${EVAL_WINDOWS:-2}" --no-progress --out "$CALIB"
 }
@@ -80,14 +114,14 @@ step_mine() {
         return
     fi
     log "mining (once) -> $OUT/mining"
-    "$PYTHON" "$REPO/launchers/reconstruct.py" mine --calib "$CALIB" --experts "$EXPERTS" \
+    run_step "" "$PYTHON" "$REPO/launchers/reconstruct.py" mine --calib "$CALIB" --experts "$EXPERTS" \
         ${MINE_FAST:+--fast-only} --out "$OUT/mining"
     GROUPS_JSON="$OUT/mining/groups.json"
 }
 
 step_reconstruct() {
     log "reconstruction, one task per node, EP $EP_SIZE -> $OUT/moe"
-    run_step srun --nodes="$NODES" --ntasks-per-node=1 --kill-on-bad-exit=1 \
+    run_step "" srun --nodes="$NODES" --ntasks-per-node=1 --kill-on-bad-exit=1 \
         "$PYTHON" "$REPO/launchers/reconstruct.py" reconstruct --calib "$CALIB" --groups "$GROUPS_JSON" \
         --experts "$EXPERTS" --top-k "$TOP_K" --prune-ratio "$PRUNE_RATIO" --out "$OUT/moe" \
         --shards --nodes "$NODES" --gpus-per-node "$GPUS_PER_NODE" --ep "$EP_SIZE"
@@ -98,9 +132,10 @@ step_retrain() {
     addr="$(master_addr)"
     log "retraining on $NODES node(s) x $GPUS_PER_NODE rank(s), EP $EP_SIZE, $DS_CONFIG; rendezvous $addr:$MASTER_PORT"
     log "TensorBoard: tensorboard --logdir $OUT/retrain"
+    rm -f "$OUT/retrain/STOP"  # this job's own stop request from before its requeue
     # SLURM_NODEID is the task's own node index: expand it inside the task.
     # shellcheck disable=SC2016
-    run_step srun --nodes="$NODES" --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c \
+    run_step "$OUT/retrain/STOP" srun --nodes="$NODES" --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c \
         '"$0" --nnodes="$1" --nproc_per_node="$2" --node_rank="$SLURM_NODEID" --master_addr="$3" \
             --master_port="$4" "$5/launchers/retrain.py" --deepspeed "$6" --config "$7" \
             --set model.path="$8/moe" --set out_dir="$8/retrain" --set parallel.ep_size="$9"' \
@@ -111,7 +146,7 @@ step_retrain() {
 step_consolidate() {
     local ckpt="$OUT/retrain/stages/experts/checkpoints"
     log "consolidation: $ckpt -> $FINAL"
-    "$PYTHON" "$REPO/launchers/retrain.py" --consolidate "$ckpt" --out "$FINAL"
+    run_step "" "$PYTHON" "$REPO/launchers/retrain.py" --consolidate "$ckpt" --out "$FINAL"
 }
 
 dive_main() {

@@ -52,6 +52,7 @@ GROUPS_JSON="${GROUPS_JSON:-$OUT/mining/groups.json}"
 FINAL="${FINAL:-$OUT/final}"
 MINE_FAST="${MINE_FAST:-1}"                    # fast affinity: the D x D pruned evaluations of a 70B are days
 MASTER_PORT="${MASTER_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 20000))}"
+STOP_GRACE="${STOP_GRACE:-540}"               # s for retraining to finish its step + checkpoint after USR1 (@600)
 
 # ---- NCCL and runtime ----------------------------------------------------------------------------
 export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"

@@ -9,8 +9,9 @@
 # only its experts' shards) -> retrain router + experts stages (one srun task per node starting
 # that node's ranks with torchrun; rendezvous on the first node) -> consolidate (one HF folder).
 # Every step skips work that is already complete, so a requeued job continues where it stopped.
-# Pre-emption: SLURM sends USR1 (--signal); the trap forwards SIGTERM to the training step (the
-# trainer finishes its step, checkpoints and exits), then requeues the job.
+# Pre-emption: SLURM sends USR1 (--signal); during retraining the trap touches OUT/retrain/STOP (every
+# rank finishes its step, the stage checkpoints and the trainer exits), any other step is stopped;
+# then the job requeues itself and resumes from that checkpoint.
 #
 #SBATCH --job-name=dive-tiny
 #SBATCH --nodes=2
@@ -45,6 +46,7 @@ GROUPS_JSON="${GROUPS_JSON:-$OUT/mining/groups.json}"  # provide groups to skip 
 MINE_FAST="${MINE_FAST:-}"                    # 1: mine the fast affinity only (no D x D pruned evaluations)
 FINAL="${FINAL:-$OUT/final}"
 MASTER_PORT="${MASTER_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 20000))}"
+STOP_GRACE="${STOP_GRACE:-50}"                # s for retraining to checkpoint after USR1 (< the @60 of --signal)
 
 export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -42,6 +43,12 @@ def rows(out: Path) -> list[dict]:
     return [json.loads(r) for r in (out / "retrain" / "metrics.jsonl").read_text().splitlines()]
 
 
+def explain(log: str) -> str:
+    """A failed job's story: the pipeline's own lines and every error line, then the log's tail."""
+    keep = [ln for ln in log.splitlines() if ln.startswith("[dive") or "error" in ln.lower() or "USR1" in ln]
+    return "\n".join(keep[-60:]) + "\n--- tail ---\n" + log[-2000:]
+
+
 def final_losses(out: Path) -> tuple[float, float]:
     steps = [r for r in rows(out) if "event" not in r and r["stage"] == "experts"]
     final = json.loads((out / "retrain" / "stages" / "experts" / "summary.json").read_text())["final_eval"]
@@ -61,7 +68,7 @@ def tiny_run(cluster, tmp_path_factory) -> dict:
 
 def test_sbatch_dive_tiny_end_to_end(tiny_run):
     out, log = tiny_run["out"], tiny_run["log"]
-    assert tiny_run["state"] == "COMPLETED", log[-3000:]
+    assert tiny_run["state"] == "COMPLETED", explain(log)
     assert "done:" in log
     # reconstruction ran once per node, and each node wrote only its own experts' shards
     layout = json.loads((out / "moe" / "dive_shards.json").read_text())
@@ -112,9 +119,13 @@ def test_preempted_job_checkpoints_requeues_and_finishes_the_same(cluster, tiny_
     cluster.start_now_when_requeued(job, timeout=300)
     state = cluster.wait(job, timeout=900)
     log = (tmp_path / f"job-{job}.out").read_text()
-    assert state == "COMPLETED", log[-3000:]
-    assert "requeueing job" in log and "restart 1]" in log, log[-3000:]
-    assert "resumed from" in log
+    assert state == "COMPLETED", explain(log)
+    assert "requeueing job" in log and "restart 1]" in log, explain(log)
+    # graceful: the trainer stopped after a step and checkpointed that very step (not killed mid-way)
+    stopped = re.findall(r"stage experts: stopped after step (\d+)", log)
+    resumed = re.findall(r"\[experts\] resumed from \S+ at step (\d+)", log)
+    assert len(set(stopped)) == 1 and resumed == stopped[:1], explain(log)
+    assert "USR1: asking retraining to checkpoint and stop" in log
     assert int(cluster.job_info(job).get("Restarts", "0")) == 1
     got, want = final_losses(out), final_losses(ref)
     assert got[0] == pytest.approx(want[0], abs=1e-5) and got[1] == pytest.approx(want[1], abs=1e-5), (

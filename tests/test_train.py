@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -565,9 +566,22 @@ def test_run_folder_records_and_tensorboard(memorise_run):
     assert "moe/expert_load_heatmap" in acc.Tags()["images"]
 
 
-@pytest.mark.parametrize("zero", ["zero2", "zero3-exclude-frozen"])
-def test_resume_after_crash_reproduces_every_loss(zero, world, tiny, tmp_path):
+@pytest.mark.parametrize(
+    "zero,crash",
+    [
+        ("zero2", "experts:3"),
+        ("zero3-exclude-frozen", "experts:3"),
+        ("zero2", "experts:4:save"),
+        ("zero2", "stop-file"),
+    ],
+)
+def test_resume_after_crash_reproduces_every_loss(zero, crash, world, tiny, tmp_path):
     """Kill the launcher right after experts step 3 (checkpoint at 2), relaunch: identical losses, step by step.
+
+    `experts:4:save` kills it inside step 4's checkpoint save, after DeepSpeed wrote its files and before
+    the commit: the torn step_00000004 must be ignored (`latest` still names step 2) and replaced.
+    `stop-file` touches OUT/STOP during the experts stage: exit 143 after a checkpoint of that step, a
+    relaunch refuses while the file is there, and resumes once it is removed.
 
     train.rng_per_micro_batch is off, so the noise and dropout after the resume depend on the RNG states
     restored from the checkpoint. The zero3 variant partitions every parameter and saves checkpoints
@@ -601,23 +615,55 @@ def test_resume_after_crash_reproduces_every_loss(zero, world, tiny, tmp_path):
         "--config",
         str(cfg),
     ]
-    first = subprocess.run(
-        cmd,
-        env=subprocess_env(DIVE_DS_TEST_CRASH_AFTER_STEP="experts:3"),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert first.returncode == 3, first.stderr[-3000:]
+    ckpt_dir = tmp_path / "run" / "stages" / "experts" / "checkpoints"
+    if crash == "stop-file":  # what slurm/common.sh does on pre-emption: touch OUT/STOP mid-stage
+        first = subprocess.Popen(
+            cmd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        end = time.monotonic() + 300
+        while time.monotonic() < end and first.poll() is None:
+            metrics = tmp_path / "run" / "metrics.jsonl"
+            if metrics.is_file() and any(
+                st == "experts" and n >= 3 for st, n in step_losses(tmp_path / "run")
+            ):
+                (tmp_path / "run" / "STOP").touch()
+                break
+            time.sleep(0.2)
+        stdout, stderr = first.communicate(timeout=300)
+        assert first.returncode == 143, stderr[-3000:]
+        assert "stopped after step" in stderr
+        stopped = max(n for st, n in step_losses(tmp_path / "run") if st == "experts")
+        assert 3 <= stopped < 6
+        resume_at = f"step_{stopped:08d}"  # the stop checkpoints the step it stopped at
+        assert (ckpt_dir / "latest").read_text().strip() == resume_at
+        refused = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+        assert refused.returncode == 2 and "STOP exists: a stop request" in refused.stderr, refused.stderr
+        (tmp_path / "run" / "STOP").unlink()
+    else:
+        first = subprocess.run(
+            cmd,
+            env=subprocess_env(DIVE_DS_TEST_CRASH_AFTER_STEP=crash),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert first.returncode == 3, first.stderr[-3000:]
+        resume_at = "step_00000002"
+        assert (ckpt_dir / "latest").read_text().strip() == resume_at
+        torn = ckpt_dir / "step_00000004"
+        assert torn.is_dir() == crash.endswith(
+            ":save"
+        )  # DeepSpeed's files of the interrupted save, uncommitted
     assert not (tmp_path / "run" / "model").exists()
     second = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "[router] already done" in second.stdout and "resumed from" in second.stdout
-    assert "step_00000002 at step 2" in second.stdout
+    assert ("ignoring step_00000004" in second.stdout) == crash.endswith(":save"), second.stdout
+    assert f"{resume_at} at step {int(resume_at[5:])}" in second.stdout
     resumed, reference = step_losses(tmp_path / "run"), step_losses(tmp_path / "reference")
     assert resumed.keys() == reference.keys() and len(reference) == 10
     assert resumed == reference  # exact on CPU fp32
-    ckpts = sorted(p.name for p in (tmp_path / "run" / "stages" / "experts" / "checkpoints").glob("step_*"))
-    assert ckpts == ["step_00000004", "step_00000006"]  # keep = 2
+    ckpts = sorted(p.name for p in ckpt_dir.glob("step_*"))
+    assert len(ckpts) == 2 and ckpts[-1] == "step_00000006"  # keep = 2
     final, ref_final = load_state(tmp_path / "run" / "model"), load_state(tmp_path / "reference" / "model")
     assert all(torch.equal(final[k], ref_final[k]) for k in ref_final)

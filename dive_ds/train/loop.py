@@ -68,7 +68,8 @@ from dive_ds.train.metrics import BalanceLoss, StepAccumulator, TopKLoadProbe, T
 logger = logging.getLogger(__name__)
 
 CRASH_ENV = "DIVE_DS_TEST_CRASH_AFTER_STEP"
-"""Test hook: `N` or `STAGE:N` makes every rank exit abruptly (os._exit) right after step N."""
+"""Test hook: `N` or `STAGE:N` makes every rank exit abruptly (os._exit) right after step N;
+`STAGE:N:save` does it inside step N's checkpoint save, after the files and before the commit."""
 DONE_FILE = "retrain_stage.json"
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -474,13 +475,42 @@ def list_tags(ckpt_dir: Path) -> list[str]:
     return sorted(tags, key=lambda t: int(TAG_RE.match(t).group(1)))
 
 
+STAGE_META = "dive_ds_stage.json"
+"""Written by rank 0 into a tag folder once every rank's files are on disk: the checkpoint's commit mark."""
+
+
+def is_complete(ckpt_dir: Path, tag: str) -> bool:
+    return (ckpt_dir / tag / STAGE_META).is_file()
+
+
 def latest_tag(ckpt_dir: Path) -> str | None:
+    """The newest complete checkpoint: the one `latest` names, or else the newest committed tag.
+
+    `latest` is written only after a checkpoint is committed (see save_checkpoint), so a tag that
+    was being written when the job was killed is never named by it; a `latest` from elsewhere that
+    names an incomplete tag falls back to the newest complete one.
+    """
     latest = ckpt_dir / "latest"
     if latest.is_file():
         tag = latest.read_text().strip()
-        if (ckpt_dir / tag).is_dir():
+        if is_complete(ckpt_dir, tag):
             return tag
-    return None
+    done = [t for t in list_tags(ckpt_dir) if is_complete(ckpt_dir, t)]
+    return done[-1] if done else None
+
+
+def incomplete_tags(ckpt_dir: Path) -> list[str]:
+    """Tag folders newer than the latest complete checkpoint: saves a kill interrupted."""
+    good = latest_tag(ckpt_dir)
+    tags = list_tags(ckpt_dir)
+    after = tags[tags.index(good) + 1 :] if good in tags else tags
+    return [t for t in after if not is_complete(ckpt_dir, t)]
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 @contextlib.contextmanager
@@ -548,24 +578,37 @@ def _save_ep_trainable(module: nn.Module, folder: Path) -> None:
 
 
 def save_checkpoint(engine, ckpt_dir: Path, step: int, client: dict, keep: int, meta: dict) -> str:
-    """DeepSpeed save_checkpoint + this rank's RNG states; rank 0 then prunes to the last `keep`."""
+    """DeepSpeed save_checkpoint + this rank's RNG states, committed; rank 0 then prunes to the last `keep`.
+
+    Commit order, so that a job killed at any moment (a pre-empted SLURM job whose step is torn down)
+    leaves either the new checkpoint or the previous one: every rank writes its files; barrier; rank
+    0 writes STAGE_META (the commit mark) and only then `latest` (atomic rename). DeepSpeed's own
+    `latest` is switched off (save_latest=False): it would name the tag before our files exist.
+    """
     tag = f"step_{step:08d}"
     ep = bool(meta.get("ep_size"))
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0 and (ckpt_dir / tag / STAGE_META).exists():
+        (ckpt_dir / tag / STAGE_META).unlink()  # rewriting a tag: it is incomplete until committed again
+    _barrier()
     with _generic_checkpointing(engine, ep):
         engine.save_checkpoint(
             str(ckpt_dir),
             tag=tag,
             client_state={"dive_ds": client},
+            save_latest=False,
             exclude_frozen_parameters=bool(meta.get("exclude_frozen")) or ep,
         )
     if ep:
         _save_ep_trainable(engine.module, ckpt_dir / tag)
-    rank = dist.get_rank() if dist.is_initialized() else 0
     torch.save(_rng_state(), ckpt_dir / tag / f"rng_state_rank{rank:04d}.pt")
-    if rank == 0:
-        (ckpt_dir / tag / "dive_ds_stage.json").write_text(json.dumps(meta, indent=2) + "\n")
+    _crash_point(str(client.get("stage")), step, "save")
     _barrier()
     if rank == 0:
+        _write_atomic(ckpt_dir / tag / STAGE_META, json.dumps(meta, indent=2) + "\n")
+        _write_atomic(ckpt_dir / "latest", tag)
+        for old in incomplete_tags(ckpt_dir):
+            shutil.rmtree(ckpt_dir / old, ignore_errors=True)
         for old in list_tags(ckpt_dir)[:-keep]:
             if old != tag:
                 shutil.rmtree(ckpt_dir / old, ignore_errors=True)
@@ -727,9 +770,14 @@ def consolidate_checkpoint(ckpt_dir: str | Path, out: str | Path, tag: str | Non
     if TAG_RE.match(ckpt_dir.name) and tag is None:
         ckpt_dir, tag = ckpt_dir.parent, ckpt_dir.name
     tag = tag or latest_tag(ckpt_dir)
-    if tag is None or not (ckpt_dir / tag / "dive_ds_stage.json").is_file():
+    if tag is None:
         raise ValueError(f"no dive_ds checkpoint in {ckpt_dir} (expected a 'latest' file and step_* folders)")
-    meta = json.loads((ckpt_dir / tag / "dive_ds_stage.json").read_text())
+    if not is_complete(ckpt_dir, tag):
+        raise ValueError(
+            f"{ckpt_dir / tag} is incomplete (no {STAGE_META}: its save was interrupted); consolidate "
+            "an earlier step_* folder or the stage's checkpoints folder"
+        )
+    meta = json.loads((ckpt_dir / tag / STAGE_META).read_text())
     if meta.get("ep_size"):
         state = _ep_checkpoint_state(ckpt_dir / tag, meta)
     else:
@@ -826,10 +874,23 @@ def plan_stages(run: RunConfig, only: list[str] | None = None) -> list[StagePlan
     return plans
 
 
+STOP_FILE = "STOP"
+"""`touch OUT_DIR/STOP`: every rank finishes its step, the stage checkpoints and the launcher exits 143,
+as on SIGTERM. The SLURM scripts use it on pre-emption (a signal to the step would reach torchrun
+too, which gives its workers only 30 s). A relaunch refuses to start while the file is there."""
+
+
 class _StopFlag:
-    def __init__(self):
-        self.set = False
+    """SIGTERM/SIGINT, or the stop file appearing, asks for a checkpoint and a clean exit."""
+
+    def __init__(self, stop_file: Path | None = None):
+        self._signalled = False
+        self._file = stop_file
         self._old = {}
+
+    @property
+    def set(self) -> bool:
+        return self._signalled or (self._file is not None and self._file.exists())
 
     def install(self) -> None:
         if sys.platform == "win32" or not _main_thread():
@@ -838,7 +899,7 @@ class _StopFlag:
             self._old[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
-        self.set = True
+        self._signalled = True
 
     def restore(self) -> None:
         for sig, old in self._old.items():
@@ -851,14 +912,27 @@ def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def _crash_step(stage: str) -> int | None:
+def _crash_spec() -> tuple[str | None, int, str] | None:
     value = os.environ.get(CRASH_ENV)
     if not value:
         return None
-    if ":" in value:
-        name, step = value.split(":", 1)
-        return int(step) if name == stage else None
-    return int(value)
+    parts = value.split(":")
+    if len(parts) == 1:
+        return None, int(parts[0]), "step"
+    return parts[0], int(parts[1]), parts[2] if len(parts) > 2 else "step"
+
+
+def _crash_step(stage: str) -> int | None:
+    spec = _crash_spec()
+    if spec is None or spec[2] != "step" or spec[0] not in (None, stage):
+        return None
+    return spec[1]
+
+
+def _crash_point(stage: str, step: int, where: str) -> None:
+    spec = _crash_spec()
+    if spec is not None and spec[0] in (None, stage) and spec[1] == step and spec[2] == where:
+        os._exit(3)  # test hook: die like a killed process, no clean-up
 
 
 def _param_groups(model: nn.Module, ep_size: int | None, zero_stage: int) -> list:
@@ -919,6 +993,13 @@ def run_stage(
         (plan.dir / "ds_config.json").write_text(json.dumps(ds, indent=2) + "\n")
 
     tag = latest_tag(plan.ckpt_dir)
+    torn = incomplete_tags(plan.ckpt_dir)
+    if torn and rank == 0:
+        print(
+            f"[{stage.name}] note: ignoring {', '.join(torn)} in {plan.ckpt_dir}: its save was interrupted "
+            f"(no {STAGE_META}); resuming from {tag or 'the start'}",
+            flush=True,
+        )
     if tag is not None and run.checkpoint.resume == "never":
         raise ValueError(
             f"checkpoint.resume is 'never' but {plan.ckpt_dir} holds checkpoint {tag}; remove it or "
@@ -965,9 +1046,7 @@ def run_stage(
     stream = build_stream(run.data, tokenizer)
     start, tokens_seen = 0, 0
     if tag is not None:
-        excluded = json.loads((plan.ckpt_dir / tag / "dive_ds_stage.json").read_text()).get(
-            "exclude_frozen", False
-        )
+        excluded = json.loads((plan.ckpt_dir / tag / STAGE_META).read_text()).get("exclude_frozen", False)
         client = load_checkpoint(engine, plan.ckpt_dir, tag, frozen_excluded=excluded, ep=bool(ep_size))
         if client["stage"] != stage.name:
             raise ValueError(
@@ -1022,7 +1101,7 @@ def run_stage(
             flush=True,
         )
 
-    stop = _StopFlag()
+    stop = _StopFlag(Path(run.out_dir) / STOP_FILE)
     stop.install()
     crash_at = _crash_step(stage.name)
     last_saved = start
@@ -1132,8 +1211,8 @@ def run_stage(
                 os._exit(3)  # test hook: die like a killed process, no clean-up
             if red["stop"]:
                 raise Interrupted(
-                    f"stage {stage.name}: stopped by a signal after step {step}; checkpoint saved, "
-                    "relaunch the same command to resume"
+                    f"stage {stage.name}: stopped after step {step} (a signal or {Path(run.out_dir) / STOP_FILE}); "
+                    "checkpoint saved, relaunch the same command to resume"
                 )
         bar.close()
         final = summarise_eval(
@@ -1305,6 +1384,11 @@ def train(
         if not plan.done():
             check_ep_stage(plan.stage, int(ds.get("zero_optimization", {}).get("stage", 0)), ep_size)
     todo = [p for p in plans if not p.done()]
+    if todo and (Path(run.out_dir) / STOP_FILE).exists():
+        raise ValueError(
+            f"{Path(run.out_dir) / STOP_FILE} exists: a stop request (pre-emption, or by hand) is pending; "
+            "remove it to start or resume training"
+        )
     if todo and run.checkpoint.resume == "required" and latest_tag(todo[0].ckpt_dir) is None:
         raise ValueError(
             f"checkpoint.resume is 'required' but {todo[0].ckpt_dir} holds no checkpoint (no 'latest' "
