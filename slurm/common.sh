@@ -144,9 +144,20 @@ step_retrain() {
 }
 
 step_consolidate() {
-    local ckpt="$OUT/retrain/stages/experts/checkpoints"
-    log "consolidation: $ckpt -> $FINAL"
-    run_step "" "$PYTHON" "$REPO/launchers/retrain.py" --consolidate "$ckpt" --out "$FINAL"
+    # The retrained model is sharded by expert (each rank wrote its own experts); this streams it
+    # layer by layer into one HF folder, so it never holds the whole model in memory.
+    local trained="$OUT/retrain/model"
+    if [[ -f "$FINAL/config.json" ]]; then
+        log "consolidation: reusing $FINAL"
+        return
+    fi
+    if [[ -f "$trained/dive_shards.json" ]]; then
+        log "consolidation: $trained -> $FINAL"
+        run_step "" "$PYTHON" "$REPO/launchers/reconstruct.py" consolidate --shards "$trained" --out "$FINAL"
+    else  # EP_SIZE=1: the stage output is already one HF folder
+        log "consolidation: $trained is one HF folder; copying it to $FINAL"
+        run_step "" cp -r "$trained" "$FINAL"
+    fi
 }
 
 dive_main() {

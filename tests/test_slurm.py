@@ -87,7 +87,11 @@ def test_sbatch_dive_tiny_end_to_end(tiny_run):
     before, after = evals[0], evals[-1]
     assert (before["stage"], before["step"]) == ("router", 0) and after["stage"] == "experts"
     assert after["loss"] < before["loss"] - 0.05, (before["loss"], after["loss"])
-    # the consolidated model loads and gives the live engine's held-out loss
+    # retraining wrote its output sharded by expert, each rank only the expert it holds
+    for rank in (0, 1):
+        rec = json.loads((out / "retrain" / "model" / "nodes" / f"node-{rank:05d}.json").read_text())
+        assert rec["experts"] == [rank]
+    # the consolidated model loads
     from transformers import AutoModelForCausalLM
 
     from dive_ds.models.moe import register

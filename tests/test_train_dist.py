@@ -172,10 +172,12 @@ def reference_ep(world_1, tmp_path_factory) -> dict:
 
 def test_zero3_ep2_matches_one_rank_resumes_and_consolidates(reference_ep, tmp_path):
     """ZeRO-3 + expert parallelism 2 (ds_configs/zero3.json) on 2 ranks, killed after experts step 3 and
-    relaunched: every step's loss equals the 1-rank run; the stage output and the offline
-    consolidation of the last checkpoint give the live engine's held-out loss."""
+    relaunched: every step's loss equals the 1-rank run; the stage outputs are sharded (each rank wrote
+    its own experts; the experts stage read the router stage's shards), and both the consolidated stage
+    output and the offline consolidation of the last checkpoint give the live engine's held-out loss."""
     from transformers import AutoModelForCausalLM
 
+    from dive_ds.models.shards import consolidate_shards, is_sharded
     from dive_ds.train.loop import CRASH_ENV, consolidate_checkpoint, eval_windows, evaluate, summarise_eval
 
     out = tmp_path / "z3ep"
@@ -213,7 +215,18 @@ def test_zero3_ep2_matches_one_rank_resumes_and_consolidates(reference_ep, tmp_p
             evaluate(lambda ids: model(input_ids=ids).logits, windows, 2, torch.device("cpu"))
         )["loss"]
 
-    assert loss_of(out / "model") == pytest.approx(live["loss"], abs=1e-6)
+    # the stage output is sharded: each rank wrote only the experts it holds, rank 0 the shared weights
+    model_dir = out / "stages" / "experts" / "model"
+    assert is_sharded(model_dir) and is_sharded(out / "stages" / "router" / "model")
+    for rank, experts in ((0, [0, 1]), (1, [2, 3])):
+        rec = json.loads((model_dir / "nodes" / f"node-{rank:05d}.json").read_text())
+        assert rec["experts"] == experts
+        assert {f.split("/")[0] for f in rec["files"] if "/" in f} == (
+            {"experts", "shared"} if rank == 0 else {"experts"}
+        )
+    assert loss_of(consolidate_shards(out / "model", tmp_path / "from_shards")) == pytest.approx(
+        live["loss"], abs=1e-6
+    )
     merged = consolidate_checkpoint(ckpt, tmp_path / "consolidated")
     assert loss_of(merged) == pytest.approx(live["loss"], abs=1e-6)
 

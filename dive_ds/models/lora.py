@@ -186,14 +186,20 @@ class LoraDiveExperts(nn.Module):
             (self.gate_up_proj, self.lora_gate_up_B, self.lora_gate_up_A),
             (self.down_proj, self.lora_down_B, self.lora_down_A),
         ):
-            delta = torch.bmm(b.float(), a.float()) * self.scale
-            w.copy_((w.float() + delta).to(w.dtype))
+            w.copy_(merged_weight(w, b, a, self.scale))
         base = self.base
         base.impl = self.impl
         return base
 
     def extra_repr(self) -> str:
         return f"experts={self.num_experts}, r={self.r}, alpha={self.alpha:g}"
+
+
+def merged_weight(
+    w_EOI: torch.Tensor, b_EOR: torch.Tensor, a_ERI: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """W + scale * B @ A per expert, computed in fp32, in W's dtype (the LoRA merge of one projection)."""
+    return (w_EOI.float() + torch.bmm(b_EOR.float(), a_ERI.float()) * scale).to(w_EOI.dtype)
 
 
 def add_expert_lora(

@@ -50,6 +50,7 @@ from dive_ds.models.lora import (
     add_expert_lora,
     lora_settings_from_state_dict,
     merge_expert_lora,
+    merged_weight,
 )
 from dive_ds.models.moe import DiveMoeBlock, DiveMoeConfig, DiveMoeForCausalLM, moe_blocks, set_router_mode
 from dive_ds.train.config import (
@@ -646,11 +647,12 @@ def load_checkpoint(
 
 
 @torch.no_grad()
-def gather_state_dict(module: nn.Module) -> dict[str, torch.Tensor] | None:
+def gather_state_dict(module: nn.Module, skip_ep_experts: bool = False) -> dict[str, torch.Tensor] | None:
     """Full fp32 CPU state dict of the live model on rank 0 (None elsewhere).
 
     ZeRO-3 parameters are gathered one at a time with deepspeed.zero.GatheredParameters
     (collective: every rank must call this); ZeRO-0/1/2 parameters are already whole.
+    With `skip_ep_experts` the experts of expert-parallel blocks are left out (see local_expert_state).
     """
     from deepspeed.runtime.zero.partition_parameters import GatheredParameters
 
@@ -658,6 +660,8 @@ def gather_state_dict(module: nn.Module) -> dict[str, torch.Tensor] | None:
     out: dict[str, torch.Tensor] | None = {} if rank == 0 else None
     ep_groups = _ep_groups_of(module)
     for name, p in module.named_parameters():
+        if skip_ep_experts and name in ep_groups:
+            continue
         ctx = GatheredParameters([p], modifier_rank=None) if hasattr(p, "ds_id") else contextlib.nullcontext()
         with ctx:
             data = p.data.detach().to("cpu", torch.float32)
@@ -688,6 +692,90 @@ def _ep_groups_of(module: nn.Module) -> dict[str, object]:
         if isinstance(m, ep_block_class()) and m.ep_size > 1:
             for pname, _ in m.experts.named_parameters():
                 out[f"{mname}.experts.{pname}"] = m.ep_group
+    return out
+
+
+@torch.no_grad()
+def local_expert_state(module: nn.Module, lora: dict | None) -> dict[int, dict[int, dict[str, torch.Tensor]]]:
+    """{layer: {expert id: {gate_up_proj, down_proj[, bias]}}}: this rank's experts of every
+    expert-parallel block, fp32 on CPU, LoRA merged. ZeRO-3 partitions are gathered over the
+    expert-data-parallel group (collective: every rank calls this)."""
+    from deepspeed.runtime.zero.partition_parameters import GatheredParameters
+
+    from dive_ds.parallel.expert_parallel import ep_block_class
+
+    out: dict[int, dict[int, dict[str, torch.Tensor]]] = {}
+    for mname, m in module.named_modules():
+        if not (isinstance(m, ep_block_class()) and m.ep_size > 1):
+            continue
+        layer = int(mname.split("layers.")[1].split(".")[0])
+        tensors = {}
+        for pname, p in m.experts.named_parameters():
+            ctx = (
+                GatheredParameters([p], modifier_rank=None)
+                if hasattr(p, "ds_id")
+                else contextlib.nullcontext()
+            )
+            with ctx:
+                tensors[pname] = p.data.detach().to("cpu", torch.float32).clone()
+        if lora is not None:
+            scale = float(lora["alpha"]) / int(lora["r"])
+            for w, b, a in (
+                ("gate_up_proj", "lora_gate_up_B", "lora_gate_up_A"),
+                ("down_proj", "lora_down_B", "lora_down_A"),
+            ):
+                tensors[w] = merged_weight(tensors[w], tensors.pop(b), tensors.pop(a), scale)
+        ids = m.experts.expert_ids
+        out[layer] = {e: {k: v[i].contiguous() for k, v in tensors.items()} for i, e in enumerate(ids)}
+    return out
+
+
+def export_sharded(
+    shared: dict[str, torch.Tensor] | None,
+    experts: dict[int, dict[int, dict[str, torch.Tensor]]],
+    config_dir: Path,
+    out: Path,
+    ep_size: int,
+    info: dict,
+) -> Path:
+    """An expert-parallel stage's output as a sharded MoE folder (dive_ds.models.shards), written by
+    every rank at once: rank 0 the shared tensors (`shared`, from gather_state_dict(skip_ep_experts=True)),
+    config and tokenizer; each expert by the first rank that holds it. No rank ever holds every
+    expert. DONE_FILE is written last, once every rank's marker is there. Collective."""
+    from dive_ds.models.shards import ShardedMoe, ShardWriter
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    config = DiveMoeConfig.from_pretrained(config_dir)
+    if rank == 0 and out.exists():
+        shutil.rmtree(out)  # an unfinished earlier export of this stage
+    _barrier()
+    # every rank is a "node" of one GPU: the placement (ep_rank = rank % P) is DeepSpeed's
+    writer = ShardWriter(out, config, config.num_local_experts, ep_size, world, 1, rank)
+    if rank == 0:
+        assert shared is not None
+        layers: dict[int, dict[str, torch.Tensor]] = {i: {} for i in range(config.num_hidden_layers)}
+        top = {}
+        for name, value in shared.items():
+            if name.startswith("model.layers."):
+                layers[int(name.split(".")[2])][name] = value.contiguous()
+            elif not (name == "lm_head.weight" and config.tie_word_embeddings):
+                top[name] = value.contiguous()
+        writer.write_shared(top)
+        for layer, tensors in layers.items():
+            writer.write_shared_layer(layer, tensors)
+        for fname in (*TOKENIZER_FILES, "dive_experts.json", "generation_config.json"):
+            if (config_dir / fname).is_file():
+                writer.copy_file(config_dir / fname)
+    for expert in writer.experts:
+        for layer in range(config.num_hidden_layers):
+            writer.write_expert(layer, expert, experts[layer][expert])
+    writer.finish()
+    _barrier()
+    if rank == 0:
+        ShardedMoe(out)  # every node marker and file is there
+        _write_atomic(out / DONE_FILE, json.dumps(info, indent=2) + "\n")
+    _barrier()
     return out
 
 
@@ -1219,7 +1307,8 @@ def run_stage(
             _log_eval(engine, module, windows, run, device, log, plan.step_offset + steps, stage.name, steps)
         )
         log.heatmap(heat_counts, plan.step_offset + steps, f"{stage.name} end: expert load share")
-        state = gather_state_dict(module)
+        state = gather_state_dict(module, skip_ep_experts=bool(ep_size))
+        local_experts = local_expert_state(module, meta["lora"]) if ep_size else None
         result = {
             "stage": stage.name,
             "steps": steps,
@@ -1237,7 +1326,7 @@ def run_stage(
         log.close()
     del engine, module, model, keep_alive, blocks
     _free_memory()
-    if rank == 0:
+    if rank == 0 or ep_size:
         info = {
             "stage": stage.name,
             "input": str(input_dir),
@@ -1249,7 +1338,11 @@ def run_stage(
             "lora_merged": stage.lora,
             "run_config": run.to_dict(),
         }
-        export_hf(state, input_dir, plan.model_dir, meta["lora"], info)
+        if ep_size:  # every rank writes its experts: no rank gathers the whole MoE
+            export_sharded(state, local_experts, input_dir, plan.model_dir, ep_size, info | {"sharded": True})
+        else:
+            export_hf(state, input_dir, plan.model_dir, meta["lora"], info)
+    if rank == 0:
         (plan.dir / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
         print(
             f"[{stage.name}] done: held-out loss {result['final_eval']['loss']:.4f}, mean ppl "
@@ -1453,7 +1546,16 @@ def train(
     last_dir = Path(run.out_dir) / "stages" / last.name / "model"
     if rank == 0 and (last_dir / DONE_FILE).is_file():
         _link_tree(last_dir, Path(run.out_dir) / "model")
-        print(f"retrain: final model -> {Path(run.out_dir) / 'model'}", flush=True)
+        final = Path(run.out_dir) / "model"
+        print(f"retrain: final model -> {final}", flush=True)
+        from dive_ds.models.shards import is_sharded
+
+        if is_sharded(final):
+            print(
+                f"retrain: it is sharded by expert (expert parallelism); one HF folder: "
+                f"dive-ds consolidate --shards {final} --out HF_DIR",
+                flush=True,
+            )
     _barrier()
     return results
 
