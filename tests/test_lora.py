@@ -16,20 +16,9 @@ from dive_ds.models.moe import (
     DiveMoeConfig,
     DiveMoeForCausalLM,
     grouped_expert_mlp,
-    grouped_mm_supported,
     moe_blocks,
 )
-
-IMPLS = [
-    "loop",
-    pytest.param(
-        "grouped_mm",
-        marks=pytest.mark.skipif(
-            not grouped_mm_supported(torch.device("cpu"), torch.float32),
-            reason="no torch._grouped_mm on CPU fp32",
-        ),
-    ),
-]
+from tests.test_moe import IMPLS
 
 
 def tiny_moe(seed: int = 0, top_k: int = 2) -> DiveMoeForCausalLM:

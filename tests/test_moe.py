@@ -35,16 +35,12 @@ register()  # idempotent
 
 HIDDEN, DENSE_F, VOCAB = 64, 128, 128
 
-IMPLS = [
-    "loop",
-    pytest.param(
-        "grouped_mm",
-        marks=pytest.mark.skipif(
-            not grouped_mm_supported(torch.device("cpu"), torch.float32),
-            reason="no torch._grouped_mm on CPU fp32",
-        ),
-    ),
-]
+NO_GROUPED_MM = pytest.mark.skipif(
+    not grouped_mm_supported(torch.device("cpu"), torch.float32),
+    reason="this torch build has no torch._grouped_mm for CPU fp32; the 'loop' implementation is tested instead",
+)
+IMPLS = ["loop", pytest.param("grouped_mm", marks=NO_GROUPED_MM)]
+"""The expert MLP implementations every dispatch test runs with."""
 
 
 def tiny_config(**overrides) -> DiveMoeConfig:
@@ -381,10 +377,7 @@ def test_save_load_round_trip_gives_identical_logits(tmp_path, tied):
     assert (loaded.lm_head.weight is loaded.model.embed_tokens.weight) == tied
 
 
-@pytest.mark.skipif(
-    not grouped_mm_supported(torch.device("cpu"), torch.float32),
-    reason="this torch build has no torch._grouped_mm for CPU fp32",
-)
+@NO_GROUPED_MM
 def test_loaded_model_dispatches_with_grouped_mm(tmp_path, monkeypatch):
     random_model(tiny_config()).save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path)

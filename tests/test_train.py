@@ -185,7 +185,10 @@ def world():
     from dive_ds.train.loop import teardown_distributed
 
     if "RANK" in os.environ and os.environ.get("WORLD_SIZE") != "1":
-        pytest.skip("running under a multi-rank launcher")
+        pytest.skip(
+            "the in-process retraining tests need a 1-rank process group, and pytest runs under a "
+            "multi-rank launcher here; run pytest directly (multi-rank runs are tested via torchrun)"
+        )
     start_world()
     yield
     teardown_distributed()

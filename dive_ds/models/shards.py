@@ -190,7 +190,8 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
         raise
 
 
-def _atomic_text(text: str, path: Path) -> None:
+def write_text_atomic(text: str, path: Path) -> None:
+    """`path` gets `text` under its final name only when complete (temp file + os.replace)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_name(path)
     try:
@@ -328,7 +329,7 @@ class ShardWriter:
         self._check_existing()
         self.out.mkdir(parents=True, exist_ok=True)
         if node == 0 and _load_json(self.out / MANIFEST) != self.manifest:
-            _atomic_text(json.dumps(self.manifest, indent=1) + "\n", self.out / MANIFEST)
+            write_text_atomic(json.dumps(self.manifest, indent=1) + "\n", self.out / MANIFEST)
 
     def _check_existing(self) -> None:
         """Another plan, layout or config already in OUT (its manifest or any node marker) -> ValueError."""
@@ -436,7 +437,7 @@ class ShardWriter:
                 shutil.rmtree(tmp, ignore_errors=True)
             self.files.append("config.json")
         for name, text in (extra_files or {}).items():
-            _atomic_text(text, self.out / name)
+            write_text_atomic(text, self.out / name)
             self.files.append(name)
         record = {
             "node": self.node,
@@ -446,7 +447,7 @@ class ShardWriter:
             "seconds": round(time.time() - self.t0, 3),
             "tensor_bytes": self.tensor_bytes,
         }
-        _atomic_text(json.dumps(record, indent=1) + "\n", self.out / node_file(self.node))
+        write_text_atomic(json.dumps(record, indent=1) + "\n", self.out / node_file(self.node))
         return record
 
 

@@ -6,33 +6,16 @@ of every test and every demo run.
 """
 
 import os
-import socket
 import time
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    for key, value in {
-        "RANK": "0",
-        "LOCAL_RANK": "0",
-        "WORLD_SIZE": "1",
-        "LOCAL_WORLD_SIZE": "1",
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(_free_port()),
-    }.items():
-        os.environ.setdefault(key, value)
     t0 = time.time()
-    import deepspeed
-    import torch.distributed as dist
+    from dive_ds.train.loop import setup_distributed, teardown_distributed
 
-    deepspeed.init_distributed(dist_backend="gloo")
-    dist.destroy_process_group()
+    setup_distributed()  # a 1-rank world: the same initialisation as retraining
+    teardown_distributed()
     print(
         f"deepspeed JIT ops ready ({time.time() - t0:.1f}s, cache {os.environ.get('TORCH_EXTENSIONS_DIR')})"
     )

@@ -53,6 +53,8 @@ from dive_ds.models.lora import (
     merged_weight,
 )
 from dive_ds.models.moe import DiveMoeBlock, DiveMoeConfig, DiveMoeForCausalLM, moe_blocks, set_router_mode
+from dive_ds.models.shards import write_text_atomic
+from dive_ds.reconstruct import SIDE_FILES
 from dive_ds.train.config import (
     STAGE_ORDER,
     RunConfig,
@@ -72,15 +74,8 @@ CRASH_ENV = "DIVE_DS_TEST_CRASH_AFTER_STEP"
 """Test hook: `N` or `STAGE:N` makes every rank exit abruptly (os._exit) right after step N;
 `STAGE:N:save` does it inside step N's checkpoint save, after the files and before the commit."""
 DONE_FILE = "retrain_stage.json"
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "chat_template.jinja",
-    "generation_config.json",
-    "dive_experts.json",
-)
+TOKENIZER_FILES = (*SIDE_FILES, "dive_experts.json")
+"""Files besides weights and config that a stage output carries over from its input."""
 TAG_RE = re.compile(r"^step_(\d+)$")
 
 
@@ -508,12 +503,6 @@ def incomplete_tags(ckpt_dir: Path) -> list[str]:
     return [t for t in after if not is_complete(ckpt_dir, t)]
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 @contextlib.contextmanager
 def _generic_checkpointing(engine, ep: bool):
     """Expert-parallel DIVE layers checkpoint through DeepSpeed's generic ZeRO path, not its MoE path.
@@ -606,8 +595,8 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, client: dict, keep: int, 
     _crash_point(str(client.get("stage")), step, "save")
     _barrier()
     if rank == 0:
-        _write_atomic(ckpt_dir / tag / STAGE_META, json.dumps(meta, indent=2) + "\n")
-        _write_atomic(ckpt_dir / "latest", tag)
+        write_text_atomic(json.dumps(meta, indent=2) + "\n", ckpt_dir / tag / STAGE_META)
+        write_text_atomic(tag, ckpt_dir / "latest")
         for old in incomplete_tags(ckpt_dir):
             shutil.rmtree(ckpt_dir / old, ignore_errors=True)
         for old in list_tags(ckpt_dir)[:-keep]:
@@ -764,7 +753,7 @@ def export_sharded(
         writer.write_shared(top)
         for layer, tensors in layers.items():
             writer.write_shared_layer(layer, tensors)
-        for fname in (*TOKENIZER_FILES, "dive_experts.json", "generation_config.json"):
+        for fname in TOKENIZER_FILES:
             if (config_dir / fname).is_file():
                 writer.copy_file(config_dir / fname)
     for expert in writer.experts:
@@ -774,7 +763,7 @@ def export_sharded(
     _barrier()
     if rank == 0:
         ShardedMoe(out)  # every node marker and file is there
-        _write_atomic(out / DONE_FILE, json.dumps(info, indent=2) + "\n")
+        write_text_atomic(json.dumps(info, indent=2) + "\n", out / DONE_FILE)
     _barrier()
     return out
 
