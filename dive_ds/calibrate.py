@@ -12,6 +12,7 @@ Legend: S windows, L seq len, H hidden, F FFN width, D domains.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -29,6 +30,7 @@ from tqdm import tqdm
 
 from dive_ds.data.sampler import DomainSamples
 from dive_ds.models.loading import LayerwiseCheckpoint, check_gated_mlp, model_fingerprint
+from dive_ds.outputs import check_not_input
 from dive_ds.stats import ChannelStats
 
 STATS_FILE = "stats.safetensors"
@@ -65,13 +67,40 @@ def build_layer(config, layer_cls, idx: int, state: dict[str, torch.Tensor], dty
     return layer.eval()
 
 
-def _hidden_buffer(shape, offload_dir: str | None) -> torch.Tensor:
-    if offload_dir is None:
+def _hidden_buffer(shape, scratch: str | None) -> torch.Tensor:
+    """The carried hidden states: in RAM, or memory-mapped in a file in the private folder `scratch`."""
+    if scratch is None:
         return torch.empty(shape, dtype=torch.float32)
-    os.makedirs(offload_dir, exist_ok=True)
-    path = os.path.join(offload_dir, f"hidden-{os.getpid()}.f32")
-    mm = np.memmap(path, dtype=np.float32, mode="w+", shape=tuple(shape))
+    mm = np.memmap(os.path.join(scratch, "hidden.f32"), dtype=np.float32, mode="w+", shape=tuple(shape))
     return torch.from_numpy(mm)
+
+
+def check_offload_dir(offload_dir: str | None) -> None:
+    if offload_dir is not None and os.path.exists(offload_dir) and not os.path.isdir(offload_dir):
+        raise ValueError(
+            f"--hidden-offload-dir {offload_dir} is a file, not a folder; pass a folder on scratch space"
+        )
+
+
+@contextlib.contextmanager
+def offload_scratch(offload_dir: str | None):
+    """A new private folder inside `offload_dir` (None: no offload). `offload_dir` may hold the user's
+    files: the folder made here (and `offload_dir` itself if this made it and it is left empty) is all
+    that is created, and all that is removed afterwards, also on error."""
+    if offload_dir is None:
+        yield None
+        return
+    check_offload_dir(offload_dir)
+    made = not os.path.exists(offload_dir)
+    os.makedirs(offload_dir, exist_ok=True)
+    scratch = tempfile.mkdtemp(dir=offload_dir, prefix=".dive_ds-calibrate-")
+    try:
+        yield scratch
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+        if made:
+            with contextlib.suppress(OSError):
+                os.rmdir(offload_dir)  # only if still empty
 
 
 @torch.no_grad()
@@ -79,6 +108,13 @@ def streaming_stats(
     model_dir: str | Path, windows: dict[str, torch.Tensor], cfg: CalibConfig = CalibConfig()
 ) -> tuple[ChannelStats, dict]:
     """Per-domain, per-layer statistics of the down_proj input; returns (stats, timing info)."""
+    with offload_scratch(cfg.hidden_offload_dir) as scratch:
+        return _streaming_stats(model_dir, windows, cfg, scratch)
+
+
+def _streaming_stats(
+    model_dir: str | Path, windows: dict[str, torch.Tensor], cfg: CalibConfig, scratch: str | None
+) -> tuple[ChannelStats, dict]:
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model_dir)
@@ -103,7 +139,7 @@ def streaming_stats(
     all_ids = torch.cat([windows[n] for n in names])  # [S, L]
     owner = torch.cat([torch.full((windows[n].shape[0],), d) for d, n in enumerate(names)])
     emb = ckpt.get("model.embed_tokens.weight").to(torch.float32)
-    hid = _hidden_buffer((all_ids.shape[0], seq_len, hidden), cfg.hidden_offload_dir)
+    hid = _hidden_buffer((all_ids.shape[0], seq_len, hidden), scratch)
     for i in range(0, all_ids.shape[0], 256):
         hid[i : i + 256] = torch.nn.functional.embedding(all_ids[i : i + 256], emb)
     del emb
@@ -162,8 +198,6 @@ def streaming_stats(
         )
     bar.close()
     elapsed = time.time() - t0
-    if cfg.hidden_offload_dir is not None:
-        shutil.rmtree(cfg.hidden_offload_dir, ignore_errors=True)
     info = {
         "tokens": total_tokens,
         "layers": n_layers,
@@ -209,14 +243,15 @@ def check_out_dir(out: Path, identity: dict, force: bool) -> bool:
     man = out / MANIFEST
     if not out.exists():
         return False
+    if not out.is_dir():
+        raise ValueError(f"--out {out} exists and is a file, not a folder; choose another --out")
     if man.exists():
         old = json.loads(man.read_text()).get("identity")
         if old == identity:
             return True
         if old != identity and not force:
             raise ValueError(
-                f"output folder {out} holds a different run ({man}); "
-                "pass --force to replace it or choose another --out"
+                f"output folder {out} holds a different run ({man}); choose another --out or pass --force"
             )
     elif any(out.iterdir()) and not force:
         raise ValueError(
@@ -332,9 +367,12 @@ def run_calibration(
         "domains": [d.name for d in chosen],
         "sampler": asdict(sampler_cfg),
     }
+    inputs = {"model": model_ref if isinstance(model_ref, Path) else None, "registry": registry.path}
+    check_not_input(out, inputs | {"hidden offload folder": calib_cfg.hidden_offload_dir})
     if check_out_dir(out, identity, force):
         print(f"{out} already holds this calibration run; reusing it (delete it to recompute)")
         return out
+    check_offload_dir(calib_cfg.hidden_offload_dir)
     model_dir = local_snapshot(model_ref)
     tok = load_tokenizer(model_dir, config)
     t0 = time.time()

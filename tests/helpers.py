@@ -87,3 +87,33 @@ def make_tiny_calibration(
     }
     write_calibration(calib_dir, stats, samples, manifest)
     return model_dir, calib_dir
+
+
+# --------------------------------------------------------------------------- CLI and folder checks
+
+
+def snapshot(root: Path) -> dict[str, tuple]:
+    """Every path under root -> (kind, size, mtime_ns, content hash for files)."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        st = p.lstat()
+        key = str(p.relative_to(root))
+        if p.is_file() and not p.is_symlink():
+            out[key] = ("f", st.st_size, st.st_mtime_ns, hash(p.read_bytes()))
+        else:
+            out[key] = ("d" if p.is_dir() else "l", st.st_mtime_ns)
+    return out
+
+
+def cli(argv: list[str], capsys, entry=None) -> int:
+    """Run a command with capture cleared first (setup may print progress bars)."""
+    capsys.readouterr()
+    from dive_ds.cli import main
+
+    return (entry or main)(argv)
+
+
+def one_line_error(capsys, prefix: str = "dive-ds: error: ") -> str:
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(prefix), lines
+    return lines[0]

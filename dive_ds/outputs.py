@@ -1,0 +1,112 @@
+"""Output folders: a command reuses its own earlier output of the same run, refuses anything else.
+
+A command that writes a folder records the identity of its run there (the settings and input
+fingerprints that decide the output). Writing into an existing folder is then:
+
+- absent, or an empty folder: write it;
+- holds this command's output with the same identity: reuse it, write nothing;
+- anything else (another run, or files this command did not write): refused in one line,
+  unless --force, which replaces the folder;
+- a regular file, a symbolic link, or a folder that is (or holds) one of the run's inputs:
+  always refused, --force or not.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def read_identity(record: Path) -> dict | None:
+    """The "identity" entry of a JSON record file (None if the file is missing, unreadable or has none)."""
+    try:
+        identity = json.loads(record.read_text()).get("identity")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return identity if isinstance(identity, dict) else None
+
+
+def first_difference(old: dict, new: dict) -> str:
+    """`key: old != new` for the first differing entry of two identities."""
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) != new.get(key):
+            return f"{key}: {old.get(key)!r} != {new.get(key)!r}"
+    return "same"
+
+
+def check_not_input(out: Path, inputs: dict[str, str | Path | None]) -> None:
+    """Refuse an output folder that is one of the run's inputs or contains one (replacing it would
+    delete the input)."""
+    target = out.resolve()
+    for what, path in inputs.items():
+        if path is None:
+            continue
+        p = Path(path).resolve()
+        if p == target or target in p.parents:
+            raise ValueError(
+                f"--out {out} {'is' if p == target else 'contains'} the {what} {path}, an input of this run; "
+                "choose another --out"
+            )
+
+
+def claim_output(out: Path, identity: dict, recorded: dict | None, record: str, force: bool) -> bool:
+    """May this run write `out`? True: `out` already holds this very run (reuse it, write nothing).
+    False: write it (absent, empty, or --force). Raises a one-line ValueError otherwise.
+
+    `recorded`: the identity this command recorded in `out` (None: none, or not this command's layout);
+    `record`: the name of that record file, for the message.
+    """
+    if out.is_symlink():
+        raise ValueError(f"--out {out} is a symbolic link; pass the folder it points to or another --out")
+    if not out.exists():
+        return False
+    if not out.is_dir():
+        raise ValueError(f"--out {out} exists and is a file, not a folder; choose another --out")
+    if not any(out.iterdir()):
+        return False
+    if recorded is not None and recorded == identity:
+        return True
+    if force:
+        return False
+    if recorded is None:
+        raise ValueError(
+            f"output folder {out} is not empty and holds no {record} of this command; "
+            "choose another --out or pass --force"
+        )
+    raise ValueError(
+        f"output folder {out} holds a different run ({record}: {first_difference(recorded, identity)}); "
+        "choose another --out or pass --force"
+    )
+
+
+# --------------------------------------------------------------------------- reconstruct
+
+
+def reconstruction_identity(plan, cfg, model_dir: Path, model_fingerprint: str) -> dict:
+    """What decides the bits of `write_moe`'s output: the expert plan (kept channels, the means behind
+    the biases, router init, groups and MoE config: from the statistics and settings) and the dense
+    weights (their fingerprint)."""
+    import torch
+    from transformers import AutoConfig
+
+    from dive_ds.reconstruct import moe_config_dict, plan_fingerprint
+
+    moe_config = moe_config_dict(AutoConfig.from_pretrained(model_dir), cfg, plan.kept_ELK.shape[-1])
+    return {
+        "plan_fingerprint": plan_fingerprint(plan, moe_config, torch.float32),
+        "dense_model_fingerprint": model_fingerprint,
+    }
+
+
+def recorded_reconstruction(out: Path) -> dict | None:
+    """The identity `write_moe` recorded in `out`'s dive_experts.json, if `out` has exactly its file
+    layout (a model retrained from a reconstruction carries a copy of dive_experts.json, not its weights)."""
+    try:
+        files = set(json.loads((out / "model.safetensors.index.json").read_text())["weight_map"].values())
+        layers = int(json.loads((out / "config.json").read_text())["num_hidden_layers"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    expected = {"model-shared.safetensors"} | {f"model-layer-{i:05d}.safetensors" for i in range(layers)}
+    if files != expected or not all((out / f).is_file() for f in files):
+        return None
+    return read_identity(out / "dive_experts.json")
