@@ -115,12 +115,95 @@ def load_tokenizer(model: str | Path, config: PretrainedConfig | None = None):
 
 
 def load_dense_model(model: str | Path, dtype: torch.dtype = torch.float32):
-    from transformers import AutoModelForCausalLM
-
     load_config(model)
-    m = AutoModelForCausalLM.from_pretrained(model, dtype=dtype)
+    m = load_causal_lm(model, dtype=dtype)
     m.eval()
     return m
+
+
+# --------------------------------------------------------------------------- strict loading
+
+
+def _missing_message(folder, missing: list[str]) -> str:
+    shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+    return (
+        f"{folder} lacks {len(missing)} weight(s) of its model: {shown}; they would be initialised at random. "
+        "The checkpoint is incomplete (a shard file or index entry is missing): restore the missing files "
+        "or rebuild the folder"
+    )
+
+
+def checkpoint_keys(folder: str | Path) -> set[str]:
+    """Names of the tensors a local safetensors folder really holds (read from the files' headers; an
+    index entry whose file or tensor is absent does not count)."""
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{index} is not a valid safetensors index ({e}); restore it") from None
+        files = sorted(set(weight_map.values()))
+    elif (folder / "model.safetensors").is_file():
+        weight_map, files = None, ["model.safetensors"]
+    else:
+        raise ValueError(
+            f"{folder} has no model.safetensors(.index.json); "
+            "convert the checkpoint to safetensors (save_pretrained(safe_serialization=True))"
+        )
+    keys: set[str] = set()
+    for name in files:
+        path = folder / name
+        if not path.is_file():
+            raise ValueError(f"{path} is missing (named by {index.name}); restore it or rebuild {folder}")
+        try:
+            with safe_open(path, "pt") as f:
+                held = set(f.keys())
+        except Exception as e:  # SafetensorError: truncated or not a safetensors file
+            raise ValueError(f"{path} is not a readable safetensors file ({e}); restore it") from None
+        if weight_map is not None:
+            held &= {k for k, v in weight_map.items() if v == name}
+        keys |= held
+    return keys
+
+
+def expected_keys(config: PretrainedConfig) -> set[str]:
+    """Names of the tensors a checkpoint of this config must hold (tied copies excluded)."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+    from transformers.initialization import no_init_weights
+
+    with torch.device("meta"), no_init_weights():  # shapes only: no memory, no init, no ZeRO-3 partitioning
+        model = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)](config)
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    return set(model.state_dict()) - tied
+
+
+def check_complete(folder: str | Path) -> None:
+    """Refuse a local model folder that lacks any weight of its model (before anything is loaded)."""
+    config = AutoConfig.from_pretrained(folder)
+    missing = sorted(expected_keys(config) - checkpoint_keys(folder))
+    if missing:
+        raise ValueError(_missing_message(folder, missing))
+
+
+def load_causal_lm(folder: str | Path, cls=None, precheck: bool = True, **kwargs):
+    """`from_pretrained` that refuses a checkpoint lacking any weight instead of initialising it at random
+    (transformers only logs a warning). A local folder is checked before loading (`precheck`: unless the
+    caller did), every load after."""
+    if cls is None:
+        from transformers import AutoModelForCausalLM as cls
+    if precheck and Path(folder).is_dir():
+        check_complete(folder)
+    model, info = cls.from_pretrained(folder, output_loading_info=True, **kwargs)
+    missing = sorted(set(info.get("missing_keys") or ()))
+    if missing:
+        raise ValueError(_missing_message(folder, missing))
+    mismatched = info.get("mismatched_keys") or ()
+    if mismatched:
+        raise ValueError(
+            f"{folder} holds weights of another shape: {sorted(mismatched)[0]}; rebuild the folder"
+        )
+    return model
 
 
 def local_snapshot(model: str | Path) -> Path:
