@@ -98,9 +98,11 @@ def reconstruction_identity(plan, cfg, model_dir: Path, model_fingerprint: str) 
     }
 
 
-def recorded_reconstruction(out: Path) -> dict | None:
-    """The identity `write_moe` recorded in `out`'s dive_experts.json, if `out` has exactly its file
-    layout (a model retrained from a reconstruction carries a copy of dive_experts.json, not its weights)."""
+def recorded_reconstruction(out: Path, identity: dict | None = None, plan=None) -> dict | None:
+    """The identity `write_moe` recorded in `out`'s dive_experts.json, if `out` still holds its output:
+    exactly its file layout and, when the record equals `identity`, the router weights of `plan`.
+    A model derived from a reconstruction carries a copy of dive_experts.json but other weights:
+    retrained (other files), or with fitted routers (`dive-ds fit-router`: same files, other routers)."""
     try:
         files = set(json.loads((out / "model.safetensors.index.json").read_text())["weight_map"].values())
         layers = int(json.loads((out / "config.json").read_text())["num_hidden_layers"])
@@ -109,4 +111,24 @@ def recorded_reconstruction(out: Path) -> dict | None:
     expected = {"model-shared.safetensors"} | {f"model-layer-{i:05d}.safetensors" for i in range(layers)}
     if files != expected or not all((out / f).is_file() for f in files):
         return None
-    return read_identity(out / "dive_experts.json")
+    recorded = read_identity(out / "dive_experts.json")
+    if recorded is None or recorded != identity or plan is None:
+        return recorded
+    return recorded if _holds_routers(out, plan, layers) else None
+
+
+def _holds_routers(out: Path, plan, layers: int) -> bool:
+    import torch
+    from safetensors import safe_open
+
+    if plan.router_ELH.shape[1] != layers:
+        return False
+    try:
+        for layer in range(layers):
+            with safe_open(out / f"model-layer-{layer:05d}.safetensors", "pt") as f:
+                router = f.get_tensor(f"model.layers.{layer}.mlp.gate.weight")
+            if not torch.equal(router, plan.router_ELH[:, layer].to(router.dtype)):
+                return False
+    except Exception:  # unreadable file or missing tensor: not (any more) write_moe's output
+        return False
+    return True
