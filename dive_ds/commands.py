@@ -78,7 +78,8 @@ def add_all(sub) -> None:
         "--router-init",
         default="random",
         choices=ROUTER_INITS,
-        help="random: seeded N(0, 0.02) (paper); centroid: from the groups' mean MLP inputs",
+        help="random: seeded N(0, 0.02) (the paper's recipe); centroid: from the groups' mean MLP inputs; "
+        "fit: fitted from the dense model (as `dive-ds fit-router`; recommended)",
     )
     p.add_argument(
         "--method",
@@ -100,7 +101,83 @@ def add_all(sub) -> None:
     p.add_argument("--nodes", type=int, help="with --shards: nodes in the job (default $SLURM_NNODES)")
     p.add_argument("--gpus-per-node", type=int, help="with --shards: ranks per node of the training job")
     p.add_argument("--ep", type=int, help="with --shards: expert-parallel size of the training job")
+    p.add_argument("--force", action="store_true", help="replace an --out folder that holds anything but "
+                   "this same reconstruction (which is always reused; delete the folder to rebuild)")  # fmt: skip
     p.set_defaults(func=cmd_reconstruct)
+
+    p = sub.add_parser(
+        "fit-router",
+        help="fit every router from the dense model (reconstruction-error labels)",
+        description="Streams the calibration windows through the MoE layer by layer (one layer "
+        "resident). At each layer every token is labelled with the expert whose output comes closest "
+        "to the dense FFN's on the same input; the router is fitted as a multinomial logistic "
+        "regression on the MLP input, and the hidden states go on through the MoE routed by it. "
+        "Writes a new folder (HF or sharded, as the input) with router_fit.json.",
+    )
+    p.add_argument(
+        "--moe", required=True, help="dive_moe folder (from `dive-ds reconstruct`, with or without --shards)"
+    )
+    p.add_argument("--calib", required=True, help="the calibration folder the MoE was reconstructed from")
+    p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    p.add_argument(
+        "--target",
+        default="auto",
+        choices=["auto", "hard", "soft"],
+        help="hard: arg-min error label; soft: softmax(-error/tau); auto (default): hard for top-1",
+    )
+    p.add_argument(
+        "--l2", type=float, default=1e-4, help="L2 penalty on the standardised weights (default 1e-4)"
+    )
+    p.add_argument("--max-iter", type=int, default=200, help="L-BFGS iterations per layer (default 200)")
+    p.add_argument(
+        "--windows-per-domain", type=int, help="calibration windows per domain to use (default all)"
+    )
+    p.add_argument(
+        "--noise-ratio",
+        type=float,
+        default=0.5,
+        help="initial noisy top-k std / median top-1 margin (default 0.5)",
+    )
+    p.add_argument("--model", help="dense model (default: the one recorded in the calibration)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_fit_router)
+
+    p = sub.add_parser(
+        "compare",
+        help="DIVE vs DIVE-without-mining vs random split (LLaMA-MoE) vs FLAP, at an equal training budget",
+        description="From one calibration: builds every method at the same activated FFN width, gives every "
+        "MoE a fitted router and a random one (+ router stage), retrains each for the same steps through "
+        "the same DeepSpeed trainer, and evaluates all on the same held-out windows (seen domains, the "
+        "calibration's held-out windows, and --eval-domains never calibrated or trained on). Writes "
+        "compare.json, compare.md and ppl_vs_tokens.png; rerun the same command to resume.",
+    )
+    p.add_argument("--calib", required=True, help="calibration folder")
+    p.add_argument("--groups", required=True, help="groups.json from `dive-ds mine` (DIVE's groups)")
+    p.add_argument("--out", required=True, help="output folder (a rerun of the same comparison resumes)")
+    p.add_argument(
+        "--eval-domains", help="registry of domains never calibrated or trained on (e.g. demo-unseen)"
+    )
+    p.add_argument("--experts", type=int, default=6, help="N experts (default 6)")
+    p.add_argument("--top-k", type=int, default=1, help="k (default 1)")
+    p.add_argument("--prune-ratio", type=float, default=0.5, help="r (default 0.5)")
+    p.add_argument("--steps", type=int, default=64, help="training steps per method (default 64)")
+    p.add_argument(
+        "--router-steps",
+        type=int,
+        default=16,
+        help="router-stage steps of the random-router treatment, out of --steps (default 16)",
+    )
+    p.add_argument("--batch", type=int, default=4, help="sequences per step (default 4)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
+    p.add_argument("--lr", type=float, default=1e-4, help="learning rate of every stage (default 1e-4)")
+    p.add_argument("--eval-every", type=int, default=16, help="steps between curve points (default 16)")
+    p.add_argument("--eval-windows", type=int, default=4, help="held-out windows per seen domain (default 4)")
+    p.add_argument("--methods", default="dive,nomining,random-split,flap", help="comma-separated subset")
+    p.add_argument(
+        "--treatments", default="fitted,random", help="router treatments of the MoEs (default both)"
+    )
+    p.add_argument("--quick", action="store_true", help="a few steps and windows (for tests)")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser(
         "consolidate",
@@ -186,9 +263,10 @@ def add_all(sub) -> None:
         "--retrain-steps",
         type=int,
         nargs=2,
-        default=[4, 8],
+        default=[0, 12],
         metavar=("ROUTER", "EXPERTS"),
-        help="steps of the router and experts stages (default 4 8; 0 0 skips retraining)",
+        help="steps of the router and experts stages of the fitted MoE (default 0 12: the fitted router "
+        "needs no router stage; 0 0 skips retraining)",
     )
     p.add_argument(
         "--retrain-batch", type=int, default=4, help="sequences of 256 tokens per step (default 4)"
@@ -296,7 +374,30 @@ def cmd_reconstruct(a) -> int:
     placement = _placement(a)
     if placement is not None:
         placement.check(cfg.num_experts)
-    run_reconstruct(a.calib, a.groups, a.out, cfg, a.model, shards=placement)
+    run_reconstruct(a.calib, a.groups, a.out, cfg, a.model, shards=placement, force=a.force)
+    return 0
+
+
+def cmd_fit_router(a) -> int:
+    from dive_ds.routerfit import RouterFitConfig
+    from dive_ds.workflows import run_fit_router
+
+    cfg = RouterFitConfig(target=a.target, l2=a.l2, max_iter=a.max_iter, windows_per_domain=a.windows_per_domain,
+                          noise_ratio=a.noise_ratio, progress=not a.no_progress)  # fmt: skip
+    run_fit_router(a.moe, a.calib, a.out, cfg, dense=a.model)
+    return 0
+
+
+def cmd_compare(a) -> int:
+    from dive_ds.compare import CompareConfig, quick, run_compare
+
+    cfg = CompareConfig(
+        experts=a.experts, top_k=a.top_k, prune_ratio=a.prune_ratio, steps=a.steps, router_steps=a.router_steps,
+        batch=a.batch, seq_len=a.seq_len, lr=a.lr, eval_every=a.eval_every, eval_windows=a.eval_windows,
+        methods=tuple(m.strip() for m in a.methods.split(",") if m.strip()),
+        treatments=tuple(t.strip() for t in a.treatments.split(",") if t.strip()),
+    )  # fmt: skip
+    run_compare(a.calib, a.groups, a.out, quick(cfg) if a.quick else cfg, a.eval_domains)
     return 0
 
 

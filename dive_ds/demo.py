@@ -1,7 +1,8 @@
 """`make demo`: the whole recipe on the embedded default, on a laptop.
 
 calibrate (one pass) -> mine (D x D pruned evaluations + fast affinity) -> reconstruct
-(DIVE and the baselines, same code path) -> evaluate, then one table. Sample counts are
+(DIVE and the baselines, same code path) -> fit DIVE's routers -> evaluate -> retrain the
+fitted MoE (experts stage), then one table. Sample counts are
 far below the reference recipe (1024 x 256 per domain) so it fits a 2-core machine.
 """
 
@@ -84,13 +85,34 @@ def run_demo(a) -> dict:
         "flap": ["--method", "flap"],
     }
     for name, extra in builds.items():
-        _check(cli(["reconstruct", *common, *extra, "--out", str(out / f"moe-{name}")]))
+        # --force: the demo owns these folders (the same build is reused, another one replaced)
+        _check(cli(["reconstruct", *common, *extra, "--force", "--out", str(out / f"moe-{name}")]))
     times["reconstruct"] = time.time() - t
+    t = _step("3b/5 fit-router: DIVE's routers from the dense model (reconstruction-error labels)")
+    fitted = out / "moe-dive-fitted"
+    if fitted.exists():  # the demo owns this folder: a rerun refits from the new reconstruction
+        import shutil
+
+        shutil.rmtree(fitted)
+    _check(
+        cli(
+            [
+                "fit-router",
+                "--moe",
+                str(out / "moe-dive"),
+                "--calib",
+                str(out / "calib"),
+                "--out",
+                str(fitted),
+            ]
+        )
+    )
+    times["fit_router"] = time.time() - t
     t = _step("4/5 evaluate: held-out perplexity per domain")
     cal = load_calibration(out / "calib")
     results = [run_evaluate("demo", out / "calib", out / "eval-dense", label="dense")]
     for name in builds:
-        # an untrained router is only informative for DIVE itself; baselines are compared by oracle
+        # an untrained random router is only informative for DIVE itself; baselines are compared by oracle
         results.append(
             run_evaluate(
                 str(out / f"moe-{name}"),
@@ -101,9 +123,12 @@ def run_demo(a) -> dict:
                 label=name,
             )
         )
+    results.append(
+        run_evaluate(str(fitted), out / "calib", out / "eval-dive-fitted", oracle=False, label="dive-fitted")
+    )
     times["evaluate"] = time.time() - t
     if any(a.retrain_steps):
-        t = _step("5/5 retrain: router stage, then LoRA experts stage (DeepSpeed ZeRO-2, 1 process)")
+        t = _step("5/5 retrain the fitted DIVE MoE: LoRA experts stage (DeepSpeed ZeRO-2, 1 process)")
         retrained = _retrain(out, a)
         results.append(
             run_evaluate(
@@ -116,6 +141,14 @@ def run_demo(a) -> dict:
         )
         times["retrain"] = time.time() - t
     table = markdown_table(results, cal.domains)
+    means = {r["label"]: r for r in results}
+    untrained = {
+        "dive fitted router": means["dive-fitted"]["router_mean"],
+        "dive random router (paper init)": means["dive"]["router_mean"],
+        "dive oracle routing": means["dive"]["oracle_mean"],
+        "flap (dense pruning)": means["flap"]["router_mean"],
+        "dense": means["dense"]["router_mean"],
+    }
     mining_rep = json.loads((out / "mining" / "mining.json").read_text())
     summary = {
         "times_s": {k: round(v, 1) for k, v in times.items()},
@@ -130,14 +163,21 @@ def run_demo(a) -> dict:
             if k in ("pearson", "spearman", "ari")
         },
         "groups": mining_rep["groups"],
+        "untrained_mean_ppl": {k: round(v, 2) for k, v in untrained.items()},
+        "dive_fitted_vs_flap": round(untrained["dive fitted router"] / untrained["flap (dense pruning)"], 4),
     }
     (out / "summary.md").write_text(table)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(
-        "\nHeld-out perplexity (oracle = each domain's tokens to its group's expert; `dive | router` is before "
-        "retraining, `dive-retrained | router` after it):\n"
+        "\nHeld-out perplexity (oracle = each domain's tokens to its group's expert; `dive | router` is the "
+        "paper's random router init, `dive-fitted | router` the fitted one, both before retraining; "
+        "`dive-retrained | router` is the fitted MoE after the experts stage):\n"
     )
     print(table)
+    print("Before any retraining, mean held-out perplexity at the same activated FFN width:")
+    for k, v in untrained.items():
+        print(f"  {k:<34} {v:8.1f}")
+    print(f"  dive fitted / flap = {summary['dive_fitted_vs_flap']:.3f}")
     print(f"family recovery of the mined groups (ARI): {summary['family_recovery_ari']}")
     print(f"fast vs paper affinity: {summary['fast_vs_paper']}")
     print(f"step times (s): {summary['times_s']}; total {summary['total_s']}s; outputs in {out}/")
@@ -163,11 +203,13 @@ def _retrain(out: Path, a) -> Path:
         "--set",
         f"out_dir={out / 'retrain'}",
         "--set",
-        f"model.path={out / 'moe-dive'}",
+        f"model.path={out / 'moe-dive-fitted'}",
         "--set",
         f"train.global_batch_size={a.retrain_batch}",
         "--set",
-        f"stages.router.steps={router_steps}",
+        f"stages.router.enabled={str(router_steps > 0).lower()}",
+        "--set",
+        f"stages.router.steps={max(router_steps, 1)}",
         "--set",
         f"stages.experts.steps={expert_steps}",
         "--set",

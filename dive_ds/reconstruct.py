@@ -30,7 +30,7 @@ PRESETS = {
     "2of8": dict(num_experts=8, top_k=2, prune_ratio=0.75),
 }
 METHODS = ("dive", "random-split", "upcycle", "nomining", "flap")
-ROUTER_INITS = ("random", "centroid")
+ROUTER_INITS = ("random", "centroid", "fit")
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,8 @@ class ReconstructConfig:
     bias_compensation: bool = True
     """FLAP bias b = W_down[:, removed] @ mean[removed] on each expert's output."""
     router_init: str = "random"
-    """random: seeded N(0, router_init_std) (the paper); centroid: from the groups' mean MLP inputs."""
+    """random: seeded N(0, router_init_std) (the paper); centroid: from the groups' mean MLP inputs;
+    fit: fitted from the dense model afterwards (dive_ds.routerfit; the plan holds the random init)."""
     router_init_std: float = 0.02
     """Standard deviation of the random router init."""
     seed: int = 42
@@ -96,7 +97,7 @@ def _router_init(
 ) -> torch.Tensor:
     n_layers, hidden = stats.mlp_in_sum_DLH.shape[1:]
     g = torch.Generator().manual_seed(cfg.seed)
-    if cfg.router_init == "random" or not any(idx_per_expert):
+    if cfg.router_init in ("random", "fit") or not any(idx_per_expert):
         return torch.randn(cfg.num_experts, n_layers, hidden, generator=g) * cfg.router_init_std
     # centroid: logits = x . (mu_e - mu_all) / |mu_e - mu_all|, scaled so that a token at the
     # centroid of its group leads the others by a few units before any training

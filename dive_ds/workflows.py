@@ -16,6 +16,7 @@ from dive_ds import mining
 from dive_ds.calibrate import Calibration, check_same_model, load_calibration, run_manifest_base
 from dive_ds.eval.perplexity import domain_perplexities, pruned_ffn, routing_report
 from dive_ds.models.shards import NodePlacement, check_shard_out
+from dive_ds.outputs import check_not_input, claim_output, reconstruction_identity, recorded_reconstruction
 from dive_ds.reconstruct import ReconstructConfig, plan_experts, write_moe, write_moe_shards
 from dive_ds.stats import channel_scores, kept_channels, mean_var, n_keep
 
@@ -150,9 +151,20 @@ def run_reconstruct(
     cfg: ReconstructConfig,
     model: str | None = None,
     shards: NodePlacement | None = None,
+    force: bool = False,
 ) -> Path:
-    """Plan the experts and write the MoE: one HF folder, or with `shards` this node's part of a sharded folder."""
+    """Plan the experts and write the MoE: one HF folder, or with `shards` this node's part of a sharded folder.
+
+    An `out` that holds this same reconstruction is reused; anything else there is refused unless `force`."""
     if shards is not None:
+        if force:
+            raise ValueError("--force does not apply with --shards (the nodes share the shard folder); "
+                             "choose another --out or remove it")  # fmt: skip
+        if cfg.router_init == "fit":
+            raise ValueError(
+                "--router-init fit needs the whole MoE: reconstruct --shards with --router-init random, then run "
+                "`dive-ds fit-router --moe SHARDS --calib DIR --out DIR` once every node has finished"
+            )
         shards.check(cfg.num_experts)
         check_shard_out(Path(out))
     cal = load_calibration(calib_dir)
@@ -172,11 +184,16 @@ def run_reconstruct(
             f"use --experts <= {len(cal.domains)}"
         )
     model_dir = _model_path(cal, model)
+    if shards is None:
+        inputs = {"calibration": cal.path, "dense model": model_dir, "groups file": groups_file}
+        check_not_input(Path(out), inputs)
     check_same_model(cal, model_dir)
     plan = plan_experts(cal.stats, cal.domains, groups, cfg)
+    identity = reconstruction_identity(plan, cfg, model_dir, cal.fingerprint)
+    extra = {"calibration": str(cal.path), "identity": identity}
     t0 = time.time()
     if shards is not None:
-        rec = write_moe_shards(model_dir, plan, cfg, out, shards, extra_info={"calibration": str(cal.path)})
+        rec = write_moe_shards(model_dir, plan, cfg, out, shards, extra_info=extra)
         n = f"node {shards.node}/{shards.nodes}"
         if rec["reused"]:
             print(
@@ -189,12 +206,90 @@ def run_reconstruct(
                 f"{rec['tensor_bytes'] / 2**20:.1f} MiB to {out} in {time.time() - t0:.1f}s"
             )
         return Path(out)
-    write_moe(model_dir, plan, cfg, out, extra_files={"calibration": str(cal.path)})
+    if cfg.router_init == "fit":
+        return _reconstruct_fitted(model_dir, plan, cfg, out, cal, t0)
+    recorded = recorded_reconstruction(Path(out), identity, plan)  # None: out holds no write_moe output
+    if claim_output(Path(out), identity, recorded, "dive_experts.json", force):
+        print(f"{out} already holds this reconstruction; reusing it (delete it to rebuild)")
+        return Path(out)
+    write_moe(model_dir, plan, cfg, out, extra_files=extra)
     print(
         f"wrote {cfg.method} MoE ({cfg.num_experts} experts x {plan.kept_ELK.shape[-1]} channels, top-{cfg.top_k}) "
         f"to {out} in {time.time() - t0:.1f}s"
     )
     return Path(out)
+
+
+def _reconstruct_fitted(
+    model_dir: Path, plan, cfg: ReconstructConfig, out, cal: Calibration, t0: float
+) -> Path:
+    """write_moe into a private temporary folder next to `out`, fit its routers into `out`, remove the temporary."""
+    import shutil
+
+    out = Path(out)
+    _check_new_out(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.unfitted-"))
+    try:
+        write_moe(model_dir, plan, cfg, tmp / "moe", extra_files={"calibration": str(cal.path)})
+        print(f"wrote {cfg.method} MoE in {time.time() - t0:.1f}s; fitting its routers", flush=True)
+        run_fit_router(tmp / "moe", cal.path, out, dense=model_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _check_new_out(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"--out {out} exists and is not empty; choose a new --out (nothing was written)")
+
+
+def run_fit_router(
+    moe: str | Path,
+    calib_dir: str | Path,
+    out: str | Path,
+    cfg=None,
+    dense: str | Path | None = None,
+) -> dict:
+    """Fit every router of a dive_moe folder (HF or sharded) from the dense model; write the result to `out`."""
+    from dive_ds.routerfit import MoeLayers, RouterFitConfig, fit_routers, write_fitted
+
+    cfg = cfg or RouterFitConfig()
+    out, moe = Path(out), Path(moe)
+    _check_new_out(out)
+    if out.resolve() == moe.resolve():
+        raise ValueError(f"--out {out} is the input folder; choose a new --out (the input is never modified)")
+    cal = load_calibration(calib_dir)
+    layers = MoeLayers(moe)
+    dense_dir = Path(dense) if dense is not None else Path(cal.manifest["model"]["path"])
+    check_same_model(cal, dense_dir)
+    c = layers.config
+    if (c.num_hidden_layers, c.hidden_size) != (
+        cal.stats.sum_DLF.shape[1],
+        cal.stats.mlp_in_sum_DLH.shape[2],
+    ):
+        raise ValueError(
+            f"{moe} has {c.num_hidden_layers} layers x hidden {c.hidden_size} but the calibration in {cal.path} "
+            "is of another model; pass the calibration the MoE was reconstructed from"
+        )
+    routers, report = fit_routers(moe, dense_dir, cal.calib, cfg)
+    report |= {
+        "moe": str(moe.resolve()),
+        "calibration": str(cal.path.resolve()),
+        "dense_model": str(dense_dir),
+    }
+    calib_rate = cal.manifest.get("pass", {}).get("tokens_per_s")
+    if calib_rate:
+        report["calibration_tokens_per_s"] = calib_rate
+    write_fitted(moe, out, routers, report)
+    print(
+        f"fitted {len(routers)} routers ({report['target']} targets) on {report['fit_tokens']} tokens in "
+        f"{report['seconds']}s ({report['tokens_per_s']} tokens/s; calibration pass: {calib_rate} tokens/s); "
+        f"held-out label accuracy {report['mean_label_accuracy_heldout']:.3f}, "
+        f"routed error / best {report['mean_excess_error_heldout']:.3f} -> {out}",
+        flush=True,
+    )
+    return report
 
 
 def oracle_map(model_dir: Path, domains: list[str]) -> dict[str, int] | None:
@@ -247,9 +342,7 @@ def run_evaluate(
     """Held-out perplexity per domain (+ oracle routing for a MoE); writes JSON and Markdown.
 
     Windows come from a calibration folder (`calib_dir`) or are drawn from a registry."""
-    from transformers import AutoModelForCausalLM
-
-    from dive_ds.models.loading import resolve_model
+    from dive_ds.models.loading import load_causal_lm, resolve_model
     from dive_ds.models.moe import DiveMoeConfig, count_parameters
 
     if (calib_dir is None) == (registry is None):
@@ -263,7 +356,7 @@ def run_evaluate(
         evals = registry_eval_windows(registry, model_dir, eval_windows or 16, seq_len, seed)
         source = str(registry)
     domains = list(evals)
-    m = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    m = load_causal_lm(model_dir, dtype=torch.float32).eval()  # refuses missing weights
     t0 = time.time()
     res: dict = {
         "model": str(model_dir),

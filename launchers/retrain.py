@@ -24,6 +24,11 @@ def main(argv=None) -> int:
         "--consolidate", metavar="CKPT_DIR", help="DeepSpeed checkpoint -> merged HF model at --out"
     )
     p.add_argument("--out", help="output folder of --consolidate")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="with --consolidate: replace an --out folder that holds anything but this same consolidation",
+    )
     a = p.parse_args(argv)
     try:
         if a.consolidate:
@@ -31,8 +36,12 @@ def main(argv=None) -> int:
 
             if not a.out:
                 raise ValueError("--consolidate needs --out DIR")
-            print(f"consolidated -> {consolidate_checkpoint(a.consolidate, a.out)}")
+            print(f"consolidated -> {consolidate_checkpoint(a.consolidate, a.out, force=a.force)}")
             return 0
+        if a.force:
+            raise ValueError(
+                "--force only applies with --consolidate (a run folder is resumed, never replaced)"
+            )
         if not a.deepspeed or not a.config:
             raise ValueError("pass --deepspeed CONFIG.json and --config RUN.yaml")
         from dive_ds.train.loop import Interrupted, retrain

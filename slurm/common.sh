@@ -127,6 +127,24 @@ step_reconstruct() {
         --shards --nodes "$NODES" --gpus-per-node "$GPUS_PER_NODE" --ep "$EP_SIZE"
 }
 
+step_fit_router() {
+    # The routers are fitted from the dense model (dive-ds fit-router) unless ROUTER_INIT=random, the
+    # paper's recipe (random router, then the router stage of the run config).
+    if [[ "${ROUTER_INIT:-fit}" != fit ]]; then
+        MOE_DIR="$OUT/moe"
+        log "routers: random init (ROUTER_INIT=$ROUTER_INIT); the run config's router stage trains them"
+        return
+    fi
+    MOE_DIR="$OUT/moe-fitted"
+    if [[ -f "$MOE_DIR/router_fit.json" ]]; then
+        log "router fitting: reusing $MOE_DIR"
+        return
+    fi
+    log "router fitting (once, on $(hostname)) -> $MOE_DIR"
+    run_step "" "$PYTHON" "$REPO/launchers/reconstruct.py" fit-router --moe "$OUT/moe" --calib "$CALIB" \
+        --no-progress --out "$MOE_DIR"
+}
+
 step_retrain() {
     local addr
     addr="$(master_addr)"
@@ -138,9 +156,9 @@ step_retrain() {
     run_step "$OUT/retrain/STOP" srun --nodes="$NODES" --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c \
         '"$0" --nnodes="$1" --nproc_per_node="$2" --node_rank="$SLURM_NODEID" --master_addr="$3" \
             --master_port="$4" "$5/launchers/retrain.py" --deepspeed "$6" --config "$7" \
-            --set model.path="$8/moe" --set out_dir="$8/retrain" --set parallel.ep_size="$9"' \
+            --set model.path="${10}" --set out_dir="$8/retrain" --set parallel.ep_size="$9"' \
         "$TORCHRUN" "$NODES" "$GPUS_PER_NODE" "$addr" "$MASTER_PORT" "$REPO" "$DS_CONFIG" "$RUN_CONFIG" \
-        "$OUT" "$EP_SIZE"
+        "$OUT" "$EP_SIZE" "$MOE_DIR"
 }
 
 step_consolidate() {
@@ -168,6 +186,7 @@ dive_main() {
     step_calibrate
     step_mine
     step_reconstruct
+    step_fit_router
     step_retrain
     step_consolidate
     log "done: $FINAL"

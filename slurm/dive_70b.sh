@@ -43,6 +43,7 @@ ONLY="${ONLY:-}"
 EXPERTS="${EXPERTS:-8}"
 TOP_K="${TOP_K:-1}"
 PRUNE_RATIO="${PRUNE_RATIO:-0.5}"
+ROUTER_INIT="${ROUTER_INIT:-fit}"             # fit: routers fitted from the dense model; random: the paper's init
 SAMPLES="${SAMPLES:-1024}"                     # calibration windows per domain (the paper's setting)
 SEQ_LEN="${SEQ_LEN:-1024}"
 EVAL_WINDOWS="${EVAL_WINDOWS:-16}"

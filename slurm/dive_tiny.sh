@@ -6,7 +6,7 @@
 #   NODES=2 EP_SIZE=2 OUT=runs/tiny sbatch --nodes=2 slurm/dive_tiny.sh
 #
 # Pipeline: calibrate (once) -> mine (once) -> reconstruct (one task per node, each node writes
-# only its experts' shards) -> retrain router + experts stages (one srun task per node starting
+# only its experts' shards) -> fit the routers (once; ROUTER_INIT=random skips it) -> retrain router + experts stages (one srun task per node starting
 # that node's ranks with torchrun; rendezvous on the first node) -> consolidate (one HF folder).
 # Every step skips work that is already complete, so a requeued job continues where it stopped.
 # Pre-emption: SLURM sends USR1 (--signal); during retraining the trap touches OUT/retrain/STOP (every
@@ -38,6 +38,7 @@ ONLY="${ONLY:-wiki_evals code_stdlib}"        # domains used from the registry (
 EXPERTS="${EXPERTS:-2}"
 TOP_K="${TOP_K:-1}"
 PRUNE_RATIO="${PRUNE_RATIO:-0.5}"
+ROUTER_INIT="${ROUTER_INIT:-fit}"             # fit: routers fitted from the dense model; random: the paper's init
 SAMPLES="${SAMPLES:-4}"                       # calibration windows per domain
 SEQ_LEN="${SEQ_LEN:-64}"
 OUT="${OUT:-$REPO/runs/slurm-tiny}"

@@ -6,6 +6,7 @@ Mixtral's softmax-then-renormalise. The noisy top-k `noise_weight` is training-o
 dropped. Exported checkpoints load anywhere Mixtral does, without `dive_ds` installed.
 """
 
+import json
 import logging
 import shutil
 import tempfile
@@ -14,6 +15,7 @@ from pathlib import Path
 import torch
 from transformers import MixtralConfig, MixtralForCausalLM
 
+from dive_ds.models.loading import load_causal_lm
 from dive_ds.models.moe import DiveMoeConfig, DiveMoeForCausalLM
 
 logger = logging.getLogger(__name__)
@@ -37,6 +39,11 @@ def mixtral_config(config: DiveMoeConfig) -> MixtralConfig:
         raise ValueError(
             "attention_bias=True: Mixtral attention has no biases, so this model has no Mixtral equivalent. "
             "Keep the dive_moe format for it."
+        )
+    if config.router_gate == "switch":
+        raise ValueError(
+            "router_gate='switch' scales each expert's output by its unnormalised probability; Mixtral "
+            "renormalises over the top-k, so the export would change the model. Keep the dive_moe format for it."
         )
     return MixtralConfig(
         vocab_size=config.vocab_size,
@@ -77,6 +84,13 @@ def _check_no_bias(model: DiveMoeForCausalLM) -> None:
             )
 
 
+def _model_type(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        raise ValueError(f"{folder} has no readable config.json; pass a dive_moe model folder") from None
+
+
 def export_mixtral(src_dir: str | Path, out_dir: str | Path) -> Path:
     """Write the dive_moe checkpoint in `src_dir` as a MixtralForCausalLM checkpoint in `out_dir`.
 
@@ -89,9 +103,16 @@ def export_mixtral(src_dir: str | Path, out_dir: str | Path) -> Path:
         raise ValueError(
             f"out_dir={out_dir} exists and is not an empty folder: choose a new path or remove it."
         )
+    model_type = _model_type(src_dir)
+    if model_type != "dive_moe":
+        raise ValueError(
+            f"{src_dir} is a {model_type!r} model, not dive_moe: it has no experts to export; pass the "
+            "--out of `dive-ds reconstruct` or of retraining"
+        )
     config = DiveMoeConfig.from_pretrained(src_dir)
     target_config = mixtral_config(config)
-    model = DiveMoeForCausalLM.from_pretrained(src_dir, config=config, dtype="auto")
+    # strict: a weight missing from the checkpoint is refused, never initialised at random
+    model = load_causal_lm(src_dir, DiveMoeForCausalLM, config=config, dtype="auto")
     _check_no_bias(model)
     if config.router_mode == "dense":
         logger.warning(

@@ -43,6 +43,7 @@ from transformers.models.llama.modeling_llama import (
 logger = logging.getLogger(__name__)
 
 ROUTER_MODES = ("sparse", "dense")
+ROUTER_GATES = ("renorm", "straight_through", "switch")
 EXPERT_IMPLS = ("auto", "grouped_mm", "loop")
 
 
@@ -74,6 +75,12 @@ class DiveMoeConfig(LlamaConfig):
     """"sparse": top-k, softmax over the k chosen logits. "dense": every expert, softmax over all E."""
     router_temperature: float | int = 1.0
     """Softmax temperature of the dense router mode (ignored in sparse mode); > 0."""
+    router_gate: str = "straight_through"
+    """Sparse-mode routing weights. "renorm": softmax over the k chosen logits (Mixtral; weight 1 for k=1,
+    so a top-1 router gets no gradient from the loss). "straight_through": the same forward values, and
+    the backward of the chosen experts' probabilities under the softmax over all E (the default).
+    "switch": the chosen experts' probabilities over all E, not renormalised (Switch Transformer; the
+    output is scaled by them at inference too)."""
     router_noise: bool = True
     """Noisy top-k (learned noise scale) in training mode; never applied in eval mode or dense mode."""
     router_noise_scale: float | int = 1.0
@@ -101,6 +108,8 @@ def _check_moe_fields(config: DiveMoeConfig) -> None:
         )
     if config.router_mode not in ROUTER_MODES:
         raise ValueError(f"router_mode={config.router_mode!r}: use one of {ROUTER_MODES}.")
+    if config.router_gate not in ROUTER_GATES:
+        raise ValueError(f"router_gate={config.router_gate!r}: use one of {ROUTER_GATES}.")
     if not config.router_temperature > 0:
         raise ValueError(
             f"router_temperature={config.router_temperature}: use a temperature > 0 (1.0 = plain softmax)."
@@ -294,6 +303,7 @@ class DiveRouter(nn.Module):
         self.temperature = float(config.router_temperature)
         self.noise = config.router_noise
         self.noise_scale = float(config.router_noise_scale)
+        self.gate_kind = config.router_gate
         self.weight = nn.Parameter(torch.empty(config.num_local_experts, config.hidden_size))
         self.noise_weight = nn.Parameter(torch.empty(config.num_local_experts, config.hidden_size))
 
@@ -309,12 +319,30 @@ class DiveRouter(nn.Module):
             noise_std_TE = F.softplus(F.linear(x_TH, self.noise_weight).float()) * self.noise_scale
             select_TE = logits_TE + torch.randn_like(logits_TE) * noise_std_TE
         top_logits_TK, top_idx_TK = torch.topk(select_TE, self.top_k, dim=-1)
-        # softmax over the k chosen logits == Mixtral's softmax over E, top-k, renormalise.
-        weights_TK = torch.softmax(top_logits_TK, dim=-1)
-        return RouterOutput(top_idx_TK, weights_TK, torch.softmax(logits_TE, dim=-1), logits_TE)
+        probs_TE = torch.softmax(logits_TE, dim=-1)
+        return RouterOutput(
+            top_idx_TK, gate_weights(top_logits_TK, probs_TE, top_idx_TK, self.gate_kind), probs_TE, logits_TE
+        )
 
     def extra_repr(self) -> str:
-        return f"experts={self.num_experts}, top_k={self.top_k}, mode={self.mode}, temperature={self.temperature}"
+        return (
+            f"experts={self.num_experts}, top_k={self.top_k}, mode={self.mode}, temperature={self.temperature}, "
+            f"gate={self.gate_kind}"
+        )
+
+
+def gate_weights(
+    top_logits_TK: torch.Tensor, probs_TE: torch.Tensor, top_idx_TK: torch.Tensor, kind: str
+) -> torch.Tensor:
+    """Routing weights of the chosen experts (see DiveMoeConfig.router_gate)."""
+    if kind == "switch":
+        return probs_TE.gather(1, top_idx_TK)
+    # softmax over the k chosen logits == Mixtral's softmax over E, top-k, renormalise.
+    renorm_TK = torch.softmax(top_logits_TK, dim=-1)
+    if kind == "renorm":
+        return renorm_TK
+    chosen_TK = probs_TE.gather(1, top_idx_TK)
+    return renorm_TK + (chosen_TK - chosen_TK.detach())
 
 
 class DiveExperts(nn.Module):

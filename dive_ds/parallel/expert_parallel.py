@@ -189,10 +189,11 @@ def ep_block_from(block: DiveMoeBlock, config: DiveMoeConfig, ep_size: int, ep_r
     ids = torch.tensor(ep.local_experts)
     for name, p in ep.experts.named_parameters():
         p.copy_(getattr(block.experts, name)[ids])
-    ep.gate.mode, ep.gate.temperature, ep.gate.noise = (
+    ep.gate.mode, ep.gate.temperature, ep.gate.noise, ep.gate.gate_kind = (
         block.gate.mode,
         block.gate.temperature,
         block.gate.noise,
+        block.gate.gate_kind,
     )
     ep.experts.impl = block.experts.impl
     return ep

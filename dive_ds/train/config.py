@@ -123,6 +123,9 @@ class StageConfig:
     """Dense routing temperature; None = 0.05 for top-1 models, 0.5 otherwise (the paper's values)."""
     router_noise: bool = True
     """Sparse mode: noisy top-k in training (the model's own setting when True)."""
+    router_gate: str | None = None
+    """Sparse-mode routing weights: renorm, straight_through or switch (see DiveMoeConfig.router_gate);
+    None keeps the model's own. The choice is saved in the stage's output config (inference uses it too)."""
     lora: bool = False
     """Put LoRA on the experts' gate/up/down projections (merged when the stage ends)."""
     lora_r: int = 8
@@ -482,6 +485,8 @@ def validate_run_config(cfg: RunConfig) -> None:
             raise ValueError(f"{w}.min_lr_ratio={s.min_lr_ratio}; use 0 <= ratio <= 1")
         if s.router_mode not in ("dense", "sparse"):
             raise ValueError(f"{w}.router_mode={s.router_mode!r}; use dense or sparse")
+        if s.router_gate not in (None, "renorm", "straight_through", "switch"):
+            raise ValueError(f"{w}.router_gate={s.router_gate!r}; use renorm, straight_through or switch")
         if s.temperature is not None and s.temperature <= 0:
             raise ValueError(f"{w}.temperature={s.temperature}; use > 0")
         if s.lora_r < 1 or s.lora_alpha <= 0 or not 0 <= s.lora_dropout < 1:

@@ -24,6 +24,7 @@ Legend: G global batch (sequences), S sequence length, V vocabulary, L layers, E
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -46,6 +47,7 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
+from dive_ds.models.loading import check_complete, load_causal_lm
 from dive_ds.models.lora import (
     add_expert_lora,
     lora_settings_from_state_dict,
@@ -54,7 +56,9 @@ from dive_ds.models.lora import (
 )
 from dive_ds.models.moe import DiveMoeBlock, DiveMoeConfig, DiveMoeForCausalLM, moe_blocks, set_router_mode
 from dive_ds.models.shards import write_text_atomic
+from dive_ds.outputs import check_not_input, claim_output, read_identity
 from dive_ds.reconstruct import SIDE_FILES
+from dive_ds.train import rng
 from dive_ds.train.config import (
     STAGE_ORDER,
     RunConfig,
@@ -168,6 +172,10 @@ def check_moe_folder(path: str | Path, what: str = "model.path") -> Path:
             f"{what}: {path} is a {model_type!r} model, not dive_moe; run `dive-ds reconstruct` "
             "first and retrain its output"
         )
+    from dive_ds.models.shards import is_sharded
+
+    if not is_sharded(path):  # a sharded folder is checked by its reader (ShardedMoe)
+        check_complete(path)  # every weight there: none would be initialised at random
     return path
 
 
@@ -185,12 +193,13 @@ def load_model(path: Path, ds_config: dict, zero3_init: bool):
             "(parallel.ep_size > 1 or expert_parallel.autoep_size), or make one HF folder first with "
             "`dive-ds consolidate --shards`"
         )
+    check_complete(path)
     keep = None
     if zero3_init and ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
         from transformers.integrations import HfDeepSpeedConfig
 
         keep = HfDeepSpeedConfig(ds_config)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = load_causal_lm(path, AutoModelForCausalLM, precheck=False, dtype=torch.float32)
     if not isinstance(model, DiveMoeForCausalLM):
         raise ValueError(f"{path} loaded as {type(model).__name__}, not DiveMoeForCausalLM")
     return model, keep
@@ -288,8 +297,11 @@ def prepare_stage_model(model: DiveMoeForCausalLM, stage: StageConfig, seed: int
     else:
         set_router_mode(model, "sparse")
     noise_on = stage.router_noise and model.config.router_noise and model.config.router_noise_scale > 0
+    if stage.router_gate is not None:
+        model.config.router_gate = stage.router_gate
     for block in moe_blocks(model):
         block.gate.noise = bool(noise_on)
+        block.gate.gate_kind = model.config.router_gate
     if stage.lora:
         add_expert_lora(
             model,
@@ -443,25 +455,10 @@ def summarise_eval(result: dict[str, dict]) -> dict:
 # --------------------------------------------------------------------------- checkpoints
 
 
-def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
 def _seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def list_tags(ckpt_dir: Path) -> list[str]:
@@ -591,7 +588,7 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, client: dict, keep: int, 
         )
     if ep:
         _save_ep_trainable(engine.module, ckpt_dir / tag)
-    torch.save(_rng_state(), ckpt_dir / tag / f"rng_state_rank{rank:04d}.pt")
+    rng.save_rng_state(rng.rng_file(ckpt_dir / tag, rank))  # tensors + JSON, no pickle
     _crash_point(str(client.get("stage")), step, "save")
     _barrier()
     if rank == 0:
@@ -627,9 +624,10 @@ def load_checkpoint(
             f"could not load checkpoint {ckpt_dir / tag} (no DeepSpeed state or dive_ds client state)"
         )
     rank = dist.get_rank() if dist.is_initialized() else 0
-    rng_file = ckpt_dir / tag / f"rng_state_rank{rank:04d}.pt"
+    rng_file = rng.rng_file(ckpt_dir / tag, rank)
+    rng.check_no_legacy(ckpt_dir / tag, rank)
     if rng_file.is_file():
-        _set_rng_state(torch.load(rng_file, weights_only=False))
+        rng.restore(rng.load_rng_state(rng_file))
     else:
         logger.warning("no RNG state for rank %d in %s (different world size?): RNG not restored", rank, tag)
     return client["dive_ds"]
@@ -836,10 +834,13 @@ def _ep_checkpoint_state(folder: Path, meta: dict) -> dict[str, torch.Tensor]:
     return state
 
 
-def consolidate_checkpoint(ckpt_dir: str | Path, out: str | Path, tag: str | None = None) -> Path:
+def consolidate_checkpoint(
+    ckpt_dir: str | Path, out: str | Path, tag: str | None = None, force: bool = False
+) -> Path:
     """A DeepSpeed ZeRO-2/3 checkpoint of a stage -> plain HF MoE folder, offline (zero_to_fp32).
 
-    `ckpt_dir` is OUT/stages/<name>/checkpoints (tag: the latest) or one tag folder inside it.
+    `ckpt_dir` is OUT/stages/<name>/checkpoints (tag: the latest) or one tag folder inside it. An `out`
+    holding this same consolidation is reused; anything else there is refused unless `force`.
     """
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -855,6 +856,16 @@ def consolidate_checkpoint(ckpt_dir: str | Path, out: str | Path, tag: str | Non
             "an earlier step_* folder or the stage's checkpoints folder"
         )
     meta = json.loads((ckpt_dir / tag / STAGE_META).read_text())
+    out = Path(out)
+    check_not_input(out, {"checkpoint": ckpt_dir / tag, "stage input": meta.get("input")})
+    identity = {  # the checkpoint, and its commit record (step, input, settings) as written
+        "checkpoint": str((ckpt_dir / tag).resolve()),
+        "stage_meta_sha256": hashlib.sha256((ckpt_dir / tag / STAGE_META).read_bytes()).hexdigest()[:16],
+    }
+    recorded = read_identity(out / DONE_FILE) if (out / "config.json").is_file() else None
+    if claim_output(out, identity, recorded, DONE_FILE, force):
+        print(f"{out} already holds this consolidation of {ckpt_dir / tag}; reusing it", flush=True)
+        return out
     if meta.get("ep_size"):
         state = _ep_checkpoint_state(ckpt_dir / tag, meta)
     else:
@@ -890,7 +901,12 @@ def consolidate_checkpoint(ckpt_dir: str | Path, out: str | Path, tag: str | Non
         ckpt_dir / tag,
         Path(out),
         lora,
-        {"consolidated_from": str(ckpt_dir / tag), "stage": meta.get("stage"), "tag": tag},
+        {
+            "consolidated_from": str(ckpt_dir / tag),
+            "stage": meta.get("stage"),
+            "tag": tag,
+            "identity": identity,
+        },
         files_from=Path(meta["input"]) if Path(meta.get("input", "")).is_dir() else None,
     )
 
@@ -1476,6 +1492,10 @@ def train(
             f"checkpoint.resume is 'required' but {todo[0].ckpt_dir} holds no checkpoint (no 'latest' "
             "file); use resume auto, or point out_dir at the interrupted run"
         )
+    for plan in todo:  # before any model is loaded: this rank's RNG file of the checkpoint it resumes
+        tag = latest_tag(plan.ckpt_dir)
+        if tag is not None:
+            rng.check_no_legacy(plan.ckpt_dir / tag, rank)
     inputs = stage_inputs(run)
     produced = set()
     for plan in todo:  # every input must exist now or be made earlier in this launch

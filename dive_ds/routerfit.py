@@ -1,0 +1,412 @@
+"""Routers fitted from the dense model: reconstruction-error labels, one multinomial regression per layer.
+
+For every calibration token at layer l, the dense FFN's output on the MoE's own MLP input x is the
+target; the label is the expert whose output (FLAP bias included) comes closest to it in squared
+error. The layer's router (E x H, no bias, as the model has) is then fitted as a multinomial
+logistic regression x -> label (L-BFGS, L2), and the hidden states are carried through the MoE
+layer routed by the router just fitted, so layer l + 1 is fitted on exactly what it will serve.
+
+Streaming like calibration: one MoE decoder layer and one dense MLP resident, the calibration
+windows' hidden states carried from layer to layer. Works on an HF dive_moe folder and on a
+sharded folder from `reconstruct --shards`; writes a new folder (never touches the input).
+
+Targets for top-k > 1: "soft" = softmax(-err / tau) over the experts (tau per layer = the median gap
+between the best and second-best expert's error), so the router's top-k and its weights among
+them both follow the reconstruction errors; "hard" = the arg-min label (the default for k = 1).
+
+Legend: T tokens, H hidden, E experts, F expert width, W windows, S window length.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+TARGETS = ("auto", "hard", "soft")
+FIT_FILE = "router_fit.json"
+
+
+@dataclass(frozen=True)
+class RouterFitConfig:
+    """How routers are fitted."""
+
+    target: str = "auto"
+    """hard (arg-min label), soft (softmax of -error / tau) or auto (hard for top-1, soft otherwise)."""
+    l2: float = 1e-4
+    """L2 penalty on the (standardised) router weights, added to the mean cross-entropy."""
+    max_iter: int = 200
+    """L-BFGS iterations per layer."""
+    windows_per_domain: int | None = None
+    """Calibration windows per domain used for the fit (None: all of them)."""
+    holdout_every: int = 8
+    """Every n-th calibration window of a domain is left out of the fit and reports label accuracy."""
+    noise_ratio: float = 0.5
+    """Initial noise std of noisy top-k as a fraction of the median top-1 - top-2 logit margin."""
+    batch_size: int = 8
+    """Windows per forward."""
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.target not in TARGETS:
+            raise ValueError(f"--target {self.target!r}: choose one of {TARGETS}")
+        if self.l2 < 0:
+            raise ValueError(f"--l2 {self.l2}: use a penalty >= 0")
+        if self.max_iter < 1:
+            raise ValueError(f"--max-iter {self.max_iter}: use at least 1 L-BFGS iteration")
+        if self.holdout_every < 2:
+            raise ValueError(f"holdout_every={self.holdout_every}: use >= 2 (every n-th window held out)")
+        if not 0 <= self.noise_ratio:
+            raise ValueError(f"noise_ratio={self.noise_ratio}: use a ratio >= 0")
+
+
+# --------------------------------------------------------------------------- pure math
+
+
+def expert_errors(y_dense_TH: torch.Tensor, y_experts_ETH: torch.Tensor) -> torch.Tensor:
+    """Squared reconstruction error of each expert's output against the dense FFN's -> err_TE."""
+    return ((y_experts_ETH - y_dense_TH.unsqueeze(0)) ** 2).sum(-1).transpose(0, 1)
+
+
+def soft_targets(err_TE: torch.Tensor, tau: float) -> torch.Tensor:
+    """softmax(-err / tau) over experts: the closer an expert's output, the larger its share."""
+    return torch.softmax(-(err_TE - err_TE.min(-1, keepdim=True).values) / tau, dim=-1)
+
+
+def soft_temperature(err_TE: torch.Tensor) -> float:
+    """Median gap between the best and second-best expert's error (>0): the scale of a meaningful difference."""
+    if err_TE.shape[1] < 2:
+        return 1.0
+    two = torch.topk(err_TE, 2, dim=-1, largest=False).values
+    gap = (two[:, 1] - two[:, 0]).median().item()
+    return gap if gap > 0 else 1.0
+
+
+def fit_linear_router(
+    x_TH: torch.Tensor, target: torch.Tensor, num_experts: int, l2: float = 1e-4, max_iter: int = 200
+) -> torch.Tensor:
+    """Multinomial logistic regression without bias: logits = x @ W.T -> W [E, H] (float32).
+
+    `target` is a LongTensor [T] of labels or a float [T, E] of target distributions. Features are
+    scaled by their root mean square (the penalty acts on the scaled problem), the weights start at
+    zero and L-BFGS is deterministic, so the fit is a pure function of its inputs.
+    """
+    x = x_TH.to(torch.float32)
+    scale_H = x.pow(2).mean(0).sqrt().clamp_min(1e-6)
+    xs = x / scale_H
+    w = torch.zeros(num_experts, x.shape[1], dtype=torch.float32, requires_grad=True)
+    opt = torch.optim.LBFGS(
+        [w],
+        lr=1.0,
+        max_iter=max_iter,
+        history_size=20,
+        tolerance_grad=1e-9,
+        tolerance_change=1e-12,
+        line_search_fn="strong_wolfe",
+    )
+
+    def closure():
+        opt.zero_grad()
+        logits = xs @ w.T
+        loss = F.cross_entropy(logits, target) + 0.5 * l2 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return (w.detach() / scale_H).contiguous()
+
+
+def noise_weight_init(x_TH: torch.Tensor, w_EH: torch.Tensor, ratio: float) -> torch.Tensor:
+    """noise_weight [E, H] whose softplus(x . nw) is about `ratio` x the median top-1 - top-2 margin.
+
+    Each row points along the mean input direction u, scaled so the typical token's x . nw hits the
+    softplus inverse of the target std; zero rows (std log 2) when that is undefined.
+    """
+    num_experts = w_EH.shape[0]
+    if num_experts < 2 or ratio <= 0:
+        return torch.zeros_like(w_EH)
+    logits = x_TH.to(torch.float32) @ w_EH.T
+    two = torch.topk(logits, 2, dim=-1).values
+    target_std = ratio * (two[:, 0] - two[:, 1]).median().item()
+    u_H = x_TH.to(torch.float64).mean(0)
+    if u_H.norm() == 0 or target_std <= 0:
+        return torch.zeros_like(w_EH)
+    u_H = u_H / u_H.norm()
+    m = (x_TH.to(torch.float64) @ u_H).median().item()
+    if abs(m) < 1e-6:
+        return torch.zeros_like(w_EH)
+    pre = math.log(math.expm1(target_std)) if target_std < 30 else target_std  # softplus^-1
+    return (u_H * (pre / m)).to(w_EH.dtype).expand(num_experts, -1).contiguous()
+
+
+def label_accuracy(x_TH: torch.Tensor, w_EH: torch.Tensor, err_TE: torch.Tensor) -> float:
+    """Share of tokens whose top-1 expert under the router is the arg-min error expert."""
+    if x_TH.shape[0] == 0:
+        return float("nan")
+    return (x_TH.to(torch.float32) @ w_EH.T).argmax(-1).eq(err_TE.argmin(-1)).float().mean().item()
+
+
+def excess_error(x_TH: torch.Tensor, w_EH: torch.Tensor, err_TE: torch.Tensor) -> float:
+    """Mean error of the router's top-1 expert over the mean error of the best one (1 = optimal)."""
+    if x_TH.shape[0] == 0:
+        return float("nan")
+    chosen = (x_TH.to(torch.float32) @ w_EH.T).argmax(-1)
+    return (err_TE.gather(1, chosen[:, None]).mean() / err_TE.min(-1).values.mean().clamp_min(1e-30)).item()
+
+
+# --------------------------------------------------------------------------- reading a MoE layer by layer
+
+
+class MoeLayers:
+    """The tensors of a dive_moe folder, HF or sharded, one decoder layer at a time."""
+
+    def __init__(self, folder: str | Path):
+        from dive_ds.models.moe import DiveMoeConfig
+        from dive_ds.models.shards import ShardedMoe, is_sharded
+
+        self.folder = Path(folder)
+        if not (self.folder / "config.json").is_file():
+            raise ValueError(f"{self.folder} is not a model folder (no config.json); pass a dive_moe folder")
+        self.sharded = is_sharded(self.folder)
+        if self.sharded:
+            self.shards = ShardedMoe(self.folder)
+            self.config = self.shards.config
+        else:
+            from dive_ds.models.loading import LayerwiseCheckpoint
+
+            self.config = DiveMoeConfig.from_pretrained(self.folder)
+            self.ckpt = LayerwiseCheckpoint(self.folder)
+        if getattr(self.config, "model_type", None) != "dive_moe":
+            raise ValueError(f"{self.folder} is not a dive_moe model; run `dive-ds reconstruct` first")
+
+    def get(self, key: str) -> torch.Tensor:
+        if self.sharded:
+            return self.shards.shared_global()[key]
+        return self.ckpt.get(key)
+
+    def layer_state(self, layer: int) -> dict[str, torch.Tensor]:
+        """Layer-relative names (`self_attn.q_proj.weight`, `mlp.experts.gate_up_proj`, ...)."""
+        head = f"model.layers.{layer}."
+        if not self.sharded:
+            return self.ckpt.layer_state(layer)
+        st = {k[len(head) :]: v for k, v in self.shards.shared_layer(layer).items()}
+        ex = self.shards.expert_tensors(layer, list(range(self.config.num_local_experts)))
+        st.update({f"mlp.experts.{k}": v for k, v in ex.items()})
+        return st
+
+
+def _build_moe_layer(config, layer: int, state: dict[str, torch.Tensor]):
+    from dive_ds.models.moe import DiveMoeDecoderLayer
+
+    with torch.device("meta"):
+        module = DiveMoeDecoderLayer(config, layer)
+    module.load_state_dict({k: v.to(torch.float32) for k, v in state.items()}, assign=True, strict=True)
+    return module.eval()
+
+
+def _dense_mlp(dense, layer: int):
+    p = f"model.layers.{layer}.mlp."
+    got = dense.get_many([p + n for n in ("gate_proj.weight", "up_proj.weight", "down_proj.weight")])
+    return [got[p + n].to(torch.float32) for n in ("gate_proj.weight", "up_proj.weight", "down_proj.weight")]
+
+
+def _each_expert(experts, x_TH: torch.Tensor) -> torch.Tensor:
+    """Every expert's output (bias included) on every token -> y_ETH."""
+    out = []
+    width = experts.down_proj.shape[-1]
+    for e in range(experts.num_experts):
+        gu = F.linear(x_TH, experts.gate_up_proj[e])
+        y = F.linear(experts.act_fn(gu[:, :width]) * gu[:, width:], experts.down_proj[e])
+        out.append(y if experts.bias is None else y + experts.bias[e])
+    return torch.stack(out)
+
+
+# --------------------------------------------------------------------------- the streaming fit
+
+
+@torch.no_grad()
+def fit_routers(
+    moe_dir: str | Path,
+    dense_dir: str | Path,
+    windows: dict[str, torch.Tensor],
+    cfg: RouterFitConfig = RouterFitConfig(),
+) -> tuple[dict[int, dict[str, torch.Tensor]], dict]:
+    """Fit every layer's router in one streaming pass -> ({layer: {'gate.weight', 'gate.noise_weight'}}, report)."""
+    from tqdm import tqdm
+    from transformers.activations import ACT2FN
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    from dive_ds.models.loading import LayerwiseCheckpoint
+
+    moe = MoeLayers(moe_dir)
+    config = moe.config
+    act = ACT2FN[config.hidden_act]
+    config._attn_implementation = "sdpa"
+    dense = LayerwiseCheckpoint(dense_dir)
+    num_experts, top_k = config.num_local_experts, config.num_experts_per_tok
+    target_kind = cfg.target if cfg.target != "auto" else ("hard" if top_k == 1 else "soft")
+    names = list(windows)
+    if cfg.windows_per_domain is not None:
+        windows = {n: w[: cfg.windows_per_domain] for n, w in windows.items()}
+    ids_WS = torch.cat([windows[n] for n in names])
+    seq_len = ids_WS.shape[1]
+    # every holdout_every-th window of each domain is held out of the fit (label accuracy is measured there)
+    held = torch.cat(
+        [torch.arange(w.shape[0]) % cfg.holdout_every == cfg.holdout_every - 1 for w in windows.values()]
+    )
+    fit_tok = held.logical_not().repeat_interleave(seq_len)
+    hid = F.embedding(ids_WS, moe.get("model.embed_tokens.weight").to(torch.float32))
+    pos = torch.arange(seq_len).unsqueeze(0)
+    cos_sin = LlamaRotaryEmbedding(config=config)(hid[:1], pos)
+    n_tok = ids_WS.numel()
+    routers: dict[int, dict[str, torch.Tensor]] = {}
+    layers_report = []
+    bar = tqdm(total=config.num_hidden_layers * n_tok, unit="tok", unit_scale=True, disable=not cfg.progress,
+               desc="fit-router", dynamic_ncols=True)  # fmt: skip
+    t0 = time.time()
+    for layer in range(config.num_hidden_layers):
+        block = _build_moe_layer(config, layer, moe.layer_state(layer))
+        w_gate, w_up, w_down = _dense_mlp(dense, layer)
+        resid = torch.empty(n_tok, config.hidden_size)
+        x_all = torch.empty(n_tok, config.hidden_size)
+        err = torch.empty(n_tok, num_experts)
+        for i in range(0, ids_WS.shape[0], cfg.batch_size):
+            h = hid[i : i + cfg.batch_size]
+            a = block.self_attn(
+                hidden_states=block.input_layernorm(h), position_embeddings=cos_sin, attention_mask=None
+            )[0]
+            r = (h + a).reshape(-1, config.hidden_size)
+            x = block.post_attention_layernorm(r)
+            y_dense = F.linear(act(F.linear(x, w_gate)) * F.linear(x, w_up), w_down)
+            rows = slice(i * seq_len, i * seq_len + r.shape[0])
+            resid[rows], x_all[rows] = r, x
+            err[rows] = expert_errors(y_dense, _each_expert(block.mlp.experts, x))
+            bar.update(r.shape[0])
+        x_fit, err_fit = x_all[fit_tok], err[fit_tok].to(torch.float64)
+        tau = soft_temperature(err_fit)
+        if num_experts == 1:
+            w = torch.zeros(1, config.hidden_size)
+        else:
+            tgt = (
+                err_fit.argmin(-1) if target_kind == "hard" else soft_targets(err_fit, tau).to(torch.float32)
+            )
+            w = fit_linear_router(x_fit, tgt, num_experts, cfg.l2, cfg.max_iter)
+        nw = noise_weight_init(x_fit, w, cfg.noise_ratio)
+        w_init = block.mlp.gate.weight.detach().to(torch.float32)
+        routers[layer] = {"gate.weight": w, "gate.noise_weight": nw}
+        block.mlp.gate.weight.data = w.clone()
+        block.mlp.gate.mode = "sparse"
+        x_held, err_held = x_all[~fit_tok], err[~fit_tok]
+        layers_report.append(
+            {
+                "layer": layer,
+                "label_accuracy_fit": round(label_accuracy(x_fit, w, err_fit), 4),
+                "label_accuracy_heldout": round(label_accuracy(x_held, w, err_held), 4),
+                "excess_error_heldout": round(excess_error(x_held, w, err_held), 4),
+                "label_accuracy_heldout_init": round(label_accuracy(x_held, w_init, err_held), 4),
+                "excess_error_heldout_init": round(excess_error(x_held, w_init, err_held), 4),
+                "label_share": torch.bincount(err_fit.argmin(-1), minlength=num_experts)
+                .div(len(err_fit))
+                .tolist(),
+                "soft_tau": tau,
+            }
+        )
+        for i in range(0, n_tok, cfg.batch_size * seq_len):
+            rows = slice(i, i + cfg.batch_size * seq_len)
+            hid.view(-1, config.hidden_size)[rows] = resid[rows] + block.mlp(x_all[rows].unsqueeze(0))[0]
+        del block, w_gate, w_up, w_down, resid, x_all, err
+        gc.collect()
+        bar.set_postfix(layer=f"{layer + 1}/{config.num_hidden_layers}",
+                        acc=f"{layers_report[-1]['label_accuracy_heldout']:.2f}")  # fmt: skip
+    bar.close()
+    seconds = time.time() - t0
+    report = {
+        "config": asdict(cfg),
+        "target": target_kind,
+        "num_experts": num_experts,
+        "top_k": top_k,
+        "tokens": n_tok,
+        "fit_tokens": int(fit_tok.sum()),
+        "heldout_tokens": int(n_tok - fit_tok.sum()),
+        "seconds": round(seconds, 2),
+        "tokens_per_s": round(n_tok / max(seconds, 1e-9), 1),
+        "mean_label_accuracy_heldout": round(
+            sum(r["label_accuracy_heldout"] for r in layers_report) / len(layers_report), 4
+        ),
+        "mean_excess_error_heldout": round(
+            sum(r["excess_error_heldout"] for r in layers_report) / len(layers_report), 4
+        ),
+        "layers": layers_report,
+    }
+    return routers, report
+
+
+# --------------------------------------------------------------------------- writing the fitted folder
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def write_fitted(
+    moe_dir: str | Path, out: str | Path, routers: dict[int, dict[str, torch.Tensor]], report: dict
+) -> Path:
+    """A copy of `moe_dir` at `out` whose routers are `routers` (atomic; the input is never modified).
+
+    Files without a router tensor are hard-linked (copied across file systems); files holding one
+    are rewritten as new files. `router_fit.json` records the fit.
+    """
+    src, out = Path(moe_dir), Path(out)
+    updates = {
+        f"model.layers.{layer}.mlp.{k}": v.contiguous() for layer, d in routers.items() for k, v in d.items()
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        found: set[str] = set()
+        for path in sorted(src.rglob("*")):
+            rel = path.relative_to(src)
+            if path.is_dir() or rel.name.startswith(".") or rel.name == FIT_FILE:
+                continue
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            if path.suffix == ".safetensors":
+                with safe_open(path, "pt") as f:
+                    keys = set(f.keys())
+                    meta = f.metadata()
+                hit = keys & updates.keys()
+                if hit:
+                    tensors = load_file(path)
+                    for k in hit:
+                        tensors[k] = updates[k].to(tensors[k].dtype)
+                    save_file(tensors, tmp / rel, metadata=meta)
+                    found |= hit
+                    continue
+            _link_or_copy(path, tmp / rel)
+        missing = sorted(set(updates) - found)
+        if missing:
+            raise ValueError(
+                f"{src} holds no tensor {missing[0]} (and {len(missing) - 1} more); not a dive_moe folder"
+            )
+        (tmp / FIT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+        if out.exists():
+            raise ValueError(f"--out {out} appeared while fitting; choose another --out")
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
