@@ -56,6 +56,9 @@ class RouterFitConfig:
     """Initial noise std of noisy top-k as a fraction of the median top-1 - top-2 logit margin."""
     batch_size: int = 8
     """Windows per forward."""
+    sliced_shortcut: bool = True
+    """When the experts are exact slices of the dense FFN (fresh from reconstruction), their errors come
+    from the dense intermediate alone (one down-projection per expert); else every expert runs."""
     progress: bool = True
 
     def __post_init__(self):
@@ -233,6 +236,44 @@ def _each_expert(experts, x_TH: torch.Tensor) -> torch.Tensor:
     return torch.stack(out)
 
 
+def sliced_channels(experts, w_gate_FH, w_up_FH, w_down_HF) -> list[torch.Tensor] | None:
+    """Each expert's channels in the dense FFN when every expert is an exact slice of it (as reconstruction
+    makes them: gate/up rows and down columns copied), else None (e.g. after LoRA was merged)."""
+    width = experts.down_proj.shape[-1]
+    row_of = {w_gate_FH[j].numpy().tobytes(): j for j in range(w_gate_FH.shape[0])}
+    kept = []
+    for e in range(experts.num_experts):
+        gu = experts.gate_up_proj[e].to(w_gate_FH.dtype)
+        idx = [row_of.get(gu[i].numpy().tobytes()) for i in range(width)]
+        if any(i is None for i in idx):
+            return None
+        k = torch.tensor(idx)
+        if not (
+            torch.equal(gu[width:], w_up_FH[k])
+            and torch.equal(experts.down_proj[e].to(w_down_HF.dtype), w_down_HF[:, k])
+        ):
+            return None
+        kept.append(k)
+    return kept
+
+
+def sliced_errors(
+    h_TF: torch.Tensor, w_down_HF: torch.Tensor, kept: list[torch.Tensor], bias_EH
+) -> torch.Tensor:
+    """err_TE of sliced experts from the dense FFN's intermediate h alone: y_e - y = b_e - W_down[:, R_e] h[R_e],
+    R_e the channels expert e removed (one down-projection per expert, no expert forward)."""
+    ffn = h_TF.shape[1]
+    out = []
+    for e, k in enumerate(kept):
+        removed = torch.ones(ffn, dtype=torch.bool)
+        removed[k] = False
+        diff = -F.linear(h_TF[:, removed], w_down_HF[:, removed])
+        if bias_EH is not None:
+            diff = diff + bias_EH[e]
+        out.append((diff * diff).sum(-1))
+    return torch.stack(out, dim=1)
+
+
 # --------------------------------------------------------------------------- the streaming fit
 
 
@@ -276,9 +317,12 @@ def fit_routers(
     bar = tqdm(total=config.num_hidden_layers * n_tok, unit="tok", unit_scale=True, disable=not cfg.progress,
                desc="fit-router", dynamic_ncols=True)  # fmt: skip
     t0 = time.time()
+    sliced_layers = 0
     for layer in range(config.num_hidden_layers):
         block = _build_moe_layer(config, layer, moe.layer_state(layer))
         w_gate, w_up, w_down = _dense_mlp(dense, layer)
+        kept = sliced_channels(block.mlp.experts, w_gate, w_up, w_down) if cfg.sliced_shortcut else None
+        sliced_layers += kept is not None
         resid = torch.empty(n_tok, config.hidden_size)
         x_all = torch.empty(n_tok, config.hidden_size)
         err = torch.empty(n_tok, num_experts)
@@ -289,10 +333,13 @@ def fit_routers(
             )[0]
             r = (h + a).reshape(-1, config.hidden_size)
             x = block.post_attention_layernorm(r)
-            y_dense = F.linear(act(F.linear(x, w_gate)) * F.linear(x, w_up), w_down)
+            h = act(F.linear(x, w_gate)) * F.linear(x, w_up)
             rows = slice(i * seq_len, i * seq_len + r.shape[0])
             resid[rows], x_all[rows] = r, x
-            err[rows] = expert_errors(y_dense, _each_expert(block.mlp.experts, x))
+            if kept is not None:
+                err[rows] = sliced_errors(h, w_down, kept, block.mlp.experts.bias)
+            else:
+                err[rows] = expert_errors(F.linear(h, w_down), _each_expert(block.mlp.experts, x))
             bar.update(r.shape[0])
         x_fit, err_fit = x_all[fit_tok], err[fit_tok].to(torch.float64)
         tau = soft_temperature(err_fit)
@@ -342,6 +389,7 @@ def fit_routers(
         "heldout_tokens": int(n_tok - fit_tok.sum()),
         "seconds": round(seconds, 2),
         "tokens_per_s": round(n_tok / max(seconds, 1e-9), 1),
+        "sliced_layers": sliced_layers,
         "mean_label_accuracy_heldout": round(
             sum(r["label_accuracy_heldout"] for r in layers_report) / len(layers_report), 4
         ),

@@ -207,3 +207,18 @@ def test_sharded_folder_fits_the_same_and_stays_sharded(tiny, tmp_path):
     assert torch.equal(sharded.shared_layer(2)["model.layers.2.mlp.gate.weight"], from_hf[2]["gate.weight"])
     old = ShardedMoe(tmp_path / "shards").shared_layer(2)["model.layers.2.mlp.gate.weight"]
     assert not torch.equal(old, from_hf[2]["gate.weight"])  # the input keeps its routers
+
+
+def test_sliced_shortcut_equals_running_every_expert(tiny):
+    from dataclasses import replace
+
+    model_dir, calib_dir, moe = tiny
+    cal = load_calibration(calib_dir)
+    fast, rep_fast = fit_routers(moe, model_dir, cal.calib, FIT)
+    slow, rep_slow = fit_routers(moe, model_dir, cal.calib, replace(FIT, sliced_shortcut=False))
+    assert (rep_fast["sliced_layers"], rep_slow["sliced_layers"]) == (3, 0)
+    for layer in fast:
+        torch.testing.assert_close(
+            fast[layer]["gate.weight"], slow[layer]["gate.weight"], rtol=1e-3, atol=1e-5
+        )
+    assert [r["label_share"] for r in rep_fast["layers"]] == [r["label_share"] for r in rep_slow["layers"]]
