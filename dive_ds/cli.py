@@ -1,4 +1,6 @@
-"""`dive-ds` command line: calibrate, mine, reconstruct, evaluate, export, demo.
+"""`dive-ds` command line: calibrate, mine, reconstruct, fit-router, compare, consolidate, evaluate,
+plan, export, demo. This module builds the parser and dispatches; each command turns its flags into
+a call of a workflow function (dive_ds.steps, dive_ds.workflows, and the modules they name).
 
 Every problem with the input is a one-line `dive-ds: error: ...` and exit status 2,
 raised before any heavy work starts.
@@ -7,18 +9,11 @@ raised before any heavy work starts.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from pathlib import Path
 
-# The embedded default: small enough for a 2-core laptop (the reference recipe is 1024 x 256).
-DEMO = {
-    "model": "demo",
-    "domains": "demo",
-    "samples_per_domain": 32,
-    "seq_len": 256,
-    "eval_windows": 8,
-    "out": "runs/demo",
-}
+from dive_ds.reconstruct import METHODS, PRESETS, ROUTER_INITS
+from dive_ds.steps import DEMO, error_message
 
 
 def _add_calibrate(sub) -> None:
@@ -59,61 +54,430 @@ def _add_calibrate(sub) -> None:
         f"L={DEMO['seq_len']}, {DEMO['eval_windows']} eval windows, out {DEMO['out']}/calib",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_calibrate)
+
+
+def _add_commands(sub) -> None:
+    p = sub.add_parser(
+        "mine",
+        help="domain affinity mining: group the calibration domains into N experts",
+        description="Paper-faithful mining prunes the dense model with each domain's mask and "
+        "evaluates it on every domain (D x D perplexities, column-normalised, Pearson, "
+        "agglomerative clustering). The fast affinity (Jaccard overlap of kept channels, "
+        "from statistics alone) is always computed and compared. Writes groups.json, "
+        "mining.json, CSV matrices and PNG heatmaps with dendrograms to --out.",
+    )
+    p.add_argument("--calib", required=True, help="calibration folder from `dive-ds calibrate`")
+    p.add_argument("--experts", type=int, required=True, help="N groups (= experts)")
+    p.add_argument(
+        "--prune-ratio", type=float, default=0.5, help="r used for the domain-pruned models (default 0.5)"
+    )
+    p.add_argument(
+        "--score", default="wifv", choices=["wifv", "ifv", "wifn"], help="channel score (default wifv)"
+    )
+    p.add_argument("--no-bias-compensation", action="store_true", help="prune without the FLAP bias")
+    p.add_argument(
+        "--fast-only",
+        action="store_true",
+        help="skip the D x D pruned evaluations; cluster the fast affinity",
+    )
+    p.add_argument(
+        "--eval-windows",
+        type=int,
+        help="held-out windows per domain for the pruned evaluations (default all)",
+    )
+    p.add_argument(
+        "--linkage",
+        default="average",
+        choices=["average", "complete", "single", "weighted"],
+        help="agglomerative linkage (default average)",
+    )
+    p.add_argument("--model", help="dense model (default: the one recorded in the calibration)")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward (default 8)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=cmd_mine)
+
+    p = sub.add_parser(
+        "reconstruct",
+        help="build the MoE: one expert per group, pruned from the dense FFN",
+        description="For each group the exactly merged statistics of its domains give the expert's "
+        "kept channels per layer (top (1-r) by score) and its FLAP compensation bias. "
+        "Attention, embeddings, norms and LM head are copied; a new router per layer. "
+        "Streams the dense checkpoint one layer at a time. Baselines use --method.",
+    )
+    p.add_argument("--calib", required=True, help="calibration folder from `dive-ds calibrate`")
+    p.add_argument(
+        "--groups",
+        help="groups JSON {group: [domains]} (from `dive-ds mine` or your own); required for --method dive",
+    )
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        help="reference settings: 1of8 = N=8, k=1, r=0.5; 2of8 = N=8, k=2, r=0.75",
+    )
+    p.add_argument("--experts", type=int, help="N experts (default 8)")
+    p.add_argument("--top-k", type=int, help="k experts per token (default 1)")
+    p.add_argument(
+        "--prune-ratio", type=float, help="r, fraction of FFN channels each expert drops (default 0.5)"
+    )
+    p.add_argument(
+        "--score", default="wifv", choices=["wifv", "ifv", "wifn"], help="channel score (default wifv)"
+    )
+    p.add_argument("--no-bias-compensation", action="store_true", help="experts without the FLAP bias")
+    p.add_argument(
+        "--router-init",
+        default="random",
+        choices=ROUTER_INITS,
+        help="random: seeded N(0, 0.02) (the paper's recipe); centroid: from the groups' mean MLP inputs; "
+        "fit: fitted from the dense model (as `dive-ds fit-router`; recommended)",
+    )
+    p.add_argument(
+        "--method",
+        default="dive",
+        choices=METHODS,
+        help="dive (default) or a baseline: random-split (LLaMA-MoE), upcycle (N dense copies, r=0), "
+        "nomining (random domain groups), flap (1 dense pruned FFN)",
+    )
+    p.add_argument("--seed", type=int, default=42, help="router init / random baselines seed")
+    p.add_argument("--model", help="dense model (default: the one recorded in the calibration)")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="output MoE folder (Hugging Face format; with --shards: the shard folder all nodes share)",
+    )
+    p.add_argument("--shards", action="store_true", help="write this node's part of a sharded folder "
+                   "(one task per node, all into the same --out; join with `dive-ds consolidate`)")  # fmt: skip
+    p.add_argument("--node-rank", type=int, help="with --shards: this node's id (default $SLURM_NODEID)")
+    p.add_argument("--nodes", type=int, help="with --shards: nodes in the job (default $SLURM_NNODES)")
+    p.add_argument("--gpus-per-node", type=int, help="with --shards: ranks per node of the training job")
+    p.add_argument("--ep", type=int, help="with --shards: expert-parallel size of the training job")
+    p.add_argument("--force", action="store_true", help="replace an --out folder that holds anything but "
+                   "this same reconstruction (which is always reused; delete the folder to rebuild)")  # fmt: skip
+    p.set_defaults(func=cmd_reconstruct)
+
+    p = sub.add_parser(
+        "fit-router",
+        help="fit every router from the dense model (reconstruction-error labels)",
+        description="Streams the calibration windows through the MoE layer by layer (one layer "
+        "resident). At each layer every token is labelled with the expert whose output comes closest "
+        "to the dense FFN's on the same input; the router is fitted as a multinomial logistic "
+        "regression on the MLP input, and the hidden states go on through the MoE routed by it. "
+        "Writes a new folder (HF or sharded, as the input) with router_fit.json.",
+    )
+    p.add_argument(
+        "--moe", required=True, help="dive_moe folder (from `dive-ds reconstruct`, with or without --shards)"
+    )
+    p.add_argument("--calib", required=True, help="the calibration folder the MoE was reconstructed from")
+    p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    p.add_argument(
+        "--target",
+        default="auto",
+        choices=["auto", "hard", "soft"],
+        help="hard: arg-min error label; soft: softmax(-error/tau); auto (default): hard for top-1",
+    )
+    p.add_argument(
+        "--l2", type=float, default=1e-4, help="L2 penalty on the standardised weights (default 1e-4)"
+    )
+    p.add_argument("--max-iter", type=int, default=200, help="L-BFGS iterations per layer (default 200)")
+    p.add_argument(
+        "--windows-per-domain", type=int, help="calibration windows per domain to use (default all)"
+    )
+    p.add_argument(
+        "--noise-ratio",
+        type=float,
+        default=0.5,
+        help="initial noisy top-k std / median top-1 margin (default 0.5)",
+    )
+    p.add_argument("--model", help="dense model (default: the one recorded in the calibration)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_fit_router)
+
+    p = sub.add_parser(
+        "compare",
+        help="DIVE vs DIVE-without-mining vs random split (LLaMA-MoE) vs FLAP, at an equal training budget",
+        description="From one calibration: builds every method at the same activated FFN width, gives every "
+        "MoE a fitted router and a random one (+ router stage), retrains each for the same steps through "
+        "the same DeepSpeed trainer, and evaluates all on the same held-out windows (seen domains, the "
+        "calibration's held-out windows, and --eval-domains never calibrated or trained on). Writes "
+        "compare.json, compare.md and ppl_vs_tokens.png; rerun the same command to resume.",
+    )
+    p.add_argument("--calib", required=True, help="calibration folder")
+    p.add_argument("--groups", required=True, help="groups.json from `dive-ds mine` (DIVE's groups)")
+    p.add_argument("--out", required=True, help="output folder (a rerun of the same comparison resumes)")
+    p.add_argument(
+        "--eval-domains", help="registry of domains never calibrated or trained on (e.g. demo-unseen)"
+    )
+    p.add_argument("--experts", type=int, default=6, help="N experts (default 6)")
+    p.add_argument("--top-k", type=int, default=1, help="k (default 1)")
+    p.add_argument("--prune-ratio", type=float, default=0.5, help="r (default 0.5)")
+    p.add_argument("--steps", type=int, default=64, help="training steps per method (default 64)")
+    p.add_argument(
+        "--router-steps",
+        type=int,
+        default=16,
+        help="router-stage steps of the random-router treatment, out of --steps (default 16)",
+    )
+    p.add_argument("--batch", type=int, default=4, help="sequences per step (default 4)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
+    p.add_argument("--lr", type=float, default=1e-4, help="learning rate of every stage (default 1e-4)")
+    p.add_argument("--eval-every", type=int, default=16, help="steps between curve points (default 16)")
+    p.add_argument("--eval-windows", type=int, default=4, help="held-out windows per seen domain (default 4)")
+    p.add_argument("--methods", default="dive,nomining,random-split,flap", help="comma-separated subset")
+    p.add_argument(
+        "--treatments", default="fitted,random", help="router treatments of the MoEs (default both)"
+    )
+    p.add_argument("--quick", action="store_true", help="a few steps and windows (for tests)")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser(
+        "consolidate",
+        help="join a sharded MoE folder into one Hugging Face dive_moe folder",
+        description="Checks that every node of `reconstruct --shards` finished, then streams the "
+        "shards layer by layer into the folder `reconstruct` writes without --shards.",
+    )
+    p.add_argument("--shards", required=True, help="sharded folder (the --out of `reconstruct --shards`)")
+    p.add_argument("--out", required=True, help="output folder (Hugging Face format; must not exist)")
+    p.set_defaults(func=cmd_consolidate)
+
+    p = sub.add_parser(
+        "evaluate",
+        help="held-out perplexity per domain (router and oracle routing)",
+        description="Perplexity on each domain's held-out windows (from the calibration folder), "
+        "their mean, total and activated parameters. For a DIVE MoE also the 'oracle' "
+        "routing (each domain's tokens to its group's expert) and the expert load.",
+    )
+    p.add_argument("model", help="model folder (dense or dive_moe), or `demo`")
+    p.add_argument("--calib", help="calibration folder whose held-out windows are used")
+    p.add_argument("--domains", help="or: a domain registry (or `demo`); held-out windows are drawn from it with "
+                   "calibrate's split, so the same --seed/--seq-len/--eval-windows never touch calibration text")  # fmt: skip
+    p.add_argument("--seq-len", type=int, default=256, help="with --domains: tokens per window (default 256)")
+    p.add_argument("--seed", type=int, default=42, help="with --domains: sampling seed (default 42)")
+    p.add_argument(
+        "--eval-windows", type=int, help="windows per domain (default: all of --calib; 16 with --domains)"
+    )
+    p.add_argument("--no-oracle", action="store_true", help="skip the oracle routing")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward (default 8)")
+    p.add_argument("--out", help="write eval.json and eval.md here")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("plan", help="parameters and per-GPU memory of a DIVE MoE on a cluster (arithmetic only)",
+                       description="Total / activated / trainable parameters and bytes per GPU for weights, "
+                       "gradients, optimiser states and activations under expert parallelism and ZeRO-2/3; says "
+                       "whether it fits --gpu-mem. An estimate for choosing settings (see dive_ds/plan.py).")  # fmt: skip
+    p.add_argument("--model", required=True, help="config.json, model folder, or a preset: "
+                   "llama2-70b, llama3-70b, tinyllama-1.1b, smollm2-135m")  # fmt: skip
+    p.add_argument("--experts", type=int, default=8, help="N (default 8)")
+    p.add_argument("--top-k", type=int, default=1, help="k (default 1)")
+    p.add_argument("--prune-ratio", type=float, default=0.5, help="r (default 0.5)")
+    p.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
+    p.add_argument("--ep", type=int, default=8, help="expert-parallel size (default 8)")
+    p.add_argument("--zero", type=int, default=3, help="ZeRO stage, 2 or 3 (default 3)")
+    p.add_argument(
+        "--stage", default="experts", choices=["router", "experts"], help="trainables (default experts)"
+    )
+    p.add_argument("--micro-batch", type=int, default=1, help="sequences per GPU per micro step (default 1)")
+    p.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence (default 1024)")
+    p.add_argument("--gpu-mem", type=float, default=80.0, help="GPU memory in GB (default 80)")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("export", help="write a dive_moe checkpoint as a stock transformers format")
+    p.add_argument("model", help="dive_moe checkpoint folder")
+    p.add_argument("--format", default="mixtral", choices=["mixtral"], help="target format (default mixtral)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "demo",
+        help="the whole pipeline on the embedded default (SmolLM2 + demo pack)",
+        description="calibrate -> mine -> reconstruct (DIVE and baselines) -> evaluate, on "
+        "SmolLM2-135M-Instruct and the built-in demo pack, with small sample counts.",
+    )
+    p.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
+    p.add_argument("--experts", type=int, default=6, help="N experts (default 6)")
+    p.add_argument("--top-k", type=int, default=1, help="k (default 1)")
+    p.add_argument("--prune-ratio", type=float, default=0.5, help="r (default 0.5)")
+    p.add_argument(
+        "--samples-per-domain", type=int, default=16, help="calibration windows per domain (default 16)"
+    )
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256)")
+    p.add_argument("--eval-windows", type=int, default=4, help="held-out windows per domain (default 4)")
+    p.add_argument(
+        "--mining-eval-windows",
+        type=int,
+        default=2,
+        help="held-out windows per domain for the D x D pruned evaluations (default 2)",
+    )
+    p.add_argument("--only", nargs="+", metavar="DOMAIN", help="use only these demo domains")
+    p.add_argument(
+        "--retrain-steps",
+        type=int,
+        nargs=2,
+        default=[0, 12],
+        metavar=("ROUTER", "EXPERTS"),
+        help="steps of the router and experts stages of the fitted MoE (default 0 12: the fitted router "
+        "needs no router stage; 0 0 skips retraining)",
+    )
+    p.add_argument(
+        "--retrain-batch", type=int, default=4, help="sequences of 256 tokens per step (default 4)"
+    )
+    p.set_defaults(func=cmd_demo)
+
+
+# --------------------------------------------------------------------------- commands
 
 
 def cmd_calibrate(a) -> int:
-    from dive_ds.calibrate import CalibConfig, run_calibration
-    from dive_ds.data.sampler import SamplerConfig
+    from dive_ds.steps import calibrate
 
-    if a.demo:
-        a.model = a.model or DEMO["model"]
-        a.domains = a.domains or DEMO["domains"]
-        a.samples_per_domain = a.samples_per_domain or DEMO["samples_per_domain"]
-        a.seq_len = a.seq_len or DEMO["seq_len"]
-        a.eval_windows = a.eval_windows or DEMO["eval_windows"]
-        a.out = a.out or f"{DEMO['out']}/calib"
-    for flag in ("model", "domains", "out"):
-        if not getattr(a, flag):
-            raise ValueError(f"--{flag} is required (or pass --demo for the embedded default)")
-    sampler = SamplerConfig(
-        samples_per_domain=a.samples_per_domain or 1024,
-        seq_len=a.seq_len or 256,
-        eval_windows=a.eval_windows or 16,
-        seed=a.seed,
-    )
-    out = run_calibration(
+    calibrate(
         a.model,
         a.domains,
         a.out,
-        sampler,
-        a.only,
-        CalibConfig(
-            batch_size=a.batch_size, hidden_offload_dir=a.hidden_offload_dir, progress=not a.no_progress
-        ),
+        a.samples_per_domain,
+        a.seq_len,
+        a.eval_windows,
+        seed=a.seed,
+        only=a.only,
+        batch_size=a.batch_size,
+        hidden_offload_dir=a.hidden_offload_dir,
+        progress=not a.no_progress,
         force=a.force,
+        demo=a.demo,
     )
-    _print_calibration_summary(out)
     return 0
 
 
-def _print_calibration_summary(out) -> None:
-    import json
+def cmd_mine(a) -> int:
+    from dive_ds.steps import mine
 
-    man = json.loads((Path(out) / "manifest.json").read_text())
-    print(
-        f"\ncalibration: {out}  (model {man['model']['model_type']}, fingerprint {man['model']['fingerprint']})"
+    mine(
+        a.calib,
+        a.out,
+        a.experts,
+        a.prune_ratio,
+        a.score,
+        not a.no_bias_compensation,
+        a.fast_only,
+        a.eval_windows,
+        a.model,
+        a.batch_size,
+        a.linkage,
     )
-    print(f"{'domain':<20} {'family':<14} {'docs':>6} {'pool tokens':>12} {'calib':>8} {'eval':>7}")
-    for d in man["domains"]:
-        print(
-            f"{d['name']:<20} {str(d['family']):<14} {d['documents']:>6} {d['calib_pool_tokens']:>12} "
-            f"{d['calib_tokens']:>8} {d['eval_tokens']:>7}"
-        )
-    p = man["pass"]
-    print(
-        f"one pass over {p['tokens']} tokens x {p['layers']} layers in {p['seconds']}s: "
-        f"{p['tokens_per_s']} tokens/s (sampling {p['sampling_seconds']}s)"
+    return 0
+
+
+def _env_int(flag: str, value: int | None, env: str) -> int:
+    if value is not None:
+        return value
+    raw = os.environ.get(env)
+    if raw is None:
+        raise ValueError(f"--shards needs {flag} (or ${env} from SLURM); pass {flag} N")
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"${env}={raw!r} is not an integer; pass {flag} N") from None
+
+
+def _placement(a):
+    """The node placement of `reconstruct --shards`, validated; None without --shards."""
+    from dive_ds.io.placement import NodePlacement
+
+    flags = {"--node-rank": a.node_rank, "--nodes": a.nodes, "--gpus-per-node": a.gpus_per_node, "--ep": a.ep}
+    if not a.shards:
+        given = [f for f, v in flags.items() if v is not None]
+        if given:
+            raise ValueError(f"{given[0]} only applies with --shards; add --shards or drop {given[0]}")
+        return None
+    for flag in ("--gpus-per-node", "--ep"):
+        if flags[flag] is None:
+            raise ValueError(f"--shards needs {flag}; pass the training job's {flag} N")
+    return NodePlacement(
+        node=_env_int("--node-rank", a.node_rank, "SLURM_NODEID"),
+        nodes=_env_int("--nodes", a.nodes, "SLURM_NNODES"),
+        gpus_per_node=a.gpus_per_node,
+        ep_size=a.ep,
     )
+
+
+def cmd_reconstruct(a) -> int:
+    from dive_ds.steps import reconstruct_config
+    from dive_ds.workflows import run_reconstruct
+
+    cfg = reconstruct_config(a.preset, a.experts, a.top_k, a.prune_ratio, a.method, a.score,
+                             not a.no_bias_compensation, a.router_init, a.seed)  # fmt: skip
+    placement = _placement(a)
+    if placement is not None:
+        placement.check(cfg.num_experts)
+    run_reconstruct(a.calib, a.groups, a.out, cfg, a.model, shards=placement, force=a.force)
+    return 0
+
+
+def cmd_fit_router(a) -> int:
+    from dive_ds.routerfit import RouterFitConfig
+    from dive_ds.workflows import run_fit_router
+
+    cfg = RouterFitConfig(target=a.target, l2=a.l2, max_iter=a.max_iter, windows_per_domain=a.windows_per_domain,
+                          noise_ratio=a.noise_ratio, progress=not a.no_progress)  # fmt: skip
+    run_fit_router(a.moe, a.calib, a.out, cfg, dense=a.model)
+    return 0
+
+
+def cmd_compare(a) -> int:
+    from dive_ds.compare import CompareConfig, quick, run_compare
+
+    cfg = CompareConfig(
+        experts=a.experts, top_k=a.top_k, prune_ratio=a.prune_ratio, steps=a.steps, router_steps=a.router_steps,
+        batch=a.batch, seq_len=a.seq_len, lr=a.lr, eval_every=a.eval_every, eval_windows=a.eval_windows,
+        methods=tuple(m.strip() for m in a.methods.split(",") if m.strip()),
+        treatments=tuple(t.strip() for t in a.treatments.split(",") if t.strip()),
+    )  # fmt: skip
+    run_compare(a.calib, a.groups, a.out, quick(cfg) if a.quick else cfg, a.eval_domains)
+    return 0
+
+
+def cmd_consolidate(a) -> int:
+    from dive_ds.io.shards import consolidate_shards
+
+    out = consolidate_shards(a.shards, a.out)
+    print(f"consolidated {a.shards} -> {out} (Hugging Face dive_moe folder)")
+    return 0
+
+
+def cmd_evaluate(a) -> int:
+    from dive_ds.workflows import markdown_table, run_evaluate
+
+    res = run_evaluate(
+        a.model, a.calib, a.out, oracle=not a.no_oracle, batch_size=a.batch_size, eval_windows=a.eval_windows,
+        registry=a.domains, seq_len=a.seq_len, seed=a.seed,
+    )  # fmt: skip
+    print(markdown_table([res], res["domains"]))
+    return 0
+
+
+def cmd_plan(a) -> int:
+    from dive_ds.plan import PlanConfig, format_plan, load_model_config, plan
+
+    cfg = PlanConfig(experts=a.experts, top_k=a.top_k, prune_ratio=a.prune_ratio, nodes=a.nodes,
+                     gpus_per_node=a.gpus_per_node, ep=a.ep, zero=a.zero, stage=a.stage,
+                     micro_batch=a.micro_batch, seq_len=a.seq_len, gpu_mem_gb=a.gpu_mem)  # fmt: skip
+    print(format_plan(a.model, cfg, plan(load_model_config(a.model), cfg)))
+    return 0
+
+
+def cmd_export(a) -> int:
+    from dive_ds.models.export import export_mixtral
+
+    export_mixtral(a.model, a.out)
+    print(f"exported {a.model} -> {a.out} (format {a.format})")
+    return 0
+
+
+def cmd_demo(a) -> int:
+    from dive_ds.demo import run_demo
+
+    run_demo(a)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,9 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     _add_calibrate(sub)
-    from dive_ds import commands
-
-    commands.add_all(sub)
+    _add_commands(sub)
     return parser
 
 
@@ -134,12 +496,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
     try:
-        if a.command == "calibrate":
-            return cmd_calibrate(a)
         return a.func(a)
     except (ValueError, RuntimeError, FileNotFoundError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"dive-ds: error: {msg}", file=sys.stderr)
+        print(f"dive-ds: error: {error_message(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("dive-ds: interrupted", file=sys.stderr)

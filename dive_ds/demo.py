@@ -9,10 +9,11 @@ far below the reference recipe (1024 x 256 per domain) so it fits a 2-core machi
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
-from dive_ds.cli import main as cli
+from dive_ds.steps import calibrate, error_message, mine, reconstruct_config
 
 
 def _step(title: str) -> float:
@@ -22,7 +23,8 @@ def _step(title: str) -> float:
 
 def run_demo(a) -> dict:
     from dive_ds.calibrate import load_calibration
-    from dive_ds.workflows import markdown_table, run_evaluate
+    from dive_ds.routerfit import RouterFitConfig
+    from dive_ds.workflows import markdown_table, run_evaluate, run_fit_router, run_reconstruct
 
     out = Path(a.out)
     t_all = time.time()
@@ -33,60 +35,49 @@ def run_demo(a) -> dict:
     )
     times = {}
     t = _step("1/5 calibrate: one streaming pass over all domains")
-    args = [
-        "calibrate",
-        "--demo",
-        "--samples-per-domain",
-        str(a.samples_per_domain),
-        "--seq-len",
-        str(a.seq_len),
-        "--eval-windows",
-        str(a.eval_windows),
-        "--force",  # the demo owns its run folder: new settings replace the old calibration
-        "--out",
+    _run(
+        calibrate,
+        None,
+        None,
         str(out / "calib"),
-    ]
-    if a.only:
-        args += ["--only", *a.only]
-    _check(cli(args))
+        a.samples_per_domain,
+        a.seq_len,
+        a.eval_windows,
+        only=a.only or None,
+        force=True,  # the demo owns its run folder: new settings replace the old calibration
+        demo=True,
+    )
     times["calibrate"] = time.time() - t
     t = _step("2/5 mine: domain affinity and groups")
-    _check(
-        cli(
-            [
-                "mine",
-                "--calib",
-                str(out / "calib"),
-                "--experts",
-                str(a.experts),
-                "--prune-ratio",
-                str(a.prune_ratio),
-                "--eval-windows",
-                str(a.mining_eval_windows),
-                "--out",
-                str(out / "mining"),
-            ]
-        )
+    _run(
+        mine,
+        str(out / "calib"),
+        str(out / "mining"),
+        a.experts,
+        a.prune_ratio,
+        eval_windows=a.mining_eval_windows,
     )
     times["mine"] = time.time() - t
     t = _step("3/5 reconstruct: DIVE and baselines")
-    common = ["--calib", str(out / "calib"), "--prune-ratio", str(a.prune_ratio)]
-    builds = {
-        "dive": [
-            "--groups",
-            str(out / "mining" / "groups.json"),
-            "--experts",
-            str(a.experts),
-            "--top-k",
-            str(a.top_k),
-        ],
-        "random-split": ["--method", "random-split", "--experts", str(a.experts), "--top-k", str(a.top_k)],
-        "nomining": ["--method", "nomining", "--experts", str(a.experts), "--top-k", str(a.top_k)],
-        "flap": ["--method", "flap"],
+    moe = {"experts": a.experts, "top_k": a.top_k, "prune_ratio": a.prune_ratio}
+    builds = {  # method: (groups file, settings)
+        "dive": (str(out / "mining" / "groups.json"), reconstruct_config(method="dive", **moe)),
+        "random-split": (None, reconstruct_config(method="random-split", **moe)),
+        "nomining": (None, reconstruct_config(method="nomining", **moe)),
+        "flap": (None, reconstruct_config(method="flap", prune_ratio=a.prune_ratio)),
     }
-    for name, extra in builds.items():
-        # --force: the demo owns these folders (the same build is reused, another one replaced)
-        _check(cli(["reconstruct", *common, *extra, "--force", "--out", str(out / f"moe-{name}")]))
+    for name, (groups, cfg) in builds.items():
+        # force: the demo owns these folders (the same build is reused, another one replaced)
+        _run(
+            run_reconstruct,
+            str(out / "calib"),
+            groups,
+            str(out / f"moe-{name}"),
+            cfg,
+            None,
+            shards=None,
+            force=True,
+        )
     times["reconstruct"] = time.time() - t
     t = _step("3b/5 fit-router: DIVE's routers from the dense model (reconstruction-error labels)")
     fitted = out / "moe-dive-fitted"
@@ -94,18 +85,8 @@ def run_demo(a) -> dict:
         import shutil
 
         shutil.rmtree(fitted)
-    _check(
-        cli(
-            [
-                "fit-router",
-                "--moe",
-                str(out / "moe-dive"),
-                "--calib",
-                str(out / "calib"),
-                "--out",
-                str(fitted),
-            ]
-        )
+    _run(
+        run_fit_router, str(out / "moe-dive"), str(out / "calib"), str(fitted), RouterFitConfig(), dense=None
     )
     times["fit_router"] = time.time() - t
     t = _step("4/5 evaluate: held-out perplexity per domain")
@@ -229,6 +210,21 @@ def _retrain(out: Path, a) -> Path:
     rc = subprocess.run(cmd, env=os.environ.copy()).returncode
     _check(rc)
     return out / "retrain" / "model"
+
+
+def _run(step, *args, **kwargs) -> None:
+    """One pipeline step, reported as `dive-ds STEP` reports it: a problem is one `dive-ds: error:` line,
+    then the demo stops."""
+    rc = 0
+    try:
+        step(*args, **kwargs)
+    except (ValueError, RuntimeError, FileNotFoundError) as e:
+        print(f"dive-ds: error: {error_message(e)}", file=sys.stderr)
+        rc = 2
+    except KeyboardInterrupt:
+        print("dive-ds: interrupted", file=sys.stderr)
+        rc = 130
+    _check(rc)
 
 
 def _check(rc: int) -> None:

@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from dive_ds.io.placement import NodePlacement
+from dive_ds.io.shards import ShardWriter, node_file
 from dive_ds.models.loading import LayerwiseCheckpoint, check_gated_mlp
-from dive_ds.models.shards import NodePlacement, ShardWriter, node_file
 from dive_ds.stats import ChannelStats, channel_scores, compensation_bias, kept_channels, mean_var, n_keep
 
 PRESETS = {
@@ -336,7 +337,7 @@ def write_moe_shards(
     extra_info: dict[str, str] | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> dict:
-    """This node's part of a sharded MoE folder (dive_ds.models.shards), streamed layer by layer.
+    """This node's part of a sharded MoE folder (dive_ds.io.shards), streamed layer by layer.
 
     Node 0 writes the shared tensors, config and side files; every node writes the experts it is
     the writer of, with the same bits as `write_moe`. A node holds one dense layer (only its MLP

@@ -176,8 +176,8 @@ class MoeLayers:
     """The tensors of a dive_moe folder, HF or sharded, one decoder layer at a time."""
 
     def __init__(self, folder: str | Path):
+        from dive_ds.io.shards import ShardedMoe, is_sharded
         from dive_ds.models.moe import DiveMoeConfig
-        from dive_ds.models.shards import ShardedMoe, is_sharded
 
         self.folder = Path(folder)
         if not (self.folder / "config.json").is_file():

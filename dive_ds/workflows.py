@@ -15,7 +15,8 @@ import torch
 from dive_ds import mining
 from dive_ds.calibrate import Calibration, check_same_model, load_calibration, run_manifest_base
 from dive_ds.eval.perplexity import domain_perplexities, pruned_ffn, routing_report
-from dive_ds.models.shards import NodePlacement, check_shard_out
+from dive_ds.io.placement import NodePlacement
+from dive_ds.io.shards import check_shard_out
 from dive_ds.outputs import check_not_input, claim_output, reconstruction_identity, recorded_reconstruction
 from dive_ds.reconstruct import ReconstructConfig, plan_experts, write_moe, write_moe_shards
 from dive_ds.stats import channel_scores, kept_channels, mean_var, n_keep

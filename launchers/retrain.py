@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     try:
         if a.consolidate:
-            from dive_ds.train.loop import consolidate_checkpoint
+            from dive_ds.train.export import consolidate_checkpoint
 
             if not a.out:
                 raise ValueError("--consolidate needs --out DIR")
@@ -44,7 +44,8 @@ def main(argv=None) -> int:
             )
         if not a.deepspeed or not a.config:
             raise ValueError("pass --deepspeed CONFIG.json and --config RUN.yaml")
-        from dive_ds.train.loop import Interrupted, retrain
+        from dive_ds.train.retrain import retrain
+        from dive_ds.train.stop import Interrupted
 
         stages = [s.strip() for s in a.stages.split(",") if s.strip()] if a.stages else None
         try:

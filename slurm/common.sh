@@ -84,7 +84,8 @@ preflight() {
         exit 2
     fi
     "$PYTHON" -c 'import json, sys
-from dive_ds.train.config import load_run_config, resolve_ds_config
+from dive_ds.train.config import load_run_config
+from dive_ds.train.ds_config import resolve_ds_config
 cfg, ds, out, ep, world, acc, domains = sys.argv[1:]
 try:
     run = load_run_config(cfg, [f"model.path={out}/moe", f"out_dir={out}/retrain", f"parallel.ep_size={ep}"])

@@ -125,7 +125,7 @@ def _fake_checkpoint(root: Path, stage_meta: dict) -> Path:
 def test_consolidate_out_reuses_same_run_and_refuses_anything_else(tmp_path, capsys):
     import hashlib
 
-    from dive_ds.train.loop import DONE_FILE
+    from dive_ds.train.planning import DONE_FILE
 
     launcher = _launcher()
     ckpt = _fake_checkpoint(tmp_path, {"stage": "experts", "input": str(tmp_path / "moe"), "step": 2})
@@ -185,8 +185,9 @@ def test_crafted_rng_files_never_run_code(tmp_path):
     """A pickle with a code-running __reduce__ placed under the new and the old RNG file names: the
     trainer's resume path refuses both with one line and the code never runs."""
     from dive_ds.train import rng
+    from dive_ds.train.checkpoint import load_checkpoint
     from dive_ds.train.config import read_mapping, run_config_from_dict
-    from dive_ds.train.loop import load_checkpoint, train
+    from dive_ds.train.retrain import train
     from tests.test_train import base_run, make_tiny_setup
 
     marker = tmp_path / "code_ran"
@@ -274,7 +275,7 @@ def moe(tiny):
 
 
 def test_missing_weights_are_refused_not_randomised(tiny, moe, tmp_path, capsys):
-    from dive_ds.train.loop import check_moe_folder, load_model
+    from dive_ds.train.model import check_moe_folder, load_model
 
     dropped = tmp_path / "dropped"
     _drop_layer(moe, dropped, 1, keep_index=False)

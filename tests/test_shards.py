@@ -12,20 +12,16 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from dive_ds.cli import main
-from dive_ds.models.moe import DiveMoeConfig
-from dive_ds.models.shards import (
+from dive_ds.io.placement import (
     NodePlacement,
-    ShardedMoe,
-    ShardWriter,
-    consolidate_shards,
     experts_of_ep_rank,
     experts_of_node,
     experts_written_by,
-    is_sharded,
-    load_rank_state,
     shard_writer,
     writers,
 )
+from dive_ds.io.shards import ShardedMoe, ShardWriter, consolidate_shards, is_sharded, load_rank_state
+from dive_ds.models.moe import DiveMoeConfig
 from dive_ds.reconstruct import ReconstructConfig
 from dive_ds.workflows import run_reconstruct
 from tests.helpers import make_tiny_calibration

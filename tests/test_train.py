@@ -24,11 +24,10 @@ from dive_ds.train.config import (
     StageConfig,
     load_run_config,
     read_mapping,
-    resolve_ds_config,
-    resolve_ep_size,
     run_config_from_dict,
 )
 from dive_ds.train.data import ByteTokenizer, PackedStream, build_stream, heldout_windows, resolve_domains
+from dive_ds.train.ds_config import resolve_ds_config, resolve_ep_size
 
 REPO = Path(__file__).resolve().parents[1]
 ZERO2 = REPO / "ds_configs" / "zero2.json"
@@ -167,7 +166,7 @@ def load_state(folder: Path) -> dict[str, torch.Tensor]:
 def start_world() -> None:
     """A 1-rank gloo group in this process; the launcher variables it needed are removed again afterwards
     (only LOCAL_RANK stays, DeepSpeed reads it), so subprocesses started by any test get a clean env."""
-    from dive_ds.train.loop import setup_distributed
+    from dive_ds.parallel.distributed import setup_distributed
 
     os.environ.setdefault(
         "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "dive_ds" / "torch_extensions")
@@ -182,7 +181,7 @@ def start_world() -> None:
 @pytest.fixture(scope="session")
 def world():
     """A 1-rank process group for in-process DeepSpeed runs (set up once)."""
-    from dive_ds.train.loop import teardown_distributed
+    from dive_ds.parallel.distributed import teardown_distributed
 
     if "RANK" in os.environ and os.environ.get("WORLD_SIZE") != "1":
         pytest.skip(
@@ -202,7 +201,7 @@ def tiny(tmp_path_factory) -> dict:
 @pytest.fixture(scope="session")
 def memorise_run(world, tiny, tmp_path_factory) -> dict:
     """Router (10 steps) then experts (10 steps, aux loss on) on a memorisable 4-sequence stream."""
-    from dive_ds.train.loop import train
+    from dive_ds.train.retrain import train
 
     out = tmp_path_factory.mktemp("memorise") / "run"
     raw = base_run(
@@ -384,7 +383,7 @@ def test_launcher_reports_one_line_errors(tmp_path, capsys):
 
 
 def test_missing_checkpoint_and_missing_model_fail_early(tiny, tmp_path):
-    from dive_ds.train.loop import train
+    from dive_ds.train.retrain import train
 
     raw = base_run(tiny, tmp_path / "run", checkpoint={"resume": "required"})
     with pytest.raises(
@@ -453,7 +452,7 @@ def test_overfit_stream_repeats():
 
 
 def test_lr_schedule():
-    from dive_ds.train.loop import lr_factor
+    from dive_ds.train.schedule import lr_factor
 
     stage = StageConfig(name="experts", steps=100, schedule="cosine", warmup_ratio=0.03, min_lr_ratio=0.1)
     f = lr_factor(stage, 100)
@@ -510,7 +509,7 @@ def test_experts_stage_trains_only_lora_routers_norms_and_loss_falls(memorise_ru
 def test_final_model_is_plain_hf_and_matches_live_eval(memorise_run):
     from transformers import AutoModelForCausalLM
 
-    from dive_ds.train.loop import eval_windows, evaluate, summarise_eval
+    from dive_ds.train.evaluation import eval_windows, evaluate, summarise_eval
 
     out, run = memorise_run["out"], memorise_run["run"]
     final = out / "model"
@@ -590,7 +589,7 @@ def test_resume_after_crash_reproduces_every_loss(zero, crash, world, tiny, tmp_
     restored from the checkpoint. The zero3 variant partitions every parameter and saves checkpoints
     without the frozen weights (checkpoint.exclude_frozen).
     """
-    from dive_ds.train.loop import train
+    from dive_ds.train.retrain import train
 
     if zero == "zero2":
         ds, extra = ZERO2, {}

@@ -43,7 +43,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def world_1():
-    from dive_ds.train.loop import teardown_distributed
+    from dive_ds.parallel.distributed import teardown_distributed
 
     start_world()  # a no-op when test_train's session group is already up
     yield
@@ -53,7 +53,7 @@ def world_1():
 @pytest.fixture(scope="module")
 def reference(world_1, tmp_path_factory) -> dict:
     """1 rank, ZeRO-2, global batch 4 (= micro 1 x accumulation 4): the losses 2 ranks must reproduce."""
-    from dive_ds.train.loop import train
+    from dive_ds.train.retrain import train
 
     root = tmp_path_factory.mktemp("dist")
     setup = make_tiny_setup(root / "tiny")
@@ -102,7 +102,8 @@ def test_zero2_two_ranks_deepspeed_launcher_matches_one_rank(reference, tmp_path
 def test_zero3_two_ranks_torchrun_matches_one_rank_and_consolidates(reference, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from dive_ds.train.loop import consolidate_checkpoint, eval_windows, evaluate, summarise_eval
+    from dive_ds.train.evaluation import eval_windows, evaluate, summarise_eval
+    from dive_ds.train.export import consolidate_checkpoint
 
     out = tmp_path / "z3"
     raw = dict(reference["raw"], out_dir=str(out))
@@ -161,7 +162,7 @@ def reference_ep(world_1, tmp_path_factory) -> dict:
     LoRA dropout is off because with expert parallelism an expert's dropout mask is drawn on the rank
     that holds the expert, over rows from every rank: a different (equally valid) random stream.
     """
-    from dive_ds.train.loop import train
+    from dive_ds.train.retrain import train
 
     root = tmp_path_factory.mktemp("dist_ep")
     setup = make_tiny_setup(root / "tiny")
@@ -177,8 +178,10 @@ def test_zero3_ep2_matches_one_rank_resumes_and_consolidates(reference_ep, tmp_p
     output and the offline consolidation of the last checkpoint give the live engine's held-out loss."""
     from transformers import AutoModelForCausalLM
 
-    from dive_ds.models.shards import consolidate_shards, is_sharded
-    from dive_ds.train.loop import CRASH_ENV, consolidate_checkpoint, eval_windows, evaluate, summarise_eval
+    from dive_ds.io.shards import consolidate_shards, is_sharded
+    from dive_ds.train.evaluation import eval_windows, evaluate, summarise_eval
+    from dive_ds.train.export import consolidate_checkpoint
+    from dive_ds.train.faults import CRASH_ENV
 
     out = tmp_path / "z3ep"
     raw = dict(reference_ep["raw"], out_dir=str(out))

@@ -180,7 +180,7 @@ class LoraDiveExperts(nn.Module):
         if any(hasattr(p, "ds_id") for p in self.parameters()):
             raise ValueError(
                 "merge_expert_lora: parameters are ZeRO-3 partitioned; gather a full state dict "
-                "first (dive_ds.train.loop.consolidate_*), then merge on a plain model"
+                "first (dive_ds.train.export.consolidate_*), then merge on a plain model"
             )
         for w, b, a in (
             (self.gate_up_proj, self.lora_gate_up_B, self.lora_gate_up_A),

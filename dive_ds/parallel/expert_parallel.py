@@ -31,8 +31,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dive_ds.io.placement import experts_of_ep_rank
 from dive_ds.models.moe import DiveExperts, DiveMoeBlock, DiveMoeConfig, DiveRouter, permute, unpermute
-from dive_ds.models.shards import experts_of_ep_rank  # noqa: F401 (placement lives with the shard layout)
 
 EP_FAMILY = "autoep_expert"
 

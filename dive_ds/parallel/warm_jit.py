@@ -12,7 +12,7 @@ import time
 def main() -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     t0 = time.time()
-    from dive_ds.train.loop import setup_distributed, teardown_distributed
+    from dive_ds.parallel.distributed import setup_distributed, teardown_distributed
 
     setup_distributed()  # a 1-rank world: the same initialisation as retraining
     teardown_distributed()

@@ -1,0 +1,1 @@
+"""Checkpoint and shard file I/O: the sharded MoE layout (placement, writers, readers, consolidation)."""

@@ -1,0 +1,350 @@
+"""A stage's outputs: the full weights gathered from the live engine (LoRA merged) as a plain HF
+folder, or as a sharded folder written by every expert-parallel rank; and the offline
+consolidation of a stage checkpoint into an HF folder."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from dive_ds.io.shards import write_text_atomic
+from dive_ds.models.lora import (
+    add_expert_lora,
+    lora_settings_from_state_dict,
+    merge_expert_lora,
+    merged_weight,
+)
+from dive_ds.models.moe import DiveMoeConfig, DiveMoeForCausalLM
+from dive_ds.outputs import check_not_input, claim_output, read_identity
+from dive_ds.parallel.distributed import barrier
+from dive_ds.reconstruct import SIDE_FILES
+from dive_ds.train.checkpoint import (
+    EP_TRAINABLE,
+    SHARED_TRAINABLE,
+    STAGE_META,
+    TAG_RE,
+    is_complete,
+    latest_tag,
+)
+from dive_ds.train.config import RunConfig
+from dive_ds.train.planning import DONE_FILE, StagePlan
+
+TOKENIZER_FILES = (*SIDE_FILES, "dive_experts.json")
+"""Files besides weights and config that a stage output carries over from its input."""
+
+
+@torch.no_grad()
+def gather_state_dict(module: nn.Module, skip_ep_experts: bool = False) -> dict[str, torch.Tensor] | None:
+    """Full fp32 CPU state dict of the live model on rank 0 (None elsewhere).
+
+    ZeRO-3 parameters are gathered one at a time with deepspeed.zero.GatheredParameters
+    (collective: every rank must call this); ZeRO-0/1/2 parameters are already whole.
+    With `skip_ep_experts` the experts of expert-parallel blocks are left out (see local_expert_state).
+    """
+    from deepspeed.runtime.zero.partition_parameters import GatheredParameters
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    out: dict[str, torch.Tensor] | None = {} if rank == 0 else None
+    ep_groups = _ep_groups_of(module)
+    for name, p in module.named_parameters():
+        if skip_ep_experts and name in ep_groups:
+            continue
+        ctx = GatheredParameters([p], modifier_rank=None) if hasattr(p, "ds_id") else contextlib.nullcontext()
+        with ctx:
+            data = p.data.detach().to("cpu", torch.float32)
+            group = ep_groups.get(name)
+            if (
+                group is not None
+            ):  # an expert-parallel rank holds experts [r*E/P, (r+1)*E/P): stack in rank order
+                parts = [torch.empty_like(data) for _ in range(dist.get_world_size(group=group))]
+                dist.all_gather(parts, data.contiguous(), group=group)
+                data = torch.cat(parts, dim=0)
+            if out is not None:
+                out[name] = data.clone()
+    if out is not None:
+        for name, b in module.named_buffers():
+            short = name.rsplit(".", 1)[-1]
+            owner = module.get_submodule(name.rsplit(".", 1)[0]) if "." in name else module
+            if short not in owner._non_persistent_buffers_set:
+                out[name] = b.detach().to("cpu").clone()
+    return out
+
+
+def _ep_groups_of(module: nn.Module) -> dict[str, object]:
+    """{parameter name: expert-parallel group} for the expert parameters of ep_size > 1 blocks."""
+    from dive_ds.parallel.expert_parallel import ep_block_class
+
+    out = {}
+    for mname, m in module.named_modules():
+        if isinstance(m, ep_block_class()) and m.ep_size > 1:
+            for pname, _ in m.experts.named_parameters():
+                out[f"{mname}.experts.{pname}"] = m.ep_group
+    return out
+
+
+@torch.no_grad()
+def local_expert_state(module: nn.Module, lora: dict | None) -> dict[int, dict[int, dict[str, torch.Tensor]]]:
+    """{layer: {expert id: {gate_up_proj, down_proj[, bias]}}}: this rank's experts of every
+    expert-parallel block, fp32 on CPU, LoRA merged. ZeRO-3 partitions are gathered over the
+    expert-data-parallel group (collective: every rank calls this)."""
+    from deepspeed.runtime.zero.partition_parameters import GatheredParameters
+
+    from dive_ds.parallel.expert_parallel import ep_block_class
+
+    out: dict[int, dict[int, dict[str, torch.Tensor]]] = {}
+    for mname, m in module.named_modules():
+        if not (isinstance(m, ep_block_class()) and m.ep_size > 1):
+            continue
+        layer = int(mname.split("layers.")[1].split(".")[0])
+        tensors = {}
+        for pname, p in m.experts.named_parameters():
+            ctx = (
+                GatheredParameters([p], modifier_rank=None)
+                if hasattr(p, "ds_id")
+                else contextlib.nullcontext()
+            )
+            with ctx:
+                tensors[pname] = p.data.detach().to("cpu", torch.float32).clone()
+        if lora is not None:
+            scale = float(lora["alpha"]) / int(lora["r"])
+            for w, b, a in (
+                ("gate_up_proj", "lora_gate_up_B", "lora_gate_up_A"),
+                ("down_proj", "lora_down_B", "lora_down_A"),
+            ):
+                tensors[w] = merged_weight(tensors[w], tensors.pop(b), tensors.pop(a), scale)
+        ids = m.experts.expert_ids
+        out[layer] = {e: {k: v[i].contiguous() for k, v in tensors.items()} for i, e in enumerate(ids)}
+    return out
+
+
+def export_sharded(
+    shared: dict[str, torch.Tensor] | None,
+    experts: dict[int, dict[int, dict[str, torch.Tensor]]],
+    config_dir: Path,
+    out: Path,
+    ep_size: int,
+    info: dict,
+) -> Path:
+    """An expert-parallel stage's output as a sharded MoE folder (dive_ds.io.shards), written by
+    every rank at once: rank 0 the shared tensors (`shared`, from gather_state_dict(skip_ep_experts=True)),
+    config and tokenizer; each expert by the first rank that holds it. No rank ever holds every
+    expert. DONE_FILE is written last, once every rank's marker is there. Collective."""
+    from dive_ds.io.shards import ShardedMoe, ShardWriter
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    config = DiveMoeConfig.from_pretrained(config_dir)
+    if rank == 0 and out.exists():
+        shutil.rmtree(out)  # an unfinished earlier export of this stage
+    barrier()
+    # every rank is a "node" of one GPU: the placement (ep_rank = rank % P) is DeepSpeed's
+    writer = ShardWriter(out, config, config.num_local_experts, ep_size, world, 1, rank)
+    if rank == 0:
+        assert shared is not None
+        layers: dict[int, dict[str, torch.Tensor]] = {i: {} for i in range(config.num_hidden_layers)}
+        top = {}
+        for name, value in shared.items():
+            if name.startswith("model.layers."):
+                layers[int(name.split(".")[2])][name] = value.contiguous()
+            elif not (name == "lm_head.weight" and config.tie_word_embeddings):
+                top[name] = value.contiguous()
+        writer.write_shared(top)
+        for layer, tensors in layers.items():
+            writer.write_shared_layer(layer, tensors)
+        for fname in TOKENIZER_FILES:
+            if (config_dir / fname).is_file():
+                writer.copy_file(config_dir / fname)
+    for expert in writer.experts:
+        for layer in range(config.num_hidden_layers):
+            writer.write_expert(layer, expert, experts[layer][expert])
+    writer.finish()
+    barrier()
+    if rank == 0:
+        ShardedMoe(out)  # every node marker and file is there
+        write_text_atomic(json.dumps(info, indent=2) + "\n", out / DONE_FILE)
+    barrier()
+    return out
+
+
+def export_hf(
+    state_dict: dict[str, torch.Tensor],
+    config_dir: Path,
+    out: Path,
+    lora: dict | None,
+    info: dict,
+    files_from: Path | None = None,
+) -> Path:
+    """Plain DIVE MoE checkpoint (LoRA merged, sparse routing config) from a full state dict; atomic."""
+    from transformers import AutoConfig
+    from transformers.initialization import no_init_weights
+
+    config = AutoConfig.from_pretrained(config_dir)
+    if not isinstance(config, DiveMoeConfig):
+        raise ValueError(f"{config_dir} does not hold a dive_moe config")
+    with no_init_weights():  # every weight comes from the state dict
+        model = DiveMoeForCausalLM(config)
+    if lora is not None:
+        add_expert_lora(model, r=lora["r"], alpha=lora["alpha"], dropout=0.0)
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    if set(missing) - tied or unexpected:
+        raise ValueError(
+            f"state dict does not fit {config_dir}: missing {sorted(set(missing) - tied)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}"
+        )
+    model.tie_weights()
+    merge_expert_lora(model)
+    model.eval()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        source = files_from or config_dir
+        for fname in TOKENIZER_FILES:
+            if (source / fname).exists() and not (tmp / fname).exists():
+                shutil.copy2(source / fname, tmp / fname)
+        (tmp / DONE_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _ep_checkpoint_state(folder: Path, meta: dict) -> dict[str, torch.Tensor]:
+    """Trainable tensors of an expert-parallel checkpoint: the shared file plus every expert-parallel
+    rank's experts stacked in rank order (DeepSpeed's zero_to_fp32 cannot merge per-rank expert groups)."""
+    from safetensors.torch import load_file
+
+    ep = int(meta["ep_size"])
+    missing = [
+        n
+        for n in [SHARED_TRAINABLE] + [EP_TRAINABLE.format(r) for r in range(ep)]
+        if not (folder / n).is_file()
+    ]
+    if missing:
+        raise ValueError(
+            f"{folder}: expert-parallel checkpoint is incomplete (no {missing[0]}); use another tag"
+        )
+    state = load_file(folder / SHARED_TRAINABLE)
+    parts = [load_file(folder / EP_TRAINABLE.format(r)) for r in range(ep)]
+    for name in parts[0]:
+        state[name] = torch.cat([p[name] for p in parts], dim=0)
+    return state
+
+
+def consolidate_checkpoint(
+    ckpt_dir: str | Path, out: str | Path, tag: str | None = None, force: bool = False
+) -> Path:
+    """A DeepSpeed ZeRO-2/3 checkpoint of a stage -> plain HF MoE folder, offline (zero_to_fp32).
+
+    `ckpt_dir` is OUT/stages/<name>/checkpoints (tag: the latest) or one tag folder inside it. An `out`
+    holding this same consolidation is reused; anything else there is refused unless `force`.
+    """
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    ckpt_dir = Path(ckpt_dir)
+    if TAG_RE.match(ckpt_dir.name) and tag is None:
+        ckpt_dir, tag = ckpt_dir.parent, ckpt_dir.name
+    tag = tag or latest_tag(ckpt_dir)
+    if tag is None:
+        raise ValueError(f"no dive_ds checkpoint in {ckpt_dir} (expected a 'latest' file and step_* folders)")
+    if not is_complete(ckpt_dir, tag):
+        raise ValueError(
+            f"{ckpt_dir / tag} is incomplete (no {STAGE_META}: its save was interrupted); consolidate "
+            "an earlier step_* folder or the stage's checkpoints folder"
+        )
+    meta = json.loads((ckpt_dir / tag / STAGE_META).read_text())
+    out = Path(out)
+    check_not_input(out, {"checkpoint": ckpt_dir / tag, "stage input": meta.get("input")})
+    identity = {  # the checkpoint, and its commit record (step, input, settings) as written
+        "checkpoint": str((ckpt_dir / tag).resolve()),
+        "stage_meta_sha256": hashlib.sha256((ckpt_dir / tag / STAGE_META).read_bytes()).hexdigest()[:16],
+    }
+    recorded = read_identity(out / DONE_FILE) if (out / "config.json").is_file() else None
+    if claim_output(out, identity, recorded, DONE_FILE, force):
+        print(f"{out} already holds this consolidation of {ckpt_dir / tag}; reusing it", flush=True)
+        return out
+    if meta.get("ep_size"):
+        state = _ep_checkpoint_state(ckpt_dir / tag, meta)
+    else:
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    if meta.get("exclude_frozen") or meta.get(
+        "ep_size"
+    ):  # frozen weights are the stage input's: read them from there
+        source = Path(meta["input"])
+        if not (source / "config.json").is_file():
+            raise ValueError(
+                f"{ckpt_dir / tag} was saved without frozen weights, which come from the stage input "
+                f"{source}; that folder is gone: restore it to consolidate"
+            )
+        from dive_ds.io.shards import ShardedMoe, is_sharded
+
+        if is_sharded(source):
+            sharded = ShardedMoe(source)
+            full = sharded.shared_state()
+            experts = list(range(sharded.config.num_local_experts))
+            for layer in range(sharded.config.num_hidden_layers):
+                for key, value in sharded.expert_tensors(layer, experts).items():
+                    full[f"model.layers.{layer}.mlp.experts.{key}"] = value
+            state = {k: v.float() for k, v in full.items()} | state
+        else:
+            from dive_ds.models.loading import LayerwiseCheckpoint
+
+            base = LayerwiseCheckpoint(source)
+            state = {k: base.get(k).float() for k in base.keys()} | state
+    rank = lora_settings_from_state_dict(state)
+    lora = meta.get("lora") if rank is not None else None
+    return export_hf(
+        state,
+        ckpt_dir / tag,
+        Path(out),
+        lora,
+        {
+            "consolidated_from": str(ckpt_dir / tag),
+            "stage": meta.get("stage"),
+            "tag": tag,
+            "identity": identity,
+        },
+        files_from=Path(meta["input"]) if Path(meta.get("input", "")).is_dir() else None,
+    )
+
+
+def write_stage_output(
+    run: RunConfig, plan: StagePlan, input_dir: Path, state, local_experts, result: dict, meta: dict,
+    rank: int, world: int, zero_stage: int, ep_size: int | None,
+) -> None:  # fmt: skip
+    """The stage's model folder (HF on rank 0, or sharded by every rank) and its summary.json."""
+    stage = plan.stage
+    if rank == 0 or ep_size:
+        info = {
+            "stage": stage.name,
+            "input": str(input_dir),
+            "steps": plan.steps,
+            "world_size": world,
+            "zero_stage": zero_stage,
+            "final_eval": result["final_eval"],
+            "lora_merged": stage.lora,
+            "run_config": run.to_dict(),
+        }
+        if ep_size:  # every rank writes its experts: no rank gathers the whole MoE
+            export_sharded(state, local_experts, input_dir, plan.model_dir, ep_size, info | {"sharded": True})
+        else:
+            export_hf(state, input_dir, plan.model_dir, meta["lora"], info)
+    if rank == 0:
+        (plan.dir / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(
+            f"[{stage.name}] done: held-out loss {result['final_eval']['loss']:.4f}, mean ppl "
+            f"{result['final_eval']['ppl_mean']:.2f}; model -> {plan.model_dir}",
+            flush=True,
+        )

@@ -1,0 +1,231 @@
+"""DIVE retraining with DeepSpeed: the orchestration of a run's stages.
+
+A run is a sequence of stages (router -> experts -> optional continue). `train` checks everything
+that can be checked without training, records the run, and runs each stage not yet done with
+dive_ds.train.stage.run_stage (which loads its input, trains, checkpoints and writes
+OUT/stages/<name>/model); the last stage's output is linked to OUT/model. `retrain` is the
+launcher's entry: configs, process group, train, teardown.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch.distributed as dist
+import yaml
+
+from dive_ds.models.moe import DiveMoeConfig
+from dive_ds.parallel.distributed import accelerator_name, barrier, setup_distributed, teardown_distributed
+from dive_ds.train import rng
+from dive_ds.train.checkpoint import latest_tag
+from dive_ds.train.config import RunConfig
+from dive_ds.train.data import data_recipe, load_tokenizer, resolve_domains
+from dive_ds.train.ds_config import resolve_ds_config, resolve_ep_size
+from dive_ds.train.evaluation import eval_windows
+from dive_ds.train.model import check_moe_folder
+from dive_ds.train.planning import DONE_FILE, plan_stages, stage_inputs
+from dive_ds.train.stage import run_stage
+from dive_ds.train.stop import STOP_FILE
+from dive_ds.train.trainable import check_ep_stage
+
+
+def _git_rev() -> str | None:
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
+        return out.stdout.strip() or None
+    except Exception:
+        return None
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    import dive_ds
+
+    out = {"dive_ds": dive_ds.__version__, "python": sys.version.split()[0]}
+    for pkg in ("torch", "deepspeed", "transformers", "safetensors", "tensorboard"):
+        with contextlib.suppress(md.PackageNotFoundError):
+            out[pkg] = md.version(pkg)
+    return out
+
+
+def _record_run(
+    run: RunConfig, ds: dict, ds_source: str, world: int, recipe: dict, argv: list[str] | None
+) -> None:
+    out = Path(run.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "run_config.yaml").write_text(yaml.safe_dump(run.to_dict(), sort_keys=False))
+    (out / "ds_config.json").write_text(json.dumps(ds, indent=2) + "\n")
+    info = {
+        "versions": _versions(),
+        "git_rev": _git_rev(),
+        "world_size": world,
+        "accelerator": accelerator_name(),
+        "ds_config_source": ds_source,
+        "argv": argv or sys.argv,
+        "data_recipe": recipe,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    (out / "run_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    with open(out / "launches.jsonl", "a") as f:
+        f.write(json.dumps(info) + "\n")
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """dst becomes a copy of src made of hard links where possible (no second copy of the weights)."""
+    tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.tmp-"))
+    shutil.rmtree(tmp)
+
+    def link(s, d):
+        try:
+            os.link(s, d)
+        except OSError:
+            shutil.copy2(s, d)
+
+    shutil.copytree(src, tmp, copy_function=link)
+    if dst.exists():
+        shutil.rmtree(dst)
+    os.replace(tmp, dst)
+
+
+def train(
+    run: RunConfig,
+    ds_raw: dict,
+    ds_source: str = "DeepSpeed config",
+    stages: list[str] | None = None,
+    argv: list[str] | None = None,
+) -> dict:
+    """Run (or resume) the run's stages on an initialised process group -> {stage: summary}.
+
+    Everything that can be checked without training is checked first (one-line ValueErrors).
+    """
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    ds = resolve_ds_config(ds_raw, run, world, accelerator_name(), ds_source)
+    ep_size = resolve_ep_size(ds_raw, run, ds_source)
+    ep_size = ep_size if ep_size and ep_size > 1 else None  # 1: every rank all experts, the plain path
+    plans = plan_stages(run, stages)
+    for plan in plans:
+        if not plan.done():
+            check_ep_stage(plan.stage, int(ds.get("zero_optimization", {}).get("stage", 0)), ep_size)
+    todo = [p for p in plans if not p.done()]
+    if todo and (Path(run.out_dir) / STOP_FILE).exists():
+        raise ValueError(
+            f"{Path(run.out_dir) / STOP_FILE} exists: a stop request (pre-emption, or by hand) is pending; "
+            "remove it to start or resume training"
+        )
+    if todo and run.checkpoint.resume == "required" and latest_tag(todo[0].ckpt_dir) is None:
+        raise ValueError(
+            f"checkpoint.resume is 'required' but {todo[0].ckpt_dir} holds no checkpoint (no 'latest' "
+            "file); use resume auto, or point out_dir at the interrupted run"
+        )
+    for plan in todo:  # before any model is loaded: this rank's RNG file of the checkpoint it resumes
+        tag = latest_tag(plan.ckpt_dir)
+        if tag is not None:
+            rng.check_no_legacy(plan.ckpt_dir / tag, rank)
+    inputs = stage_inputs(run)
+    produced = set()
+    for plan in todo:  # every input must exist now or be made earlier in this launch
+        src = inputs[plan.stage.name]
+        if src is None:
+            raise ValueError(
+                "run config: model.path is empty; point it at a MoE checkpoint from `dive-ds reconstruct`"
+            )
+        if src not in produced:
+            if (
+                not (src / "config.json").is_file()
+                and src.name == "model"
+                and src.parent.parent.name == "stages"
+            ):
+                raise ValueError(
+                    f"stage {plan.stage.name} starts from stage {src.parent.name}'s output {src}, which "
+                    f"does not exist yet; run --stages {src.parent.name} first (or set "
+                    f"stages.{plan.stage.name}.init_from)"
+                )
+            check_moe_folder(src, f"stages.{plan.stage.name} input")
+        produced.add(plan.model_dir)
+    if not todo:
+        if rank == 0:
+            print(f"retrain: every stage of {run.out_dir} is already done", flush=True)
+    ref = inputs[todo[0].stage.name] if todo else inputs[plans[0].stage.name]
+    config = DiveMoeConfig.from_pretrained(ref) if todo else None
+    vocab = config.vocab_size if config is not None else 1 << 62
+    if ep_size and config is not None:
+        from dive_ds.parallel.ep_model import check_ep_size
+
+        check_ep_size(ep_size, world, config.num_local_experts)
+    tokenizer = load_tokenizer(run.data.tokenizer, ref, vocab) if todo else None
+    domains, probs = resolve_domains(run.data)
+    windows = eval_windows(run, tokenizer, vocab) if todo else {}
+    recipe = data_recipe(run.data, domains, probs, tokenizer) if todo else {}
+    if rank == 0:
+        _record_run(run, ds, ds_source, world, recipe, argv)
+        print(
+            f"retrain: {world} rank(s) on {accelerator_name()}"
+            f"{f', expert parallel {ep_size}' if ep_size else ''}; global batch {run.train.global_batch_size} x "
+            f"{run.data.seq_len} tokens; stages {', '.join(p.stage.name for p in plans)}; out {run.out_dir}",
+            flush=True,
+        )
+    barrier()
+    results: dict[str, dict] = {}
+    for plan in plans:
+        if plan.done():
+            if rank == 0:
+                print(f"[{plan.stage.name}] already done ({plan.model_dir}); skipping", flush=True)
+            results[plan.stage.name] = json.loads((plan.model_dir / DONE_FILE).read_text())
+            continue
+        stage_in = check_moe_folder(inputs[plan.stage.name], f"stages.{plan.stage.name} input")
+        results[plan.stage.name] = run_stage(
+            run, plan, stage_in, ds, rank, world, windows, tokenizer, ep_size
+        )
+    last = run.enabled_stages()[-1]
+    last_dir = Path(run.out_dir) / "stages" / last.name / "model"
+    if rank == 0 and (last_dir / DONE_FILE).is_file():
+        _link_tree(last_dir, Path(run.out_dir) / "model")
+        final = Path(run.out_dir) / "model"
+        print(f"retrain: final model -> {final}", flush=True)
+        from dive_ds.io.shards import is_sharded
+
+        if is_sharded(final):
+            print(
+                f"retrain: it is sharded by expert (expert parallelism); one HF folder: "
+                f"dive-ds consolidate --shards {final} --out HF_DIR",
+                flush=True,
+            )
+    barrier()
+    return results
+
+
+def retrain(
+    config_path: str | None,
+    ds_path: str,
+    overrides: list[str] | None = None,
+    stages: list[str] | None = None,
+    local_rank: int | None = None,
+    argv: list[str] | None = None,
+) -> dict:
+    """The launcher's entry: read configs, initialise the process group, train, always tear down."""
+    from dive_ds.train.config import load_run_config, read_mapping
+
+    run = load_run_config(config_path, overrides)
+    ds_raw = read_mapping(ds_path, "DeepSpeed config")
+    setup_distributed(local_rank)
+    try:
+        return train(run, ds_raw, ds_path, stages, argv)
+    finally:
+        teardown_distributed()
