@@ -222,6 +222,12 @@ def _add_commands(sub) -> None:
     p.add_argument("--lr", type=float, default=1e-4, help="learning rate of every stage (default 1e-4)")
     p.add_argument("--eval-every", type=int, default=16, help="steps between curve points (default 16)")
     p.add_argument("--eval-windows", type=int, default=4, help="held-out windows per seen domain (default 4)")
+    p.add_argument(
+        "--unseen-windows", type=int, default=8, help="windows per --eval-domains domain (default 8)"
+    )
+    p.add_argument(
+        "--fit-windows", type=int, help="calibration windows per domain for router fitting (default all)"
+    )
     p.add_argument("--methods", default="dive,nomining,random-split,flap", help="comma-separated subset")
     p.add_argument(
         "--treatments", default="fitted,random", help="router treatments of the MoEs (default both)"
@@ -425,10 +431,12 @@ def cmd_fit_router(a) -> int:
 
 def cmd_compare(a) -> int:
     from dive_ds.compare import CompareConfig, quick, run_compare
+    from dive_ds.routerfit import RouterFitConfig
 
     cfg = CompareConfig(
         experts=a.experts, top_k=a.top_k, prune_ratio=a.prune_ratio, steps=a.steps, router_steps=a.router_steps,
         batch=a.batch, seq_len=a.seq_len, lr=a.lr, eval_every=a.eval_every, eval_windows=a.eval_windows,
+        unseen_windows=a.unseen_windows, fit=RouterFitConfig(windows_per_domain=a.fit_windows),
         methods=tuple(m.strip() for m in a.methods.split(",") if m.strip()),
         treatments=tuple(t.strip() for t in a.treatments.split(",") if t.strip()),
     )  # fmt: skip

@@ -102,11 +102,14 @@ def fit_linear_router(
     """Multinomial logistic regression without bias: logits = x @ W.T -> W [E, H] (float32).
 
     `target` is a LongTensor [T] of labels or a float [T, E] of target distributions. Features are
-    scaled by their root mean square (the penalty acts on the scaled problem), the weights start at
+    scaled by their root mean square, floored at a tenth of the median one (the penalty acts on the
+    scaled problem, so no weight blows up on a near-silent feature), the weights start at
     zero and L-BFGS is deterministic, so the fit is a pure function of its inputs.
     """
     x = x_TH.to(torch.float32)
-    scale_H = x.pow(2).mean(0).sqrt().clamp_min(1e-6)
+    rms_H = x.pow(2).mean(0).sqrt()
+    # near-silent features (an RMSNorm weight of 1e-5) would get huge weights: floor their scale
+    scale_H = rms_H.clamp_min(0.1 * rms_H.median().item() + 1e-12)
     xs = x / scale_H
     w = torch.zeros(num_experts, x.shape[1], dtype=torch.float32, requires_grad=True)
     opt = torch.optim.LBFGS(
@@ -368,6 +371,7 @@ def fit_routers(
                 .div(len(err_fit))
                 .tolist(),
                 "soft_tau": tau,
+                "max_abs_weight": round(w.abs().max().item(), 3),
             }
         )
         for i in range(0, n_tok, cfg.batch_size * seq_len):
