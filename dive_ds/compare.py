@@ -170,7 +170,7 @@ def train_run(
 def curve(run_dir: Path, batch: int, seq_len: int) -> tuple[list[dict], float | None]:
     """Eval points [(tokens, ppl_mean, per-domain ppl)] across stages, and the mean training tokens/s."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    points, rates, seen = [], [], set()
+    points, rates, first, seen = [], [], [], set()
     for r in rows:
         if r.get("event") == "eval":
             key = r["global_step"]
@@ -178,8 +178,9 @@ def curve(run_dir: Path, batch: int, seq_len: int) -> tuple[list[dict], float | 
                 continue
             seen.add(key)
             points.append({"tokens": key * batch * seq_len, "ppl_mean": r["ppl_mean"], "ppl": r["ppl"]})
-        elif "tokens_per_s" in r and r.get("step", 0) > 1:  # the first step of a stage pays warm-up
-            rates.append(r["tokens_per_s"])
+        elif "tokens_per_s" in r:  # the first step of a stage pays warm-up: left out when there are others
+            (rates if r.get("step", 0) > 1 else first).append(r["tokens_per_s"])
+    rates = rates or first
     return points, (float(np.median(rates)) if rates else None)
 
 
@@ -248,7 +249,7 @@ def run_compare(
     build_s = time.time() - t0
     any_model = next(iter(models.values()))
     windows = {"seen": seen_windows(registry, any_model, cfg)}
-    windows["calib"] = {n: w[: cfg.eval_windows] for n, w in cal.eval.items()}
+    windows["calib"] = dict(cal.eval)  # all of the calibration's held-out windows
     if eval_domains:
         windows["unseen"] = registry_eval_windows(
             eval_domains, any_model, cfg.unseen_windows, cfg.seq_len, cfg.seed
