@@ -232,6 +232,11 @@ def _add_commands(sub) -> None:
     p.add_argument(
         "--treatments", default="fitted,random", help="router treatments of the MoEs (default both)"
     )
+    p.add_argument(
+        "--reuse-models",
+        metavar="DIR",
+        help="an earlier compare's --out: hard-link its models where they are exactly what this run builds",
+    )
     p.add_argument("--quick", action="store_true", help="a few steps and windows (for tests)")
     p.set_defaults(func=cmd_compare)
 
@@ -440,7 +445,7 @@ def cmd_compare(a) -> int:
         methods=tuple(m.strip() for m in a.methods.split(",") if m.strip()),
         treatments=tuple(t.strip() for t in a.treatments.split(",") if t.strip()),
     )  # fmt: skip
-    run_compare(a.calib, a.groups, a.out, quick(cfg) if a.quick else cfg, a.eval_domains)
+    run_compare(a.calib, a.groups, a.out, quick(cfg) if a.quick else cfg, a.eval_domains, a.reuse_models)
     return 0
 
 

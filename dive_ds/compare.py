@@ -95,7 +95,48 @@ def run_names(cfg: CompareConfig) -> list[tuple[str, str, str]]:
 # --------------------------------------------------------------------------- steps
 
 
-def _build_models(cal, groups_file: Path, out: Path, cfg: CompareConfig) -> dict[str, Path]:
+def _same(a: dict, b: dict) -> bool:
+    drop = {"progress"}
+    return {k: v for k, v in a.items() if k not in drop} == {k: v for k, v in b.items() if k not in drop}
+
+
+def _reusable(src: Path, rc_dict: dict, fit: dict | None, calib: Path) -> bool:
+    """Whether `src` (a model folder of an earlier compare) is exactly what this one would build."""
+    try:
+        meta = json.loads((src / "dive_experts.json").read_text())
+        if meta["reconstruction"] != rc_dict or Path(meta["calibration"]).resolve() != calib.resolve():
+            return False
+        if fit is not None:
+            rep = json.loads((src / "router_fit.json").read_text())
+            return _same(rep["config"], fit) and Path(rep["calibration"]).resolve() == calib.resolve()
+        return not (src / "router_fit.json").exists()
+    except (OSError, KeyError, ValueError):
+        return False
+
+
+def _link_model(src: Path, dst: Path) -> None:
+    """Hard-link (or copy) a finished model folder under a temporary name, then rename it into place."""
+    import shutil
+    import tempfile
+
+    from dive_ds.routerfit import _link_or_copy
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.tmp-"))
+    try:
+        for path in sorted(src.rglob("*")):
+            if path.is_file() and not path.name.startswith("."):
+                (tmp / path.relative_to(src)).parent.mkdir(parents=True, exist_ok=True)
+                _link_or_copy(path, tmp / path.relative_to(src))
+        os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _build_models(
+    cal, groups_file: Path, out: Path, cfg: CompareConfig, reuse: Path | None = None
+) -> dict[str, Path]:
     from dive_ds.reconstruct import ReconstructConfig
     from dive_ds.workflows import run_fit_router, run_reconstruct
 
@@ -109,13 +150,23 @@ def _build_models(cal, groups_file: Path, out: Path, cfg: CompareConfig) -> dict
             rc = ReconstructConfig(num_experts=cfg.experts, top_k=cfg.top_k, prune_ratio=cfg.prune_ratio,
                                    method=method, seed=cfg.seed)  # fmt: skip
         base = out / "models" / (method if method == "flap" else f"{method}-random")
+        old = None if reuse is None else reuse / "models" / base.name
         if not (base / "config.json").exists():
-            run_reconstruct(cal.path, groups_file if method == "dive" else None, base, rc)
+            if old is not None and _reusable(old, asdict(rc), None, cal.path):
+                print(f"[compare] reusing {old}", flush=True)
+                _link_model(old, base)
+            else:
+                run_reconstruct(cal.path, groups_file if method == "dive" else None, base, rc)
         path = base
         if treatment == "fitted":
             path = out / "models" / f"{method}-fitted"
+            old = None if reuse is None else reuse / "models" / path.name
             if not (path / "config.json").exists():
-                run_fit_router(base, cal.path, path, cfg.fit)
+                if old is not None and _reusable(old, asdict(rc), asdict(cfg.fit), cal.path):
+                    print(f"[compare] reusing {old}", flush=True)
+                    _link_model(old, path)
+                else:
+                    run_fit_router(base, cal.path, path, cfg.fit)
         models[name] = path
     return models
 
@@ -224,6 +275,7 @@ def run_compare(
     out: str | Path,
     cfg: CompareConfig = CompareConfig(),
     eval_domains: str | None = None,
+    reuse: str | Path | None = None,
 ) -> dict:
     from dive_ds.calibrate import load_calibration
     from dive_ds.workflows import _write_json, load_groups, registry_eval_windows
@@ -245,7 +297,7 @@ def run_compare(
 
     print("[compare] building the models (reconstruct + router fitting)", flush=True)
     t0 = time.time()
-    models = _build_models(cal, Path(groups_file), out, cfg)
+    models = _build_models(cal, Path(groups_file), out, cfg, Path(reuse) if reuse else None)
     build_s = time.time() - t0
     any_model = next(iter(models.values()))
     windows = {"seen": seen_windows(registry, any_model, cfg)}
