@@ -318,9 +318,9 @@ def run_compare(
     }
     for name, method, treatment in run_names(cfg):
         print(f"[compare] evaluating {name} before training", flush=True)
-        before = {
-            k: _ppl(models[name], w, oracle=(k != "unseen" and method != "flap")) for k, w in windows.items()
-        }
+        # oracle routing only with the random router: its fitted twin has the very same experts
+        oracle = treatment == "random"
+        before = {k: _ppl(models[name], w, oracle=(k != "unseen" and oracle)) for k, w in windows.items()}
         router = cfg.router_steps if treatment == "random" else 0
         run_dir = train_run(name, models[name], router, out, registry, cfg)
         points, tok_s = curve(run_dir, cfg.batch, cfg.seq_len)
