@@ -284,8 +284,12 @@ def run_compare(
     cal = load_calibration(calib_dir)
     load_groups(groups_file, cal.domains)  # validates before any heavy work
     registry = cal.manifest["identity"]["registry"]
+    settings = asdict(cfg) | {
+        "methods": sorted(cfg.methods),
+        "treatments": sorted(cfg.treatments),
+    }  # order: free
     identity = {"calibration": str(cal.path.resolve()), "groups": str(Path(groups_file).resolve()),
-                "config": asdict(cfg), "eval_domains": eval_domains}  # fmt: skip
+                "config": settings, "eval_domains": eval_domains}  # fmt: skip
     ident_file = out / "compare_identity.json"
     if out.exists() and any(out.iterdir()):
         old = json.loads(ident_file.read_text()) if ident_file.exists() else None
@@ -329,17 +333,19 @@ def run_compare(
         results["runs"][name] = {"method": method, "treatment": treatment, "model": str(models[name]),
                                  "before": before, "after": after, "curve": points, "train_tokens_per_s": tok_s,
                                  "train_tokens": cfg.steps * cfg.batch * cfg.seq_len}  # fmt: skip
-    results |= {
-        "config": asdict(cfg),
-        "calibration": str(cal.path),
-        "eval_domains": eval_domains,
-        "build_seconds": round(build_s, 1),
-        "total_seconds": round(time.time() - t_all, 1),
-        "ratios": ratios(results["runs"]),
-    }
-    _write_json(out / "compare.json", results)
-    (out / "compare.md").write_text(markdown(results))
-    plot_curves(results, out / "ppl_vs_tokens.png")
+        # written after every run (complete: false until the last), so a long comparison shows as it goes
+        results |= {
+            "complete": len(results["runs"]) == len(run_names(cfg)),
+            "config": asdict(cfg),
+            "calibration": str(cal.path),
+            "eval_domains": eval_domains,
+            "build_seconds": round(build_s, 1),
+            "total_seconds": round(time.time() - t_all, 1),
+            "ratios": ratios(results["runs"]),
+        }
+        _write_json(out / "compare.json", results)
+        (out / "compare.md").write_text(markdown(results))
+        plot_curves(results, out / "ppl_vs_tokens.png")
     print((out / "compare.md").read_text())
     return results
 
@@ -370,6 +376,8 @@ def markdown(results: dict) -> str:
     cfg = results["config"]
     toks = cfg["steps"] * cfg["batch"] * cfg["seq_len"]
     lines = [f"# Equal-budget comparison ({toks} training tokens per method)\n"]
+    if not results.get("complete", True):
+        lines.append(f"(in progress: {len(runs)} of the runs done)\n")
     for when, title in (("before", "before any training (0 tokens)"), ("after", f"after {toks} tokens")):
         for split in ("seen", "calib", "unseen"):
             first = next(iter(runs.values()))
