@@ -229,14 +229,11 @@ def _dense_mlp(dense, layer: int):
 
 
 def _each_expert(experts, x_TH: torch.Tensor) -> torch.Tensor:
-    """Every expert's output (bias included) on every token -> y_ETH."""
-    out = []
-    width = experts.down_proj.shape[-1]
-    for e in range(experts.num_experts):
-        gu = F.linear(x_TH, experts.gate_up_proj[e])
-        y = F.linear(experts.act_fn(gu[:, :width]) * gu[:, width:], experts.down_proj[e])
-        out.append(y if experts.bias is None else y + experts.bias[e])
-    return torch.stack(out)
+    """Every expert's output (bias included) on every token -> y_ETH, through the experts' own dispatch."""
+    ones = torch.ones(x_TH.shape[0], 1)
+    return torch.stack(
+        [experts(x_TH, torch.full((x_TH.shape[0], 1), e), ones)[0] for e in range(experts.num_experts)]
+    )
 
 
 def sliced_channels(experts, w_gate_FH, w_up_FH, w_down_HF) -> list[torch.Tensor] | None:
