@@ -320,7 +320,12 @@ def run_compare(
         "runs": {},
         "windows": {k: {n: int(w.numel()) for n, w in v.items()} for k, v in windows.items()},
     }
+    done = _finished_runs(out / "compare.json", results["windows"])
     for name, method, treatment in run_names(cfg):
+        if name in done:  # same identity (checked above) and same windows: its numbers stand
+            print(f"[compare] {name}: kept from the earlier pass of this comparison", flush=True)
+            results["runs"][name] = done[name]
+            continue
         print(f"[compare] evaluating {name} before training", flush=True)
         # oracle routing only with the random router: its fitted twin has the very same experts
         oracle = treatment == "random"
@@ -348,6 +353,14 @@ def run_compare(
         plot_curves(results, out / "ppl_vs_tokens.png")
     print((out / "compare.md").read_text())
     return results
+
+
+def _finished_runs(path: Path, windows: dict) -> dict:
+    """Runs an interrupted pass of this very comparison finished (its windows must match)."""
+    if not path.exists():
+        return {}
+    old = json.loads(path.read_text())
+    return old.get("runs", {}) if old.get("windows") == windows else {}
 
 
 def ratios(runs: dict) -> dict:
