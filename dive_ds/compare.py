@@ -82,13 +82,12 @@ QUICK = dict(steps=2, router_steps=1, batch=2, eval_every=1, eval_windows=1, uns
 
 
 def run_names(cfg: CompareConfig) -> list[tuple[str, str, str]]:
-    """(run name, method, treatment) of every training run."""
-    runs = []
-    for m in cfg.methods:
-        if m == "flap":
-            runs.append(("flap", "flap", "-"))
-        else:
-            runs += [(f"{m}-{t}", m, t) for t in cfg.treatments]
+    """(run name, method, treatment) of every training run: FLAP first, then treatment by treatment
+    (every method's fitted run before any random one), so an interrupted comparison has whole
+    columns to compare."""
+    runs = [("flap", "flap", "-")] if "flap" in cfg.methods else []
+    for t in cfg.treatments:
+        runs += [(f"{m}-{t}", m, t) for m in cfg.methods if m != "flap"]
     return runs
 
 
