@@ -64,8 +64,6 @@ def subprocess_env(**extra) -> dict:
 
 def make_tiny_setup(root: Path, top_k: int = 2) -> dict:
     """A tiny random DIVE MoE (vocab 260 for the byte tokenizer) and a 2-domain local registry."""
-    import random
-
     root.mkdir(parents=True, exist_ok=True)
     config = DiveMoeConfig(
         vocab_size=260,
@@ -86,6 +84,13 @@ def make_tiny_setup(root: Path, top_k: int = 2) -> dict:
         for block in moe_blocks(model):
             block.experts.bias.normal_(0.0, 0.02)
     model.save_pretrained(root / "moe")
+    return {"model": root / "moe", "registry": write_tiny_registry(root)}
+
+
+def write_tiny_registry(root: Path) -> Path:
+    """A 2-domain local registry (prose, code) of 60 short documents each -> its registry.json."""
+    import random
+
     rng = random.Random(0)
     registry = {"version": 1, "domains": {}}
     for name, words in DOMAIN_WORDS.items():
@@ -95,7 +100,7 @@ def make_tiny_setup(root: Path, top_k: int = 2) -> dict:
                 f.write(json.dumps({"text": text}) + "\n")
         registry["domains"][name] = {"source": {"type": "local", "files": [f"{name}.jsonl"]}}
     (root / "registry.json").write_text(json.dumps(registry))
-    return {"model": root / "moe", "registry": root / "registry.json"}
+    return root / "registry.json"
 
 
 def base_run(setup: dict, out: Path, **sections) -> dict:
