@@ -24,7 +24,7 @@ import yaml
 from dive_ds.models.moe import DiveMoeConfig
 from dive_ds.parallel.distributed import accelerator_name, barrier, setup_distributed, teardown_distributed
 from dive_ds.train import rng
-from dive_ds.train.checkpoint import latest_tag
+from dive_ds.train.checkpoint import check_resume_ep_size, latest_tag
 from dive_ds.train.config import RunConfig
 from dive_ds.train.data import data_recipe, load_tokenizer, resolve_domains
 from dive_ds.train.ds_config import launch_ep_size, resolve_ds_config, resolve_ep_size
@@ -172,6 +172,8 @@ def train(
     ep_size = ep["size"] if ep and ep["size"] and ep["size"] > 1 else None  # 1: every rank all experts
     for plan in todo:
         check_ep_stage(plan.stage, int(ds.get("zero_optimization", {}).get("stage", 0)), ep_size)
+        if (tag := latest_tag(plan.ckpt_dir)) is not None:
+            check_resume_ep_size(plan.ckpt_dir, tag, ep_size)
     tokenizer = load_tokenizer(run.data.tokenizer, ref, vocab) if todo else None
     domains, probs = resolve_domains(run.data)
     windows = eval_windows(run, tokenizer, vocab) if todo else {}
