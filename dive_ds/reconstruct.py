@@ -184,6 +184,7 @@ def moe_config_dict(dense_config, cfg: ReconstructConfig, keep: int) -> dict:
         expert_intermediate_size=keep,
         expert_bias=True,
         router_mode="sparse",
+        dense_model_type=dense_config.model_type,
         dive_reconstruction=asdict(cfg),
     )
     return d

@@ -1,11 +1,20 @@
-"""Shared test helpers: tiny random Llama models saved to disk, token corpora."""
+"""Shared test helpers: tiny random dense models (Llama, Mistral, Qwen2, Qwen3) saved to disk, token corpora."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
+import transformers
 from transformers import LlamaConfig, LlamaForCausalLM
+
+# family -> (config class, causal-LM class) of the dense models the tests build on the fly
+DENSE_CLASSES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "mistral": ("MistralConfig", "MistralForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+}
 
 
 def tiny_llama_config(**kw) -> LlamaConfig:
@@ -25,12 +34,24 @@ def tiny_llama_config(**kw) -> LlamaConfig:
 
 
 def save_tiny_llama(folder: Path, seed: int = 0, **kw) -> LlamaForCausalLM:
+    return save_tiny_dense(folder, "llama", seed, **kw)
+
+
+def save_tiny_dense(folder: Path, family: str = "llama", seed: int = 0, **kw):
+    """A tiny random dense model of a family (the Llama sizes above), saved as safetensors. Norms (Qwen3's
+    q/k norms included) and biases (Qwen2's q/k/v) get non-trivial values so that they matter in the tests."""
+    config_cls, model_cls = (getattr(transformers, n) for n in DENSE_CLASSES[family])
+    config = tiny_llama_config(**kw)
+    if family != "llama":
+        config = config_cls(**config.to_diff_dict() | {"model_type": family})
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(tiny_llama_config(**kw)).eval()
-    with torch.no_grad():  # give the norms non-trivial values so they matter in the tests
+    model = model_cls(config).eval()
+    with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.uniform_(0.5, 1.5)
+            elif name.endswith(".bias"):
+                p.normal_(0.0, 0.5)
     model.save_pretrained(folder, safe_serialization=True)
     return model
 
@@ -43,16 +64,18 @@ def make_tiny_calibration(
     n_eval: int = 3,
     seed: int = 0,
     families=None,
+    model_family: str = "llama",
     **model_kw,
 ) -> tuple[Path, Path]:
-    """A tiny random Llama on disk plus a calibration folder for it (random-token domains
-    with different token distributions, so domains differ). Returns (model_dir, calib_dir)."""
+    """A tiny random dense model (Llama unless model_family says otherwise) on disk plus a calibration
+    folder for it (random-token domains with different token distributions, so domains differ).
+    Returns (model_dir, calib_dir)."""
     from dive_ds.calibrate import CalibConfig, run_manifest_base, streaming_stats, write_calibration
     from dive_ds.data.sampler import DomainSamples
     from dive_ds.models.loading import LayerwiseCheckpoint, model_fingerprint
 
     model_dir, calib_dir = root / "dense", root / "calib"
-    model = save_tiny_llama(model_dir, seed=seed, **model_kw)
+    model = save_tiny_dense(model_dir, model_family, seed=seed, **model_kw)
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(seed)
     samples = {}

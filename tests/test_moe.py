@@ -127,6 +127,19 @@ def test_from_config_initialises_every_parameter():
     assert torch.equal(model.model.layers[0].input_layernorm.weight, torch.ones(HIDDEN))
 
 
+def test_from_config_initialises_the_qwen_attention_parts():
+    """The dense family's attention (tests/test_families.py: == the dense model) starts as transformers'
+    own: Qwen2's q/k/v biases at 0, Qwen3's q/k norms at 1."""
+    qwen2 = AutoModelForCausalLM.from_config(tiny_config(dense_model_type="qwen2")).model.layers[0].self_attn
+    assert (qwen2.q_proj.bias is not None, qwen2.o_proj.bias) == (True, None)
+    assert all(torch.count_nonzero(p.bias) == 0 for p in (qwen2.q_proj, qwen2.k_proj, qwen2.v_proj))
+    qwen3 = AutoModelForCausalLM.from_config(tiny_config(dense_model_type="qwen3", head_dim=16))
+    attn = qwen3.model.layers[0].self_attn
+    assert torch.equal(attn.q_norm.weight, torch.ones(16)) and torch.equal(attn.k_norm.weight, torch.ones(16))
+    with pytest.raises(ValueError, match="dense_model_type='gemma': the DIVE MoE has attention modules for"):
+        tiny_config(dense_model_type="gemma")
+
+
 # --------------------------------------------------------------------------- dispatch math
 
 
@@ -429,6 +442,8 @@ def test_generate_with_cache_equals_without():
         {},
         {"tie_word_embeddings": True, "expert_bias": False},
         {"attention_bias": True, "num_experts_per_tok": 1},
+        {"dense_model_type": "qwen2"},
+        {"dense_model_type": "qwen3", "head_dim": 16, "attention_bias": True},
     ],
 )
 def test_count_parameters_matches_the_model(overrides):
@@ -459,6 +474,13 @@ def test_export_mixtral_gives_identical_logits(tmp_path, tied):
     ids = torch.randint(0, VOCAB, (2, 8))
     with torch.no_grad():
         torch.testing.assert_close(mixtral(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_export_mixtral_refuses_qwen_attention(tmp_path):
+    config = tiny_config(dense_model_type="qwen2", expert_bias=False)
+    random_model(config).save_pretrained(tmp_path / "dive")
+    with pytest.raises(ValueError, match="dense_model_type='qwen2': the MoE keeps qwen2's attention"):
+        export_mixtral(tmp_path / "dive", tmp_path / "mixtral")
 
 
 def test_export_mixtral_refuses_nonzero_bias(tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -27,7 +28,7 @@ from dive_ds.train.config import (
     run_config_from_dict,
 )
 from dive_ds.train.data import ByteTokenizer, PackedStream, build_stream, heldout_windows, resolve_domains
-from dive_ds.train.ds_config import resolve_ds_config, resolve_ep_size
+from dive_ds.train.ds_config import launch_ep_size, resolve_ds_config, resolve_ep_size
 
 REPO = Path(__file__).resolve().parents[1]
 ZERO2 = REPO / "ds_configs" / "zero2.json"
@@ -63,8 +64,6 @@ def subprocess_env(**extra) -> dict:
 
 def make_tiny_setup(root: Path, top_k: int = 2) -> dict:
     """A tiny random DIVE MoE (vocab 260 for the byte tokenizer) and a 2-domain local registry."""
-    import random
-
     root.mkdir(parents=True, exist_ok=True)
     config = DiveMoeConfig(
         vocab_size=260,
@@ -85,6 +84,13 @@ def make_tiny_setup(root: Path, top_k: int = 2) -> dict:
         for block in moe_blocks(model):
             block.experts.bias.normal_(0.0, 0.02)
     model.save_pretrained(root / "moe")
+    return {"model": root / "moe", "registry": write_tiny_registry(root)}
+
+
+def write_tiny_registry(root: Path) -> Path:
+    """A 2-domain local registry (prose, code) of 60 short documents each -> its registry.json."""
+    import random
+
     rng = random.Random(0)
     registry = {"version": 1, "domains": {}}
     for name, words in DOMAIN_WORDS.items():
@@ -94,7 +100,7 @@ def make_tiny_setup(root: Path, top_k: int = 2) -> dict:
                 f.write(json.dumps({"text": text}) + "\n")
         registry["domains"][name] = {"source": {"type": "local", "files": [f"{name}.jsonl"]}}
     (root / "registry.json").write_text(json.dumps(registry))
-    return {"model": root / "moe", "registry": root / "registry.json"}
+    return root / "registry.json"
 
 
 def base_run(setup: dict, out: Path, **sections) -> dict:
@@ -366,6 +372,115 @@ def test_shipped_configs_are_strict_and_valid():
         assert ds["optimizer"]["params"]["torch_adam"] is True and ds["bf16"]["enabled"] is False
     z3 = json.loads(ZERO3.read_text())["zero_optimization"]
     assert z3["stage"] == 3 and z3["leaf_module"]["classes"] == ["dive_ds.models.moe.DiveMoeBlock"]
+
+
+@pytest.mark.parametrize(
+    "ceiling,world,experts,want",
+    [
+        (2, 1, 6, 1),
+        (2, 2, 6, 2),
+        (2, 4, 6, 2),
+        (2, 3, 6, 1),
+        (8, 8, 8, 8),
+        (8, 8, 6, 2),
+        (8, 4, 8, 4),
+        (8, 12, 6, 6),
+        (8, 10, 6, 2),
+    ],
+)
+def test_ep_size_from_the_json_follows_the_launch(ceiling, world, experts, want):
+    """The JSON's autoep_size is a ceiling: the largest size <= it dividing the ranks and the experts."""
+    run = run_config_from_dict({"model": {"path": "m"}})
+    ds = json.loads(ZERO3.read_text()) | {"expert_parallel": {"enabled": True, "autoep_size": ceiling}}
+    got = launch_ep_size(ds, run, world, experts, "z3.json")
+    assert (got["size"], got["configured"], got["from"]) == (
+        want,
+        ceiling,
+        "z3.json expert_parallel.autoep_size",
+    )
+    assert (got["note"] is None) == (want == ceiling)
+    if got["note"]:
+        assert got["note"].startswith(
+            f"expert parallel {want} instead of z3.json expert_parallel.autoep_size"
+        )
+    assert launch_ep_size(json.loads(ZERO2.read_text()), run, world, experts)["size"] is None
+
+
+def test_explicit_ep_size_that_cannot_work_is_refused_in_one_line():
+    ds = json.loads(ZERO3.read_text())
+    for ep, world, experts, msg in [
+        (2, 1, 4, "parallel.ep_size=2 with 1 rank(s): the expert-parallel size must divide the world size"),
+        (4, 4, 6, "parallel.ep_size=4 with 6 experts per layer: every rank must hold the same number"),
+    ]:
+        run = run_config_from_dict({"model": {"path": "m"}, "parallel": {"ep_size": ep}})
+        with pytest.raises(ValueError, match=re.escape(msg)) as err:
+            launch_ep_size(ds, run, world, experts)
+        assert "\n" not in str(err.value)
+    fits = run_config_from_dict({"model": {"path": "m"}, "parallel": {"ep_size": 2}})
+    assert launch_ep_size(ds, fits, 4, 6) == {
+        "size": 2,
+        "configured": 2,
+        "from": "parallel.ep_size",
+        "note": None,
+    }
+    off = run_config_from_dict({"model": {"path": "m"}, "parallel": {"ep_size": 1}})
+    assert launch_ep_size(ds, off, 1, 4)["size"] == 1
+
+
+def test_design_card_command_on_one_rank_with_the_deepspeed_launcher(world, tiny, tmp_path):
+    """`deepspeed launchers/retrain.py --deepspeed ds_configs/zero3.json --config configs/demo_retrain.yaml`
+    on 1 rank: zero3.json asks for EP 2, the launch gets EP 1 (said once, recorded), both stages run. Sizes
+    come down with --set only; an explicit parallel.ep_size=2 is refused before any work."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = tmp_path / "run"
+    tiny_sets = [
+        f"out_dir={out}", f"model.path={tiny['model']}", f"data.registry={tiny['registry']}",
+        "data.tokenizer=bytes", "data.seq_len=32", "data.shuffle_buffer=16", "train.global_batch_size=2",
+        "stages.router.steps=1", "stages.experts.steps=1", "eval.windows_per_domain=1", "eval.batch_size=1",
+        "logging.progress=false",
+    ]  # fmt: skip
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "1", "--master_port", str(port),
+           "launchers/retrain.py", "--deepspeed", "ds_configs/zero3.json", "--config", "configs/demo_retrain.yaml",
+           *[a for s in tiny_sets for a in ("--set", s)]]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-3000:])
+    note = "expert parallel 1 instead of ds_configs/zero3.json expert_parallel.autoep_size=2"
+    assert proc.stdout.count(note) == 1, proc.stdout[-3000:]
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["world_size"] == 1
+    assert info["expert_parallel"] == {
+        "size": 1, "configured": 2, "from": "ds_configs/zero3.json expert_parallel.autoep_size"
+    }  # fmt: skip
+    assert {(st, n) for st, n in step_losses(out)} == {("router", 1), ("experts", 1)}
+    assert (out / "model" / "config.json").is_file()
+    from dive_ds.train.retrain import train  # the same run, explicitly EP 2: refused before any work
+
+    explicit = load_run_config(
+        REPO / "configs" / "demo_retrain.yaml", [*tiny_sets, f"out_dir={out}2", "parallel.ep_size=2"]
+    )
+    with pytest.raises(
+        ValueError, match=re.escape("parallel.ep_size=2 with 1 rank(s): the expert-parallel size")
+    ):
+        train(explicit, read_mapping(ZERO3), "ds_configs/zero3.json")
+    assert not (out.parent / "run2").exists()
+
+
+def test_resume_with_another_ep_size_is_refused_before_loading(world, tiny, tmp_path):
+    """A checkpoint saved under EP 2 (2 ranks), relaunched on 1 rank where zero3.json now gives EP 1."""
+    from dive_ds.train.retrain import train
+
+    raw = base_run(tiny, tmp_path / "run")
+    tag = tmp_path / "run" / "stages" / "router" / "checkpoints" / "step_00000002"
+    tag.mkdir(parents=True)
+    (tag / "dive_ds_stage.json").write_text(json.dumps({"ep_size": 2, "world_size": 2}))
+    (tag.parent / "latest").write_text(tag.name)
+    with pytest.raises(ValueError, match="was saved with expert parallel 2 and this launch has 1; relaunch"):
+        train(run_config_from_dict(raw), read_mapping(ZERO3), "ds_configs/zero3.json")
+    assert not (tmp_path / "run" / "run_info.json").exists()
 
 
 def test_launcher_reports_one_line_errors(tmp_path, capsys):

@@ -37,6 +37,25 @@ def check_placement(num_experts: int, ep_size: int, nodes: int, gpus_per_node: i
         )
 
 
+def check_ep_size(ep_size: int, world: int, num_experts: int, where: str = "parallel.ep_size") -> None:
+    """ValueError (one line, with the fix) unless P divides both the world size and the experts per layer."""
+    if ep_size < 1 or world % ep_size:
+        raise ValueError(
+            f"{where}={ep_size} with {world} rank(s): the expert-parallel size must divide the world size; "
+            f"launch a multiple of {ep_size} ranks or set parallel.ep_size to a divisor of {world}"
+        )
+    if num_experts % ep_size:
+        raise ValueError(
+            f"{where}={ep_size} with {num_experts} experts per layer: every rank must hold the same number "
+            f"of experts; use a divisor of {num_experts}"
+        )
+
+
+def largest_ep_size(ceiling: int, world: int, num_experts: int) -> int:
+    """The largest P <= ceiling that divides both the world size and the experts per layer (1 always does)."""
+    return max(p for p in range(1, max(1, ceiling) + 1) if world % p == 0 and num_experts % p == 0)
+
+
 def check_node(node: int, nodes: int) -> None:
     if not 0 <= node < nodes:
         raise ValueError(

@@ -35,6 +35,11 @@ _SIDE_FILES = (
 
 def mixtral_config(config: DiveMoeConfig) -> MixtralConfig:
     """The MixtralConfig with the same decoder as a DiveMoeConfig (raises ValueError when none exists)."""
+    if config.dense_model_type not in ("llama", "mistral"):
+        raise ValueError(
+            f"dense_model_type={config.dense_model_type!r}: the MoE keeps {config.dense_model_type}'s attention "
+            "(Qwen2: q/k/v biases; Qwen3: q/k norms), which Mixtral's has no place for. Keep the dive_moe format for it."
+        )
     if config.attention_bias:
         raise ValueError(
             "attention_bias=True: Mixtral attention has no biases, so this model has no Mixtral equivalent. "

@@ -18,10 +18,13 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
 
+from dive_ds.models.moe import DENSE_ATTENTION, check_dense_family
+
 DEMO_MODEL_NAME = "smollm2-135m-instruct"
 DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-# Architectures whose decoder layers have a SiLU-gated MLP named gate_proj/up_proj/down_proj.
-GATED_MLP_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# Architectures whose decoder layers have a gated MLP named gate_proj/up_proj/down_proj and whose attention
+# the DIVE MoE carries (one list: dive_ds.models.moe.DENSE_ATTENTION).
+GATED_MLP_MODEL_TYPES = tuple(DENSE_ATTENTION)
 
 
 def cache_dir() -> Path:
@@ -85,17 +88,20 @@ def resolve_model(model: str) -> Path | str:
 
 
 def check_gated_mlp(config: PretrainedConfig) -> None:
-    """Refuse models whose FFN is not a gated gate/up/down MLP (DIVE prunes that structure)."""
+    """Refuse models whose FFN is not a gated gate/up/down MLP (DIVE prunes that structure), or that the
+    DIVE MoE cannot reproduce exactly (a sliding attention window)."""
     mt = getattr(config, "model_type", "?")
     if mt not in GATED_MLP_MODEL_TYPES:
         raise ValueError(
-            f"model_type {mt!r} has no supported gated MLP (gate_proj/up_proj/down_proj); "
-            f"DIVE supports {', '.join(GATED_MLP_MODEL_TYPES)}: pass a Llama/Mistral/Qwen2-family model"
+            f"model_type {mt!r} has no supported gated MLP (gate_proj/up_proj/down_proj) with an attention the "
+            f"DIVE MoE reproduces exactly; DIVE supports {', '.join(GATED_MLP_MODEL_TYPES)}: pass a "
+            "Llama/Mistral/Qwen2/Qwen3-family model"
         )
     if getattr(config, "mlp_bias", False):
         raise ValueError(
             f"model_type {mt!r} with mlp_bias=True is not supported; use a model without MLP biases"
         )
+    check_dense_family(config)
 
 
 def load_config(model: str | Path) -> PretrainedConfig:

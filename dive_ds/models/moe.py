@@ -1,6 +1,8 @@
 """The DIVE Mixture-of-Experts model: a Llama decoder whose every FFN is a routed set of experts.
 
-Attention, embeddings, norms and LM head are Llama's own; only each decoder layer's `mlp`
+Embeddings, norms, rotary embedding, causal mask and LM head are Llama's own; the attention is the
+dense family's own transformers module (`DENSE_ATTENTION`: Qwen2's q/k/v biases, Qwen3's q/k norms),
+so a MoE reproduces the dense model it was cut from. Only each decoder layer's `mlp`
 is replaced by a `DiveMoeBlock` (router `gate` + `experts`). The dispatch is split into
 pure functions (`permute` -> `grouped_expert_mlp` -> `unpermute`) so that an
 expert-parallel layer can put an all-to-all between them; nothing here knows about
@@ -39,12 +41,23 @@ from transformers.models.llama.modeling_llama import (
     LlamaRMSNorm,
     LlamaRotaryEmbedding,
 )
+from transformers.models.mistral.modeling_mistral import MistralAttention
+from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention
+from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention
 
 logger = logging.getLogger(__name__)
 
 ROUTER_MODES = ("sparse", "dense")
 ROUTER_GATES = ("renorm", "straight_through", "switch")
 EXPERT_IMPLS = ("auto", "grouped_mm", "loop")
+DENSE_ATTENTION: dict[str, type[nn.Module]] = {
+    "llama": LlamaAttention,
+    "mistral": MistralAttention,  # Llama's without biases; its sliding window is refused (check_dense_family)
+    "qwen2": Qwen2Attention,  # q/k/v biases, none on o
+    "qwen3": Qwen3Attention,  # RMSNorm of each query and key head; biases per attention_bias
+}
+"""Dense model_type -> the attention module of the MoE's decoder layers. Their decoder layer (pre-norm
+residual blocks), RMSNorm and rotary embedding are the same computation as Llama's."""
 
 
 # --------------------------------------------------------------------------- config
@@ -85,6 +98,9 @@ class DiveMoeConfig(LlamaConfig):
     """Noisy top-k (learned noise scale) in training mode; never applied in eval mode or dense mode."""
     router_noise_scale: float | int = 1.0
     """Constant multiplying the noise std: noise = randn * softplus(x @ noise_weight.T) * scale."""
+    dense_model_type: str = "llama"
+    """model_type of the dense model the MoE was cut from (a key of DENSE_ATTENTION); decides the
+    attention module, so Qwen2's biases and Qwen3's q/k norms are kept. Set by `dive-ds reconstruct`."""
 
     def __post_init__(self, **kwargs):
         if self.expert_intermediate_size is None:
@@ -118,10 +134,42 @@ def _check_moe_fields(config: DiveMoeConfig) -> None:
         raise ValueError(
             f"router_noise_scale={config.router_noise_scale}: use a scale >= 0 (or router_noise=False)."
         )
+    if config.dense_model_type not in DENSE_ATTENTION:
+        raise ValueError(
+            f"dense_model_type={config.dense_model_type!r}: the DIVE MoE has attention modules for "
+            f"{', '.join(DENSE_ATTENTION)} only."
+        )
     if config.mlp_bias:
         raise ValueError(
             "mlp_bias=True: DIVE experts have no gate/up/down biases (only the per-expert output bias, "
             "expert_bias). Set mlp_bias=False."
+        )
+
+
+def sliding_window_in_use(config) -> int | None:
+    """The attention window of a (dense or MoE) config when some layer attends through one shorter than
+    the context; None when every layer's attention is full causal attention."""
+    window = getattr(config, "sliding_window", None)
+    if window is None or window >= config.max_position_embeddings:
+        return None
+    layer_types = getattr(config, "layer_types", None)  # Qwen2/3: per layer; Mistral: none, every layer
+    return window if layer_types is None or "sliding_attention" in layer_types else None
+
+
+def check_dense_family(config) -> None:
+    """Refuse, naming it, a dense model the DIVE MoE cannot reproduce exactly (one line, before any work)."""
+    family = getattr(config, "model_type", "?")
+    if family not in DENSE_ATTENTION:
+        raise ValueError(
+            f"model_type {family!r}: the DIVE MoE reproduces only the {', '.join(DENSE_ATTENTION)} families "
+            "(their attention, Llama's decoder layer, norms and rotary embedding); pass a model of one of them"
+        )
+    window = sliding_window_in_use(config)
+    if window is not None:
+        raise ValueError(
+            f"model_type {family!r} with sliding_window={window} < max_position_embeddings="
+            f"{config.max_position_embeddings}: the DIVE MoE attends with a full causal mask, so it would "
+            f"differ from the dense model beyond {window} tokens; use a checkpoint without a sliding window"
         )
 
 
@@ -422,13 +470,14 @@ class DiveMoeBlock(nn.Module):
 
 
 class DiveMoeDecoderLayer(LlamaDecoderLayer):
-    """A Llama decoder layer whose `mlp` is a DiveMoeBlock (forward is Llama's)."""
+    """A Llama decoder layer whose `mlp` is a DiveMoeBlock and whose attention is the dense family's
+    (forward is Llama's)."""
 
     def __init__(self, config: DiveMoeConfig, layer_idx: int):
         # Skip LlamaDecoderLayer.__init__: it would allocate (and init) a dense MLP we throw away.
         nn.Module.__init__(self)
         self.hidden_size = config.hidden_size
-        self.self_attn = LlamaAttention(config=config, layer_idx=layer_idx)
+        self.self_attn = DENSE_ATTENTION[config.dense_model_type](config=config, layer_idx=layer_idx)
         self.mlp = DiveMoeBlock(config)
         self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -442,7 +491,7 @@ class DiveMoePreTrainedModel(LlamaPreTrainedModel):
     _can_compile_fullgraph = False
     _can_record_outputs = {
         "hidden_states": DiveMoeDecoderLayer,
-        "attentions": LlamaAttention,
+        "attentions": list(DENSE_ATTENTION.values()),
     }
 
     @torch.no_grad()
@@ -567,11 +616,8 @@ def count_parameters(config: DiveMoeConfig) -> dict[str, int]:
     top-k figure, also reported for a model in dense router mode). Tied embeddings count once.
     """
     hidden, vocab, layers = config.hidden_size, config.vocab_size, config.num_hidden_layers
-    q_width = config.num_attention_heads * config.head_dim
-    kv_width = config.num_key_value_heads * config.head_dim
-    attention = hidden * q_width * 2 + hidden * kv_width * 2
-    if config.attention_bias:
-        attention += q_width + 2 * kv_width + hidden
+    with torch.device("meta"):  # the family's own module: its biases and q/k norms count as they are
+        attention = sum(p.numel() for p in DENSE_ATTENTION[config.dense_model_type](config, 0).parameters())
     norms = 2 * hidden
     router = 2 * config.num_local_experts * hidden  # weight + noise_weight
     one_expert = 3 * config.expert_intermediate_size * hidden + (hidden if config.expert_bias else 0)

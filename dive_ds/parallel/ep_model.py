@@ -35,19 +35,6 @@ def ensure_ep_groups(ep_size: int) -> tuple[int, object]:
     return dist.get_rank(group=group), group
 
 
-def check_ep_size(ep_size: int, world: int, num_experts: int, where: str = "parallel.ep_size") -> None:
-    if ep_size < 1 or world % ep_size:
-        raise ValueError(
-            f"{where}={ep_size} with {world} rank(s): the expert-parallel size must divide the world size; "
-            f"launch a multiple of {ep_size} ranks or set parallel.ep_size to a divisor of {world}"
-        )
-    if num_experts % ep_size:
-        raise ValueError(
-            f"{where}={ep_size} with {num_experts} experts per layer: every rank must hold the same number "
-            f"of experts; use a divisor of {num_experts}"
-        )
-
-
 def _hf_weight_files(folder: Path) -> dict[str, Path]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():

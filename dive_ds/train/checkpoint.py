@@ -58,6 +58,19 @@ def latest_tag(ckpt_dir: Path) -> str | None:
     return done[-1] if done else None
 
 
+def check_resume_ep_size(ckpt_dir: Path, tag: str, ep_size: int | None) -> None:
+    """Refuse (one line) to resume a checkpoint saved with another expert-parallel size: its expert
+    parameters and optimizer state are split differently. The size follows the launch, so this is
+    what a relaunch on another number of ranks meets."""
+    saved = json.loads((ckpt_dir / tag / STAGE_META).read_text()).get("ep_size") or None
+    if saved != (ep_size or None):
+        raise ValueError(
+            f"{ckpt_dir / tag} was saved with expert parallel {saved or 1} and this launch has {ep_size or 1}; "
+            f"relaunch with the ranks it was saved with (or --set parallel.ep_size={saved or 1} where that "
+            "divides the ranks), or start a new out_dir"
+        )
+
+
 def incomplete_tags(ckpt_dir: Path) -> list[str]:
     """Tag folders newer than the latest complete checkpoint: saves a kill interrupted."""
     good = latest_tag(ckpt_dir)

@@ -241,8 +241,10 @@ class ParallelConfig:
 
     ep_size: int | None = None
     """Expert-parallel size P: each rank holds E / P experts of every layer, tokens travel by all-to-all.
-    None: the DeepSpeed JSON's `expert_parallel.autoep_size` when that section is enabled, else no
-    expert parallelism (every rank runs all experts)."""
+    An integer is exact: a launch whose world size or experts per layer it does not divide is refused.
+    None (the default) follows the launch: the DeepSpeed JSON's `expert_parallel.autoep_size`, lowered to
+    the largest size that divides the world size and the experts (printed, and recorded in run_info.json);
+    no expert parallelism when the JSON has no enabled section. 1 turns expert parallelism off."""
 
 
 @dataclass(frozen=True)

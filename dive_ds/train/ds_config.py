@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 
+from dive_ds.io.placement import check_ep_size, largest_ep_size
 from dive_ds.train.config import RunConfig, StageConfig
 
 
@@ -138,6 +139,34 @@ def resolve_ep_size(ds: dict, run: RunConfig, source: str = "DeepSpeed config") 
             "autoep_size"
         )
     return size
+
+
+def launch_ep_size(
+    ds: dict, run: RunConfig, world: int, num_experts: int, source: str = "DeepSpeed config"
+) -> dict:
+    """The expert-parallel size of this launch -> {"size", "configured", "from", "note"}.
+
+    An explicit `parallel.ep_size` (run config or --set) is used as given, and refused in one line when it
+    does not divide the world size or the experts. The DeepSpeed JSON's `expert_parallel.autoep_size` is a
+    ceiling that follows the launch: the largest size <= it that divides both (1 = no expert parallelism).
+    `note` is the line to print when that differs from the JSON's value; size None means no EP section.
+    """
+    configured = resolve_ep_size(ds, run, source)
+    if configured is None:
+        return {"size": None, "configured": None, "from": None, "note": None}
+    if run.parallel.ep_size is not None:
+        check_ep_size(configured, world, num_experts)
+        return {"size": configured, "configured": configured, "from": "parallel.ep_size", "note": None}
+    where = f"{source} expert_parallel.autoep_size"
+    size = largest_ep_size(configured, world, num_experts)
+    note = None
+    if size != configured:
+        note = (
+            f"expert parallel {size} instead of {where}={configured}: the largest size <= {configured} that "
+            f"divides {world} rank(s) and {num_experts} experts"
+            f"{' (1: every rank holds every expert)' if size == 1 else ''}; --set parallel.ep_size=N fixes it"
+        )
+    return {"size": size, "configured": configured, "from": where, "note": note}
 
 
 def stage_ds_config(ds: dict, stage: StageConfig) -> dict:

@@ -24,10 +24,10 @@ import yaml
 from dive_ds.models.moe import DiveMoeConfig
 from dive_ds.parallel.distributed import accelerator_name, barrier, setup_distributed, teardown_distributed
 from dive_ds.train import rng
-from dive_ds.train.checkpoint import latest_tag
+from dive_ds.train.checkpoint import check_resume_ep_size, latest_tag
 from dive_ds.train.config import RunConfig
 from dive_ds.train.data import data_recipe, load_tokenizer, resolve_domains
-from dive_ds.train.ds_config import resolve_ds_config, resolve_ep_size
+from dive_ds.train.ds_config import launch_ep_size, resolve_ds_config, resolve_ep_size
 from dive_ds.train.evaluation import eval_windows
 from dive_ds.train.model import check_moe_folder
 from dive_ds.train.planning import DONE_FILE, plan_stages, stage_inputs
@@ -65,7 +65,13 @@ def _versions() -> dict:
 
 
 def _record_run(
-    run: RunConfig, ds: dict, ds_source: str, world: int, recipe: dict, argv: list[str] | None
+    run: RunConfig,
+    ds: dict,
+    ds_source: str,
+    world: int,
+    recipe: dict,
+    argv: list[str] | None,
+    expert_parallel: dict | None = None,
 ) -> None:
     out = Path(run.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -75,6 +81,7 @@ def _record_run(
         "versions": _versions(),
         "git_rev": _git_rev(),
         "world_size": world,
+        "expert_parallel": expert_parallel,
         "accelerator": accelerator_name(),
         "ds_config_source": ds_source,
         "argv": argv or sys.argv,
@@ -117,12 +124,8 @@ def train(
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     ds = resolve_ds_config(ds_raw, run, world, accelerator_name(), ds_source)
-    ep_size = resolve_ep_size(ds_raw, run, ds_source)
-    ep_size = ep_size if ep_size and ep_size > 1 else None  # 1: every rank all experts, the plain path
+    resolve_ep_size(ds_raw, run, ds_source)  # a malformed expert_parallel section fails here, before any file
     plans = plan_stages(run, stages)
-    for plan in plans:
-        if not plan.done():
-            check_ep_stage(plan.stage, int(ds.get("zero_optimization", {}).get("stage", 0)), ep_size)
     todo = [p for p in plans if not p.done()]
     if todo and (Path(run.out_dir) / STOP_FILE).exists():
         raise ValueError(
@@ -165,16 +168,22 @@ def train(
     ref = inputs[todo[0].stage.name] if todo else inputs[plans[0].stage.name]
     config = DiveMoeConfig.from_pretrained(ref) if todo else None
     vocab = config.vocab_size if config is not None else 1 << 62
-    if ep_size and config is not None:
-        from dive_ds.parallel.ep_model import check_ep_size
-
-        check_ep_size(ep_size, world, config.num_local_experts)
+    ep = launch_ep_size(ds_raw, run, world, config.num_local_experts, ds_source) if todo else None
+    ep_size = ep["size"] if ep and ep["size"] and ep["size"] > 1 else None  # 1: every rank all experts
+    for plan in todo:
+        check_ep_stage(plan.stage, int(ds.get("zero_optimization", {}).get("stage", 0)), ep_size)
+        if (tag := latest_tag(plan.ckpt_dir)) is not None:
+            check_resume_ep_size(plan.ckpt_dir, tag, ep_size)
     tokenizer = load_tokenizer(run.data.tokenizer, ref, vocab) if todo else None
     domains, probs = resolve_domains(run.data)
     windows = eval_windows(run, tokenizer, vocab) if todo else {}
     recipe = data_recipe(run.data, domains, probs, tokenizer) if todo else {}
     if rank == 0:
-        _record_run(run, ds, ds_source, world, recipe, argv)
+        if ep and ep["note"]:
+            print(f"retrain: {ep['note']}", flush=True)
+        _record_run(
+            run, ds, ds_source, world, recipe, argv, ep and {k: v for k, v in ep.items() if k != "note"}
+        )
         print(
             f"retrain: {world} rank(s) on {accelerator_name()}"
             f"{f', expert parallel {ep_size}' if ep_size else ''}; global batch {run.train.global_batch_size} x "
