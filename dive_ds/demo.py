@@ -86,8 +86,11 @@ def run_demo(a) -> dict:
 
         shutil.rmtree(fitted)
     _run(
-        run_fit_router, str(out / "moe-dive"), str(out / "calib"), str(fitted), RouterFitConfig(), dense=None
-    )
+        # 8 of the 16 windows per domain: half the cost, and measured no worse (calib held-out mean 127.0
+        # against 126.8 with all 16; README "Router fitting")
+        run_fit_router, str(out / "moe-dive"), str(out / "calib"), str(fitted),
+        RouterFitConfig(windows_per_domain=8), dense=None,
+    )  # fmt: skip
     times["fit_router"] = time.time() - t
     t = _step("4/5 evaluate: held-out perplexity per domain")
     cal = load_calibration(out / "calib")
