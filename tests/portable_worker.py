@@ -1,0 +1,63 @@
+"""Loads portable dive_moe checkpoints in a Python that cannot import dive_ds (run by tests/test_portable.py).
+
+    python -I -S tests/portable_worker.py SITE_PACKAGES IDS_FILE OUT_FILE FOLDER...
+
+-I -S: no PYTHONPATH, no script folder, no site processing, so the editable install's path hook (a .pth
+file in site-packages) never runs; only SITE_PACKAGES (torch, transformers) is put on the path. A finder
+refuses dive_ds as well, for an environment where it is a regular install inside SITE_PACKAGES. Writes,
+per folder i, `{i}.logits` and the sequences and step logits of greedy generate with the KV cache
+(`{i}.cache`, `{i}.cache.logits`) and without it (`{i}.nocache...`) to OUT_FILE, and prints one JSON line.
+"""
+
+import importlib.abc
+import importlib.util
+import json
+import sys
+
+sys.path.append(sys.argv[1])
+on_path = importlib.util.find_spec("dive_ds") is not None
+
+
+class RefuseDiveDs(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "dive_ds":
+            raise ModuleNotFoundError(f"No module named {name!r} (refused by portable_worker)")
+        return None
+
+
+sys.meta_path.insert(0, RefuseDiveDs())
+try:
+    import dive_ds  # noqa: F401
+
+    importable = True
+except ModuleNotFoundError:
+    importable = False
+
+import torch  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+ids = load_file(sys.argv[2])["ids"]
+results, modules = {}, []
+for i, folder in enumerate(sys.argv[4:]):
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
+    modules.append(type(model).__module__)
+    gen = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids),
+               return_dict_in_generate=True, output_logits=True)  # fmt: skip
+    with torch.no_grad():
+        results[f"{i}.logits"] = model(ids).logits
+        for name, use_cache in (("cache", True), ("nocache", False)):
+            out = model.generate(ids, use_cache=use_cache, **gen)
+            results[f"{i}.{name}"] = out.sequences
+            results[f"{i}.{name}.logits"] = torch.stack(out.logits, dim=1)  # [B, new tokens, V]
+save_file({k: v.contiguous() for k, v in results.items()}, sys.argv[3])
+print(
+    json.dumps(
+        {
+            "dive_ds_on_path": on_path,
+            "dive_ds_importable": importable,
+            "dive_ds_modules": sorted(m for m in sys.modules if m.split(".")[0] == "dive_ds"),
+            "model_modules": modules,
+        }
+    )
+)
