@@ -6,13 +6,16 @@
 file in site-packages) never runs; only SITE_PACKAGES (torch, transformers) is put on the path. A finder
 refuses dive_ds as well, for an environment where it is a regular install inside SITE_PACKAGES. Writes,
 per folder i, `{i}.logits` and the sequences and step logits of greedy generate with the KV cache
-(`{i}.cache`, `{i}.cache.logits`) and without it (`{i}.nocache...`) to OUT_FILE, and prints one JSON line.
+(`{i}.cache`, `{i}.cache.logits`) and without it (`{i}.nocache...`) to OUT_FILE, and `{i}.tokens` (the
+first row of ids as "w{id}" words, through the folder's tokenizer, if it has one), with a JSON report in
+the file's metadata (stdout carries transformers' trust_remote_code prompt).
 """
 
 import importlib.abc
 import importlib.util
 import json
 import sys
+from pathlib import Path
 
 sys.path.append(sys.argv[1])
 on_path = importlib.util.find_spec("dive_ds") is not None
@@ -35,11 +38,20 @@ except ModuleNotFoundError:
 
 import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
-from transformers import AutoModelForCausalLM  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 ids = load_file(sys.argv[2])["ids"]
-results, modules = {}, []
+results, modules, refused = {}, [], []
 for i, folder in enumerate(sys.argv[4:]):
+    try:  # without the opt-in (stdin is closed, so transformers' prompt reads no "y")
+        AutoModelForCausalLM.from_pretrained(folder)
+        refused.append(False)
+    except ValueError as e:
+        refused.append("trust_remote_code=True" in str(e))
+    if Path(folder, "tokenizer.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+        words = " ".join(f"w{t}" for t in ids[0].tolist())
+        results[f"{i}.tokens"] = tokenizer(words, return_tensors="pt").input_ids
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
     modules.append(type(model).__module__)
     gen = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids),
@@ -50,14 +62,12 @@ for i, folder in enumerate(sys.argv[4:]):
             out = model.generate(ids, use_cache=use_cache, **gen)
             results[f"{i}.{name}"] = out.sequences
             results[f"{i}.{name}.logits"] = torch.stack(out.logits, dim=1)  # [B, new tokens, V]
-save_file({k: v.contiguous() for k, v in results.items()}, sys.argv[3])
-print(
-    json.dumps(
-        {
-            "dive_ds_on_path": on_path,
-            "dive_ds_importable": importable,
-            "dive_ds_modules": sorted(m for m in sys.modules if m.split(".")[0] == "dive_ds"),
-            "model_modules": modules,
-        }
-    )
-)
+report = {
+    "dive_ds_on_path": on_path,
+    "dive_ds_importable": importable,
+    "dive_ds_modules": sorted(m for m in sys.modules if m.split(".")[0] == "dive_ds"),
+    "model_modules": modules,
+    "refused_without_trust_remote_code": refused,
+}
+tensors = {k: v.contiguous() for k, v in results.items()}
+save_file(tensors, sys.argv[3], metadata={"report": json.dumps(report)})

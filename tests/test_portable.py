@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import dive_ds
@@ -49,6 +50,16 @@ def tiny_moe(seed: int = 0, **overrides) -> DiveMoeForCausalLM:
         for block in moe_blocks(model):
             block.gate.weight.normal_(0.0, 1.0)
     return model
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer over the tiny vocabulary: "w5 w7" -> [5, 7]."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel({f"w{i}": i for i in range(VOCAB)}, unk_token="w0"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="w0", pad_token="w0")
 
 
 def _export(src: Path, out: Path, capsys) -> None:
@@ -92,6 +103,7 @@ def test_portable_imports_refuse_anything_but_stdlib_torch_transformers(line):
 def test_export_portable_folder(tmp_path, capsys):
     src, out = tmp_path / "dive", tmp_path / "portable"
     tiny_moe(**CONFIGS["qwen3"]).save_pretrained(src, max_shard_size="40KB")  # an index and several shards
+    tiny_tokenizer().save_pretrained(src)
     (src / "dive_experts.json").write_text("{}")  # a dive_ds record: not part of the export
     before = snapshot(src)
     _export(src, out, capsys)
@@ -102,8 +114,8 @@ def test_export_portable_folder(tmp_path, capsys):
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 1
     names = sorted(p.name for p in out.iterdir())
-    assert names == sorted(["config.json", "generation_config.json", MODELING_FILE,
-                            "model.safetensors.index.json", *shards])  # fmt: skip
+    assert names == sorted(["config.json", "generation_config.json", MODELING_FILE, "tokenizer.json",
+                            "tokenizer_config.json", "model.safetensors.index.json", *shards])  # fmt: skip
     for name in shards:
         assert (out / name).samefile(src / name)  # unchanged weights are hard-linked
     config = json.loads((out / "config.json").read_text())
@@ -155,6 +167,8 @@ def test_portable_checkpoint_loads_without_dive_ds(tmp_path, capsys):
     folders = []
     for name, overrides in CONFIGS.items():
         tiny_moe(**overrides).save_pretrained(tmp_path / name)
+        if name == "qwen3":
+            tiny_tokenizer().save_pretrained(tmp_path / name)
         _export(tmp_path / name, tmp_path / f"{name}-portable", capsys)
         folders.append(tmp_path / f"{name}-portable")
     ids = torch.randint(1, VOCAB, (2, 7), generator=torch.Generator().manual_seed(0))
@@ -166,17 +180,20 @@ def test_portable_checkpoint_loads_without_dive_ds(tmp_path, capsys):
     run = subprocess.run(
         [sys.executable, "-I", "-S", str(WORKER), site_packages, str(tmp_path / "ids.safetensors"),
          str(tmp_path / "out.safetensors"), *map(str, folders)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
-    report = json.loads(run.stdout.strip().splitlines()[-1])
+    with safe_open(tmp_path / "out.safetensors", "pt") as f:
+        report = json.loads(f.metadata()["report"])
     regular_install = Path(dive_ds.__file__).is_relative_to(site_packages)  # False for an editable install
     assert report["dive_ds_on_path"] == regular_install
     assert report["dive_ds_importable"] is False and report["dive_ds_modules"] == []
+    assert report["refused_without_trust_remote_code"] == [True, True]  # the loader must opt in to the code
     for module in report["model_modules"]:  # the folder's own file, from transformers' module cache
         assert module.startswith("transformers_modules.") and module.endswith(".modeling_dive_moe"), module
 
     got = load_file(tmp_path / "out.safetensors")
+    assert got["0.tokens"].tolist() == ids[:1].tolist() and "1.tokens" not in got  # the tokenizer came along
     for i, folder in enumerate(folders):
         package = load_causal_lm(folder, dtype=torch.float32).eval()
         assert type(package) is DiveMoeForCausalLM
