@@ -5,7 +5,7 @@
 -I -S: no PYTHONPATH, no script folder, no site processing, so the editable install's path hook (a .pth
 file in site-packages) never runs; only SITE_PACKAGES (torch, transformers) is put on the path. A finder
 refuses dive_ds as well, for an environment where it is a regular install inside SITE_PACKAGES. Writes,
-per folder i, `{i}.logits` and the sequences and step logits of greedy generate with the KV cache
+per folder i, `{i}.logits`, `{i}.hidden` (AutoModel's last hidden state), the sequences and step logits of greedy generate with the KV cache
 (`{i}.cache`, `{i}.cache.logits`) and without it (`{i}.nocache...`) to OUT_FILE, and `{i}.tokens` (the
 first row of ids as "w{id}" words, through the folder's tokenizer, if it has one), with a JSON report in
 the file's metadata (stdout carries transformers' trust_remote_code prompt).
@@ -38,7 +38,7 @@ except ModuleNotFoundError:
 
 import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 ids = load_file(sys.argv[2])["ids"]
 results, modules, refused = {}, [], []
@@ -53,11 +53,13 @@ for i, folder in enumerate(sys.argv[4:]):
         words = " ".join(f"w{t}" for t in ids[0].tolist())
         results[f"{i}.tokens"] = tokenizer(words, return_tensors="pt").input_ids
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
-    modules.append(type(model).__module__)
+    base = AutoModel.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
+    modules += [f"{type(m).__module__}.{type(m).__name__}" for m in (model, base)]
     gen = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids),
                return_dict_in_generate=True, output_logits=True)  # fmt: skip
     with torch.no_grad():
         results[f"{i}.logits"] = model(ids).logits
+        results[f"{i}.hidden"] = base(ids).last_hidden_state
         for name, use_cache in (("cache", True), ("nocache", False)):
             out = model.generate(ids, use_cache=use_cache, **gen)
             results[f"{i}.{name}"] = out.sequences

@@ -189,8 +189,10 @@ def test_portable_checkpoint_loads_without_dive_ds(tmp_path, capsys):
     assert report["dive_ds_on_path"] == regular_install
     assert report["dive_ds_importable"] is False and report["dive_ds_modules"] == []
     assert report["refused_without_trust_remote_code"] == [True, True]  # the loader must opt in to the code
-    for module in report["model_modules"]:  # the folder's own file, from transformers' module cache
-        assert module.startswith("transformers_modules.") and module.endswith(".modeling_dive_moe"), module
+    # the classes come from the folder's own file, in transformers' module cache
+    for i, name in enumerate(report["model_modules"]):
+        cls = ("DiveMoeForCausalLM", "DiveMoeModel")[i % 2]  # AutoModelForCausalLM, then AutoModel
+        assert name.startswith("transformers_modules.") and name.endswith(f".modeling_dive_moe.{cls}"), name
 
     got = load_file(tmp_path / "out.safetensors")
     assert got["0.tokens"].tolist() == ids[:1].tolist() and "1.tokens" not in got  # the tokenizer came along
@@ -199,6 +201,7 @@ def test_portable_checkpoint_loads_without_dive_ds(tmp_path, capsys):
         assert type(package) is DiveMoeForCausalLM
         with torch.no_grad():
             logits = package(ids).logits
+            hidden = package.model(ids).last_hidden_state
             generated = package.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0,
                                          attention_mask=torch.ones_like(ids), return_dict_in_generate=True,
                                          output_logits=True)  # fmt: skip
@@ -208,6 +211,7 @@ def test_portable_checkpoint_loads_without_dive_ds(tmp_path, capsys):
         print(f"{folder.name}: max |logit difference| {diff:.3g}, cache vs no cache {cache_diff:.3g}; "
               f"generated {got[f'{i}.cache'].tolist()}")  # fmt: skip
         torch.testing.assert_close(got[f"{i}.logits"], logits, atol=1e-6, rtol=0)
+        torch.testing.assert_close(got[f"{i}.hidden"], hidden, atol=1e-6, rtol=0)
         assert generated.sequences.shape == (2, 13)
         assert torch.equal(got[f"{i}.cache"], got[f"{i}.nocache"])
         assert torch.equal(got[f"{i}.cache"], generated.sequences)
