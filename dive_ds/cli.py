@@ -292,9 +292,16 @@ def _add_commands(sub) -> None:
     p.add_argument("--gpu-mem", type=float, default=80.0, help="GPU memory in GB (default 80)")
     p.set_defaults(func=cmd_plan)
 
-    p = sub.add_parser("export", help="write a dive_moe checkpoint as a stock transformers format")
+    p = sub.add_parser("export", help="write a dive_moe checkpoint in a format that loads without dive_ds")
     p.add_argument("model", help="dive_moe checkpoint folder")
-    p.add_argument("--format", default="mixtral", choices=["mixtral"], help="target format (default mixtral)")
+    p.add_argument(
+        "--format",
+        default="mixtral",
+        choices=["mixtral", "portable"],
+        help="mixtral: stock MixtralForCausalLM (expert biases must be zero, Llama/Mistral attention); "
+        "portable: the dive_moe folder with its own modeling code and auto_map, loaded with "
+        "trust_remote_code=True (default mixtral)",
+    )
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=cmd_export)
 
@@ -479,9 +486,9 @@ def cmd_plan(a) -> int:
 
 
 def cmd_export(a) -> int:
-    from dive_ds.models.export import export_mixtral
+    from dive_ds.models.export import export_model
 
-    export_mixtral(a.model, a.out)
+    export_model(a.model, a.out, a.format)
     print(f"exported {a.model} -> {a.out} (format {a.format})")
     return 0
 

@@ -1,22 +1,30 @@
-"""Export a dive_moe checkpoint as a stock transformers Mixtral checkpoint.
+"""Export a dive_moe checkpoint in a format that loads without dive_ds.
 
-A DIVE MoE without expert output biases is exactly a Mixtral model: same decoder, same
-fused expert layout, and sparse top-k routing with softmax over the chosen logits equals
-Mixtral's softmax-then-renormalise. The noisy top-k `noise_weight` is training-only and is
-dropped. Exported checkpoints load anywhere Mixtral does, without `dive_ds` installed.
+- "mixtral": a stock transformers Mixtral checkpoint. A DIVE MoE without expert output biases is
+  exactly a Mixtral model: same decoder, same fused expert layout, and sparse top-k routing with
+  softmax over the chosen logits equals Mixtral's softmax-then-renormalise. The noisy top-k
+  `noise_weight` is training-only and is dropped. Loads anywhere Mixtral does.
+- "portable": the dive_moe checkpoint itself (weights hard-linked) plus its modeling file, generated
+  from the package's model code (dive_ds.models.portable), and `auto_map` in config.json; loads with
+  `trust_remote_code=True`. Any DIVE MoE: biases, Qwen attention, every router gate.
 """
 
+import contextlib
 import json
 import logging
+import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from transformers import MixtralConfig, MixtralForCausalLM
 
-from dive_ds.models.loading import load_causal_lm
+from dive_ds.io.shards import is_sharded
+from dive_ds.models.loading import check_complete, load_causal_lm
 from dive_ds.models.moe import DiveMoeConfig, DiveMoeForCausalLM
+from dive_ds.models.portable import AUTO_MAP, MODELING_FILE, modeling_source
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +39,7 @@ _SIDE_FILES = (
     "vocab.json",
     "merges.txt",
 )
+FORMATS = ("mixtral", "portable")
 
 
 def mixtral_config(config: DiveMoeConfig) -> MixtralConfig:
@@ -104,16 +113,7 @@ def export_mixtral(src_dir: str | Path, out_dir: str | Path) -> Path:
     failed export leaves nothing behind.
     """
     src_dir, out_dir = Path(src_dir), Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise ValueError(
-            f"out_dir={out_dir} exists and is not an empty folder: choose a new path or remove it."
-        )
-    model_type = _model_type(src_dir)
-    if model_type != "dive_moe":
-        raise ValueError(
-            f"{src_dir} is a {model_type!r} model, not dive_moe: it has no experts to export; pass the "
-            "--out of `dive-ds reconstruct` or of retraining"
-        )
+    _check_export_paths(src_dir, out_dir)
     config = DiveMoeConfig.from_pretrained(src_dir)
     target_config = mixtral_config(config)
     # strict: a weight missing from the checkpoint is refused, never initialised at random
@@ -138,18 +138,93 @@ def export_mixtral(src_dir: str | Path, out_dir: str | Path) -> Path:
     target.tie_weights()
     target.eval()
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with _new_folder(out_dir) as tmp_dir:
         target.save_pretrained(tmp_dir)
         for name in _SIDE_FILES:
             if (src_dir / name).is_file():
                 shutil.copy2(src_dir / name, tmp_dir / name)
+    logger.info("exported %s -> %s (MixtralForCausalLM)", src_dir, out_dir)
+    return out_dir
+
+
+def export_portable(src_dir: str | Path, out_dir: str | Path) -> Path:
+    """Write the dive_moe checkpoint in `src_dir` to `out_dir` with its own modeling file and `auto_map`,
+    so that `AutoModelForCausalLM.from_pretrained(out_dir, trust_remote_code=True)` needs no dive_ds.
+
+    The weights are unchanged: their files are hard-linked (copied across file systems). Copied along:
+    generation_config.json and the tokenizer files; dive_ds's own records (dive_experts.json, ...) are
+    not. Refuses (ValueError) a folder that is not a complete Hugging Face dive_moe checkpoint, and an
+    `out_dir` that is not new or empty. Written to a temporary sibling folder and renamed at the end.
+    """
+    src_dir, out_dir = Path(src_dir), Path(out_dir)
+    _check_export_paths(src_dir, out_dir)
+    check_complete(src_dir)  # from the files' headers: a lost shard is refused before anything is written
+    source = modeling_source()  # refuses a model module that stopped being self-contained
+    config = json.loads((src_dir / "config.json").read_text())
+    config["auto_map"] = dict(AUTO_MAP)
+    index = src_dir / "model.safetensors.index.json"
+    if index.is_file():  # valid and complete: checked above
+        weights = [index.name, *sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    else:
+        weights = ["model.safetensors"]
+    with _new_folder(out_dir) as tmp_dir:
+        for name in weights:
+            _link_or_copy(src_dir / name, tmp_dir / name)
+        for name in ("generation_config.json", *_SIDE_FILES):
+            if (src_dir / name).is_file():
+                shutil.copy2(src_dir / name, tmp_dir / name)
+        (tmp_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        (tmp_dir / MODELING_FILE).write_text(source)
+    logger.info("exported %s -> %s (dive_moe with %s, auto_map)", src_dir, out_dir, MODELING_FILE)
+    return out_dir
+
+
+def export_model(src_dir: str | Path, out_dir: str | Path, fmt: str) -> Path:
+    """`dive-ds export`: write `src_dir` in format `fmt` (one of FORMATS) to `out_dir`."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format {fmt!r}: use one of {', '.join(FORMATS)}")
+    return (export_mixtral if fmt == "mixtral" else export_portable)(src_dir, out_dir)
+
+
+def _check_export_paths(src_dir: Path, out_dir: Path) -> None:
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise ValueError(
+            f"out_dir={out_dir} exists and is not an empty folder: choose a new path or remove it."
+        )
+    if is_sharded(src_dir):
+        raise ValueError(
+            f"{src_dir} is a sharded dive_moe folder; join it first with `dive-ds consolidate --shards "
+            f"{src_dir} --out HF_DIR` and export HF_DIR"
+        )
+    model_type = _model_type(src_dir)
+    if model_type != "dive_moe":
+        raise ValueError(
+            f"{src_dir} is a {model_type!r} model, not dive_moe: it has no experts to export; pass the "
+            "--out of `dive-ds reconstruct` or of retraining"
+        )
+
+
+@contextlib.contextmanager
+def _new_folder(out_dir: Path) -> Iterator[Path]:
+    """A temporary sibling folder to write into, renamed to `out_dir` (new or empty) when the block ends
+    without error, removed otherwise."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        umask = os.umask(0o022)
+        os.umask(umask)
+        os.chmod(tmp_dir, 0o777 & ~umask)  # mkdtemp's 0700 would hide the export from other users
+        yield tmp_dir
         if out_dir.exists():
-            out_dir.rmdir()  # empty, checked above
+            out_dir.rmdir()  # empty, checked before; fails (and keeps it) if something appeared meanwhile
         tmp_dir.rename(out_dir)
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
-    logger.info("exported %s -> %s (MixtralForCausalLM)", src_dir, out_dir)
-    return out_dir
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
