@@ -27,7 +27,8 @@ def main(argv=None) -> int:
     p.add_argument(
         "--force",
         action="store_true",
-        help="with --consolidate: replace an --out folder that holds anything but this same consolidation",
+        help="with --consolidate: replace an --out folder that holds anything but this same consolidation; "
+        "else: start afresh in an out_dir that holds another run (its files are moved aside, never deleted)",
     )
     a = p.parse_args(argv)
     try:
@@ -38,10 +39,6 @@ def main(argv=None) -> int:
                 raise ValueError("--consolidate needs --out DIR")
             print(f"consolidated -> {consolidate_checkpoint(a.consolidate, a.out, force=a.force)}")
             return 0
-        if a.force:
-            raise ValueError(
-                "--force only applies with --consolidate (a run folder is resumed, never replaced)"
-            )
         if not a.deepspeed or not a.config:
             raise ValueError("pass --deepspeed CONFIG.json and --config RUN.yaml")
         from dive_ds.train.retrain import retrain
@@ -49,7 +46,7 @@ def main(argv=None) -> int:
 
         stages = [s.strip() for s in a.stages.split(",") if s.strip()] if a.stages else None
         try:
-            retrain(a.config, a.deepspeed, a.overrides, stages, a.local_rank, sys.argv)
+            retrain(a.config, a.deepspeed, a.overrides, stages, a.local_rank, sys.argv, a.force)
         except Interrupted as e:  # SIGTERM/SIGINT: a checkpoint was saved; relaunch to resume
             print(f"retrain: {e}", file=sys.stderr)
             return 143

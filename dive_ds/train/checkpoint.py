@@ -251,10 +251,16 @@ def stage_meta(
     zero_stage: int,
     ep_size: int | None,
 ) -> dict:
-    """What consolidating a checkpoint needs besides the weights (it also gets the model's config.json)."""
+    """What consolidating a checkpoint needs besides the weights (it also gets the model's config.json).
+    The stage input is recorded by absolute path and fingerprint: consolidation reads its frozen weights
+    and tokenizer from any working directory, and refuses another model found at that path."""
+    from dive_ds.io.fingerprint import input_record
+
+    source = input_record(input_dir)
     return {
         "stage": stage.name,
-        "input": str(input_dir),
+        "input": source["path"],
+        "input_fingerprint": source["fingerprint"],
         "steps": steps,
         "world_size": world,
         "zero_stage": zero_stage,

@@ -29,6 +29,7 @@ from dive_ds.train.config import RunConfig
 from dive_ds.train.data import data_recipe, load_tokenizer, resolve_domains
 from dive_ds.train.ds_config import resolve_ds_config, resolve_ep_size
 from dive_ds.train.evaluation import eval_windows
+from dive_ds.train.identity import claim_run_dir, run_identity, supersede, write_identity
 from dive_ds.train.model import check_moe_folder
 from dive_ds.train.planning import DONE_FILE, plan_stages, stage_inputs
 from dive_ds.train.stage import run_stage
@@ -109,10 +110,13 @@ def train(
     ds_source: str = "DeepSpeed config",
     stages: list[str] | None = None,
     argv: list[str] | None = None,
+    force: bool = False,
 ) -> dict:
     """Run (or resume) the run's stages on an initialised process group -> {stage: summary}.
 
     Everything that can be checked without training is checked first (one-line ValueErrors).
+    out_dir must be absent, empty, or hold this same run (dive_ds.train.identity); with `force`
+    another run's files there are moved aside into OUT/superseded-<time>/, never deleted.
     """
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
@@ -120,6 +124,16 @@ def train(
     ep_size = resolve_ep_size(ds_raw, run, ds_source)
     ep_size = ep_size if ep_size and ep_size > 1 else None  # 1: every rank all experts, the plain path
     plans = plan_stages(run, stages)
+    identity = run_identity(run)
+    if claim_run_dir(Path(run.out_dir), identity, force) == "force":
+        barrier()  # every rank has checked the folder before rank 0 changes it
+        if rank == 0:
+            moved = supersede(Path(run.out_dir))
+            if moved is not None:
+                print(
+                    f"retrain: --force: the earlier files of {run.out_dir} were moved to {moved}", flush=True
+                )
+        barrier()
     for plan in plans:
         if not plan.done():
             check_ep_stage(plan.stage, int(ds.get("zero_optimization", {}).get("stage", 0)), ep_size)
@@ -174,6 +188,7 @@ def train(
     windows = eval_windows(run, tokenizer, vocab) if todo else {}
     recipe = data_recipe(run.data, domains, probs, tokenizer) if todo else {}
     if rank == 0:
+        write_identity(Path(run.out_dir), identity)
         _record_run(run, ds, ds_source, world, recipe, argv)
         print(
             f"retrain: {world} rank(s) on {accelerator_name()}"
@@ -218,6 +233,7 @@ def retrain(
     stages: list[str] | None = None,
     local_rank: int | None = None,
     argv: list[str] | None = None,
+    force: bool = False,
 ) -> dict:
     """The launcher's entry: read configs, initialise the process group, train, always tear down."""
     from dive_ds.train.config import load_run_config, read_mapping
@@ -226,6 +242,6 @@ def retrain(
     ds_raw = read_mapping(ds_path, "DeepSpeed config")
     setup_distributed(local_rank)
     try:
-        return train(run, ds_raw, ds_path, stages, argv)
+        return train(run, ds_raw, ds_path, stages, argv, force)
     finally:
         teardown_distributed()
