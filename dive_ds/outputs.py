@@ -79,6 +79,47 @@ def claim_output(out: Path, identity: dict, recorded: dict | None, record: str, 
     )
 
 
+# --------------------------------------------------------------------------- evaluate
+
+EVAL_FILES = ("eval.json", "eval.md")
+
+
+def evaluation_identity(
+    model_dir: Path, calib_dir, registry, eval_windows, seq_len, seed, oracle, router
+) -> dict:
+    """What decides `dive-ds evaluate`'s numbers: the model (absolute path, fingerprint) and the windows."""
+    from dive_ds.io.fingerprint import input_record
+
+    source = (
+        {"calibration": str(Path(calib_dir).resolve())}
+        if calib_dir is not None
+        else {"registry": str(Path(registry).resolve()) if Path(registry).exists() else str(registry),
+              "seq_len": seq_len, "seed": seed}
+    )  # fmt: skip
+    model = input_record(model_dir) if model_dir.is_dir() else {"path": str(model_dir)}
+    return {"model": model, **source, "eval_windows": eval_windows, "oracle": oracle, "router": router}
+
+
+def claim_eval_out(out: Path, identity: dict) -> None:
+    """evaluate writes eval.json and eval.md into `out` (other files there stay untouched): refused when
+    `out` is not a folder, or holds those files from another evaluation (rerunning the same one rewrites them)."""
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise ValueError(f"--out {out} exists and is not a folder; choose another --out")
+    present = [f for f in EVAL_FILES if (out / f).exists()]
+    if not present:
+        return
+    recorded = read_identity(out / "eval.json")
+    if recorded is None:
+        raise ValueError(
+            f"--out {out} holds {present[0]} but not of a `dive-ds evaluate` run; choose another --out"
+        )
+    if recorded != identity:
+        raise ValueError(
+            f"--out {out} holds another evaluation ({first_difference(recorded, identity)}); "
+            "choose another --out (or delete its eval.json and eval.md)"
+        )
+
+
 # --------------------------------------------------------------------------- reconstruct
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -17,7 +18,15 @@ from dive_ds.calibrate import Calibration, check_same_model, load_calibration, r
 from dive_ds.eval.perplexity import domain_perplexities, pruned_ffn, routing_report
 from dive_ds.io.placement import NodePlacement
 from dive_ds.io.shards import check_shard_out
-from dive_ds.outputs import check_not_input, claim_output, reconstruction_identity, recorded_reconstruction
+from dive_ds.outputs import (
+    check_not_input,
+    claim_eval_out,
+    claim_output,
+    evaluation_identity,
+    read_identity,
+    reconstruction_identity,
+    recorded_reconstruction,
+)
 from dive_ds.reconstruct import ReconstructConfig, plan_experts, write_moe, write_moe_shards
 from dive_ds.stats import channel_scores, kept_channels, mean_var, n_keep
 
@@ -66,21 +75,56 @@ def run_mine(
     batch_size: int = 8,
     linkage: str = "average",
 ) -> dict:
-    """Domain affinity mining: D x D pruned perplexities (paper) and the fast statistics-only affinity."""
-    from dive_ds.models.loading import load_dense_model
+    """Domain affinity mining: D x D pruned perplexities (paper) and the fast statistics-only affinity.
 
+    `out` is written whole (a temporary folder, then its files moved in, mining.json last); an `out`
+    holding this same mining run is reused, one holding anything else is refused."""
     cal = load_calibration(calib_dir)
-    names, n_dom = cal.domains, len(cal.domains)
+    n_dom = len(cal.domains)
     if num_groups > n_dom:
         raise ValueError(
             f"--experts {num_groups} is larger than the {n_dom} domains; "
             f"use --experts <= {n_dom} or pass --groups FILE"
         )
     keep = n_keep(cal.stats.sum_DLF.shape[2], prune_ratio)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if eval_windows is not None and eval_windows < 1:
+        raise ValueError(f"--eval-windows {eval_windows}: use >= 1 (or leave it out: all held-out windows)")
+    if batch_size < 1:
+        raise ValueError(f"--batch-size {batch_size}: use >= 1")
+    final, identity = Path(out), {
+        "calibration": str(cal.path.resolve()),
+        "calibration_identity": cal.manifest.get("identity"),
+        "model_fingerprint": cal.fingerprint,
+        "experts": num_groups, "prune_ratio": prune_ratio, "score": score, "bias_compensation": bias_compensation,
+        "fast_only": fast_only, "eval_windows": None if fast_only else eval_windows, "linkage": linkage,
+    }  # fmt: skip
+    check_not_input(final, {"calibration": cal.path})
+    recorded = read_identity(final / "mining.json")
+    if claim_output(final, identity, recorded, "mining.json", force=False):
+        print(f"{final} already holds this mining run; reusing it (delete it to recompute)")
+        return json.loads((final / "mining.json").read_text())
+    final.parent.mkdir(parents=True, exist_ok=True)
+    out = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
+    try:
+        report = _mine_into(out, cal, identity, num_groups, keep, prune_ratio, score, bias_compensation,
+                            fast_only, eval_windows, model, batch_size, linkage)  # fmt: skip
+        final.mkdir(exist_ok=True)
+        for f in sorted(out.iterdir(), key=lambda p: p.name == "mining.json"):  # the record last
+            os.replace(f, final / f.name)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    return report
+
+
+def _mine_into(out: Path, cal: Calibration, identity: dict, num_groups: int, keep: int, prune_ratio: float,
+               score: str, bias_compensation: bool, fast_only: bool, eval_windows: int | None,
+               model: str | None, batch_size: int, linkage: str) -> dict:  # fmt: skip
+    from dive_ds.models.loading import load_dense_model
+
+    names, n_dom = cal.domains, len(cal.domains)
     scores = channel_scores(cal.stats, score)  # [D, L, F]
     report: dict = run_manifest_base("mining") | {
+        "identity": identity,
         "calibration": str(cal.path),
         "domains": names,
         "families": cal.families,
@@ -349,6 +393,13 @@ def run_evaluate(
     if (calib_dir is None) == (registry is None):
         raise ValueError("pass exactly one of --calib DIR (its held-out windows) or --domains REGISTRY")
     model_dir = Path(resolve_model(model))
+    if out is not None:  # before any heavy work
+        out = Path(out)
+        identity = evaluation_identity(
+            model_dir, calib_dir, registry, eval_windows, seq_len, seed, oracle, router
+        )
+        check_not_input(out, {"model": model_dir, "calibration": calib_dir})
+        claim_eval_out(out, identity)
     if calib_dir is not None:
         cal = load_calibration(calib_dir)
         evals = {n: w[:eval_windows] if eval_windows else w for n, w in cal.eval.items()}
@@ -387,10 +438,9 @@ def run_evaluate(
     res["seconds"] = round(time.time() - t0, 1)
     res["tokens_per_s"] = round(res["tokens"] / max(res["seconds"], 1e-9), 1)
     if out is not None:
-        out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        _write_json(out / "eval.json", res)
         (out / "eval.md").write_text(markdown_table([res], domains))
+        _write_json(out / "eval.json", res | {"identity": identity})  # the record last
     return res
 
 
