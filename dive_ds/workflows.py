@@ -321,7 +321,7 @@ def run_fit_router(
     report |= {
         "moe": str(moe.resolve()),
         "calibration": str(cal.path.resolve()),
-        "dense_model": str(dense_dir),
+        "dense_model": str(Path(dense_dir).resolve()),
     }
     calib_rate = cal.manifest.get("pass", {}).get("tokens_per_s")
     if calib_rate:
