@@ -139,7 +139,7 @@ def _mine_into(out: Path, cal: Calibration, identity: dict, num_groups: int, kee
         model_dir = _model_path(cal, model)
         check_same_model(cal, model_dir)
         dense = load_dense_model(model_dir)
-        evals = {n: w[:eval_windows] if eval_windows else w for n, w in cal.eval.items()}
+        evals = {n: w[:eval_windows] if eval_windows is not None else w for n, w in cal.eval.items()}
         mean, _ = mean_var(cal.stats.count_D, cal.stats.sum_DLF, cal.stats.sumsq_DLF)
         ppl = np.zeros((n_dom, n_dom))
         for i, name in enumerate(names):
@@ -392,6 +392,11 @@ def run_evaluate(
 
     if (calib_dir is None) == (registry is None):
         raise ValueError("pass exactly one of --calib DIR (its held-out windows) or --domains REGISTRY")
+    if eval_windows is not None and eval_windows < 1 or batch_size < 1 or seq_len < 2:
+        raise ValueError(
+            f"--eval-windows {eval_windows}, --batch-size {batch_size}, --seq-len {seq_len}: use windows >= 1, "
+            "batch >= 1 and seq-len >= 2"
+        )
     model_dir = Path(resolve_model(model))
     if out is not None:  # before any heavy work
         out = Path(out)
@@ -402,10 +407,12 @@ def run_evaluate(
         claim_eval_out(out, identity)
     if calib_dir is not None:
         cal = load_calibration(calib_dir)
-        evals = {n: w[:eval_windows] if eval_windows else w for n, w in cal.eval.items()}
+        evals = {n: w[:eval_windows] if eval_windows is not None else w for n, w in cal.eval.items()}
         source = str(cal.path)
     else:
-        evals = registry_eval_windows(registry, model_dir, eval_windows or 16, seq_len, seed)
+        evals = registry_eval_windows(
+            registry, model_dir, 16 if eval_windows is None else eval_windows, seq_len, seed
+        )
         source = str(registry)
     domains = list(evals)
     m = load_causal_lm(model_dir, dtype=torch.float32).eval()  # refuses missing weights

@@ -6,19 +6,20 @@ python launchers/retrain.py --deepspeed ds_configs/zero2.json --config RUN.yaml 
 python launchers/retrain.py --consolidate OUT/stages/experts/checkpoints --out MERGED_HF_DIR
 """
 
-import argparse
 import sys
+
+from dive_ds.argtypes import OneLineParser, nonneg_int
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = OneLineParser(prog="retrain", description=__doc__.splitlines()[0])
     p.add_argument("--deepspeed", metavar="CONFIG.json", help="DeepSpeed JSON, e.g. ds_configs/zero2.json")
     p.add_argument("--config", metavar="RUN.yaml", help="run config, e.g. configs/demo_retrain.yaml")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one run-config field, e.g. --set stages.experts.lr=5e-5 (repeatable)")  # fmt: skip
     p.add_argument("--stages", help="comma-separated subset of the enabled stages to run now (default: all)")
     p.add_argument(
-        "--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher"
+        "--local_rank", "--local-rank", type=nonneg_int, default=None, help="set by the deepspeed launcher"
     )
     p.add_argument(
         "--consolidate", metavar="CKPT_DIR", help="DeepSpeed checkpoint -> merged HF model at --out"

@@ -58,7 +58,10 @@ def _recorded_run(setup, out: Path, **sections) -> dict:
         (lambda s, raw: raw["data"].update(seq_len=64), "holds a different run (data.seq_len: 32 != 64)"),
         (lambda s, raw: raw["stages"]["experts"].update(lr=0.5), "(stages.experts.lr: 0.01 != 0.5)"),
         (lambda s, raw: raw["train"].update(seed=7), "(train.seed: 42 != 7)"),
-        (lambda s, raw: raw["stages"].update(router={"enabled": False}), "(stages: router, experts != experts)"),
+        (
+            lambda s, raw: raw["stages"].update(router={"enabled": False}),
+            "(stages: router, experts != experts)",
+        ),
         (None, "model.fingerprint"),  # another model copied to the recorded path
         ("legacy", "(stages.experts.lr: 0.01 != 0.5)"),  # a folder from before run_identity.json
         ("foreign", "is not empty and holds no run_identity.json of a retraining run"),
