@@ -32,6 +32,8 @@ from pathlib import Path
 
 import yaml
 
+from dive_ds.io.mapping import DuplicateKey, parse_mapping_text
+
 STAGE_ORDER = ("router", "experts", "continue")
 SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("fp32", "bf16")
@@ -428,7 +430,9 @@ def read_mapping(path: str | Path, what: str = "run config") -> dict:
         raise ValueError(f"{what} {path} does not exist; pass an existing YAML or JSON file")
     text = path.read_text()
     try:
-        raw = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        raw = parse_mapping_text(text, path.suffix == ".json")
+    except DuplicateKey as e:
+        raise ValueError(f"{path}: {e}") from None
     except (json.JSONDecodeError, yaml.YAMLError) as e:
         raise ValueError(
             f"{what} {path}: not valid {path.suffix.lstrip('.') or 'YAML'}: {e}".splitlines()[0]
