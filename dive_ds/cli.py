@@ -548,10 +548,15 @@ def build_parser() -> OneLineParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    a = parser.parse_args(argv)
+    try:
+        a = parser.parse_args(argv)
+    except SystemExit as e:  # a usage error (one line, printed by OneLineParser) returns 2; --help exits
+        if e.code == 2:
+            return 2
+        raise
     try:
         return a.func(a)
-    except (ValueError, RuntimeError, FileNotFoundError) as e:
+    except (ValueError, RuntimeError, OSError) as e:  # OSError: a path that is missing, a file, unwritable
         print(f"dive-ds: error: {error_message(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

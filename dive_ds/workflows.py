@@ -342,7 +342,20 @@ def oracle_map(model_dir: Path, domains: list[str]) -> dict[str, int] | None:
     meta = model_dir / "dive_experts.json"
     if not meta.exists():
         return None
-    groups = json.loads(meta.read_text())["groups"]
+    try:
+        groups = json.loads(meta.read_text())["groups"]
+        experts = int(json.loads((model_dir / "config.json").read_text())["num_local_experts"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{meta} or its config.json is unreadable or lacks {e}; restore the file") from None
+    if (
+        not isinstance(groups, dict)
+        or not all(isinstance(m, list) and all(isinstance(d, str) for d in m) for m in groups.values())
+        or not 1 <= len(groups) <= experts
+    ):
+        raise ValueError(
+            f"{meta}: `groups` must map at most num_local_experts={experts} group names to lists of domains "
+            f"(found {type(groups).__name__} of {len(groups) if isinstance(groups, dict) else '?'}); restore the file"
+        )
     mapping = {d: e for e, members in enumerate(groups.values()) for d in members}
     if not all(d in mapping for d in domains):
         return (
@@ -415,6 +428,7 @@ def run_evaluate(
         )
         source = str(registry)
     domains = list(evals)
+    mapping = oracle_map(model_dir, domains) if model_dir.is_dir() else None  # checked before loading
     m = load_causal_lm(model_dir, dtype=torch.float32).eval()  # refuses missing weights
     t0 = time.time()
     res: dict = {
@@ -425,7 +439,6 @@ def run_evaluate(
     }
     if isinstance(m.config, DiveMoeConfig):
         res["params"] = count_parameters(m.config)
-        mapping = oracle_map(model_dir, domains)
         if router or not oracle:
             rr = routing_report(m, evals, batch_size, expected=mapping)
             res["router"] = rr["ppl"]

@@ -52,8 +52,10 @@ def main(argv=None) -> int:
             print(f"retrain: {e}", file=sys.stderr)
             return 143
         return 0
-    except (ValueError, FileNotFoundError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    except (ValueError, OSError) as e:
+        from dive_ds.steps import error_message
+
+        msg = error_message(e)
         print(f"retrain: error: {msg}", file=sys.stderr)
         return 2
 

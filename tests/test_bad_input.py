@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 
 import dive_ds  # noqa: F401  (registers dive_moe)
@@ -53,9 +52,7 @@ NUMERIC = [
 @pytest.mark.parametrize("argv,message", NUMERIC)
 def test_numeric_flags_are_checked_at_parse_time(argv, message, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # relative C, O, M, G: nothing may appear here
-    with pytest.raises(SystemExit) as e:
-        cli(argv.split(), capsys)
-    assert e.value.code == 2
+    assert cli(argv.split(), capsys) == 2
     assert message in one_line_error(capsys)
     assert snapshot(tmp_path) == {}
 
@@ -82,3 +79,121 @@ def test_launcher_flags_and_run_config_numbers(tmp_path, capsys):
         with pytest.raises(ValueError, match="run config: ") as e:
             run_config_from_dict({"model": {"path": "m"}} | raw)
         assert message in str(e.value) and "\n" not in str(e.value)
+
+
+# --------------------------------------------------------------------------- corrupt or inconsistent inputs
+
+
+@pytest.fixture(scope="module")
+def bad(tmp_path_factory):
+    """A tiny dense model with a real tokenizer and a calibration of another tiny model, plus broken copies."""
+    from dive_ds.models.loading import demo_model_dir
+    from tests.helpers import save_tiny_llama
+
+    root = tmp_path_factory.mktemp("bad")
+    dense, calib = make_tiny_calibration(root / "c")
+    tok = root / "tok"
+    save_tiny_llama(tok, vocab_size=49152, hidden_size=16, intermediate_size=24, num_hidden_layers=2)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(demo_model_dir() / f, tok / f)
+
+    def broken(src: Path, name: str, edit) -> Path:
+        dst = root / name
+        shutil.copytree(src, dst)
+        edit(dst)
+        return dst
+
+    def poison(folder: Path, key: str, value: float) -> None:
+        state = load_file(folder / "model.safetensors")
+        state[key][0, 0] = value
+        save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+
+    def config_without_layers(folder: Path) -> None:
+        config = json.loads((folder / "config.json").read_text())
+        del config["num_hidden_layers"]
+        (folder / "config.json").write_text(json.dumps(config))
+
+    def truncate(folder: Path) -> None:
+        data = (folder / "model.safetensors").read_bytes()
+        (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+
+    files = {
+        "docs.jsonl": "\n".join(json.dumps({"text": f"word {i} " * 300}) for i in range(40)),
+        "bad.jsonl": json.dumps({"text": "a b c"}) + "\n" + json.dumps({"text": "d e"}) + "\n{not json\n",
+        "reg.json": json.dumps({"domains": {"a": {"source": {"type": "local", "files": "docs.jsonl"}}}}),
+        "reg_badjson.json": json.dumps(
+            {"domains": {"a": {"source": {"type": "local", "files": "bad.jsonl"}}}}
+        ),
+        "reg_badtxt.json": json.dumps({"domains": {"a": {"source": {"type": "local", "files": "bad.txt"}}}}),
+        "reg_dup.yaml": "domains:\n  a:\n    source: {type: local, files: docs.jsonl}\n"
+        "  a:\n    source: {type: local, files: bad.jsonl}\n",
+    }
+    for name, text in files.items():
+        (root / name).write_text(text)
+    (root / "bad.txt").write_bytes(b"fine\n\xff\xfe not utf-8\n")
+    moe = root / "moe"
+    from dive_ds.cli import main
+
+    assert main(["reconstruct", "--calib", str(calib), "--method", "random-split", "--experts", "2",
+                 "--out", str(moe)]) == 0  # fmt: skip
+
+    def too_many_groups(folder: Path) -> None:
+        meta = json.loads((folder / "dive_experts.json").read_text())
+        meta["groups"] = {f"g{i}": [f"dom{i}"] for i in range(4)}
+        (folder / "dive_experts.json").write_text(json.dumps(meta))
+
+    return {
+        "root": root,
+        "calib": calib,
+        "dense": dense,
+        "tok": tok,
+        "inf": broken(tok, "inf", lambda d: poison(d, "model.layers.1.mlp.up_proj.weight", float("inf"))),
+        "nan": broken(dense, "nan", lambda d: poison(d, "model.layers.1.mlp.down_proj.weight", float("nan"))),
+        "trunc": broken(tok, "trunc", truncate),
+        "nolayers": broken(tok, "nolayers", config_without_layers),
+        "moe_groups": broken(moe, "moe_groups", too_many_groups),
+    }
+
+
+CAL = ["--samples-per-domain", "2", "--seq-len", "16", "--eval-windows", "1", "--no-progress"]
+CORRUPT = [
+    ("calibrate --model {inf} --domains {root}/reg.json",
+     "tensor model.layers.1.mlp.up_proj.weight holds 1 non-finite value(s) (NaN/Inf)"),
+    ("reconstruct --calib {calib} --model {nan} --method random-split --experts 2",
+     "tensor model.layers.1.mlp.down_proj.weight holds 1 non-finite value(s)"),
+    ("calibrate --model {trunc} --domains {root}/reg.json", "trunc/model.safetensors: cannot read this safetensors file"),
+    ("calibrate --model {nolayers} --domains {root}/reg.json", "nolayers/config.json lacks num_hidden_layers"),
+    ("calibrate --model {tok} --domains {root}/reg_badjson.json", "bad.jsonl, line 3: not a JSON object"),
+    ("calibrate --model {tok} --domains {root}/reg_badtxt.json", "bad.txt, line 2: not UTF-8"),
+    ("calibrate --model {tok} --domains {root}/reg_dup.yaml", "key 'a' appears twice in one mapping (line 4)"),
+    ("calibrate --model {root}/nowhere --domains {root}/reg.json", "nowhere does not exist; check the path"),
+    ("evaluate {moe_groups} --calib {calib}", "`groups` must map at most num_local_experts=2 group names"),
+    ("evaluate {dense} --calib {calib} --out {root}/reg.json", "exists and is not a folder"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("argv,message", CORRUPT)
+def test_corrupt_inputs_fail_in_one_line_naming_the_problem(bad, argv, message, capsys):
+    args = argv.format(**bad).split()
+    if "--model" in args and args[0] in ("calibrate", "reconstruct"):
+        args += ["--out", str(bad["root"] / "out")] + (CAL if args[0] == "calibrate" else [])
+    before = snapshot(bad["root"])
+    assert cli(args, capsys) == 2, args
+    assert message in one_line_error(capsys)
+    assert snapshot(bad["root"]) == before  # nothing written, nothing left behind
+
+
+def test_deepspeed_json_section_that_is_not_a_mapping(tmp_path):
+    from dive_ds.train.ds_config import resolve_ds_config
+
+    run = run_config_from_dict({"model": {"path": "m"}})
+    ds = json.loads((REPO / "ds_configs" / "zero2.json").read_text())
+    for section, value in [("fp16", True), ("bf16", "yes"), ("zero_optimization", 2)]:
+        with pytest.raises(ValueError, match=f"ds.json: {section} is {value!r}, not a mapping") as e:
+            resolve_ds_config(ds | {section: value}, run, 1, "cpu", "ds.json")
+        assert "\n" not in str(e.value)
+    (tmp_path / "run.yaml").write_text("model: {path: a}\nmodel: {path: b}\n")
+    from dive_ds.train.config import load_run_config
+
+    with pytest.raises(ValueError, match="key 'model' appears twice in one mapping"):
+        load_run_config(tmp_path / "run.yaml")
