@@ -9,13 +9,19 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
 import dive_ds  # noqa: F401  (registers dive_moe)
 from dive_ds.train.config import run_config_from_dict
 from tests.helpers import cli, make_tiny_calibration, one_line_error, snapshot
+from tests.test_train import ZERO2, base_run, load_state, make_tiny_setup, world  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = [  # torch deprecates collective names DeepSpeed 0.19 still calls
+    pytest.mark.filterwarnings("ignore:.*all_gather_into_tensor.*:FutureWarning"),
+    pytest.mark.filterwarnings("ignore:.*reduce_scatter_tensor.*:FutureWarning"),
+]
 
 
 # --------------------------------------------------------------------------- numeric flags (parse time)
@@ -197,3 +203,51 @@ def test_deepspeed_json_section_that_is_not_a_mapping(tmp_path):
 
     with pytest.raises(ValueError, match="key 'model' appears twice in one mapping"):
         load_run_config(tmp_path / "run.yaml")
+
+
+# --------------------------------------------------------------------------- a corrupt committed checkpoint
+
+
+def test_corrupt_checkpoint_falls_back_to_the_previous_complete_one(world, tmp_path, capsys):  # noqa: F811
+    """A truncated file in the latest committed checkpoint: named, the previous one (keep: 2) is resumed,
+    and the stage ends with exactly the weights of the uninterrupted run; with none left, one line."""
+    from dive_ds.train.config import read_mapping
+    from dive_ds.train.retrain import train
+
+    setup = make_tiny_setup(tmp_path / "tiny")
+    out = tmp_path / "run"
+    raw = base_run(
+        setup,
+        out,
+        stages={"router": {"steps": 4, "lr": 0.05}, "experts": {"enabled": False}},
+        checkpoint={"every": 2, "keep": 2},
+        eval={"every": 0, "windows_per_domain": 1, "at_start": False},
+        logging={"tensorboard": False},
+    )
+    run, ds = run_config_from_dict(raw), read_mapping(ZERO2)
+    train(run, ds, str(ZERO2))
+    stage = out / "stages" / "router"
+    reference = load_state(stage / "model")
+
+    def killed_before_export_with_truncated(*tags):  # the state a kill after the last save leaves
+        shutil.rmtree(stage / "model")
+        shutil.rmtree(out / "model")
+        for tag in tags:
+            f = sorted((stage / "checkpoints" / tag).glob("*model_states.pt"))[0]
+            f.write_bytes(f.read_bytes()[:200])
+
+    killed_before_export_with_truncated("step_00000004")
+    capsys.readouterr()
+    train(run, ds, str(ZERO2))
+    printed = capsys.readouterr().out
+    assert f"checkpoint {stage / 'checkpoints' / 'step_00000004'} cannot be loaded (" in printed, printed
+    assert f"resumed from {stage / 'checkpoints' / 'step_00000002'} at step 2" in printed
+    final = load_state(stage / "model")
+    assert final.keys() == reference.keys() and all(torch.equal(final[k], reference[k]) for k in final)
+
+    killed_before_export_with_truncated("step_00000002", "step_00000004")
+    with pytest.raises(
+        ValueError, match="step_00000002 cannot be loaded .* no earlier complete checkpoint"
+    ) as e:
+        train(run, ds, str(ZERO2))
+    assert "\n" not in str(e.value) and not (stage / "model").exists()
