@@ -18,9 +18,10 @@ from dive_ds.cli import main
 from tests.helpers import make_tiny_calibration
 
 
-def _killed_at(call: int, target: str, argv: list[str]) -> int:
-    """Run `dive-ds argv` in a forked child that dies (exit 9) at the call-th call of `target`
-    (module:function); -> the child's exit status (0: the step finished before that call)."""
+def killed_at(call: int, target: str, argv) -> int:
+    """Run `dive-ds argv` (or the callable `argv`, returning an exit status) in a forked child that dies
+    (exit 9) at the call-th call of `target` (module:function) -> the child's exit status (0: the step
+    finished before that call)."""
     module_name, func = target.split(":")
     pid = os.fork()
     if pid == 0:  # the child: never returns
@@ -37,7 +38,7 @@ def _killed_at(call: int, target: str, argv: list[str]) -> int:
                 return original(*a, **kw)
 
             setattr(module, func, dying)
-            os._exit(main(argv))
+            os._exit(argv() if callable(argv) else main(argv))
         except BaseException:
             os._exit(1)
     _, status = os.waitpid(pid, 0)
@@ -79,7 +80,7 @@ def test_killed_at_every_write_then_relaunched(tiny, tmp_path, argv, target, com
     killed = 0
     for call in range(1, points + 1):
         out = tmp_path / f"run{call}"
-        status = _killed_at(call, target, command(out))
+        status = killed_at(call, target, command(out))
         if status == 0:  # no call-th write: every point has been covered
             break
         assert status == 9, f"{argv}: kill at write {call} gave exit {status}"

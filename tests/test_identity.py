@@ -15,6 +15,7 @@ import dive_ds  # noqa: F401  (registers dive_moe)
 from dive_ds.train.config import read_mapping, run_config_from_dict
 from dive_ds.train.identity import RUN_RECORD, claim_run_dir, run_identity, write_identity
 from tests.helpers import cli, make_tiny_calibration, one_line_error, snapshot
+from tests.test_faults import killed_at
 from tests.test_train import ZERO2, base_run, load_state, make_tiny_setup, world  # noqa: F401
 
 pytestmark = [
@@ -138,9 +139,17 @@ def test_retrain_same_run_resumes_extends_or_is_forced_aside(setup, world, tmp_p
     assert meta["input"] == str(model.resolve()) and len(meta["input_fingerprint"]) == 16
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
+    relative = Path("..") / "run" / "stages" / "router" / "checkpoints"
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(elsewhere)
-        merged = consolidate_checkpoint(Path("..") / "run" / "stages" / "router" / "checkpoints", "merged")
+        # killed while writing the weights (no clean-up): nothing under the final name, then relaunched
+        status = killed_at(
+            1,
+            "transformers.modeling_utils:safe_save_file",
+            lambda: bool(consolidate_checkpoint(relative, "merged")) - 1,
+        )
+        assert status == 9 and not (elsewhere / "merged").exists()
+        merged = consolidate_checkpoint(relative, "merged")
     final, stage_out = load_state(elsewhere / merged), load_state(out / "stages" / "router" / "model")
     assert final.keys() == stage_out.keys() and all(torch.equal(final[k], stage_out[k]) for k in final)
 
