@@ -49,13 +49,16 @@ def check_not_input(out: Path, inputs: dict[str, str | Path | None]) -> None:
             )
 
 
-def claim_output(out: Path, identity: dict, recorded: dict | None, record: str, force: bool) -> bool:
+def claim_output(
+    out: Path, identity: dict, recorded: dict | None, record: str, force: bool, has_force: bool = True
+) -> bool:
     """May this run write `out`? True: `out` already holds this very run (reuse it, write nothing).
     False: write it (absent, empty, or --force). Raises a one-line ValueError otherwise.
 
     `recorded`: the identity this command recorded in `out` (None: none, or not this command's layout);
-    `record`: the name of that record file, for the message.
+    `record`: the name of that record file, for the message; `has_force`: the command has --force.
     """
+    fix = "choose another --out or pass --force" if has_force else "choose another --out (or empty it)"
     if out.is_symlink():
         raise ValueError(f"--out {out} is a symbolic link; pass the folder it points to or another --out")
     if not out.exists():
@@ -69,13 +72,9 @@ def claim_output(out: Path, identity: dict, recorded: dict | None, record: str, 
     if force:
         return False
     if recorded is None:
-        raise ValueError(
-            f"output folder {out} is not empty and holds no {record} of this command; "
-            "choose another --out or pass --force"
-        )
+        raise ValueError(f"output folder {out} is not empty and holds no {record} of this command; {fix}")
     raise ValueError(
-        f"output folder {out} holds a different run ({record}: {first_difference(recorded, identity)}); "
-        "choose another --out or pass --force"
+        f"output folder {out} holds a different run ({record}: {first_difference(recorded, identity)}); {fix}"
     )
 
 

@@ -100,7 +100,7 @@ def run_mine(
     }  # fmt: skip
     check_not_input(final, {"calibration": cal.path})
     recorded = read_identity(final / "mining.json")
-    if claim_output(final, identity, recorded, "mining.json", force=False):
+    if claim_output(final, identity, recorded, "mining.json", force=False, has_force=False):
         print(f"{final} already holds this mining run; reusing it (delete it to recompute)")
         return json.loads((final / "mining.json").read_text())
     final.parent.mkdir(parents=True, exist_ok=True)

@@ -182,7 +182,10 @@ def test_mine_and_evaluate_out_refuse_another_runs_files(calib, tmp_path, capsys
     (tmp_path / "afile").write_text("x")
     before = snapshot(tmp_path)
     for argv, message in [
-        ([*mine, "3", "--out", str(mined)], "holds a different run (mining.json: experts: 2 != 3)"),
+        (
+            [*mine, "3", "--out", str(mined)],
+            "holds a different run (mining.json: experts: 2 != 3); choose another --out (or empty it)",
+        ),
         ([*mine, "2", "--out", str(foreign)], "is not empty and holds no mining.json of this command"),
         ([*mine, "2", "--out", str(tmp_path / "afile")], "is a file, not a folder"),
         ([*evaluate, str(evals), "--eval-windows", "1"], "holds another evaluation (eval_windows: 2 != 1)"),
