@@ -125,8 +125,9 @@ def train(
     ep_size = ep_size if ep_size and ep_size > 1 else None  # 1: every rank all experts, the plain path
     plans = plan_stages(run, stages)
     identity = run_identity(run)
-    if claim_run_dir(Path(run.out_dir), identity, force) == "force":
-        barrier()  # every rank has checked the folder before rank 0 changes it
+    claim = claim_run_dir(Path(run.out_dir), identity, force)
+    barrier()  # every rank has checked the folder before rank 0 writes or moves anything there
+    if claim == "force":
         if rank == 0:
             moved = supersede(Path(run.out_dir))
             if moved is not None:
