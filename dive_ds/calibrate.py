@@ -385,7 +385,7 @@ def run_calibration(
     manifest = run_manifest_base("calibration") | {
         "identity": identity,
         "model": {
-            "path": str(model_dir),
+            "path": str(Path(model_dir).resolve()),  # absolute: mine/reconstruct find it from any directory
             "fingerprint": model_fingerprint(config, LayerwiseCheckpoint(model_dir)),
             "model_type": config.model_type,
             "num_hidden_layers": config.num_hidden_layers,

@@ -8,12 +8,22 @@ raised before any heavy work starts.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
+from dive_ds.argtypes import (
+    OneLineParser,
+    int_at_least,
+    nonneg_float,
+    nonneg_int,
+    positive_float,
+    positive_int,
+    ratio,
+)
 from dive_ds.reconstruct import METHODS, PRESETS, ROUTER_INITS
 from dive_ds.steps import DEMO, error_message
+
+min2_int = int_at_least(2)
 
 
 def _add_calibrate(sub) -> None:
@@ -32,11 +42,15 @@ def _add_calibrate(sub) -> None:
     )
     p.add_argument("--domains", help="domain registry file (JSON/YAML), or `demo` for the built-in demo pack")
     p.add_argument("--only", nargs="+", metavar="DOMAIN", help="use only these domains of the registry")
-    p.add_argument("--samples-per-domain", type=int, help="N calibration windows per domain (default 1024)")
-    p.add_argument("--seq-len", type=int, help="L tokens per window (default 256)")
-    p.add_argument("--eval-windows", type=int, help="held-out evaluation windows per domain (default 16)")
-    p.add_argument("--seed", type=int, default=42, help="sampling seed (default 42)")
-    p.add_argument("--batch-size", type=int, default=8, help="windows per forward call (default 8)")
+    p.add_argument(
+        "--samples-per-domain", type=positive_int, help="N calibration windows per domain (default 1024)"
+    )
+    p.add_argument("--seq-len", type=min2_int, help="L tokens per window (default 256)")
+    p.add_argument(
+        "--eval-windows", type=positive_int, help="held-out evaluation windows per domain (default 16)"
+    )
+    p.add_argument("--seed", type=nonneg_int, default=42, help="sampling seed (default 42)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="windows per forward call (default 8)")
     p.add_argument(
         "--hidden-offload-dir",
         help="keep carried hidden states in a memory-mapped file here (for calibration sets larger than RAM)",
@@ -68,9 +82,9 @@ def _add_commands(sub) -> None:
         "mining.json, CSV matrices and PNG heatmaps with dendrograms to --out.",
     )
     p.add_argument("--calib", required=True, help="calibration folder from `dive-ds calibrate`")
-    p.add_argument("--experts", type=int, required=True, help="N groups (= experts)")
+    p.add_argument("--experts", type=positive_int, required=True, help="N groups (= experts)")
     p.add_argument(
-        "--prune-ratio", type=float, default=0.5, help="r used for the domain-pruned models (default 0.5)"
+        "--prune-ratio", type=ratio, default=0.5, help="r used for the domain-pruned models (default 0.5)"
     )
     p.add_argument(
         "--score", default="wifv", choices=["wifv", "ifv", "wifn"], help="channel score (default wifv)"
@@ -83,7 +97,7 @@ def _add_commands(sub) -> None:
     )
     p.add_argument(
         "--eval-windows",
-        type=int,
+        type=positive_int,
         help="held-out windows per domain for the pruned evaluations (default all)",
     )
     p.add_argument(
@@ -93,7 +107,7 @@ def _add_commands(sub) -> None:
         help="agglomerative linkage (default average)",
     )
     p.add_argument("--model", help="dense model (default: the one recorded in the calibration)")
-    p.add_argument("--batch-size", type=int, default=8, help="windows per forward (default 8)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="windows per forward (default 8)")
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=cmd_mine)
 
@@ -115,10 +129,10 @@ def _add_commands(sub) -> None:
         choices=sorted(PRESETS),
         help="reference settings: 1of8 = N=8, k=1, r=0.5; 2of8 = N=8, k=2, r=0.75",
     )
-    p.add_argument("--experts", type=int, help="N experts (default 8)")
-    p.add_argument("--top-k", type=int, help="k experts per token (default 1)")
+    p.add_argument("--experts", type=positive_int, help="N experts (default 8)")
+    p.add_argument("--top-k", type=positive_int, help="k experts per token (default 1)")
     p.add_argument(
-        "--prune-ratio", type=float, help="r, fraction of FFN channels each expert drops (default 0.5)"
+        "--prune-ratio", type=ratio, help="r, fraction of FFN channels each expert drops (default 0.5)"
     )
     p.add_argument(
         "--score", default="wifv", choices=["wifv", "ifv", "wifn"], help="channel score (default wifv)"
@@ -138,7 +152,7 @@ def _add_commands(sub) -> None:
         help="dive (default) or a baseline: random-split (LLaMA-MoE), upcycle (N dense copies, r=0), "
         "nomining (random domain groups), flap (1 dense pruned FFN)",
     )
-    p.add_argument("--seed", type=int, default=42, help="router init / random baselines seed")
+    p.add_argument("--seed", type=nonneg_int, default=42, help="router init / random baselines seed")
     p.add_argument("--model", help="dense model (default: the one recorded in the calibration)")
     p.add_argument(
         "--out",
@@ -147,10 +161,16 @@ def _add_commands(sub) -> None:
     )
     p.add_argument("--shards", action="store_true", help="write this node's part of a sharded folder "
                    "(one task per node, all into the same --out; join with `dive-ds consolidate`)")  # fmt: skip
-    p.add_argument("--node-rank", type=int, help="with --shards: this node's id (default $SLURM_NODEID)")
-    p.add_argument("--nodes", type=int, help="with --shards: nodes in the job (default $SLURM_NNODES)")
-    p.add_argument("--gpus-per-node", type=int, help="with --shards: ranks per node of the training job")
-    p.add_argument("--ep", type=int, help="with --shards: expert-parallel size of the training job")
+    p.add_argument(
+        "--node-rank", type=nonneg_int, help="with --shards: this node's id (default $SLURM_NODEID)"
+    )
+    p.add_argument(
+        "--nodes", type=positive_int, help="with --shards: nodes in the job (default $SLURM_NNODES)"
+    )
+    p.add_argument(
+        "--gpus-per-node", type=positive_int, help="with --shards: ranks per node of the training job"
+    )
+    p.add_argument("--ep", type=positive_int, help="with --shards: expert-parallel size of the training job")
     p.add_argument("--force", action="store_true", help="replace an --out folder that holds anything but "
                    "this same reconstruction (which is always reused; delete the folder to rebuild)")  # fmt: skip
     p.set_defaults(func=cmd_reconstruct)
@@ -176,15 +196,17 @@ def _add_commands(sub) -> None:
         help="hard: arg-min error label; soft: softmax(-error/tau); auto (default): hard for top-1",
     )
     p.add_argument(
-        "--l2", type=float, default=1e-4, help="L2 penalty on the standardised weights (default 1e-4)"
+        "--l2", type=nonneg_float, default=1e-4, help="L2 penalty on the standardised weights (default 1e-4)"
     )
-    p.add_argument("--max-iter", type=int, default=200, help="L-BFGS iterations per layer (default 200)")
     p.add_argument(
-        "--windows-per-domain", type=int, help="calibration windows per domain to use (default all)"
+        "--max-iter", type=positive_int, default=200, help="L-BFGS iterations per layer (default 200)"
+    )
+    p.add_argument(
+        "--windows-per-domain", type=positive_int, help="calibration windows per domain to use (default all)"
     )
     p.add_argument(
         "--noise-ratio",
-        type=float,
+        type=nonneg_float,
         default=0.5,
         help="initial noisy top-k std / median top-1 margin (default 0.5)",
     )
@@ -207,26 +229,34 @@ def _add_commands(sub) -> None:
     p.add_argument(
         "--eval-domains", help="registry of domains never calibrated or trained on (e.g. demo-unseen)"
     )
-    p.add_argument("--experts", type=int, default=6, help="N experts (default 6)")
-    p.add_argument("--top-k", type=int, default=1, help="k (default 1)")
-    p.add_argument("--prune-ratio", type=float, default=0.5, help="r (default 0.5)")
-    p.add_argument("--steps", type=int, default=64, help="training steps per method (default 64)")
+    p.add_argument("--experts", type=positive_int, default=6, help="N experts (default 6)")
+    p.add_argument("--top-k", type=positive_int, default=1, help="k (default 1)")
+    p.add_argument("--prune-ratio", type=ratio, default=0.5, help="r (default 0.5)")
+    p.add_argument("--steps", type=positive_int, default=64, help="training steps per method (default 64)")
     p.add_argument(
         "--router-steps",
-        type=int,
+        type=nonneg_int,
         default=16,
         help="router-stage steps of the random-router treatment, out of --steps (default 16)",
     )
-    p.add_argument("--batch", type=int, default=4, help="sequences per step (default 4)")
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
-    p.add_argument("--lr", type=float, default=1e-4, help="learning rate of every stage (default 1e-4)")
-    p.add_argument("--eval-every", type=int, default=16, help="steps between curve points (default 16)")
-    p.add_argument("--eval-windows", type=int, default=4, help="held-out windows per seen domain (default 4)")
+    p.add_argument("--batch", type=positive_int, default=4, help="sequences per step (default 4)")
+    p.add_argument("--seq-len", type=min2_int, default=256, help="tokens per sequence (default 256)")
     p.add_argument(
-        "--unseen-windows", type=int, default=8, help="windows per --eval-domains domain (default 8)"
+        "--lr", type=positive_float, default=1e-4, help="learning rate of every stage (default 1e-4)"
     )
     p.add_argument(
-        "--fit-windows", type=int, help="calibration windows per domain for router fitting (default all)"
+        "--eval-every", type=positive_int, default=16, help="steps between curve points (default 16)"
+    )
+    p.add_argument(
+        "--eval-windows", type=positive_int, default=4, help="held-out windows per seen domain (default 4)"
+    )
+    p.add_argument(
+        "--unseen-windows", type=positive_int, default=8, help="windows per --eval-domains domain (default 8)"
+    )
+    p.add_argument(
+        "--fit-windows",
+        type=positive_int,
+        help="calibration windows per domain for router fitting (default all)",
     )
     p.add_argument("--methods", default="dive,nomining,random-split,flap", help="comma-separated subset")
     p.add_argument(
@@ -261,13 +291,17 @@ def _add_commands(sub) -> None:
     p.add_argument("--calib", help="calibration folder whose held-out windows are used")
     p.add_argument("--domains", help="or: a domain registry (or `demo`); held-out windows are drawn from it with "
                    "calibrate's split, so the same --seed/--seq-len/--eval-windows never touch calibration text")  # fmt: skip
-    p.add_argument("--seq-len", type=int, default=256, help="with --domains: tokens per window (default 256)")
-    p.add_argument("--seed", type=int, default=42, help="with --domains: sampling seed (default 42)")
     p.add_argument(
-        "--eval-windows", type=int, help="windows per domain (default: all of --calib; 16 with --domains)"
+        "--seq-len", type=min2_int, default=256, help="with --domains: tokens per window (default 256)"
+    )
+    p.add_argument("--seed", type=nonneg_int, default=42, help="with --domains: sampling seed (default 42)")
+    p.add_argument(
+        "--eval-windows",
+        type=positive_int,
+        help="windows per domain (default: all of --calib; 16 with --domains)",
     )
     p.add_argument("--no-oracle", action="store_true", help="skip the oracle routing")
-    p.add_argument("--batch-size", type=int, default=8, help="windows per forward (default 8)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="windows per forward (default 8)")
     p.add_argument("--out", help="write eval.json and eval.md here")
     p.set_defaults(func=cmd_evaluate)
 
@@ -277,19 +311,21 @@ def _add_commands(sub) -> None:
                        "whether it fits --gpu-mem. An estimate for choosing settings (see dive_ds/plan.py).")  # fmt: skip
     p.add_argument("--model", required=True, help="config.json, model folder, or a preset: "
                    "llama2-70b, llama3-70b, tinyllama-1.1b, smollm2-135m")  # fmt: skip
-    p.add_argument("--experts", type=int, default=8, help="N (default 8)")
-    p.add_argument("--top-k", type=int, default=1, help="k (default 1)")
-    p.add_argument("--prune-ratio", type=float, default=0.5, help="r (default 0.5)")
-    p.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
-    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
-    p.add_argument("--ep", type=int, default=8, help="expert-parallel size (default 8)")
-    p.add_argument("--zero", type=int, default=3, help="ZeRO stage, 2 or 3 (default 3)")
+    p.add_argument("--experts", type=positive_int, default=8, help="N (default 8)")
+    p.add_argument("--top-k", type=positive_int, default=1, help="k (default 1)")
+    p.add_argument("--prune-ratio", type=ratio, default=0.5, help="r (default 0.5)")
+    p.add_argument("--nodes", type=positive_int, default=1, help="nodes (default 1)")
+    p.add_argument("--gpus-per-node", type=positive_int, default=8, help="GPUs per node (default 8)")
+    p.add_argument("--ep", type=positive_int, default=8, help="expert-parallel size (default 8)")
+    p.add_argument("--zero", type=nonneg_int, default=3, help="ZeRO stage, 2 or 3 (default 3)")
     p.add_argument(
         "--stage", default="experts", choices=["router", "experts"], help="trainables (default experts)"
     )
-    p.add_argument("--micro-batch", type=int, default=1, help="sequences per GPU per micro step (default 1)")
-    p.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence (default 1024)")
-    p.add_argument("--gpu-mem", type=float, default=80.0, help="GPU memory in GB (default 80)")
+    p.add_argument(
+        "--micro-batch", type=positive_int, default=1, help="sequences per GPU per micro step (default 1)"
+    )
+    p.add_argument("--seq-len", type=min2_int, default=1024, help="tokens per sequence (default 1024)")
+    p.add_argument("--gpu-mem", type=positive_float, default=80.0, help="GPU memory in GB (default 80)")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("export", help="write a dive_moe checkpoint in a format that loads without dive_ds")
@@ -312,24 +348,29 @@ def _add_commands(sub) -> None:
         "SmolLM2-135M-Instruct and the built-in demo pack, with small sample counts.",
     )
     p.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
-    p.add_argument("--experts", type=int, default=6, help="N experts (default 6)")
-    p.add_argument("--top-k", type=int, default=1, help="k (default 1)")
-    p.add_argument("--prune-ratio", type=float, default=0.5, help="r (default 0.5)")
+    p.add_argument("--experts", type=positive_int, default=6, help="N experts (default 6)")
+    p.add_argument("--top-k", type=positive_int, default=1, help="k (default 1)")
+    p.add_argument("--prune-ratio", type=ratio, default=0.5, help="r (default 0.5)")
     p.add_argument(
-        "--samples-per-domain", type=int, default=16, help="calibration windows per domain (default 16)"
+        "--samples-per-domain",
+        type=positive_int,
+        default=16,
+        help="calibration windows per domain (default 16)",
     )
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256)")
-    p.add_argument("--eval-windows", type=int, default=4, help="held-out windows per domain (default 4)")
+    p.add_argument("--seq-len", type=min2_int, default=256, help="tokens per window (default 256)")
+    p.add_argument(
+        "--eval-windows", type=positive_int, default=4, help="held-out windows per domain (default 4)"
+    )
     p.add_argument(
         "--mining-eval-windows",
-        type=int,
+        type=positive_int,
         default=2,
         help="held-out windows per domain for the D x D pruned evaluations (default 2)",
     )
     p.add_argument("--only", nargs="+", metavar="DOMAIN", help="use only these demo domains")
     p.add_argument(
         "--retrain-steps",
-        type=int,
+        type=nonneg_int,
         nargs=2,
         default=[0, 12],
         metavar=("ROUTER", "EXPERTS"),
@@ -337,7 +378,7 @@ def _add_commands(sub) -> None:
         "needs no router stage; 0 0 skips retraining)",
     )
     p.add_argument(
-        "--retrain-batch", type=int, default=4, help="sequences of 256 tokens per step (default 4)"
+        "--retrain-batch", type=positive_int, default=4, help="sequences of 256 tokens per step (default 4)"
     )
     p.set_defaults(func=cmd_demo)
 
@@ -500,8 +541,8 @@ def cmd_demo(a) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser() -> OneLineParser:
+    parser = OneLineParser(
         prog="dive-ds",
         description="DIVE dense-to-MoE reconstruction "
         "(domain affinity mining, pruning-based experts) and DeepSpeed retraining.",
@@ -514,10 +555,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    a = parser.parse_args(argv)
+    try:
+        a = parser.parse_args(argv)
+    except SystemExit as e:  # a usage error (one line, printed by OneLineParser) returns 2; --help exits
+        if e.code == 2:
+            return 2
+        raise
     try:
         return a.func(a)
-    except (ValueError, RuntimeError, FileNotFoundError) as e:
+    except (ValueError, RuntimeError, OSError) as e:  # OSError: a path that is missing, a file, unwritable
         print(f"dive-ds: error: {error_message(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -49,13 +49,16 @@ def check_not_input(out: Path, inputs: dict[str, str | Path | None]) -> None:
             )
 
 
-def claim_output(out: Path, identity: dict, recorded: dict | None, record: str, force: bool) -> bool:
+def claim_output(
+    out: Path, identity: dict, recorded: dict | None, record: str, force: bool, has_force: bool = True
+) -> bool:
     """May this run write `out`? True: `out` already holds this very run (reuse it, write nothing).
     False: write it (absent, empty, or --force). Raises a one-line ValueError otherwise.
 
     `recorded`: the identity this command recorded in `out` (None: none, or not this command's layout);
-    `record`: the name of that record file, for the message.
+    `record`: the name of that record file, for the message; `has_force`: the command has --force.
     """
+    fix = "choose another --out or pass --force" if has_force else "choose another --out (or empty it)"
     if out.is_symlink():
         raise ValueError(f"--out {out} is a symbolic link; pass the folder it points to or another --out")
     if not out.exists():
@@ -69,14 +72,51 @@ def claim_output(out: Path, identity: dict, recorded: dict | None, record: str, 
     if force:
         return False
     if recorded is None:
-        raise ValueError(
-            f"output folder {out} is not empty and holds no {record} of this command; "
-            "choose another --out or pass --force"
-        )
+        raise ValueError(f"output folder {out} is not empty and holds no {record} of this command; {fix}")
     raise ValueError(
-        f"output folder {out} holds a different run ({record}: {first_difference(recorded, identity)}); "
-        "choose another --out or pass --force"
+        f"output folder {out} holds a different run ({record}: {first_difference(recorded, identity)}); {fix}"
     )
+
+
+# --------------------------------------------------------------------------- evaluate
+
+EVAL_FILES = ("eval.json", "eval.md")
+
+
+def evaluation_identity(
+    model_dir: Path, calib_dir, registry, eval_windows, seq_len, seed, oracle, router
+) -> dict:
+    """What decides `dive-ds evaluate`'s numbers: the model (absolute path, fingerprint) and the windows."""
+    from dive_ds.io.fingerprint import input_record
+
+    source = (
+        {"calibration": str(Path(calib_dir).resolve())}
+        if calib_dir is not None
+        else {"registry": str(Path(registry).resolve()) if Path(registry).exists() else str(registry),
+              "seq_len": seq_len, "seed": seed}
+    )  # fmt: skip
+    model = input_record(model_dir) if model_dir.is_dir() else {"path": str(model_dir)}
+    return {"model": model, **source, "eval_windows": eval_windows, "oracle": oracle, "router": router}
+
+
+def claim_eval_out(out: Path, identity: dict) -> None:
+    """evaluate writes eval.json and eval.md into `out` (other files there stay untouched): refused when
+    `out` is not a folder, or holds those files from another evaluation (rerunning the same one rewrites them)."""
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise ValueError(f"--out {out} exists and is not a folder; choose another --out")
+    present = [f for f in EVAL_FILES if (out / f).exists()]
+    if not present:
+        return
+    recorded = read_identity(out / "eval.json")
+    if recorded is None:
+        raise ValueError(
+            f"--out {out} holds {present[0]} but not of a `dive-ds evaluate` run; choose another --out"
+        )
+    if recorded != identity:
+        raise ValueError(
+            f"--out {out} holds another evaluation ({first_difference(recorded, identity)}); "
+            "choose another --out (or delete its eval.json and eval.md)"
+        )
 
 
 # --------------------------------------------------------------------------- reconstruct

@@ -247,7 +247,7 @@ def experts_json(plan: ExpertPlan, cfg: ReconstructConfig, dense_dir: Path, extr
         "groups": plan.groups,
         "reconstruction": asdict(cfg),
         "expert_width": plan.kept_ELK.shape[-1],
-        "dense_model": str(dense_dir),
+        "dense_model": str(Path(dense_dir).resolve()),
     }
     return json.dumps(info | (extra or {}), indent=2) + "\n"
 

@@ -20,7 +20,17 @@ DEMO = {
 
 
 def error_message(e: BaseException) -> str:
-    """The first line of an error, for `dive-ds: error: ...`."""
+    """The first line of an error, for `dive-ds: error: ...` (an OSError: the path and what went wrong)."""
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        hint = {
+            "FileNotFoundError": "check the path",
+            "NotADirectoryError": "a folder was expected; choose another path",
+            "IsADirectoryError": "a file was expected; choose another path",
+            "FileExistsError": "choose another path",
+            "PermissionError": "check its permissions",
+        }.get(type(e).__name__, "check the path and the disk")
+        where = f"{e.filename} -> {e.filename2}" if e.filename2 else str(e.filename)
+        return f"{where}: {e.strerror}; {hint}"
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
@@ -43,20 +53,23 @@ def calibrate(
     from dive_ds.calibrate import CalibConfig, run_calibration
     from dive_ds.data.sampler import SamplerConfig
 
+    def given(value, default):  # None: not given (0 is a value, and SamplerConfig refuses it)
+        return default if value is None else value
+
     if demo:
         model = model or DEMO["model"]
         domains = domains or DEMO["domains"]
-        samples_per_domain = samples_per_domain or DEMO["samples_per_domain"]
-        seq_len = seq_len or DEMO["seq_len"]
-        eval_windows = eval_windows or DEMO["eval_windows"]
+        samples_per_domain = given(samples_per_domain, DEMO["samples_per_domain"])
+        seq_len = given(seq_len, DEMO["seq_len"])
+        eval_windows = given(eval_windows, DEMO["eval_windows"])
         out = out or f"{DEMO['out']}/calib"
     for flag, value in (("model", model), ("domains", domains), ("out", out)):
         if not value:
             raise ValueError(f"--{flag} is required (or pass --demo for the embedded default)")
     sampler = SamplerConfig(
-        samples_per_domain=samples_per_domain or 1024,
-        seq_len=seq_len or 256,
-        eval_windows=eval_windows or 16,
+        samples_per_domain=given(samples_per_domain, 1024),
+        seq_len=given(seq_len, 256),
+        eval_windows=given(eval_windows, 16),
         seed=seed,
     )
     out = run_calibration(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -17,7 +18,15 @@ from dive_ds.calibrate import Calibration, check_same_model, load_calibration, r
 from dive_ds.eval.perplexity import domain_perplexities, pruned_ffn, routing_report
 from dive_ds.io.placement import NodePlacement
 from dive_ds.io.shards import check_shard_out
-from dive_ds.outputs import check_not_input, claim_output, reconstruction_identity, recorded_reconstruction
+from dive_ds.outputs import (
+    check_not_input,
+    claim_eval_out,
+    claim_output,
+    evaluation_identity,
+    read_identity,
+    reconstruction_identity,
+    recorded_reconstruction,
+)
 from dive_ds.reconstruct import ReconstructConfig, plan_experts, write_moe, write_moe_shards
 from dive_ds.stats import channel_scores, kept_channels, mean_var, n_keep
 
@@ -66,21 +75,56 @@ def run_mine(
     batch_size: int = 8,
     linkage: str = "average",
 ) -> dict:
-    """Domain affinity mining: D x D pruned perplexities (paper) and the fast statistics-only affinity."""
-    from dive_ds.models.loading import load_dense_model
+    """Domain affinity mining: D x D pruned perplexities (paper) and the fast statistics-only affinity.
 
+    `out` is written whole (a temporary folder, then its files moved in, mining.json last); an `out`
+    holding this same mining run is reused, one holding anything else is refused."""
     cal = load_calibration(calib_dir)
-    names, n_dom = cal.domains, len(cal.domains)
+    n_dom = len(cal.domains)
     if num_groups > n_dom:
         raise ValueError(
             f"--experts {num_groups} is larger than the {n_dom} domains; "
             f"use --experts <= {n_dom} or pass --groups FILE"
         )
     keep = n_keep(cal.stats.sum_DLF.shape[2], prune_ratio)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if eval_windows is not None and eval_windows < 1:
+        raise ValueError(f"--eval-windows {eval_windows}: use >= 1 (or leave it out: all held-out windows)")
+    if batch_size < 1:
+        raise ValueError(f"--batch-size {batch_size}: use >= 1")
+    final, identity = Path(out), {
+        "calibration": str(cal.path.resolve()),
+        "calibration_identity": cal.manifest.get("identity"),
+        "model_fingerprint": cal.fingerprint,
+        "experts": num_groups, "prune_ratio": prune_ratio, "score": score, "bias_compensation": bias_compensation,
+        "fast_only": fast_only, "eval_windows": None if fast_only else eval_windows, "linkage": linkage,
+    }  # fmt: skip
+    check_not_input(final, {"calibration": cal.path})
+    recorded = read_identity(final / "mining.json")
+    if claim_output(final, identity, recorded, "mining.json", force=False, has_force=False):
+        print(f"{final} already holds this mining run; reusing it (delete it to recompute)")
+        return json.loads((final / "mining.json").read_text())
+    final.parent.mkdir(parents=True, exist_ok=True)
+    out = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
+    try:
+        report = _mine_into(out, cal, identity, num_groups, keep, prune_ratio, score, bias_compensation,
+                            fast_only, eval_windows, model, batch_size, linkage)  # fmt: skip
+        final.mkdir(exist_ok=True)
+        for f in sorted(out.iterdir(), key=lambda p: p.name == "mining.json"):  # the record last
+            os.replace(f, final / f.name)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    return report
+
+
+def _mine_into(out: Path, cal: Calibration, identity: dict, num_groups: int, keep: int, prune_ratio: float,
+               score: str, bias_compensation: bool, fast_only: bool, eval_windows: int | None,
+               model: str | None, batch_size: int, linkage: str) -> dict:  # fmt: skip
+    from dive_ds.models.loading import load_dense_model
+
+    names, n_dom = cal.domains, len(cal.domains)
     scores = channel_scores(cal.stats, score)  # [D, L, F]
     report: dict = run_manifest_base("mining") | {
+        "identity": identity,
         "calibration": str(cal.path),
         "domains": names,
         "families": cal.families,
@@ -95,7 +139,7 @@ def run_mine(
         model_dir = _model_path(cal, model)
         check_same_model(cal, model_dir)
         dense = load_dense_model(model_dir)
-        evals = {n: w[:eval_windows] if eval_windows else w for n, w in cal.eval.items()}
+        evals = {n: w[:eval_windows] if eval_windows is not None else w for n, w in cal.eval.items()}
         mean, _ = mean_var(cal.stats.count_D, cal.stats.sum_DLF, cal.stats.sumsq_DLF)
         ppl = np.zeros((n_dom, n_dom))
         for i, name in enumerate(names):
@@ -277,7 +321,7 @@ def run_fit_router(
     report |= {
         "moe": str(moe.resolve()),
         "calibration": str(cal.path.resolve()),
-        "dense_model": str(dense_dir),
+        "dense_model": str(Path(dense_dir).resolve()),
     }
     calib_rate = cal.manifest.get("pass", {}).get("tokens_per_s")
     if calib_rate:
@@ -298,7 +342,20 @@ def oracle_map(model_dir: Path, domains: list[str]) -> dict[str, int] | None:
     meta = model_dir / "dive_experts.json"
     if not meta.exists():
         return None
-    groups = json.loads(meta.read_text())["groups"]
+    try:
+        groups = json.loads(meta.read_text())["groups"]
+        experts = int(json.loads((model_dir / "config.json").read_text())["num_local_experts"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{meta} or its config.json is unreadable or lacks {e}; restore the file") from None
+    if (
+        not isinstance(groups, dict)
+        or not all(isinstance(m, list) and all(isinstance(d, str) for d in m) for m in groups.values())
+        or not 1 <= len(groups) <= experts
+    ):
+        raise ValueError(
+            f"{meta}: `groups` must map at most num_local_experts={experts} group names to lists of domains "
+            f"(found {type(groups).__name__} of {len(groups) if isinstance(groups, dict) else '?'}); restore the file"
+        )
     mapping = {d: e for e, members in enumerate(groups.values()) for d in members}
     if not all(d in mapping for d in domains):
         return (
@@ -348,15 +405,30 @@ def run_evaluate(
 
     if (calib_dir is None) == (registry is None):
         raise ValueError("pass exactly one of --calib DIR (its held-out windows) or --domains REGISTRY")
+    if eval_windows is not None and eval_windows < 1 or batch_size < 1 or seq_len < 2:
+        raise ValueError(
+            f"--eval-windows {eval_windows}, --batch-size {batch_size}, --seq-len {seq_len}: use windows >= 1, "
+            "batch >= 1 and seq-len >= 2"
+        )
     model_dir = Path(resolve_model(model))
+    if out is not None:  # before any heavy work
+        out = Path(out)
+        identity = evaluation_identity(
+            model_dir, calib_dir, registry, eval_windows, seq_len, seed, oracle, router
+        )
+        check_not_input(out, {"model": model_dir, "calibration": calib_dir})
+        claim_eval_out(out, identity)
     if calib_dir is not None:
         cal = load_calibration(calib_dir)
-        evals = {n: w[:eval_windows] if eval_windows else w for n, w in cal.eval.items()}
+        evals = {n: w[:eval_windows] if eval_windows is not None else w for n, w in cal.eval.items()}
         source = str(cal.path)
     else:
-        evals = registry_eval_windows(registry, model_dir, eval_windows or 16, seq_len, seed)
+        evals = registry_eval_windows(
+            registry, model_dir, 16 if eval_windows is None else eval_windows, seq_len, seed
+        )
         source = str(registry)
     domains = list(evals)
+    mapping = oracle_map(model_dir, domains) if model_dir.is_dir() else None  # checked before loading
     m = load_causal_lm(model_dir, dtype=torch.float32).eval()  # refuses missing weights
     t0 = time.time()
     res: dict = {
@@ -367,7 +439,6 @@ def run_evaluate(
     }
     if isinstance(m.config, DiveMoeConfig):
         res["params"] = count_parameters(m.config)
-        mapping = oracle_map(model_dir, domains)
         if router or not oracle:
             rr = routing_report(m, evals, batch_size, expected=mapping)
             res["router"] = rr["ppl"]
@@ -387,10 +458,9 @@ def run_evaluate(
     res["seconds"] = round(time.time() - t0, 1)
     res["tokens_per_s"] = round(res["tokens"] / max(res["seconds"], 1e-9), 1)
     if out is not None:
-        out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        _write_json(out / "eval.json", res)
         (out / "eval.md").write_text(markdown_table([res], domains))
+        _write_json(out / "eval.json", res | {"identity": identity})  # the record last
     return res
 
 

@@ -6,19 +6,20 @@ python launchers/retrain.py --deepspeed ds_configs/zero2.json --config RUN.yaml 
 python launchers/retrain.py --consolidate OUT/stages/experts/checkpoints --out MERGED_HF_DIR
 """
 
-import argparse
 import sys
+
+from dive_ds.argtypes import OneLineParser, nonneg_int
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = OneLineParser(prog="retrain", description=__doc__.splitlines()[0])
     p.add_argument("--deepspeed", metavar="CONFIG.json", help="DeepSpeed JSON, e.g. ds_configs/zero2.json")
     p.add_argument("--config", metavar="RUN.yaml", help="run config, e.g. configs/demo_retrain.yaml")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one run-config field, e.g. --set stages.experts.lr=5e-5 (repeatable)")  # fmt: skip
     p.add_argument("--stages", help="comma-separated subset of the enabled stages to run now (default: all)")
     p.add_argument(
-        "--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher"
+        "--local_rank", "--local-rank", type=nonneg_int, default=None, help="set by the deepspeed launcher"
     )
     p.add_argument(
         "--consolidate", metavar="CKPT_DIR", help="DeepSpeed checkpoint -> merged HF model at --out"
@@ -27,7 +28,8 @@ def main(argv=None) -> int:
     p.add_argument(
         "--force",
         action="store_true",
-        help="with --consolidate: replace an --out folder that holds anything but this same consolidation",
+        help="with --consolidate: replace an --out folder that holds anything but this same consolidation; "
+        "else: start afresh in an out_dir that holds another run (its files are moved aside, never deleted)",
     )
     a = p.parse_args(argv)
     try:
@@ -38,10 +40,6 @@ def main(argv=None) -> int:
                 raise ValueError("--consolidate needs --out DIR")
             print(f"consolidated -> {consolidate_checkpoint(a.consolidate, a.out, force=a.force)}")
             return 0
-        if a.force:
-            raise ValueError(
-                "--force only applies with --consolidate (a run folder is resumed, never replaced)"
-            )
         if not a.deepspeed or not a.config:
             raise ValueError("pass --deepspeed CONFIG.json and --config RUN.yaml")
         from dive_ds.train.retrain import retrain
@@ -49,13 +47,15 @@ def main(argv=None) -> int:
 
         stages = [s.strip() for s in a.stages.split(",") if s.strip()] if a.stages else None
         try:
-            retrain(a.config, a.deepspeed, a.overrides, stages, a.local_rank, sys.argv)
+            retrain(a.config, a.deepspeed, a.overrides, stages, a.local_rank, sys.argv, a.force)
         except Interrupted as e:  # SIGTERM/SIGINT: a checkpoint was saved; relaunch to resume
             print(f"retrain: {e}", file=sys.stderr)
             return 143
         return 0
-    except (ValueError, FileNotFoundError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    except (ValueError, OSError) as e:
+        from dive_ds.steps import error_message
+
+        msg = error_message(e)
         print(f"retrain: error: {msg}", file=sys.stderr)
         return 2
 

@@ -124,7 +124,7 @@ def test_upcycled_single_expert_has_dense_perplexity(tiny, tmp_path):
                 "--out",
                 "{tmp}/r",
             ],
-            r"--prune-ratio must be in \[0, 1\)",
+            r"argument --prune-ratio: 1.5: use a ratio 0 <= r < 1",
         ),
         (
             ["calibrate", "--model", "{tmp}", "--domains", "{tmp}/none.yaml", "--out", "{tmp}/c"],

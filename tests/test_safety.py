@@ -137,10 +137,6 @@ def test_consolidate_out_reuses_same_run_and_refuses_anything_else(tmp_path, cap
         (["--consolidate", str(ckpt), "--out", str(foreign)], "holds no retrain_stage.json of this command"),
         (["--consolidate", str(ckpt), "--out", str(tmp_path / "run"), "--force"], "contains the checkpoint"),
         (["--consolidate", str(ckpt), "--out", str(tmp_path / "moe"), "--force"], "is the stage input"),
-        (
-            ["--deepspeed", str(ZERO2), "--config", "x.yaml", "--force"],
-            "--force only applies with --consolidate",
-        ),
     ]:
         assert cli(argv, capsys, launcher.main) == 2, argv
         assert message in one_line_error(capsys, "retrain: error: ")
@@ -227,6 +223,9 @@ def test_crafted_rng_files_never_run_code(tmp_path):
     shutil.copytree(tag.parent, ckpt)
     (ckpt / "step_00000002" / "dive_ds_stage.json").write_text("{}")
     (ckpt / "latest").write_text("step_00000002")
+    from dive_ds.train.identity import run_identity, write_identity
+
+    write_identity(tmp_path / "run", run_identity(run_config_from_dict(raw)))  # this run's own folder
     with pytest.raises(ValueError, match="holds RNG states as a pickle") as e:
         train(run_config_from_dict(raw), read_mapping(ZERO2), str(ZERO2))
     assert "delete the checkpoint's rng_state_rank" in str(e.value) and "\n" not in str(e.value)

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import yaml
 
+from dive_ds.io.mapping import DuplicateKey, parse_mapping_text
+
 _TOP_KEYS = {"version", "domains"}
 _DOMAIN_KEYS = {"family", "source", "weight"}
 _SOURCE_KEYS = {
@@ -108,7 +110,9 @@ def load_registry(path: str | Path) -> Registry:
     if not text.strip():
         _fail(path, "file is empty; list at least one domain under `domains:`")
     try:
-        raw = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        raw = parse_mapping_text(text, path.suffix == ".json")
+    except DuplicateKey as e:
+        raise ValueError(f"{path}: {e}") from None
     except (json.JSONDecodeError, yaml.YAMLError) as e:
         raise ValueError(
             f"registry {path}: not valid {path.suffix.lstrip('.') or 'YAML'}: {e}".splitlines()[0]
@@ -196,15 +200,47 @@ def _local_dataset(source: DomainSource):
         raise ValueError(
             f"unsupported file type {suffix!r} ({source.files[0]}); use .txt, .jsonl, .json or .parquet"
         )
+    for f in source.files:
+        _check_local_file(Path(f), suffix)
     kwargs = {"sample_by": "document"} if builder == "text" else {}
     # local files load in well under a second; their "Generating train split" bars are noise
     was_enabled = datasets.utils.logging.is_progress_bar_enabled()
     datasets.disable_progress_bars()
     try:
         return datasets.load_dataset(builder, data_files=list(source.files), split="train", **kwargs)
+    except datasets.exceptions.DatasetGenerationError as e:
+        cause = e.__cause__ or e.__context__ or e
+        why = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        raise ValueError(
+            f"cannot read {', '.join(map(str, source.files))} ({why}); fix or remove the file"
+        ) from None
     finally:
         if was_enabled:
             datasets.enable_progress_bars()
+
+
+def _check_local_file(path: Path, suffix: str) -> None:
+    """A .txt must be UTF-8, a .jsonl one JSON object per line: else one line naming the file and line
+    (the datasets library would fail with a multi-line DatasetGenerationError naming neither)."""
+    if suffix not in (".txt", ".jsonl"):
+        return
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(
+                    f"{path}, line {n}: not UTF-8 ({e.reason} at byte {e.start}); re-encode the file"
+                ) from None
+            if suffix == ".jsonl" and line.strip():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}, line {n}: not a JSON object ({e.msg}); fix the line") from None
+                if not isinstance(row, dict):
+                    raise ValueError(
+                        f"{path}, line {n}: a JSON {type(row).__name__}, not an object; fix the line"
+                    )
 
 
 def iter_documents(domain: Domain, max_chars: int | None = None) -> Iterator[str]:

@@ -6,6 +6,7 @@ calibration and reconstruction hold one decoder layer in memory, whatever the mo
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -84,6 +85,8 @@ def resolve_model(model: str) -> Path | str:
                 f"model folder {p} has no config.json; pass a Hugging Face model folder or hub id"
             )
         return p
+    if model.startswith(("/", ".", "~")) or model.count("/") > 1:  # a path, not a hub id (namespace/name)
+        raise ValueError(f"model folder {model} does not exist; check the path (or pass a hub id or `demo`)")
     return model
 
 
@@ -104,9 +107,27 @@ def check_gated_mlp(config: PretrainedConfig) -> None:
     check_dense_family(config)
 
 
+REQUIRED_CONFIG_KEYS = (
+    "num_hidden_layers",
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "vocab_size",
+)
+"""config.json keys a dense model must state (transformers would fill a missing one with its class default,
+e.g. 32 layers, and the mismatch would surface only after the sampling)."""
+
+
 def load_config(model: str | Path) -> PretrainedConfig:
     config = AutoConfig.from_pretrained(model)
     check_gated_mlp(config)
+    local = Path(model) / "config.json"
+    if local.is_file():
+        raw = json.loads(local.read_text())
+        alias = getattr(config, "attribute_map", {})
+        missing = [k for k in REQUIRED_CONFIG_KEYS if k not in raw and alias.get(k) not in raw]
+        if missing:
+            raise ValueError(f"{local} lacks {', '.join(missing)}; restore the model's config.json")
     return config
 
 
@@ -222,6 +243,28 @@ def local_snapshot(model: str | Path) -> Path:
     return Path(snapshot_download(str(model), allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
 
 
+@contextlib.contextmanager
+def _readable(path: Path):
+    """A safetensors file that cannot be read (truncated, corrupt, missing) -> one line naming it."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (SafetensorError, OSError) as e:
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path}: cannot read this safetensors file ({why}); restore the file") from None
+
+
+def check_finite(t: torch.Tensor, name: str, path: Path | str) -> None:
+    """Refuse a weight holding NaN or Inf (it would silently poison statistics and experts), naming it."""
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise ValueError(
+            f"{path}: tensor {name} holds {bad} non-finite value(s) (NaN/Inf) of {t.numel()}; "
+            "the checkpoint is corrupt: restore it or pass another model"
+        )
+
+
 class LayerwiseCheckpoint:
     """Read tensors of a safetensors checkpoint lazily, by name or by decoder layer.
 
@@ -243,7 +286,7 @@ class LayerwiseCheckpoint:
                     f"{self.folder} has no model.safetensors(.index.json); "
                     "convert the checkpoint to safetensors (save_pretrained(safe_serialization=True))"
                 )
-            with safe_open(single, "pt") as f:
+            with _readable(single), safe_open(single, "pt") as f:
                 self.key_to_file = {k: single for k in f.keys()}
 
     def keys(self) -> list[str]:
@@ -261,11 +304,16 @@ class LayerwiseCheckpoint:
         out: dict[str, torch.Tensor] = {}
         by_file: dict[Path, list[str]] = {}
         for k in keys:
+            if k not in self.key_to_file:
+                raise ValueError(
+                    f"{self.folder} has no tensor {k}: the checkpoint is incomplete or of another model"
+                )
             by_file.setdefault(self.key_to_file[k], []).append(k)
         for path, ks in by_file.items():
-            with safe_open(path, "pt") as f:
+            with _readable(path), safe_open(path, "pt") as f:
                 for k in ks:
                     out[k] = f.get_tensor(k).clone()
+                    check_finite(out[k], k, path)
         return out
 
     def has(self, key: str) -> bool:

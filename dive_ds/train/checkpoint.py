@@ -215,6 +215,21 @@ def load_checkpoint(
 # --------------------------------------------------------------------------- a stage's checkpoints
 
 
+def _step(tag: str) -> int:
+    return int(TAG_RE.match(tag).group(1))
+
+
+def _any_rank_failed(failed: bool) -> bool:
+    """Every rank's verdict on a checkpoint load, so that all fall back together."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return failed
+    from dive_ds.parallel.distributed import current_device
+
+    flag = torch.tensor([1.0 if failed else 0.0], device=current_device())
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
 def resume_tag(run: RunConfig, plan: StagePlan, rank: int) -> str | None:
     """The stage's latest complete checkpoint (None: start afresh); a torn save is noted and skipped."""
     tag = latest_tag(plan.ckpt_dir)
@@ -236,10 +251,45 @@ def resume_tag(run: RunConfig, plan: StagePlan, rank: int) -> str | None:
 def resume_stage(
     engine, plan: StagePlan, tag: str, stream, rank: int, ep_size: int | None
 ) -> tuple[int, int]:
-    """Load checkpoint `tag` into the engine and the data stream -> (step, tokens seen)."""
+    """Load checkpoint `tag` into the engine and the data stream -> (step, tokens seen).
+
+    A committed checkpoint that cannot be read (a corrupt or truncated file) is named, and the previous
+    complete one (checkpoint.keep >= 2 retains it) is loaded instead: it overwrites everything the failed
+    load may have set (weights, optimizer, scheduler, RNG, data position). With none left: one-line error.
+    """
     stage, steps = plan.stage, plan.steps
-    excluded = json.loads((plan.ckpt_dir / tag / STAGE_META).read_text()).get("exclude_frozen", False)
-    client = load_checkpoint(engine, plan.ckpt_dir, tag, frozen_excluded=excluded, ep=bool(ep_size))
+    complete = [t for t in list_tags(plan.ckpt_dir) if is_complete(plan.ckpt_dir, t)]
+    candidates = [tag] + [t for t in reversed(complete) if TAG_RE.match(t) and _step(t) < _step(tag)]
+    for i, current in enumerate(candidates):
+        error = None
+        try:
+            excluded = json.loads((plan.ckpt_dir / current / STAGE_META).read_text()).get(
+                "exclude_frozen", False
+            )
+            client = load_checkpoint(
+                engine, plan.ckpt_dir, current, frozen_excluded=excluded, ep=bool(ep_size)
+            )
+        except Exception as e:  # noqa: BLE001 (any unreadable file: report it, fall back)
+            error = e
+        if not _any_rank_failed(error is not None):
+            tag = current
+            break
+        if error is None:
+            why = "another rank could not read its files"
+        else:
+            why = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        where = plan.ckpt_dir / current
+        if i + 1 == len(candidates):
+            raise ValueError(
+                f"checkpoint {where} cannot be loaded ({why}) and no earlier complete checkpoint is left; "
+                "restore it, or move the stage's checkpoints folder away to restart the stage"
+            )
+        if rank == 0:
+            print(
+                f"[{stage.name}] warning: checkpoint {where} cannot be loaded ({why}); falling back to "
+                f"{plan.ckpt_dir / candidates[i + 1]}",
+                flush=True,
+            )
     if client["stage"] != stage.name:
         raise ValueError(
             f"checkpoint {plan.ckpt_dir / tag} belongs to stage {client['stage']!r}, not {stage.name!r}"
@@ -264,10 +314,16 @@ def stage_meta(
     zero_stage: int,
     ep_size: int | None,
 ) -> dict:
-    """What consolidating a checkpoint needs besides the weights (it also gets the model's config.json)."""
+    """What consolidating a checkpoint needs besides the weights (it also gets the model's config.json).
+    The stage input is recorded by absolute path and fingerprint: consolidation reads its frozen weights
+    and tokenizer from any working directory, and refuses another model found at that path."""
+    from dive_ds.io.fingerprint import input_record
+
+    source = input_record(input_dir)
     return {
         "stage": stage.name,
-        "input": str(input_dir),
+        "input": source["path"],
+        "input_fingerprint": source["fingerprint"],
         "steps": steps,
         "world_size": world,
         "zero_stage": zero_stage,

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import yaml
 
+from dive_ds.io.mapping import DuplicateKey, parse_mapping_text
+
 STAGE_ORDER = ("router", "experts", "continue")
 SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("fp32", "bf16")
@@ -430,7 +432,9 @@ def read_mapping(path: str | Path, what: str = "run config") -> dict:
         raise ValueError(f"{what} {path} does not exist; pass an existing YAML or JSON file")
     text = path.read_text()
     try:
-        raw = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        raw = parse_mapping_text(text, path.suffix == ".json")
+    except DuplicateKey as e:
+        raise ValueError(f"{path}: {e}") from None
     except (json.JSONDecodeError, yaml.YAMLError) as e:
         raise ValueError(
             f"{what} {path}: not valid {path.suffix.lstrip('.') or 'YAML'}: {e}".splitlines()[0]
@@ -452,7 +456,16 @@ def validate_run_config(cfg: RunConfig) -> None:
     """Value checks that need no files (one-line ValueErrors naming the value and the fix)."""
     if not cfg.out_dir:
         raise ValueError("run config: out_dir is empty; name a run folder")
+    _check_finite(cfg.to_dict(), "run config")
     d, t = cfg.data, cfg.train
+    if d.seed < 0 or t.seed < 0:
+        raise ValueError(f"run config: data.seed={d.seed}, train.seed={t.seed}; use seeds >= 0")
+    if d.overfit_sequences < 0:
+        raise ValueError(f"run config: data.overfit_sequences={d.overfit_sequences}; use 0 (off) or >= 1")
+    if cfg.model.max_abs_weight <= 0:
+        raise ValueError(f"run config: model.max_abs_weight={cfg.model.max_abs_weight}; use a bound > 0")
+    if cfg.eval.seq_len is not None and cfg.eval.seq_len < 2:
+        raise ValueError(f"run config: eval.seq_len={cfg.eval.seq_len}; use >= 2 (or null: data.seq_len)")
     if d.seq_len < 2:
         raise ValueError(f"run config: data.seq_len={d.seq_len}; use >= 2")
     if d.shuffle_buffer < 1:
@@ -507,6 +520,15 @@ def validate_run_config(cfg: RunConfig) -> None:
         raise ValueError("run config: eval needs every >= 0, windows_per_domain >= 1, batch_size >= 1")
     if cfg.logging.every < 1 or cfg.logging.heatmap_every < 0:
         raise ValueError("run config: logging needs every >= 1 and heatmap_every >= 0")
+
+
+def _check_finite(raw, where: str) -> None:
+    """Every number of the config is finite (NaN passes every `<` check, so ranges alone miss it)."""
+    if isinstance(raw, dict):
+        for key, value in raw.items():
+            _check_finite(value, f"{where}: {key}" if where == "run config" else f"{where}.{key}")
+    elif isinstance(raw, float) and not math.isfinite(raw):
+        raise ValueError(f"{where}={raw}; use a finite number")
 
 
 def stage_steps(stage: StageConfig, train: TrainConfig, data: DataConfig) -> int:

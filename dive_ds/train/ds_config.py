@@ -25,6 +25,11 @@ def _find_auto(obj, where: str = "") -> str | None:
     return None
 
 
+SECTIONS = ("fp16", "bf16", "zero_optimization", "optimizer", "scheduler", "expert_parallel",
+            "activation_checkpointing", "tensorboard", "wandb", "csv_monitor", "flops_profiler", "comms_logger")  # fmt: skip
+"""DeepSpeed JSON sections that must be mappings (`"fp16": true` would fail deep inside with AttributeError)."""
+
+
 def resolve_ds_config(
     ds: dict, run: RunConfig, world_size: int, accelerator: str, source: str = "DeepSpeed config"
 ) -> dict:
@@ -37,6 +42,12 @@ def resolve_ds_config(
     build), a `scheduler` block (the stages own the schedule).
     """
     ds = copy.deepcopy(ds)
+    for section in SECTIONS:
+        if section in ds and not isinstance(ds[section], dict):
+            raise ValueError(
+                f"{source}: {section} is {ds[section]!r}, not a mapping; write it as "
+                f'"{section}": {{...}} (e.g. "fp16": {{"enabled": false}})'
+            )
     auto = _find_auto(ds)
     if auto:
         raise ValueError(f"{source}: '{auto}' is \"auto\", which only the HF Trainer fills; put a number")

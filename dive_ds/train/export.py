@@ -275,18 +275,16 @@ def consolidate_checkpoint(
     if claim_output(out, identity, recorded, DONE_FILE, force):
         print(f"{out} already holds this consolidation of {ckpt_dir / tag}; reusing it", flush=True)
         return out
+    source = _stage_input(ckpt_dir / tag, meta)  # before the heavy read: another model there is refused
     if meta.get("ep_size"):
         state = _ep_checkpoint_state(ckpt_dir / tag, meta)
     else:
         state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
-    if meta.get("exclude_frozen") or meta.get(
-        "ep_size"
-    ):  # frozen weights are the stage input's: read them from there
-        source = Path(meta["input"])
-        if not (source / "config.json").is_file():
+    if meta.get("exclude_frozen") or meta.get("ep_size"):  # frozen weights: read from the stage input
+        if source is None:
             raise ValueError(
                 f"{ckpt_dir / tag} was saved without frozen weights, which come from the stage input "
-                f"{source}; that folder is gone: restore it to consolidate"
+                f"{meta.get('input')}; that folder is gone: restore it to consolidate"
             )
         from dive_ds.io.shards import ShardedMoe, is_sharded
 
@@ -316,8 +314,31 @@ def consolidate_checkpoint(
             "tag": tag,
             "identity": identity,
         },
-        files_from=Path(meta["input"]) if Path(meta.get("input", "")).is_dir() else None,
+        files_from=source,
     )
+
+
+def _stage_input(tag_dir: Path, meta: dict) -> Path | None:
+    """The stage input a checkpoint's commit record names (None: gone). Recorded with a fingerprint
+    (absolute path): another model at that path is refused. An older record (a path as given, maybe
+    relative to the launch's directory, no fingerprint): its config.json must equal the checkpoint's."""
+    from dive_ds.io.fingerprint import check_input
+
+    path = Path(meta.get("input") or "")
+    if not meta.get("input") or not (path / "config.json").is_file():
+        return None
+    if meta.get("input_fingerprint"):
+        return check_input(
+            {"path": str(path), "fingerprint": meta["input_fingerprint"]}, f"{tag_dir}: stage input"
+        )
+    if (tag_dir / "config.json").is_file() and json.loads(
+        (tag_dir / "config.json").read_text()
+    ) != json.loads((path / "config.json").read_text()):
+        raise ValueError(
+            f"{tag_dir} names its stage input as {meta['input']!r}, but {path.resolve()} holds another model "
+            "(config.json differs); run from the directory the training was launched in"
+        )
+    return path
 
 
 def write_stage_output(
@@ -329,7 +350,7 @@ def write_stage_output(
     if rank == 0 or ep_size:
         info = {
             "stage": stage.name,
-            "input": str(input_dir),
+            "input": str(Path(input_dir).resolve()),
             "steps": plan.steps,
             "world_size": world,
             "zero_stage": zero_stage,

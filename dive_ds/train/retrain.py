@@ -29,6 +29,7 @@ from dive_ds.train.config import RunConfig
 from dive_ds.train.data import data_recipe, load_tokenizer, resolve_domains
 from dive_ds.train.ds_config import launch_ep_size, resolve_ds_config, resolve_ep_size
 from dive_ds.train.evaluation import eval_windows
+from dive_ds.train.identity import claim_run_dir, run_identity, supersede, write_identity
 from dive_ds.train.model import check_moe_folder
 from dive_ds.train.planning import DONE_FILE, plan_stages, stage_inputs
 from dive_ds.train.stage import run_stage
@@ -116,16 +117,30 @@ def train(
     ds_source: str = "DeepSpeed config",
     stages: list[str] | None = None,
     argv: list[str] | None = None,
+    force: bool = False,
 ) -> dict:
     """Run (or resume) the run's stages on an initialised process group -> {stage: summary}.
 
     Everything that can be checked without training is checked first (one-line ValueErrors).
+    out_dir must be absent, empty, or hold this same run (dive_ds.train.identity); with `force`
+    another run's files there are moved aside into OUT/superseded-<time>/, never deleted.
     """
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     ds = resolve_ds_config(ds_raw, run, world, accelerator_name(), ds_source)
     resolve_ep_size(ds_raw, run, ds_source)  # a malformed expert_parallel section fails here, before any file
     plans = plan_stages(run, stages)
+    identity = run_identity(run)
+    claim = claim_run_dir(Path(run.out_dir), identity, force)
+    barrier()  # every rank has checked the folder before rank 0 writes or moves anything there
+    if claim == "force":
+        if rank == 0:
+            moved = supersede(Path(run.out_dir))
+            if moved is not None:
+                print(
+                    f"retrain: --force: the earlier files of {run.out_dir} were moved to {moved}", flush=True
+                )
+        barrier()
     todo = [p for p in plans if not p.done()]
     if todo and (Path(run.out_dir) / STOP_FILE).exists():
         raise ValueError(
@@ -179,6 +194,7 @@ def train(
     windows = eval_windows(run, tokenizer, vocab) if todo else {}
     recipe = data_recipe(run.data, domains, probs, tokenizer) if todo else {}
     if rank == 0:
+        write_identity(Path(run.out_dir), identity)
         if ep and ep["note"]:
             print(f"retrain: {ep['note']}", flush=True)
         _record_run(
@@ -227,6 +243,7 @@ def retrain(
     stages: list[str] | None = None,
     local_rank: int | None = None,
     argv: list[str] | None = None,
+    force: bool = False,
 ) -> dict:
     """The launcher's entry: read configs, initialise the process group, train, always tear down."""
     from dive_ds.train.config import load_run_config, read_mapping
@@ -235,6 +252,6 @@ def retrain(
     ds_raw = read_mapping(ds_path, "DeepSpeed config")
     setup_distributed(local_rank)
     try:
-        return train(run, ds_raw, ds_path, stages, argv)
+        return train(run, ds_raw, ds_path, stages, argv, force)
     finally:
         teardown_distributed()

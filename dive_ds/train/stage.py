@@ -266,7 +266,7 @@ def _open_log(
             "steps": steps,
             "trainable": counts,
             "param_stats": stats,
-            "input": str(input_dir),
+            "input": str(Path(input_dir).resolve()),
             "world_size": world,
             "zero_stage": zero_stage,
             "aux_loss_coef": stage.aux_loss_coef,
