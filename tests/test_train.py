@@ -446,7 +446,9 @@ def test_design_card_command_on_one_rank_with_the_deepspeed_launcher(world, tiny
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "1", "--master_port", str(port),
            "launchers/retrain.py", "--deepspeed", "ds_configs/zero3.json", "--config", "configs/demo_retrain.yaml",
            *[a for s in tiny_sets for a in ("--set", s)]]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=900)  # a hang guard; ~30 s alone, 156 s measured on a loaded 2-core machine
+    proc = subprocess.run(
+        cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=900
+    )  # a hang guard; ~30 s alone, 156 s measured on a loaded 2-core machine
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-3000:])
     note = "expert parallel 1 instead of ds_configs/zero3.json expert_parallel.autoep_size=2"
     assert proc.stdout.count(note) == 1, proc.stdout[-3000:]
