@@ -382,11 +382,13 @@ def run_evaluate(
         "eval_source": source,
         "domains": domains,
     }
+    moe = isinstance(m.config, DiveMoeConfig)
+    n = None if moe else sum(p.numel() for p in m.parameters())
+    res["params"] = count_parameters(m.config) if moe else {"total": n, "activated": n}
     if not evals:
         res |= _downstream(m, load_tokenizer(model_dir, m.config), tasks, tm, limit, num_fewshot, batch_size)
         return _finish_evaluate(res, out, domains)
-    if isinstance(m.config, DiveMoeConfig):
-        res["params"] = count_parameters(m.config)
+    if moe:
         mapping = oracle_map(model_dir, domains)
         if router or not oracle:
             rr = routing_report(m, evals, batch_size, expected=mapping)
@@ -397,8 +399,6 @@ def run_evaluate(
             res["oracle"] = domain_perplexities(m, evals, batch_size, oracle=mapping)
             res["oracle_map"] = mapping
     else:
-        n = sum(p.numel() for p in m.parameters())
-        res["params"] = {"total": n, "activated": n}
         res["router"] = domain_perplexities(m, evals, batch_size)
     for key in ("router", "oracle"):
         if key in res:
