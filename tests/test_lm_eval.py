@@ -152,6 +152,32 @@ def test_adapter_loglikelihood_equals_the_projects_nll(tmp_path):
     assert len({round(lp, 3) for lp, _ in got}) == len(pairs)  # not a constant
 
 
+def test_evaluate_writes_perplexities_and_accuracies_side_by_side(tmp_path, capsys, monkeypatch):
+    """--calib and --tasks together (tiny dense model): one eval.json, eval.md with both tables, TensorBoard."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tests.helpers import make_tiny_calibration
+
+    monkeypatch.setenv("DIVE_DS_CACHE", str(tmp_path / "cache"))  # the offline tasks are built there
+    tok = _tiny_tokenizer(tmp_path / "tok")
+    model_dir, calib = make_tiny_calibration(tmp_path, vocab_size=len(tok), max_position_embeddings=512)
+    tok.save_pretrained(model_dir)
+    out = tmp_path / "eval"
+    argv = ["evaluate", str(model_dir), "--calib", str(calib), "--tasks", "dive_medmcqa", "--limit", "5"]
+    assert cli([*argv, "--out", str(out)], capsys) == 0
+    res = json.loads((out / "eval.json").read_text())
+    assert set(res["router"]) == {"dom0", "dom1", "dom2", "dom3"} and res["tasks"]["dive_medmcqa"]["n"] == 5
+    assert (tmp_path / "cache" / "lm_eval_tasks" / "tasks.json").is_file()
+    md = (out / "eval.md").read_text()
+    assert "| model | routing | dom0 |" in md and "| dive_medmcqa | 5 |" in md
+    acc = EventAccumulator(str(out / "tb"))
+    acc.Reload()
+    assert acc.Scalars("eval/ppl_router_mean")[0].value == pytest.approx(res["router_mean"], rel=1e-6)
+    assert acc.Scalars("downstream/dive_medmcqa/acc")[0].value == pytest.approx(
+        res["tasks"]["dive_medmcqa"]["acc"]
+    )
+
+
 @pytest.mark.slow
 def test_offline_task_end_to_end_on_the_demo_model(tmp_path, capsys):
     """`dive-ds evaluate demo --tasks dive_medmcqa`: the real SmolLM2 model, lm-eval's HFLM, 40 items."""
