@@ -360,9 +360,9 @@ def run_evaluate(
         raise ValueError(f"--limit {limit}: pass a positive number of items per task")
     tm = None
     if tasks:
-        from dive_ds.eval.downstream import task_manager
+        from dive_ds.eval.downstream import resolve_tasks
 
-        tm = task_manager(tasks)  # unknown names stop here, before any model is loaded
+        tm, tasks = resolve_tasks(tasks)  # unknown names stop here, before any model is loaded
     model_dir = Path(resolve_model(model))
     evals: dict[str, torch.Tensor] = {}
     source = None

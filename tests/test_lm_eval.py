@@ -11,7 +11,7 @@ import torch
 from dive_ds.data import demo_pack
 from dive_ds.data.demo_readers import _read_quartz
 from dive_ds.eval import offline_tasks
-from dive_ds.eval.downstream import hflm, task_manager, wilson_interval
+from dive_ds.eval.downstream import hflm, resolve_tasks, wilson_interval
 from dive_ds.eval.offline_tasks import (
     OFFLINE_TASKS,
     build_offline_tasks,
@@ -84,7 +84,9 @@ def test_built_tasks_load_in_lm_eval_and_are_cached(tmp_path):
     stamp = (out / "dive_logiqa.jsonl").stat().st_mtime_ns
     assert build_offline_tasks(out) == out and (out / "dive_logiqa.jsonl").stat().st_mtime_ns == stamp
 
-    tasks = task_manager(["dive_logiqa", "dive_medmcqa"], out).load(["dive_logiqa", "dive_medmcqa"])["tasks"]
+    tm, names = resolve_tasks(["dive_*"], out)  # lm-eval's glob patterns work
+    assert names == ["dive_logiqa", "dive_medmcqa"]
+    tasks = tm.load(names)["tasks"]
     logiqa, medmcqa = tasks["dive_logiqa"], tasks["dive_medmcqa"]
     doc = logiqa.test_docs()[0]
     assert logiqa.doc_to_text(doc) == doc_to_text(doc)  # lm-eval's own logiqa prompt

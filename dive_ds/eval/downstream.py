@@ -11,6 +11,8 @@ and their standard errors, and adds a 95% Wilson score interval from the item co
 
 from __future__ import annotations
 
+import fnmatch
+import glob
 import math
 from pathlib import Path
 
@@ -26,32 +28,44 @@ def parse_tasks(spec: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def task_manager(names: list[str], tasks_dir: Path | None = None):
-    """An lm-eval TaskManager that knows every name in `names`, or a one-line ValueError naming the
-    unknown ones (before any model is loaded). lm-eval's own task index (~15k YAML files, tens of
-    seconds) is read only when a name is not an offline task."""
+def resolve_tasks(names: list[str], tasks_dir: Path | None = None):
+    """(an lm-eval TaskManager, the task names it will run) for `names`, as lm-eval's CLI reads them:
+    task, group or tag names, glob patterns of them, or task YAML files. Names that match nothing stop
+    with one ValueError naming them, before any model is loaded. lm-eval's own task index (~15k YAML
+    files, tens of seconds) is read only when a name is not an offline task."""
     from lm_eval.tasks import TaskManager
 
     for n in names:
         if n in EXCLUDED:
             raise ValueError(f"task {n} is not offered: {EXCLUDED[n]}; use {', '.join(OFFLINE_TASKS)}")
-    online = [n for n in names if n not in OFFLINE_TASKS]
-    ours = [n for n in online if n.startswith("dive_")]  # no lm-eval task is named so: no index needed
-    if ours:
+    ours = [n for n in names if n.startswith("dive_")]  # no lm-eval task is named so: no index needed
+    unknown = [n for n in ours if not fnmatch.filter(OFFLINE_TASKS, n)]
+    if unknown:
         raise ValueError(
-            f"unknown offline task(s) {', '.join(map(repr, ours))}: they are {', '.join(OFFLINE_TASKS)}"
+            f"unknown offline task(s) {', '.join(map(repr, unknown))}: they are {', '.join(OFFLINE_TASKS)}"
         )
-    include = str(build_offline_tasks(tasks_dir)) if len(online) < len(names) else None
+    online = [n for n in names if n not in ours]
+    include = str(build_offline_tasks(tasks_dir)) if ours else None
     tm = TaskManager(include_path=include, include_defaults=bool(online))
-    unknown = [n for n in names if n not in tm.all_tasks]
+    resolved, unknown = [], []
+    for n in names:
+        found = (
+            [str(Path(f).absolute()) for f in sorted(glob.glob(n))]
+            if n.endswith(".yaml")
+            else tm.match_tasks([n])
+        )
+        resolved += [f for f in found if f not in resolved]
+        if not found:
+            unknown.append(n)
     if unknown:
         import lm_eval
 
         raise ValueError(
             f"unknown lm-eval task(s) {', '.join(map(repr, unknown))}: offline tasks are {', '.join(OFFLINE_TASKS)}; "
-            f"online, any task or group of lm-eval {lm_eval.__version__} (list them with `lm-eval ls tasks`)"
+            f"online, any task, group or tag of lm-eval {lm_eval.__version__} (`lm-eval ls tasks`), a glob "
+            "pattern of them, or a task YAML file"
         )
-    return tm
+    return tm, resolved
 
 
 def hflm(model, tokenizer, batch_size: int = 8, max_length: int | None = None):
