@@ -32,7 +32,8 @@ def resolve_tasks(names: list[str], tasks_dir: Path | None = None):
     """(an lm-eval TaskManager, the task names it will run) for `names`, as lm-eval's CLI reads them:
     task, group or tag names, glob patterns of them, or task YAML files. Names that match nothing stop
     with one ValueError naming them, before any model is loaded. lm-eval's own task index (~15k YAML
-    files, tens of seconds) is read only when a name is not an offline task."""
+    files, tens of seconds) is read only when a name is not an offline task. The tasks' data is loaded
+    here too, so that a hub dataset that cannot be fetched also stops in one line before the model."""
     from lm_eval.tasks import TaskManager
 
     for n in names:
@@ -65,6 +66,13 @@ def resolve_tasks(names: list[str], tasks_dir: Path | None = None):
             f"online, any task, group or tag of lm-eval {lm_eval.__version__} (`lm-eval ls tasks`), a glob "
             "pattern of them, or a task YAML file"
         )
+    try:  # fetch (or read from the datasets cache) every task's data now, not after the model is loaded
+        tm.load(resolved)
+    except ConnectionError as e:
+        raise ValueError(
+            f"the data of task(s) {', '.join(resolved)} cannot be fetched ({e}); "
+            f"offline, use {', '.join(OFFLINE_TASKS)}"
+        ) from e
     return tm, resolved
 
 
