@@ -282,10 +282,11 @@ def _add_commands(sub) -> None:
 
     p = sub.add_parser(
         "evaluate",
-        help="held-out perplexity per domain (router and oracle routing)",
+        help="held-out perplexity per domain (router and oracle routing); lm-eval task accuracy",
         description="Perplexity on each domain's held-out windows (from the calibration folder), "
         "their mean, total and activated parameters. For a DIVE MoE also the 'oracle' "
-        "routing (each domain's tokens to its group's expert) and the expert load.",
+        "routing (each domain's tokens to its group's expert) and the expert load. With --tasks, "
+        "zero-shot accuracy (acc, acc_norm, stderr, 95% interval) through lm-evaluation-harness.",
     )
     p.add_argument("model", help="model folder (dense or dive_moe), or `demo`")
     p.add_argument("--calib", help="calibration folder whose held-out windows are used")
@@ -301,8 +302,24 @@ def _add_commands(sub) -> None:
         help="windows per domain (default: all of --calib; 16 with --domains)",
     )
     p.add_argument("--no-oracle", action="store_true", help="skip the oracle routing")
-    p.add_argument("--batch-size", type=positive_int, default=8, help="windows per forward (default 8)")
-    p.add_argument("--out", help="write eval.json and eval.md here")
+    p.add_argument("--tasks", help="comma-separated lm-eval tasks for zero-shot accuracy through lm-evaluation-"
+                   "harness: offline dive_logiqa, dive_medmcqa (built from the evals package), or any lm-eval task "
+                   "or group by name (online: its data comes from the Hugging Face hub)")  # fmt: skip
+    p.add_argument(
+        "--limit",
+        type=positive_int,
+        help="with --tasks: only the first N items of each task (lm-eval --limit)",
+    )
+    p.add_argument(
+        "--num-fewshot", type=nonneg_int, help="with --tasks: few-shot examples (default: the task's, 0)"
+    )
+    p.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=8,
+        help="windows (or lm-eval requests) per forward (default 8)",
+    )
+    p.add_argument("--out", help="write eval.json, eval.md and TensorBoard scalars (tb/) here")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("plan", help="parameters and per-GPU memory of a DIVE MoE on a cluster (arithmetic only)",
@@ -506,13 +523,18 @@ def cmd_consolidate(a) -> int:
 
 
 def cmd_evaluate(a) -> int:
-    from dive_ds.workflows import markdown_table, run_evaluate
+    from dive_ds.workflows import evaluation_markdown, run_evaluate
 
+    tasks = None
+    if a.tasks is not None:
+        from dive_ds.eval.downstream import parse_tasks
+
+        tasks = parse_tasks(a.tasks)
     res = run_evaluate(
         a.model, a.calib, a.out, oracle=not a.no_oracle, batch_size=a.batch_size, eval_windows=a.eval_windows,
-        registry=a.domains, seq_len=a.seq_len, seed=a.seed,
+        registry=a.domains, seq_len=a.seq_len, seed=a.seed, tasks=tasks, limit=a.limit, num_fewshot=a.num_fewshot,
     )  # fmt: skip
-    print(markdown_table([res], res["domains"]))
+    print(evaluation_markdown(res))
     return 0
 
 

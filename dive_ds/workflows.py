@@ -396,39 +396,56 @@ def run_evaluate(
     registry: str | Path | None = None,
     seq_len: int = 256,
     seed: int = 42,
+    tasks: list[str] | None = None,
+    limit: int | None = None,
+    num_fewshot: int | None = None,
 ) -> dict:
-    """Held-out perplexity per domain (+ oracle routing for a MoE); writes JSON and Markdown.
+    """Held-out perplexity per domain (+ oracle routing for a MoE) and/or lm-eval task accuracies;
+    writes eval.json, eval.md and TensorBoard scalars (tb/).
 
-    Windows come from a calibration folder (`calib_dir`) or are drawn from a registry."""
-    from dive_ds.models.loading import load_causal_lm, resolve_model
+    Windows come from a calibration folder (`calib_dir`) or are drawn from a registry; `tasks` are
+    lm-eval task names (`dive_ds.eval.downstream`), checked before the model is loaded."""
+    from dive_ds.models.loading import load_causal_lm, load_tokenizer, resolve_model
     from dive_ds.models.moe import DiveMoeConfig, count_parameters
 
-    if (calib_dir is None) == (registry is None):
-        raise ValueError("pass exactly one of --calib DIR (its held-out windows) or --domains REGISTRY")
-    if eval_windows is not None and eval_windows < 1 or batch_size < 1 or seq_len < 2:
-        raise ValueError(
-            f"--eval-windows {eval_windows}, --batch-size {batch_size}, --seq-len {seq_len}: use windows >= 1, "
-            "batch >= 1 and seq-len >= 2"
-        )
+    if calib_dir is not None and registry is not None:
+        raise ValueError("pass one of --calib DIR (its held-out windows) or --domains REGISTRY, not both")
+    if calib_dir is None and registry is None and not tasks:
+        raise ValueError("nothing to evaluate: pass --calib DIR or --domains REGISTRY (perplexity), "
+                         "and/or --tasks T1,T2 (lm-eval accuracy)")  # fmt: skip
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit {limit}: pass a positive number of items per task")
+    tm = None
+    if tasks:
+        from dive_ds.eval.downstream import resolve_tasks
+
+        tm, tasks = resolve_tasks(tasks)  # unknown names stop here, before any model is loaded
     model_dir = Path(resolve_model(model))
+    identity = None
     if out is not None:  # before any heavy work
         out = Path(out)
         identity = evaluation_identity(
             model_dir, calib_dir, registry, eval_windows, seq_len, seed, oracle, router
         )
+        if tasks:
+            identity["tasks"] = {"names": tasks, "limit": limit, "num_fewshot": num_fewshot}
         check_not_input(out, {"model": model_dir, "calibration": calib_dir})
         claim_eval_out(out, identity)
+    evals: dict[str, torch.Tensor] = {}
+    source = None
     if calib_dir is not None:
         cal = load_calibration(calib_dir)
         evals = {n: w[:eval_windows] if eval_windows is not None else w for n, w in cal.eval.items()}
         source = str(cal.path)
-    else:
+    elif registry is not None:
         evals = registry_eval_windows(
             registry, model_dir, 16 if eval_windows is None else eval_windows, seq_len, seed
         )
         source = str(registry)
     domains = list(evals)
-    mapping = oracle_map(model_dir, domains) if model_dir.is_dir() else None  # checked before loading
+    mapping = (
+        oracle_map(model_dir, domains) if evals and model_dir.is_dir() else None
+    )  # checked before loading
     m = load_causal_lm(model_dir, dtype=torch.float32).eval()  # refuses missing weights
     t0 = time.time()
     res: dict = {
@@ -437,8 +454,13 @@ def run_evaluate(
         "eval_source": source,
         "domains": domains,
     }
-    if isinstance(m.config, DiveMoeConfig):
-        res["params"] = count_parameters(m.config)
+    moe = isinstance(m.config, DiveMoeConfig)
+    n = None if moe else sum(p.numel() for p in m.parameters())
+    res["params"] = count_parameters(m.config) if moe else {"total": n, "activated": n}
+    if not evals:
+        res |= _downstream(m, load_tokenizer(model_dir, m.config), tasks, tm, limit, num_fewshot, batch_size)
+        return _finish_evaluate(res, out, identity)
+    if moe:
         if router or not oracle:
             rr = routing_report(m, evals, batch_size, expected=mapping)
             res["router"] = rr["ppl"]
@@ -448,8 +470,6 @@ def run_evaluate(
             res["oracle"] = domain_perplexities(m, evals, batch_size, oracle=mapping)
             res["oracle_map"] = mapping
     else:
-        n = sum(p.numel() for p in m.parameters())
-        res["params"] = {"total": n, "activated": n}
         res["router"] = domain_perplexities(m, evals, batch_size)
     for key in ("router", "oracle"):
         if key in res:
@@ -457,11 +477,41 @@ def run_evaluate(
     res["tokens"] = int(sum(w.numel() for w in evals.values())) * (("oracle" in res) + ("router" in res))
     res["seconds"] = round(time.time() - t0, 1)
     res["tokens_per_s"] = round(res["tokens"] / max(res["seconds"], 1e-9), 1)
+    if tasks:
+        res |= _downstream(m, load_tokenizer(model_dir, m.config), tasks, tm, limit, num_fewshot, batch_size)
+    return _finish_evaluate(res, out, identity)
+
+
+def _downstream(m, tok, tasks, tm, limit, num_fewshot, batch_size) -> dict:
+    """lm-eval accuracies of the loaded model: {"tasks": ..., "lm_eval": ..., "tasks_seconds": ...}."""
+    from dive_ds.eval.downstream import hflm, run_tasks
+
+    t0 = time.time()
+    if torch.cuda.is_available():
+        m = m.to("cuda")
+    found = run_tasks(hflm(m, tok, batch_size), tasks, tm, limit, num_fewshot)
+    return found | {"tasks_seconds": round(time.time() - t0, 1)}
+
+
+def _finish_evaluate(res: dict, out: Path | None, identity: dict | None) -> dict:
     if out is not None:
+        from dive_ds.eval.downstream import write_tensorboard
+
         out.mkdir(parents=True, exist_ok=True)
-        (out / "eval.md").write_text(markdown_table([res], domains))
+        (out / "eval.md").write_text(evaluation_markdown(res))
+        write_tensorboard(out / "tb", res)
         _write_json(out / "eval.json", res | {"identity": identity})  # the record last
     return res
+
+
+def evaluation_markdown(res: dict) -> str:
+    """eval.md: the perplexity table (when there are domains) and the accuracy table (when there are tasks)."""
+    from dive_ds.eval.downstream import accuracy_table
+
+    parts = [markdown_table([res], res["domains"])] if res["domains"] else []
+    if res.get("tasks"):
+        parts.append(accuracy_table([res]))
+    return "\n".join(parts)
 
 
 def markdown_table(results: list[dict], domains: list[str]) -> str:

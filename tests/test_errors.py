@@ -136,4 +136,7 @@ def test_evaluate_from_registry_uses_calibrations_held_out_split(tmp_path, capsy
     assert e1 == e2 and e1["a"] > 1.0
     capsys.readouterr()
     assert main(["evaluate", str(tmp_path / "m"), "--out", str(tmp_path / "e3")]) == 2
-    assert "exactly one of --calib DIR" in _err(capsys)
+    assert "nothing to evaluate: pass --calib DIR or --domains REGISTRY" in _err(capsys)
+    both = ["--calib", str(tmp_path / "cal"), "--domains", str(reg)]
+    assert main(["evaluate", str(tmp_path / "m"), *both, "--out", str(tmp_path / "e3")]) == 2
+    assert "not both" in _err(capsys)

@@ -1,0 +1,273 @@
+"""Offline lm-eval tasks, built at run time from a PyPI package (nothing third-party is committed).
+
+The `evals` wheel (installed with the demo assets, `pip install --no-deps`) ships multiple-choice
+sets as chat prompts (`{"input": [system, user], "ideal": ...}`, options lettered inside the user
+text). `build_offline_tasks` parses them into the field layout of the Hugging Face datasets that
+lm-eval's own tasks read, and writes, per task, a jsonl file and an lm-eval task config (YAML)
+over it, whose prompt and target are lm-eval's own functions for that task:
+
+    dive_logiqa   LogiQA (one of the paper's 11 tasks), 4 options; lm-eval's `logiqa` prompt
+                  (passage, question, lettered choices; the choices' texts are scored)
+    dive_medmcqa  MedMCQA, 4 options; lm-eval's `medmcqa` prompt (the letters are scored)
+
+Layout (default `$DIVE_DS_CACHE/lm_eval_tasks`, cached and atomic like the demo pack):
+
+    <task>.jsonl, <task>.yaml   items and their config (`TaskManager(include_path=folder)`)
+    tasks.json                  manifest: version, source package + version + file, items per task
+
+Kept apart from the demo pack: the pack's science_quartz domain is every QuaRTz item of the same
+wheel stated with its correct answer (`dive_ds.data.demo_readers._read_quartz`), so QuaRTz is not
+offered (`EXCLUDED`); no offered task reads a file that a demo or unseen pack domain reads
+(checked before every build).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from dive_ds.data.demo_pack import _PINNED
+
+TASKS_VERSION = 1
+"""Bump when a parser or a config changes what a task's items or prompts are."""
+
+EVALS_VERSION = _PINNED["evals"]
+"""The `evals` release the parsers were written against (setup.cfg demo-assets pins it)."""
+
+
+def _chat_user(row: dict) -> str:
+    turns = [t["content"] for t in row["input"] if t.get("role") == "user"]
+    if len(turns) != 1:
+        raise ValueError(f"expected one user turn, got {len(turns)}: {str(row)[:120]}")
+    return turns[0]
+
+
+_LOGIQA_RE = re.compile(
+    r"^\s*Passage:\s*(?P<context>.*?)\s*Question:\s*(?P<question>.*?)\s*"
+    r"\nA\. (?P<A>.*?)\nB\. (?P<B>.*?)\nC\. (?P<C>.*?)\nD\. (?P<D>.*?)\nAnswer:\s*$",
+    re.S,
+)
+
+
+def parse_logiqa(row: dict) -> dict:
+    """evals' LogiQA row -> the fields of lm-eval's `logiqa` dataset: context, question, options, label ('a'..'d').
+
+    evals repeats each option's letter inside it ("A. A.Zhao chose ..."); that inner letter is dropped."""
+    m = _LOGIQA_RE.match(_chat_user(row))
+    if m is None:
+        raise ValueError(f"unexpected LogiQA layout: {_chat_user(row)[:120]!r}")
+    options = [re.sub(rf"^{letter}\.\s*", "", m[letter].strip()) for letter in "ABCD"]
+    gold = row["ideal"].strip()
+    if gold not in ("A", "B", "C", "D"):
+        raise ValueError(f"LogiQA answer {gold!r} is not a letter A-D")
+    return {"context": m["context"].strip(), "question": m["question"].strip(), "options": options,
+            "label": gold.lower()}  # fmt: skip
+
+
+_MEDMCQA_RE = re.compile(
+    r"^Subject: (?P<subject>.*?)\n\n(?P<question>.*)\n\na\) (?P<a>.*?)\nb\) (?P<b>.*?)"
+    r"\nc\) (?P<c>.*?)\nd\) (?P<d>.*?)\s*$",
+    re.S,
+)
+
+
+def parse_medmcqa(row: dict) -> dict:
+    """evals' MedMCQA row -> the fields of lm-eval's `medmcqa` dataset: question, opa..opd, cop (0-3)."""
+    m = _MEDMCQA_RE.match(_chat_user(row))
+    if m is None:
+        raise ValueError(f"unexpected MedMCQA layout: {_chat_user(row)[:120]!r}")
+    ideal = row["ideal"].strip()
+    letter = ideal[:1]
+    if letter not in "abcd" or ideal != f"{letter}) {m[letter]}".strip():
+        raise ValueError(f"MedMCQA answer {ideal!r} is not one of the options")
+    return {"question": m["question"].strip(), "subject_name": m["subject"].strip(),
+            **{f"op{x}": m[x].strip() for x in "abcd"}, "cop": "abcd".index(letter)}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class OfflineTask:
+    """One offline task: where its items are in the `evals` wheel and how lm-eval scores them."""
+
+    path: str
+    """jsonl file inside the `evals` package folder."""
+    parse: Callable[[dict], dict]
+    """evals row -> one item in the field layout of lm-eval's task of the same data."""
+    config: dict
+    """lm-eval task config keys besides task / dataset (prompt, choices, target, metrics)."""
+    choices: int
+    """Options per item (chance accuracy is 1 / choices)."""
+    description: str
+
+
+_ACC = [{"metric": m, "aggregation": "mean", "higher_is_better": True} for m in ("acc", "acc_norm")]
+
+OFFLINE_TASKS: dict[str, OfflineTask] = {
+    "dive_logiqa": OfflineTask(
+        "registry/data/logiqa/logiqa.jsonl",
+        parse_logiqa,
+        {
+            "doc_to_text": "!function lm_eval.tasks.logiqa.utils_logiqa.doc_to_text",
+            "doc_to_target": "!function lm_eval.tasks.logiqa.utils_logiqa.doc_to_target",
+            "doc_to_choice": "{{options}}",
+        },
+        4,
+        "LogiQA (logical reasoning), lm-eval's logiqa prompt",
+    ),
+    "dive_medmcqa": OfflineTask(
+        "registry/data/medmcqa/samples.jsonl",
+        parse_medmcqa,
+        {
+            "doc_to_text": "!function lm_eval.tasks.medmcqa.utils_medmcqa.doc_to_text",
+            "doc_to_target": "cop",
+            "doc_to_choice": ["A", "B", "C", "D"],
+        },
+        4,
+        "MedMCQA (medical entrance exams), lm-eval's medmcqa prompt",
+    ),
+}
+"""Offline task name -> source and config, in listing order."""
+
+EXCLUDED: dict[str, str] = {
+    "dive_quartz": "every QuaRTz item of the evals wheel is demo-pack text (the science_quartz domain states each "
+    "one with its answer), which the demo calibrates and retrains on",
+}
+"""Names refused with their reason (data the demo pack uses)."""
+
+
+def evals_dir() -> Path:
+    """The installed `evals` package folder (located, never imported: its own dependencies are absent)."""
+    spec = importlib.util.find_spec("evals")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            "the offline lm-eval tasks need the package 'evals', which is not installed; run `make setup` "
+            f"or `pip install --no-deps evals=={EVALS_VERSION}`"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _evals_version() -> str | None:
+    try:
+        return importlib.metadata.version("evals")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def check_disjoint_from_demo_packs() -> None:
+    """Refuse to build if an offered task reads a file that a demo or unseen pack domain reads."""
+    from dive_ds.data.demo_pack import SOURCES, UNSEEN_SOURCES
+
+    used = {(s.distribution, s.path) for s in (*SOURCES.values(), *UNSEEN_SOURCES.values())}
+    for name, task in OFFLINE_TASKS.items():
+        if ("evals", task.path) in used:
+            raise RuntimeError(f"offline task {name} reads {task.path}, which the demo text pack uses")
+
+
+def read_items(name: str) -> Iterator[dict]:
+    """A task's items, parsed, in the order of the source file (exact repeats dropped)."""
+    task = OFFLINE_TASKS[name]
+    path = evals_dir() / task.path
+    if not path.is_file():
+        raise RuntimeError(
+            f"offline task {name}: {path} is missing from evals {_evals_version()}; reinstall it with "
+            f"`pip install --no-deps --force-reinstall evals=={EVALS_VERSION}`"
+        )
+    seen = set()
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                item = task.parse(json.loads(line))
+                key = json.dumps(item, sort_keys=True)
+                if key not in seen:
+                    seen.add(key)
+                    yield item
+
+
+def _task_yaml(name: str, data_file: Path) -> str:
+    """An lm-eval task config over a local jsonl file (datasets' packaged `json` builder: no hub)."""
+    task = OFFLINE_TASKS[name]
+    lines = [
+        f"task: {name}",
+        "dataset_path: json",
+        "dataset_kwargs:",
+        "  data_files:",
+        f"    test: {json.dumps(str(data_file))}",
+        "test_split: test",
+        "output_type: multiple_choice",
+    ]
+    for key, value in task.config.items():
+        is_function = isinstance(value, str) and value.startswith("!function ")
+        lines.append(f"{key}: {value if is_function else json.dumps(value)}")
+    lines.append("metric_list:")
+    for m in _ACC:
+        lines += [f"  - metric: {m['metric']}", "    aggregation: mean", "    higher_is_better: true"]
+    lines += ["metadata:", f"  version: {TASKS_VERSION}", f"  source: {json.dumps(f'evals:{task.path}')}"]
+    return "\n".join(lines) + "\n"
+
+
+def default_tasks_dir() -> Path:
+    """`$DIVE_DS_CACHE/lm_eval_tasks` (DIVE_DS_CACHE defaults to ~/.cache/dive_ds)."""
+    cache = os.environ.get("DIVE_DS_CACHE") or "~/.cache/dive_ds"
+    return Path(cache).expanduser() / "lm_eval_tasks"
+
+
+def _is_built(out: Path) -> bool:
+    try:
+        manifest = json.loads((out / "tasks.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return (
+        manifest.get("tasks_version") == TASKS_VERSION
+        and manifest.get("source_version") == _evals_version()
+        and list(manifest.get("tasks", {})) == list(OFFLINE_TASKS)
+        and all((out / f"{n}{ext}").is_file() for n in OFFLINE_TASKS for ext in (".jsonl", ".yaml"))
+    )
+
+
+def build_offline_tasks(out: Path | None = None) -> Path:
+    """Write (or reuse) every offline task's jsonl + YAML and `tasks.json` in `out`; returns `out`."""
+    out = Path(out) if out is not None else default_tasks_dir()
+    if _is_built(out):
+        return out
+    check_disjoint_from_demo_packs()
+    if out.exists():
+        if not out.is_dir():
+            raise ValueError(f"offline task folder {out} is a file; remove it or set DIVE_DS_CACHE")
+        ours = {"tasks.json"} | {f"{n}{ext}" for n in OFFLINE_TASKS for ext in (".jsonl", ".yaml")}
+        foreign = sorted({p.name for p in out.iterdir()} - ours)
+        if foreign:  # the folder is replaced wholesale: never throw away someone's files
+            raise ValueError(f"offline task folder {out} holds other files {foreign[:5]}; remove them")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
+    try:
+        manifest: dict = {"tasks_version": TASKS_VERSION, "source_version": _evals_version(), "tasks": {}}
+        for name, task in OFFLINE_TASKS.items():
+            items = list(read_items(name))
+            with (tmp / f"{name}.jsonl").open("w", encoding="utf-8", newline="\n") as f:
+                for item in items:
+                    f.write(json.dumps(item, ensure_ascii=False) + "\n")
+            (tmp / f"{name}.yaml").write_text(_task_yaml(name, out / f"{name}.jsonl"), encoding="utf-8")
+            manifest["tasks"][name] = {
+                "items": len(items),
+                "choices": task.choices,
+                "description": task.description,
+                "source": {"package": "evals", "version": _evals_version(), "path": task.path},
+            }
+        manifest["excluded"] = EXCLUDED
+        (tmp / "tasks.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a shared cache must stay readable
+        if _is_built(out):  # a concurrent build finished first
+            return out
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
