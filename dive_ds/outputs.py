@@ -80,7 +80,7 @@ def claim_output(
 
 # --------------------------------------------------------------------------- evaluate
 
-EVAL_FILES = ("eval.json", "eval.md")
+EVAL_FILES = ("eval.json", "eval.md", "tb")  # tb/: the TensorBoard scalars
 
 
 def evaluation_identity(
@@ -100,7 +100,7 @@ def evaluation_identity(
 
 
 def claim_eval_out(out: Path, identity: dict) -> None:
-    """evaluate writes eval.json and eval.md into `out` (other files there stay untouched): refused when
+    """evaluate writes eval.json, eval.md and tb/ into `out` (other files there stay untouched): refused when
     `out` is not a folder, or holds those files from another evaluation (rerunning the same one rewrites them)."""
     if out.is_symlink() or (out.exists() and not out.is_dir()):
         raise ValueError(f"--out {out} exists and is not a folder; choose another --out")
@@ -115,7 +115,7 @@ def claim_eval_out(out: Path, identity: dict) -> None:
     if recorded != identity:
         raise ValueError(
             f"--out {out} holds another evaluation ({first_difference(recorded, identity)}); "
-            "choose another --out (or delete its eval.json and eval.md)"
+            "choose another --out (or delete its eval.json, eval.md and tb/)"
         )
 
 

@@ -196,12 +196,12 @@ def test_mine_and_evaluate_out_refuse_another_runs_files(calib, tmp_path, capsys
         assert cli(argv, capsys) == 2, argv
         assert message in one_line_error(capsys), argv
     assert snapshot(tmp_path) == before
-    # the same runs again: mining is reused as is, the evaluation rewrites only its own two files
+    # the same runs again: mining is reused as is, the evaluation rewrites only its own files
     assert cli([*mine, "2", "--out", str(mined)], capsys) == 0
     assert "already holds this mining run; reusing it" in capsys.readouterr().out
     (evals / "notes.txt").write_text("kept")
     assert cli([*evaluate, str(evals), "--eval-windows", "2"], capsys) == 0
-    assert sorted(p.name for p in evals.iterdir()) == ["eval.json", "eval.md", "notes.txt"]
+    assert sorted(p.name for p in evals.iterdir()) == ["eval.json", "eval.md", "notes.txt", "tb"]
     assert {k: v for k, v in snapshot(tmp_path).items() if not k.startswith("evals")} == {
         k: v for k, v in before.items() if not k.startswith("evals")
     }
