@@ -320,10 +320,28 @@ def run_compare(
         "windows": {k: {n: int(w.numel()) for n, w in v.items()} for k, v in windows.items()},
     }
     done = _finished_runs(out / "compare.json", results["windows"])
-    for name, method, treatment in run_names(cfg):
-        if name in done:  # same identity (checked above) and same windows: its numbers stand
+    names = run_names(cfg)
+    for name, _, _ in names:  # same identity (checked above) and same windows: their numbers stand
+        if name in done:
             print(f"[compare] {name}: kept from the earlier pass of this comparison", flush=True)
             results["runs"][name] = done[name]
+
+    def write() -> (
+        None
+    ):  # after every run (complete: false until the last), so a long comparison shows as it goes
+        results.update(
+            complete=len(results["runs"]) == len(names), config=asdict(cfg), calibration=str(cal.path),
+            eval_domains=eval_domains, build_seconds=round(build_s, 1),
+            total_seconds=round(time.time() - t_all, 1), ratios=ratios(results["runs"]),
+        )  # fmt: skip
+        _write_json(out / "compare.json", results)
+        (out / "compare.md").write_text(markdown(results))
+        plot_curves(results, out / "ppl_vs_tokens.png")
+
+    if done:
+        write()
+    for name, method, treatment in names:
+        if name in done:
             continue
         print(f"[compare] evaluating {name} before training", flush=True)
         # oracle routing only with the random router: its fitted twin has the very same experts
@@ -337,19 +355,7 @@ def run_compare(
         results["runs"][name] = {"method": method, "treatment": treatment, "model": str(models[name]),
                                  "before": before, "after": after, "curve": points, "train_tokens_per_s": tok_s,
                                  "train_tokens": cfg.steps * cfg.batch * cfg.seq_len}  # fmt: skip
-        # written after every run (complete: false until the last), so a long comparison shows as it goes
-        results |= {
-            "complete": len(results["runs"]) == len(run_names(cfg)),
-            "config": asdict(cfg),
-            "calibration": str(cal.path),
-            "eval_domains": eval_domains,
-            "build_seconds": round(build_s, 1),
-            "total_seconds": round(time.time() - t_all, 1),
-            "ratios": ratios(results["runs"]),
-        }
-        _write_json(out / "compare.json", results)
-        (out / "compare.md").write_text(markdown(results))
-        plot_curves(results, out / "ppl_vs_tokens.png")
+        write()
     print((out / "compare.md").read_text())
     return results
 
