@@ -28,6 +28,12 @@ def killed_at(call: int, target: str, argv) -> int:
         try:
             import importlib
 
+            import torch
+
+            # the parent's OpenMP thread pool does not survive fork(): a child entering a parallel region
+            # with more than one thread waits forever on it (make test runs with OMP_NUM_THREADS=2)
+            torch.set_num_threads(1)
+
             module = importlib.import_module(module_name)
             original, count = getattr(module, func), [0]
 
