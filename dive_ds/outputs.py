@@ -89,12 +89,13 @@ def evaluation_identity(
     """What decides `dive-ds evaluate`'s numbers: the model (absolute path, fingerprint) and the windows."""
     from dive_ds.io.fingerprint import input_record
 
-    source = (
-        {"calibration": str(Path(calib_dir).resolve())}
-        if calib_dir is not None
-        else {"registry": str(Path(registry).resolve()) if Path(registry).exists() else str(registry),
-              "seq_len": seq_len, "seed": seed}
-    )  # fmt: skip
+    if calib_dir is not None:
+        source = {"calibration": str(Path(calib_dir).resolve())}
+    elif registry is not None:
+        source = {"registry": str(Path(registry).resolve()) if Path(registry).exists() else str(registry),
+                  "seq_len": seq_len, "seed": seed}  # fmt: skip
+    else:  # lm-eval tasks only (their names join the identity in run_evaluate)
+        source = {}
     model = input_record(model_dir) if model_dir.is_dir() else {"path": str(model_dir)}
     return {"model": model, **source, "eval_windows": eval_windows, "oracle": oracle, "router": router}
 
