@@ -473,15 +473,18 @@ def test_design_card_command_on_one_rank_with_the_deepspeed_launcher(world, tiny
 
 def test_resume_with_another_ep_size_is_refused_before_loading(world, tiny, tmp_path):
     """A checkpoint saved under EP 2 (2 ranks), relaunched on 1 rank where zero3.json now gives EP 1."""
+    from dive_ds.train.identity import run_identity, write_identity
     from dive_ds.train.retrain import train
 
     raw = base_run(tiny, tmp_path / "run")
+    run = run_config_from_dict(raw)
     tag = tmp_path / "run" / "stages" / "router" / "checkpoints" / "step_00000002"
     tag.mkdir(parents=True)
+    write_identity(tmp_path / "run", run_identity(run))  # this very run's folder, as its first launch left it
     (tag / "dive_ds_stage.json").write_text(json.dumps({"ep_size": 2, "world_size": 2}))
     (tag.parent / "latest").write_text(tag.name)
     with pytest.raises(ValueError, match="was saved with expert parallel 2 and this launch has 1; relaunch"):
-        train(run_config_from_dict(raw), read_mapping(ZERO3), "ds_configs/zero3.json")
+        train(run, read_mapping(ZERO3), "ds_configs/zero3.json")
     assert not (tmp_path / "run" / "run_info.json").exists()
 
 
