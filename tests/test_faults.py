@@ -74,7 +74,10 @@ STEPS = [  # (command, the function that writes its files, the files compared (N
 ]  # fmt: skip
 
 
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+@pytest.mark.skipif(
+    not hasattr(os, "fork"),
+    reason="needs os.fork (POSIX): the kill must skip all clean-up, which only a forked child allows",
+)
 @pytest.mark.parametrize("argv,target,compared,points", STEPS)
 def test_killed_at_every_write_then_relaunched(tiny, tmp_path, argv, target, compared, points):
     def command(out: Path) -> list[str]:
