@@ -140,3 +140,24 @@ def one_line_error(capsys, prefix: str = "dive-ds: error: ") -> str:
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(prefix), lines
     return lines[0]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(args: list[str], nproc: int = 2, timeout: int = 300, env: dict | None = None):
+    """`torchrun --nproc-per-node N args...` on CPU (1 thread per rank, the repo importable) -> CompletedProcess."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    full_env = os.environ | {"PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"} | (env or {})
+    cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc-per-node", str(nproc),
+           "--master-port", str(free_port()), *args]  # fmt: skip
+    return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout)
