@@ -439,6 +439,8 @@ def check_out_dir(out: Path, identity: dict, force: bool) -> bool:
         raise ValueError(f"--out {out} exists and is a file, not a folder; choose another --out")
     if man.exists():
         old = json.loads(man.read_text()).get("identity")
+        if isinstance(old, dict) and "dtype" not in old:
+            old = old | {"dtype": "fp32"}  # written before --dtype existed: every pass then was fp32
         if old == identity:
             return True
         if old != identity and not force:
