@@ -257,6 +257,30 @@ def carry_device(device: torch.device, nbytes: int, share: float = 0.5) -> torch
     return device if nbytes < share * free else torch.device("cpu")
 
 
+def host_memory_per_rank() -> int | None:
+    """This node's available memory (/proc/meminfo MemAvailable) over its ranks (torchrun's LOCAL_WORLD_SIZE)."""
+    try:
+        with open("/proc/meminfo") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+    return kib * 1024 // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def check_fit_memory(ranks, need: int, where: torch.device, windows_per_domain: int) -> None:
+    """Refuse, on every rank alike, a fit whose carried and gathered rows (`need` bytes per rank) exceed the
+    host memory a rank may use (on a GPU `carry_device` already fell back to the host when they did not fit)."""
+    avail = host_memory_per_rank() if where.type == "cpu" else None
+    too_big = avail is not None and need > avail
+    if (ranks or Ranks()).any(too_big):
+        fewer = max(1, int(windows_per_domain * (avail or need) / need * 0.8))
+        raise ValueError(
+            f"fit-router would hold ~{need / 2**30:.1f} GiB per rank (every window's x and errors of a layer are "
+            f"gathered on every rank) but a rank may use ~{(avail or 0) / 2**30:.1f} GiB here; pass "
+            f"--windows-per-domain {fewer} (or fewer) or start fewer ranks per node"
+        )
+
+
 def gather_windows(ranks, mine_W: torch.Tensor, rows_WSX: torch.Tensor) -> torch.Tensor:
     """Every rank's rows of its windows ([W_r, S, X]) -> all windows' rows in global window order, on every
     rank ([W, S, X]); `mine_W` are this rank's global window indices."""
@@ -350,7 +374,9 @@ def fit_routers(
     n_mine = mine_W.numel() * seq_len
     # carried on this rank: hid, resid, x (T_r x H) and err (T_r x E); gathered: x and err (T x (H + E))
     n_tok = ids_WS.numel()
-    carry = carry_device(dev, 4 * (n_mine * (3 * hidden + num_experts) + n_tok * (hidden + num_experts)))
+    need = 4 * (n_mine * (3 * hidden + num_experts) + n_tok * (hidden + num_experts))
+    carry = carry_device(dev, need)
+    check_fit_memory(ranks, need, carry, max(w.shape[0] for w in windows.values()))
     fit_on = fit_tok.to(carry)
     embed = moe.get("model.embed_tokens.weight").to(torch.float32)
     hid = F.embedding(ids_WS[mine_W], embed).to(carry)
