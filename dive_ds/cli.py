@@ -27,6 +27,14 @@ from dive_ds.steps import DEMO, error_message
 min2_int = int_at_least(2)
 
 
+def _add_device_flags(p) -> None:
+    """--device / --dtype of the commands that run the model; many ranks: launch them with torchrun."""
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where the model runs: auto (this rank's GPU if there is one, else the CPU), cpu or cuda")  # fmt: skip
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
+                   help="model weights' dtype: fp32 (default) or bf16 (GPU only); NLL and sums stay float32/64")  # fmt: skip
+
+
 def _add_calibrate(sub) -> None:
     p = sub.add_parser(
         "calibrate",
@@ -136,6 +144,7 @@ def _add_commands(sub) -> None:
     p.add_argument("--model", help="dense model (default: the one recorded in the calibration)")
     p.add_argument("--batch-size", type=positive_int, default=8, help="windows per forward (default 8)")
     p.add_argument("--out", required=True, help="output folder")
+    _add_device_flags(p)
     p.set_defaults(func=cmd_mine)
 
     p = sub.add_parser(
@@ -239,6 +248,7 @@ def _add_commands(sub) -> None:
     )
     p.add_argument("--model", help="dense model (default: the one recorded in the calibration)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_device_flags(p)
     p.set_defaults(func=cmd_fit_router)
 
     p = sub.add_parser(
@@ -347,6 +357,7 @@ def _add_commands(sub) -> None:
         help="windows (or lm-eval requests) per forward (default 8)",
     )
     p.add_argument("--out", help="write eval.json, eval.md and TensorBoard scalars (tb/) here")
+    _add_device_flags(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("plan", help="parameters and per-GPU memory of a DIVE MoE on a cluster (arithmetic only)",
@@ -491,6 +502,8 @@ def cmd_mine(a) -> int:
         a.model,
         a.batch_size,
         a.linkage,
+        a.device,
+        a.dtype,
     )
     return 0
 
@@ -547,7 +560,7 @@ def cmd_fit_router(a) -> int:
 
     cfg = RouterFitConfig(target=a.target, l2=a.l2, max_iter=a.max_iter, windows_per_domain=a.windows_per_domain,
                           noise_ratio=a.noise_ratio, progress=not a.no_progress)  # fmt: skip
-    run_fit_router(a.moe, a.calib, a.out, cfg, dense=a.model)
+    run_fit_router(a.moe, a.calib, a.out, cfg, dense=a.model, device=a.device, dtype=a.dtype)
     return 0
 
 
@@ -575,6 +588,7 @@ def cmd_consolidate(a) -> int:
 
 
 def cmd_evaluate(a) -> int:
+    from dive_ds.parallel.ranks import launched_world
     from dive_ds.workflows import evaluation_markdown, run_evaluate
 
     tasks = None
@@ -585,8 +599,10 @@ def cmd_evaluate(a) -> int:
     res = run_evaluate(
         a.model, a.calib, a.out, oracle=not a.no_oracle, batch_size=a.batch_size, eval_windows=a.eval_windows,
         registry=a.domains, seq_len=a.seq_len, seed=a.seed, tasks=tasks, limit=a.limit, num_fewshot=a.num_fewshot,
+        device=a.device, dtype=a.dtype,
     )  # fmt: skip
-    print(evaluation_markdown(res))
+    if launched_world()[0] == 0:  # every rank holds the same result; rank 0 prints it
+        print(evaluation_markdown(res))
     return 0
 
 

@@ -6,9 +6,15 @@ error. The layer's router (E x H, no bias, as the model has) is then fitted as a
 logistic regression x -> label (L-BFGS, L2), and the hidden states are carried through the MoE
 layer routed by the router just fitted, so layer l + 1 is fitted on exactly what it will serve.
 
-Streaming like calibration: one MoE decoder layer and one dense MLP resident, the calibration
-windows' hidden states carried from layer to layer. Works on an HF dive_moe folder and on a
+Streaming like calibration: one MoE decoder layer and one dense MLP resident (on the compute
+device, in the compute dtype), the calibration windows' hidden states carried from layer to layer
+(float32; on the GPU when they fit there, else on the host). Works on an HF dive_moe folder and on a
 sharded folder from `reconstruct --shards`; writes a new folder (never touches the input).
+
+On many ranks each rank carries its share of the windows; per layer the (x, err) rows of every
+window are gathered onto every rank in global window order, so every rank fits on exactly the data
+one rank would, and rank 0's fitted weights are broadcast (the fits agree; this makes it certain).
+The gather is T x (H + E) float32 per layer on every rank: cap it with `windows_per_domain`.
 
 Targets for top-k > 1: "soft" = softmax(-err / tau) over the experts (tau per layer = the median gap
 between the best and second-best expert's error), so the router's top-k and its weights among
@@ -33,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+
+from dive_ds.parallel.ranks import Ranks
 
 TARGETS = ("auto", "hard", "soft")
 FIT_FILE = "router_fit.json"
@@ -111,7 +119,7 @@ def fit_linear_router(
     # near-silent features (an RMSNorm weight of 1e-5) would get huge weights: floor their scale
     scale_H = rms_H.clamp_min(0.1 * rms_H.median().item() + 1e-12)
     xs = x / scale_H
-    w = torch.zeros(num_experts, x.shape[1], dtype=torch.float32, requires_grad=True)
+    w = torch.zeros(num_experts, x.shape[1], dtype=torch.float32, device=x.device, requires_grad=True)
     opt = torch.optim.LBFGS(
         [w],
         lr=1.0,
@@ -214,6 +222,7 @@ class MoeLayers:
 
 
 def _build_moe_layer(config, layer: int, state: dict[str, torch.Tensor]):
+    """The decoder layer on the host in float32 (sliced_channels compares its bytes); moved by the caller."""
     from dive_ds.models.moe import DiveMoeDecoderLayer
 
     with torch.device("meta"):
@@ -230,10 +239,55 @@ def _dense_mlp(dense, layer: int):
 
 def _each_expert(experts, x_TH: torch.Tensor) -> torch.Tensor:
     """Every expert's output (bias included) on every token -> y_ETH, through the experts' own dispatch."""
-    ones = torch.ones(x_TH.shape[0], 1)
+    ones = torch.ones(x_TH.shape[0], 1, device=x_TH.device, dtype=x_TH.dtype)
     return torch.stack(
-        [experts(x_TH, torch.full((x_TH.shape[0], 1), e), ones)[0] for e in range(experts.num_experts)]
+        [
+            experts(x_TH, torch.full((x_TH.shape[0], 1), e, device=x_TH.device), ones)[0]
+            for e in range(experts.num_experts)
+        ]
     )
+
+
+def carry_device(device: torch.device, nbytes: int, share: float = 0.5) -> torch.device:
+    """Where the carried hidden states live: the GPU when `nbytes` is under `share` of its free memory
+    (the rest is for the resident layer, its activations and the gathered fit rows), else the host."""
+    if device.type != "cuda":
+        return torch.device("cpu")
+    free, _ = torch.cuda.mem_get_info(device)
+    return device if nbytes < share * free else torch.device("cpu")
+
+
+def host_memory_per_rank() -> int | None:
+    """This node's available memory (/proc/meminfo MemAvailable) over its ranks (torchrun's LOCAL_WORLD_SIZE)."""
+    try:
+        with open("/proc/meminfo") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+    return kib * 1024 // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def check_fit_memory(ranks, need: int, where: torch.device, windows_per_domain: int) -> None:
+    """Refuse, on every rank alike, a fit whose carried and gathered rows (`need` bytes per rank) exceed the
+    host memory a rank may use (on a GPU `carry_device` already fell back to the host when they did not fit)."""
+    avail = host_memory_per_rank() if where.type == "cpu" else None
+    too_big = avail is not None and need > avail
+    if (ranks or Ranks()).any(too_big):
+        fewer = max(1, int(windows_per_domain * (avail or need) / need * 0.8))
+        raise ValueError(
+            f"fit-router would hold ~{need / 2**30:.1f} GiB per rank (every window's x and errors of a layer are "
+            f"gathered on every rank) but a rank may use ~{(avail or 0) / 2**30:.1f} GiB here; pass "
+            f"--windows-per-domain {fewer} (or fewer) or start fewer ranks per node"
+        )
+
+
+def gather_windows(ranks, mine_W: torch.Tensor, rows_WSX: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows of its windows ([W_r, S, X]) -> all windows' rows in global window order, on every
+    rank ([W, S, X]); `mine_W` are this rank's global window indices."""
+    if ranks is None or not ranks.distributed:
+        return rows_WSX
+    order = ranks.gather_rows(mine_W.to(torch.int64)).argsort()
+    return ranks.gather_rows(rows_WSX)[order]
 
 
 def sliced_channels(experts, w_gate_FH, w_up_FH, w_down_HF) -> list[torch.Tensor] | None:
@@ -265,8 +319,8 @@ def sliced_errors(
     ffn = h_TF.shape[1]
     out = []
     for e, k in enumerate(kept):
-        removed = torch.ones(ffn, dtype=torch.bool)
-        removed[k] = False
+        removed = torch.ones(ffn, dtype=torch.bool, device=h_TF.device)
+        removed[k.to(h_TF.device)] = False
         diff = -F.linear(h_TF[:, removed], w_down_HF[:, removed])
         if bias_EH is not None:
             diff = diff + bias_EH[e]
@@ -283,79 +337,109 @@ def fit_routers(
     dense_dir: str | Path,
     windows: dict[str, torch.Tensor],
     cfg: RouterFitConfig = RouterFitConfig(),
+    ranks: Ranks | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[dict[int, dict[str, torch.Tensor]], dict]:
-    """Fit every layer's router in one streaming pass -> ({layer: {'gate.weight', 'gate.noise_weight'}}, report)."""
+    """Fit every layer's router in one streaming pass -> ({layer: {'gate.weight', 'gate.noise_weight'}}, report).
+
+    `ranks` (default: one rank on the CPU) gives the compute device and this rank's windows; the resident
+    layer computes in `dtype`, the carried states, x and the errors stay float32."""
     from tqdm import tqdm
     from transformers.activations import ACT2FN
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
     from dive_ds.models.loading import LayerwiseCheckpoint
 
+    ranks = ranks or Ranks()
+    dev = ranks.device
     moe = MoeLayers(moe_dir)
     config = moe.config
     act = ACT2FN[config.hidden_act]
     config._attn_implementation = "sdpa"
     dense = LayerwiseCheckpoint(dense_dir)
-    num_experts, top_k = config.num_local_experts, config.num_experts_per_tok
+    num_experts, top_k, hidden = config.num_local_experts, config.num_experts_per_tok, config.hidden_size
     target_kind = cfg.target if cfg.target != "auto" else ("hard" if top_k == 1 else "soft")
     names = list(windows)
     if cfg.windows_per_domain is not None:
         windows = {n: w[: cfg.windows_per_domain] for n, w in windows.items()}
     ids_WS = torch.cat([windows[n] for n in names])
-    seq_len = ids_WS.shape[1]
+    n_win, seq_len = ids_WS.shape
+    ranks.check_items(n_win, "calibration windows (over all domains)")
     # every holdout_every-th window of each domain is held out of the fit (label accuracy is measured there)
     held = torch.cat(
         [torch.arange(w.shape[0]) % cfg.holdout_every == cfg.holdout_every - 1 for w in windows.values()]
     )
     fit_tok = held.logical_not().repeat_interleave(seq_len)
-    hid = F.embedding(ids_WS, moe.get("model.embed_tokens.weight").to(torch.float32))
-    pos = torch.arange(seq_len).unsqueeze(0)
-    cos_sin = LlamaRotaryEmbedding(config=config)(hid[:1], pos)
+    mine_W = torch.tensor(ranks.share(n_win), dtype=torch.long)  # this rank's windows, carried by it
+    n_mine = mine_W.numel() * seq_len
+    # carried on this rank: hid, resid, x (T_r x H) and err (T_r x E); gathered: x and err (T x (H + E))
     n_tok = ids_WS.numel()
+    need = 4 * (n_mine * (3 * hidden + num_experts) + n_tok * (hidden + num_experts))
+    carry = carry_device(dev, need)
+    check_fit_memory(ranks, need, carry, max(w.shape[0] for w in windows.values()))
+    fit_on = fit_tok.to(carry)
+    embed = moe.get("model.embed_tokens.weight").to(torch.float32)
+    hid = F.embedding(ids_WS[mine_W], embed).to(carry)
+    del embed
+    pos = torch.arange(seq_len, device=dev).unsqueeze(0)
+    cos_sin = LlamaRotaryEmbedding(config=config).to(dev)(hid[:1].to(dev, dtype), pos)
     routers: dict[int, dict[str, torch.Tensor]] = {}
     layers_report = []
-    bar = tqdm(total=config.num_hidden_layers * n_tok, unit="tok", unit_scale=True, disable=not cfg.progress,
-               desc="fit-router", dynamic_ncols=True)  # fmt: skip
+    bar = tqdm(total=config.num_hidden_layers * n_mine, unit="tok", unit_scale=True,
+               disable=not (cfg.progress and ranks.is_main), desc="fit-router", dynamic_ncols=True)  # fmt: skip
     t0 = time.time()
     sliced_layers = 0
+    gather_s = fit_s = 0.0
     for layer in range(config.num_hidden_layers):
         block = _build_moe_layer(config, layer, moe.layer_state(layer))
         w_gate, w_up, w_down = _dense_mlp(dense, layer)
         kept = sliced_channels(block.mlp.experts, w_gate, w_up, w_down) if cfg.sliced_shortcut else None
         sliced_layers += kept is not None
-        resid = torch.empty(n_tok, config.hidden_size)
-        x_all = torch.empty(n_tok, config.hidden_size)
-        err = torch.empty(n_tok, num_experts)
-        for i in range(0, ids_WS.shape[0], cfg.batch_size):
-            h = hid[i : i + cfg.batch_size]
+        block = block.to(dev, dtype)
+        w_gate, w_up, w_down = (w.to(dev, dtype) for w in (w_gate, w_up, w_down))
+        resid = torch.empty(n_mine, hidden, device=carry)
+        x_mine = torch.empty(n_mine, hidden, device=carry)
+        err_mine = torch.empty(n_mine, num_experts, device=carry)
+        for i in range(0, mine_W.numel(), cfg.batch_size):
+            h = hid[i : i + cfg.batch_size].to(dev, dtype)
             a = block.self_attn(
                 hidden_states=block.input_layernorm(h), position_embeddings=cos_sin, attention_mask=None
             )[0]
-            r = (h + a).reshape(-1, config.hidden_size)
+            r = (h + a).reshape(-1, hidden)
             x = block.post_attention_layernorm(r)
             h = act(F.linear(x, w_gate)) * F.linear(x, w_up)
             rows = slice(i * seq_len, i * seq_len + r.shape[0])
-            resid[rows], x_all[rows] = r, x
+            resid[rows], x_mine[rows] = r.float().to(carry), x.float().to(carry)
             if kept is not None:
-                err[rows] = sliced_errors(h, w_down, kept, block.mlp.experts.bias)
+                e = sliced_errors(h, w_down, kept, block.mlp.experts.bias)
             else:
-                err[rows] = expert_errors(F.linear(h, w_down), _each_expert(block.mlp.experts, x))
+                e = expert_errors(F.linear(h, w_down), _each_expert(block.mlp.experts, x))
+            err_mine[rows] = e.float().to(carry)
             bar.update(r.shape[0])
-        x_fit, err_fit = x_all[fit_tok], err[fit_tok].to(torch.float64)
+        tg = time.time()
+        x_all = gather_windows(ranks, mine_W, x_mine.view(-1, seq_len, hidden)).view(n_tok, hidden)
+        err = gather_windows(ranks, mine_W, err_mine.view(-1, seq_len, num_experts)).view(n_tok, -1)
+        gather_s += time.time() - tg
+        # the fit and its report where the carried states are (the GPU when there is room, else the host)
+        x_fit, err_fit = x_all[fit_on], err[fit_on].to(torch.float64)
         tau = soft_temperature(err_fit)
+        tf = time.time()
         if num_experts == 1:
-            w = torch.zeros(1, config.hidden_size)
+            w = torch.zeros(1, hidden, device=carry)
         else:
             tgt = (
                 err_fit.argmin(-1) if target_kind == "hard" else soft_targets(err_fit, tau).to(torch.float32)
             )
             w = fit_linear_router(x_fit, tgt, num_experts, cfg.l2, cfg.max_iter)
         nw = noise_weight_init(x_fit, w, cfg.noise_ratio)
-        w_init = block.mlp.gate.weight.detach().to(torch.float32)
-        routers[layer] = {"gate.weight": w, "gate.noise_weight": nw}
-        block.mlp.gate.weight.data = w.clone()
+        fit_s += time.time() - tf
+        ranks.broadcast_(w)  # every rank carries its windows on through the very same router
+        ranks.broadcast_(nw)
+        w_init = block.mlp.gate.weight.detach().to(carry, torch.float32)
+        routers[layer] = {"gate.weight": w.cpu(), "gate.noise_weight": nw.cpu()}
+        block.mlp.gate.weight.data = w.to(dev, dtype, copy=True)
         block.mlp.gate.mode = "sparse"
-        x_held, err_held = x_all[~fit_tok], err[~fit_tok]
+        x_held, err_held = x_all[~fit_on], err[~fit_on]
         layers_report.append(
             {
                 "layer": layer,
@@ -371,10 +455,12 @@ def fit_routers(
                 "max_abs_weight": round(w.abs().max().item(), 3),
             }
         )
-        for i in range(0, n_tok, cfg.batch_size * seq_len):
+        del x_all, err, x_fit, err_fit, x_held, err_held
+        for i in range(0, n_mine, cfg.batch_size * seq_len):
             rows = slice(i, i + cfg.batch_size * seq_len)
-            hid.view(-1, config.hidden_size)[rows] = resid[rows] + block.mlp(x_all[rows].unsqueeze(0))[0]
-        del block, w_gate, w_up, w_down, resid, x_all, err
+            y = block.mlp(x_mine[rows].to(dev, dtype).unsqueeze(0))[0]
+            hid.view(-1, hidden)[rows] = resid[rows] + y.float().to(carry)
+        del block, w_gate, w_up, w_down, resid, x_mine, err_mine
         gc.collect()
         bar.set_postfix(layer=f"{layer + 1}/{config.num_hidden_layers}",
                         acc=f"{layers_report[-1]['label_accuracy_heldout']:.2f}")  # fmt: skip
@@ -390,6 +476,13 @@ def fit_routers(
         "heldout_tokens": int(n_tok - fit_tok.sum()),
         "seconds": round(seconds, 2),
         "tokens_per_s": round(n_tok / max(seconds, 1e-9), 1),
+        "ranks": ranks.world,
+        "device": dev.type,
+        "dtype": str(dtype).removeprefix("torch."),
+        "carried_on": carry.type,
+        "gathered_bytes_per_layer": 4 * n_tok * (hidden + num_experts),
+        "gather_seconds": round(gather_s, 3),
+        "fit_seconds": round(fit_s, 3),
         "sliced_layers": sliced_layers,
         "mean_label_accuracy_heldout": round(
             sum(r["label_accuracy_heldout"] for r in layers_report) / len(layers_report), 4

@@ -103,6 +103,6 @@ def kept_channels(scores_LF: torch.Tensor, keep: int) -> torch.Tensor:
 
 def compensation_bias(w_down_HF: torch.Tensor, mean_F: torch.Tensor, kept_K: torch.Tensor) -> torch.Tensor:
     """FLAP bias compensation b = W_down[:, removed] @ mean[removed] ([H], float64 math)."""
-    removed = torch.ones(w_down_HF.shape[1], dtype=torch.bool)
-    removed[kept_K] = False
+    removed = torch.ones(w_down_HF.shape[1], dtype=torch.bool, device=w_down_HF.device)
+    removed[kept_K.to(w_down_HF.device)] = False
     return w_down_HF[:, removed].to(torch.float64) @ mean_F[removed].to(torch.float64)

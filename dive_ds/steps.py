@@ -137,8 +137,11 @@ def mine(
     model: str | None = None,
     batch_size: int = 8,
     linkage: str = "average",
-) -> dict:
-    """`dive-ds mine`: domain affinity mining, then the groups and how well they recover the families."""
+    device: str = "auto",
+    dtype: str = "fp32",
+) -> dict | None:
+    """`dive-ds mine`: domain affinity mining, then the groups and how well they recover the families
+    (printed and returned by rank 0; other ranks of a torchrun launch return None)."""
     from dive_ds.workflows import run_mine
 
     if not 0.0 <= prune_ratio < 1.0:
@@ -155,8 +158,11 @@ def mine(
         model,
         batch_size,
         linkage,
+        device,
+        dtype,
     )
-    _print_mining(rep, out)
+    if rep is not None:
+        _print_mining(rep, out)
     return rep
 
 

@@ -15,7 +15,7 @@ import torch
 
 from dive_ds import mining
 from dive_ds.calibrate import Calibration, check_same_model, load_calibration, run_manifest_base
-from dive_ds.eval.perplexity import domain_perplexities, pruned_ffn, routing_report
+from dive_ds.eval.perplexity import domain_nll, domain_perplexities, pruned_ffn, routing_report
 from dive_ds.io.placement import NodePlacement
 from dive_ds.io.shards import check_shard_out
 from dive_ds.outputs import (
@@ -27,8 +27,15 @@ from dive_ds.outputs import (
     reconstruction_identity,
     recorded_reconstruction,
 )
+from dive_ds.parallel.ranks import Ranks, launched_world, resolve_device, resolve_dtype, start_ranks
 from dive_ds.reconstruct import ReconstructConfig, plan_experts, write_moe, write_moe_shards
 from dive_ds.stats import channel_scores, kept_channels, mean_var, n_keep
+
+
+def _precision(device: str, dtype: str) -> torch.dtype:
+    """--device / --dtype checked before any work (the same verdict on every rank): the compute dtype."""
+    _, _, local = launched_world()
+    return resolve_dtype(dtype, resolve_device(device, local))
 
 
 def _write_json(path: Path, obj) -> None:
@@ -74,11 +81,23 @@ def run_mine(
     model: str | None = None,
     batch_size: int = 8,
     linkage: str = "average",
-) -> dict:
+    device: str = "auto",
+    dtype: str = "fp32",
+) -> dict | None:
     """Domain affinity mining: D x D pruned perplexities (paper) and the fast statistics-only affinity.
 
     `out` is written whole (a temporary folder, then its files moved in, mining.json last); an `out`
-    holding this same mining run is reused, one holding anything else is refused."""
+    holding this same mining run is reused, one holding anything else is refused. The pruned models
+    run on `device` in `dtype`; launched by torchrun, every rank evaluates its share of the windows,
+    the sums are all-reduced and rank 0 alone writes `out` and returns the report (others: None)."""
+    torch_dtype = _precision(device, dtype)
+    with start_ranks(device) as ranks:
+        return _mine(calib_dir, out, num_groups, prune_ratio, score, bias_compensation, fast_only,
+                     eval_windows, model, batch_size, linkage, ranks, torch_dtype)  # fmt: skip
+
+
+def _mine(calib_dir, out, num_groups, prune_ratio, score, bias_compensation, fast_only, eval_windows, model,
+          batch_size, linkage, ranks: Ranks, torch_dtype: torch.dtype) -> dict | None:  # fmt: skip
     cal = load_calibration(calib_dir)
     n_dom = len(cal.domains)
     if num_groups > n_dom:
@@ -101,13 +120,28 @@ def run_mine(
     check_not_input(final, {"calibration": cal.path})
     recorded = read_identity(final / "mining.json")
     if claim_output(final, identity, recorded, "mining.json", force=False, has_force=False):
-        print(f"{final} already holds this mining run; reusing it (delete it to recompute)")
-        return json.loads((final / "mining.json").read_text())
+        if ranks.is_main:
+            print(f"{final} already holds this mining run; reusing it (delete it to recompute)")
+        return json.loads((final / "mining.json").read_text()) if ranks.is_main else None
+    evals = {n: w[:eval_windows] if eval_windows is not None else w for n, w in cal.eval.items()}
+    model_dir = None
+    if not fast_only:
+        ranks.check_items(sum(w.shape[0] for w in evals.values()), "held-out windows (over all domains)")
+        model_dir = _model_path(cal, model)
+        check_same_model(cal, model_dir)
+    ranks.barrier()  # every rank has checked `out` before rank 0 may write it
+    t0 = time.time()
+    pruned = None
+    if not fast_only:
+        pruned = pruned_perplexities(cal, model_dir, evals, keep, score, bias_compensation, batch_size, ranks,
+                                     torch_dtype)  # fmt: skip
+    if not ranks.is_main:
+        return None
     final.parent.mkdir(parents=True, exist_ok=True)
     out = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
     try:
-        report = _mine_into(out, cal, identity, num_groups, keep, prune_ratio, score, bias_compensation,
-                            fast_only, eval_windows, model, batch_size, linkage)  # fmt: skip
+        report = _mine_into(out, cal, identity, num_groups, keep, prune_ratio, score, fast_only, pruned, evals,
+                            linkage, t0)  # fmt: skip
         final.mkdir(exist_ok=True)
         for f in sorted(out.iterdir(), key=lambda p: p.name == "mining.json"):  # the record last
             os.replace(f, final / f.name)
@@ -116,11 +150,33 @@ def run_mine(
     return report
 
 
-def _mine_into(out: Path, cal: Calibration, identity: dict, num_groups: int, keep: int, prune_ratio: float,
-               score: str, bias_compensation: bool, fast_only: bool, eval_windows: int | None,
-               model: str | None, batch_size: int, linkage: str) -> dict:  # fmt: skip
+def pruned_perplexities(cal: Calibration, model_dir: Path, evals: dict[str, torch.Tensor], keep: int, score: str,
+                        bias_compensation: bool, batch_size: int, ranks: Ranks,
+                        torch_dtype: torch.dtype = torch.float32) -> np.ndarray:  # fmt: skip
+    """ppl_DD[i, j]: the dense model pruned with domain i's mask, on domain j's held-out windows (each rank
+    its share of the windows; NLL and token sums all-reduced in float64)."""
     from dive_ds.models.loading import load_dense_model
 
+    names = cal.domains
+    scores = channel_scores(cal.stats, score)  # [D, L, F]
+    dense = load_dense_model(model_dir, dtype=torch_dtype).to(ranks.device)
+    mean, _ = mean_var(cal.stats.count_D, cal.stats.sum_DLF, cal.stats.sumsq_DLF)
+    nll_DD = torch.zeros(len(names), len(names), dtype=torch.float64)
+    tok_DD = torch.zeros_like(nll_DD)
+    t0 = time.time()
+    for i, name in enumerate(names):
+        kept = kept_channels(scores[i], keep)
+        with pruned_ffn(dense, kept, mean[i] if bias_compensation else None):
+            nll_DD[i], tok_DD[i] = domain_nll(dense, {n: evals[n] for n in names}, batch_size, ranks=ranks)
+        if ranks.is_main:
+            own = math.exp(nll_DD[i, i].item() / tok_DD[i, i].item())
+            print(f"  pruned on {name:<20} own ppl {own:8.2f}   ({time.time() - t0:.0f}s)", flush=True)
+    return (nll_DD / tok_DD).exp().numpy()
+
+
+def _mine_into(out: Path, cal: Calibration, identity: dict, num_groups: int, keep: int, prune_ratio: float,
+               score: str, fast_only: bool, ppl: np.ndarray | None, evals: dict[str, torch.Tensor],
+               linkage: str, t0: float) -> dict:  # fmt: skip
     names, n_dom = cal.domains, len(cal.domains)
     scores = channel_scores(cal.stats, score)  # [D, L, F]
     report: dict = run_manifest_base("mining") | {
@@ -134,20 +190,7 @@ def _mine_into(out: Path, cal: Calibration, identity: dict, num_groups: int, kee
     }
     fast = mining.jaccard_affinity(mining.kept_sets(scores.numpy(), keep / scores.shape[2]))
     mining.write_matrix_csv(out / "fast_affinity.csv", fast, names, names)
-    t0 = time.time()
     if not fast_only:
-        model_dir = _model_path(cal, model)
-        check_same_model(cal, model_dir)
-        dense = load_dense_model(model_dir)
-        evals = {n: w[:eval_windows] if eval_windows is not None else w for n, w in cal.eval.items()}
-        mean, _ = mean_var(cal.stats.count_D, cal.stats.sum_DLF, cal.stats.sumsq_DLF)
-        ppl = np.zeros((n_dom, n_dom))
-        for i, name in enumerate(names):
-            kept = kept_channels(scores[i], keep)
-            with pruned_ffn(dense, kept, mean[i] if bias_compensation else None):
-                row = domain_perplexities(dense, evals, batch_size)
-            ppl[i] = [row[n] for n in names]
-            print(f"  pruned on {name:<20} own ppl {ppl[i, i]:8.2f}   ({time.time() - t0:.0f}s)", flush=True)
         mining.write_matrix_csv(out / "pruned_ppl.csv", ppl, names, names)
         affinity = mining.pearson_similarity(mining.normalise_columns(ppl))
         mining.write_matrix_csv(out / "affinity.csv", affinity, names, names)
@@ -295,8 +338,19 @@ def run_fit_router(
     out: str | Path,
     cfg=None,
     dense: str | Path | None = None,
+    device: str = "auto",
+    dtype: str = "fp32",
 ) -> dict:
-    """Fit every router of a dive_moe folder (HF or sharded) from the dense model; write the result to `out`."""
+    """Fit every router of a dive_moe folder (HF or sharded) from the dense model; write the result to `out`.
+
+    The resident layer runs on `device` in `dtype`; launched by torchrun, every rank carries its share of
+    the calibration windows and fits on all of them (gathered); rank 0 alone writes `out`."""
+    torch_dtype = _precision(device, dtype)
+    with start_ranks(device) as ranks:
+        return _fit_router(moe, calib_dir, out, cfg, dense, ranks, torch_dtype)
+
+
+def _fit_router(moe, calib_dir, out, cfg, dense, ranks: Ranks, torch_dtype: torch.dtype) -> dict:
     from dive_ds.routerfit import MoeLayers, RouterFitConfig, fit_routers, write_fitted
 
     cfg = cfg or RouterFitConfig()
@@ -317,7 +371,10 @@ def run_fit_router(
             f"{moe} has {c.num_hidden_layers} layers x hidden {c.hidden_size} but the calibration in {cal.path} "
             "is of another model; pass the calibration the MoE was reconstructed from"
         )
-    routers, report = fit_routers(moe, dense_dir, cal.calib, cfg)
+    n_win = sum(min(w.shape[0], cfg.windows_per_domain or w.shape[0]) for w in cal.calib.values())
+    ranks.check_items(n_win, "calibration windows (over all domains)")
+    ranks.barrier()  # every rank has checked `out` before rank 0 may write it
+    routers, report = fit_routers(moe, dense_dir, cal.calib, cfg, ranks=ranks, dtype=torch_dtype)
     report |= {
         "moe": str(moe.resolve()),
         "calibration": str(cal.path.resolve()),
@@ -326,6 +383,8 @@ def run_fit_router(
     calib_rate = cal.manifest.get("pass", {}).get("tokens_per_s")
     if calib_rate:
         report["calibration_tokens_per_s"] = calib_rate
+    if not ranks.is_main:
+        return report
     write_fitted(moe, out, routers, report)
     print(
         f"fitted {len(routers)} routers ({report['target']} targets) on {report['fit_tokens']} tokens in "
@@ -399,15 +458,30 @@ def run_evaluate(
     tasks: list[str] | None = None,
     limit: int | None = None,
     num_fewshot: int | None = None,
+    device: str = "auto",
+    dtype: str = "fp32",
 ) -> dict:
     """Held-out perplexity per domain (+ oracle routing for a MoE) and/or lm-eval task accuracies;
     writes eval.json, eval.md and TensorBoard scalars (tb/).
 
     Windows come from a calibration folder (`calib_dir`) or are drawn from a registry; `tasks` are
-    lm-eval task names (`dive_ds.eval.downstream`), checked before the model is loaded."""
+    lm-eval task names (`dive_ds.eval.downstream`), checked before the model is loaded. The model sits
+    on `device` in `dtype`; launched by torchrun, every rank evaluates its share of the windows, the sums
+    are all-reduced and rank 0 alone writes `out` (every rank returns the same result)."""
+    torch_dtype = _precision(device, dtype)  # refused here, the same on every rank, before anything starts
+    with start_ranks(device) as ranks:
+        return _evaluate(model, calib_dir, out, oracle, batch_size, eval_windows, label, router, registry,
+                         seq_len, seed, tasks, limit, num_fewshot, ranks, torch_dtype)  # fmt: skip
+
+
+def _evaluate(model, calib_dir, out, oracle, batch_size, eval_windows, label, router, registry, seq_len, seed,
+              tasks, limit, num_fewshot, ranks: Ranks, torch_dtype: torch.dtype) -> dict:  # fmt: skip
     from dive_ds.models.loading import load_causal_lm, load_tokenizer, resolve_model
     from dive_ds.models.moe import DiveMoeConfig, count_parameters
 
+    if tasks and ranks.distributed:
+        raise ValueError(f"--tasks runs lm-eval on one process, not on {ranks.world} ranks; "
+                         "launch evaluate --tasks without torchrun")  # fmt: skip
     if calib_dir is not None and registry is not None:
         raise ValueError("pass one of --calib DIR (its held-out windows) or --domains REGISTRY, not both")
     if calib_dir is None and registry is None and not tasks:
@@ -443,10 +517,13 @@ def run_evaluate(
         )
         source = str(registry)
     domains = list(evals)
+    if evals:
+        ranks.check_items(sum(w.shape[0] for w in evals.values()), "held-out windows (over all domains)")
     mapping = (
         oracle_map(model_dir, domains) if evals and model_dir.is_dir() else None
     )  # checked before loading
-    m = load_causal_lm(model_dir, dtype=torch.float32).eval()  # refuses missing weights
+    ranks.barrier()  # every rank has checked `out` before rank 0 may write it
+    m = load_causal_lm(model_dir, dtype=torch_dtype).eval().to(ranks.device)  # refuses missing weights
     t0 = time.time()
     res: dict = {
         "model": str(model_dir),
@@ -462,24 +539,27 @@ def run_evaluate(
         return _finish_evaluate(res, out, identity)
     if moe:
         if router or not oracle:
-            rr = routing_report(m, evals, batch_size, expected=mapping)
+            rr = routing_report(m, evals, batch_size, expected=mapping, ranks=ranks)
             res["router"] = rr["ppl"]
             res["expert_load"] = rr["expert_load"]
             res["routed_to_own_expert"] = rr["routed_to_own_expert"]
         if oracle and mapping is not None:
-            res["oracle"] = domain_perplexities(m, evals, batch_size, oracle=mapping)
+            res["oracle"] = domain_perplexities(m, evals, batch_size, oracle=mapping, ranks=ranks)
             res["oracle_map"] = mapping
     else:
-        res["router"] = domain_perplexities(m, evals, batch_size)
+        res["router"] = domain_perplexities(m, evals, batch_size, ranks=ranks)
     for key in ("router", "oracle"):
         if key in res:
             res[f"{key}_mean"] = float(np.mean(list(res[key].values())))
     res["tokens"] = int(sum(w.numel() for w in evals.values())) * (("oracle" in res) + ("router" in res))
     res["seconds"] = round(time.time() - t0, 1)
     res["tokens_per_s"] = round(res["tokens"] / max(res["seconds"], 1e-9), 1)
+    res["ranks"] = ranks.world
+    res["device"] = ranks.device.type
+    res["dtype"] = str(torch_dtype).removeprefix("torch.")
     if tasks:
         res |= _downstream(m, load_tokenizer(model_dir, m.config), tasks, tm, limit, num_fewshot, batch_size)
-    return _finish_evaluate(res, out, identity)
+    return _finish_evaluate(res, out if ranks.is_main else None, identity)
 
 
 def _downstream(m, tok, tasks, tm, limit, num_fewshot, batch_size) -> dict:
@@ -487,8 +567,6 @@ def _downstream(m, tok, tasks, tm, limit, num_fewshot, batch_size) -> dict:
     from dive_ds.eval.downstream import hflm, run_tasks
 
     t0 = time.time()
-    if torch.cuda.is_available():
-        m = m.to("cuda")
     found = run_tasks(hflm(m, tok, batch_size), tasks, tm, limit, num_fewshot)
     return found | {"tasks_seconds": round(time.time() - t0, 1)}
 

@@ -48,13 +48,15 @@ def test_two_gloo_ranks_sum_gather_and_agree(tmp_path):
             t = torch.full((3,), 0.1 * (r.rank + 1), dtype=torch.float64)
             r.sum_(t)
             g = r.gather_rows(torch.arange(r.rank + 1, dtype=torch.float32)[:, None] + 10 * r.rank)
-            res = [r.world, t.tolist(), g.flatten().tolist(), r.any(r.rank == 1)]
+            b = r.broadcast_(torch.full((2,), float(r.rank + 7)))
+            res = [r.world, t.tolist(), g.flatten().tolist(), r.any(r.rank == 1), b.tolist()]
             open(f"{sys.argv[1]}/rank{r.rank}.json", "w").write(json.dumps(res))
     """))
     out = torchrun([str(script), str(tmp_path)])
     assert out.returncode == 0, out.stderr[-2000:]
     for rank in (0, 1):
-        world, summed, gathered, anyone = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        world, summed, gathered, anyone, broadcast = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert world == 2 and anyone is True
         assert summed == [0.1 + 0.2] * 3  # the exact float64 sum of both ranks' values, on both
         assert gathered == [0.0, 10.0, 11.0]  # rank 0's one row, then rank 1's two, on both
+        assert broadcast == [7.0, 7.0]  # rank 0's values, on both

@@ -113,6 +113,16 @@ class Ranks:
         dist.all_gather(got, pad)
         return torch.cat([g[:k] for g, k in zip(got, sizes_i)]).to(t.device)
 
+    def broadcast_(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """Overwrite `t` in place with rank `src`'s values on every rank; returns it. A no-op on one rank."""
+        if not self.distributed:
+            return t
+        moved = t if self._backend_device().type == t.device.type else t.to(self._backend_device())
+        dist.broadcast(moved, src=src)
+        if moved is not t:
+            t.copy_(moved)
+        return t
+
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()
