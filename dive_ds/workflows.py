@@ -117,6 +117,8 @@ def _mine(calib_dir, out, num_groups, prune_ratio, score, bias_compensation, fas
         "experts": num_groups, "prune_ratio": prune_ratio, "score": score, "bias_compensation": bias_compensation,
         "fast_only": fast_only, "eval_windows": None if fast_only else eval_windows, "linkage": linkage,
     }  # fmt: skip
+    if torch_dtype != torch.float32 and not fast_only:  # bf16 pruned perplexities differ from fp32 ones
+        identity["dtype"] = str(torch_dtype).removeprefix("torch.")
     check_not_input(final, {"calibration": cal.path})
     recorded = read_identity(final / "mining.json")
     if claim_output(final, identity, recorded, "mining.json", force=False, has_force=False):
@@ -503,6 +505,8 @@ def _evaluate(model, calib_dir, out, oracle, batch_size, eval_windows, label, ro
         )
         if tasks:
             identity["tasks"] = {"names": tasks, "limit": limit, "num_fewshot": num_fewshot}
+        if torch_dtype != torch.float32:  # bf16 numbers differ; fp32 folders from before --dtype stay valid
+            identity["dtype"] = str(torch_dtype).removeprefix("torch.")
         check_not_input(out, {"model": model_dir, "calibration": calib_dir})
         claim_eval_out(out, identity)
     evals: dict[str, torch.Tensor] = {}
