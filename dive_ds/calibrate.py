@@ -13,13 +13,14 @@ Legend: S windows, L seq len, H hidden, F FFN width, D domains.
 from __future__ import annotations
 
 import contextlib
-import gc
 import json
 import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from tqdm import tqdm
 from dive_ds.data.sampler import DomainSamples
 from dive_ds.models.loading import LayerwiseCheckpoint, check_gated_mlp, model_fingerprint
 from dive_ds.outputs import check_not_input
+from dive_ds.parallel.ranks import DTYPES, Ranks
 from dive_ds.stats import ChannelStats
 
 STATS_FILE = "stats.safetensors"
@@ -40,7 +42,7 @@ MANIFEST = "manifest.json"
 
 @dataclass(frozen=True)
 class CalibConfig:
-    """Streaming-pass settings."""
+    """Streaming-pass settings (the device, the compute dtype and the ranks are arguments, not settings)."""
 
     batch_size: int = 8
     """Windows per forward call."""
@@ -48,6 +50,31 @@ class CalibConfig:
     """Keep the carried hidden states in a memory-mapped file here instead of RAM (huge runs)."""
     progress: bool = True
     """Show a progress bar with tokens/s."""
+    checkpoint_dir: str | None = None
+    """Write a resumable checkpoint here (every rank's carried hidden states and partial sums; storage
+    that every rank sees). A relaunch of the same run resumes after the last checkpointed layer."""
+    checkpoint_every: int = 1
+    """Layers between two checkpoints (with checkpoint_dir)."""
+    stop_file: str | None = None
+    """When this file exists at a layer boundary: write the checkpoint and stop (needs checkpoint_dir)."""
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ValueError(f"batch size must be at least 1 (got {self.batch_size})")
+        if self.checkpoint_every < 1:
+            raise ValueError(f"--checkpoint-every must be at least 1 layer (got {self.checkpoint_every})")
+        if self.stop_file is not None and self.checkpoint_dir is None:
+            raise ValueError(
+                "--stop-file needs --checkpoint-dir: a stopped pass resumes from the checkpoint it writes there"
+            )
+
+
+class CalibrationStopped(Exception):
+    """The pass stopped at a layer boundary (stop file or SIGUSR1) after writing its checkpoint."""
+
+    def __init__(self, done: int, layers: int):
+        self.done, self.layers = done, layers
+        super().__init__(f"stopped after layer {done}/{layers}; relaunch the same command to resume")
 
 
 def decoder_classes(config):
@@ -60,19 +87,70 @@ def decoder_classes(config):
     return layer_cls, rope_cls
 
 
-def build_layer(config, layer_cls, idx: int, state: dict[str, torch.Tensor], dtype=torch.float32):
+def build_layer(
+    config, layer_cls, idx: int, state: dict[str, torch.Tensor], dtype=torch.float32, device=None
+):
     with torch.device("meta"):
         layer = layer_cls(config, idx)
-    layer.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True, strict=True)
+    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
+    layer.load_state_dict(state, assign=True, strict=True)
     return layer.eval()
 
 
+def batch_plan(windows: dict[str, torch.Tensor], batch_size: int) -> list[tuple[int, int, int]]:
+    """The global batches (domain, first window, end) in the order of the concatenated windows; a batch
+    never straddles two domains, so one "current domain" index per forward is exact."""
+    plan, start = [], 0
+    for d, w in enumerate(windows.values()):
+        n = w.shape[0]
+        plan += [(d, start + j, start + min(j + batch_size, n)) for j in range(0, n, batch_size)]
+        start += n
+    return plan
+
+
+def checkpoint_identity(
+    model_dir: str | Path, windows: dict[str, torch.Tensor], dtype, batch_size: int
+) -> dict:
+    """What a checkpoint of the pass depends on (not the device nor the world size: the sums are equal)."""
+    from transformers import AutoConfig
+
+    from dive_ds.calib_checkpoint import windows_sha
+
+    config = AutoConfig.from_pretrained(model_dir)
+    return {
+        "model_fingerprint": model_fingerprint(config, LayerwiseCheckpoint(model_dir)),
+        "windows_sha256": windows_sha(windows),
+        "dtype": dtype_name(dtype),
+        "batch_size": batch_size,
+    }
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return next(k for k, v in DTYPES.items() if v == dtype)
+
+
 def _hidden_buffer(shape, scratch: str | None) -> torch.Tensor:
-    """The carried hidden states: in RAM, or memory-mapped in a file in the private folder `scratch`."""
+    """The carried hidden states: in RAM, or memory-mapped in a file in the private folder `scratch`
+    (float32 there: a bf16 value survives the round trip exactly)."""
     if scratch is None:
         return torch.empty(shape, dtype=torch.float32)
     mm = np.memmap(os.path.join(scratch, "hidden.f32"), dtype=np.float32, mode="w+", shape=tuple(shape))
     return torch.from_numpy(mm)
+
+
+def _carry_buffer(shape, dtype, device: torch.device, scratch: str | None, reserve: int):
+    """(buffer, where): on the device when it fits beside `reserve` bytes of working memory, else in RAM,
+    or memory-mapped when an offload folder is given."""
+    if scratch is not None:
+        return _hidden_buffer(shape, scratch), "memmap"
+    if device.type == "cuda":
+        need = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+        free, _ = torch.cuda.mem_get_info(device)
+        if need + reserve < free:
+            return torch.empty(shape, dtype=dtype, device=device), "device"
+    if dtype == torch.float32:
+        return _hidden_buffer(shape, None), "host"
+    return torch.empty(shape, dtype=dtype), "host"
 
 
 def check_offload_dir(offload_dir: str | None) -> None:
@@ -103,107 +181,221 @@ def offload_scratch(offload_dir: str | None):
                 os.rmdir(offload_dir)  # only if still empty
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @torch.no_grad()
 def streaming_stats(
-    model_dir: str | Path, windows: dict[str, torch.Tensor], cfg: CalibConfig = CalibConfig()
+    model_dir: str | Path,
+    windows: dict[str, torch.Tensor],
+    cfg: CalibConfig = CalibConfig(),
+    ranks: Ranks | None = None,
+    dtype: torch.dtype = torch.float32,
+    stop: threading.Event | None = None,
 ) -> tuple[ChannelStats, dict]:
-    """Per-domain, per-layer statistics of the down_proj input; returns (stats, timing info)."""
+    """Per-domain, per-layer statistics of the down_proj input; returns (stats, timing info).
+
+    Every rank carries its share of the batches (`ranks.share`) through all layers, with one layer
+    resident on `ranks.device` in `dtype`; the float64 sums are added across ranks at the end, so the
+    statistics equal one rank's up to float64 rounding. `stop` (or cfg.stop_file) set at a layer
+    boundary: checkpoint, then CalibrationStopped."""
+    from dive_ds.calib_checkpoint import LayerCheckpoint
+
+    ranks = ranks or Ranks()  # one rank on the CPU
+    ranks.check_items(len(batch_plan(windows, cfg.batch_size)), "batches")
+    ckpt, start, made_root = None, 0, False
+    if cfg.checkpoint_dir is not None:
+        identity = checkpoint_identity(model_dir, windows, dtype, cfg.batch_size)
+        ckpt = LayerCheckpoint(Path(cfg.checkpoint_dir), identity, ranks.world)
+        start = ckpt.check()
+        made_root = not Path(cfg.checkpoint_dir).exists()
+        ranks.barrier()  # every rank has looked before any writes
     with offload_scratch(cfg.hidden_offload_dir) as scratch:
-        return _streaming_stats(model_dir, windows, cfg, scratch)
+        return _streaming_stats(model_dir, windows, cfg, ranks, dtype, stop, scratch, ckpt, start, made_root)
 
 
-def _streaming_stats(
-    model_dir: str | Path, windows: dict[str, torch.Tensor], cfg: CalibConfig, scratch: str | None
-) -> tuple[ChannelStats, dict]:
+def _streaming_stats(model_dir, windows, cfg, ranks, dtype, stop, scratch, ckpt, start, made_root):
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model_dir)
     check_gated_mlp(config)
     config._attn_implementation = "sdpa"  # is_causal with no mask; eager would need an explicit mask
-    ckpt = LayerwiseCheckpoint(model_dir)
+    reader = LayerwiseCheckpoint(model_dir)
     layer_cls, rope_cls = decoder_classes(config)
-    names = list(windows)
+    dev = ranks.device
     n_layers, hidden, ffn = config.num_hidden_layers, config.hidden_size, config.intermediate_size
     seq_len = next(iter(windows.values())).shape[1]
+    n_dom = len(windows)
     counts = torch.tensor([w.numel() for w in windows.values()], dtype=torch.float64)
-    n_dom = len(names)
-    st = ChannelStats(
-        counts,
-        torch.zeros(n_dom, n_layers, ffn, dtype=torch.float64),
-        torch.zeros(n_dom, n_layers, ffn, dtype=torch.float64),
-        torch.zeros(n_dom, n_layers, hidden, dtype=torch.float64),
-        torch.zeros(n_layers, ffn, dtype=torch.float64),
-        torch.zeros(n_layers, ffn, dtype=torch.float64),
-    )
 
-    all_ids = torch.cat([windows[n] for n in names])  # [S, L]
-    owner = torch.cat([torch.full((windows[n].shape[0],), d) for d, n in enumerate(names)])
-    emb = ckpt.get("model.embed_tokens.weight").to(torch.float32)
-    hid = _hidden_buffer((all_ids.shape[0], seq_len, hidden), scratch)
-    for i in range(0, all_ids.shape[0], 256):
-        hid[i : i + 256] = torch.nn.functional.embedding(all_ids[i : i + 256], emb)
-    del emb
-    rope = rope_cls(config=config)
-    pos = torch.arange(seq_len).unsqueeze(0)
-    position_embeddings = rope(hid[:1], pos)
+    # this rank's batches, back to back in its own buffer: (domain, first, end) there
+    all_ids = torch.cat(list(windows.values()))  # [S, L]
+    plan = batch_plan(windows, cfg.batch_size)
+    mine = [plan[i] for i in ranks.share(len(plan))]
+    local, at = [], 0
+    for d, a, b in mine:
+        local.append((d, at, at + b - a))
+        at += b - a
+    my_ids = torch.cat([all_ids[a:b] for _, a, b in mine])  # [S_r, L]
+    total_tokens, my_tokens = all_ids.numel(), my_ids.numel()
 
-    # batches never straddle two domains, so one "current domain" index per forward is exact
-    batches = []
-    for d in range(n_dom):
-        idx = (owner == d).nonzero().flatten()
-        batches += [(d, idx[j : j + cfg.batch_size]) for j in range(0, len(idx), cfg.batch_size)]
-    current = {"d": 0}
+    # this rank's partial sums, float64 on the compute device (each batch is summed there in fp32)
+    f64 = dict(dtype=torch.float64, device=dev)
+    sum_DLF = torch.zeros(n_dom, n_layers, ffn, **f64)
+    sumsq_DLF = torch.zeros(n_dom, n_layers, ffn, **f64)
+    mlp_in_sum_DLH = torch.zeros(n_dom, n_layers, hidden, **f64)
+    down_colsq_LF = torch.zeros(n_layers, ffn, **f64)
+    down_colabs_LF = torch.zeros(n_layers, ffn, **f64)
+    partial = {"sum_DLF": sum_DLF, "sumsq_DLF": sumsq_DLF, "mlp_in_sum_DLH": mlp_in_sum_DLH,
+               "down_colsq_LF": down_colsq_LF, "down_colabs_LF": down_colabs_LF}  # fmt: skip
+
+    elem = torch.empty((), dtype=dtype).element_size()
+    layer_bytes = (4 * hidden * hidden + 3 * hidden * ffn) * elem
+    act_bytes = cfg.batch_size * seq_len * (3 * ffn + 8 * hidden) * 4
+    reserve = 3 * layer_bytes + 2 * act_bytes + (2 << 30)
+    hid, where = _carry_buffer((my_ids.shape[0], seq_len, hidden), dtype, dev, scratch, reserve)
+    if start == 0:
+        emb = reader.get("model.embed_tokens.weight").to(dev, dtype)
+        for _, a, b in local:
+            hid[a:b] = torch.nn.functional.embedding(my_ids[a:b].to(dev), emb)
+        del emb
+    else:
+        saved = ckpt.load_rank(ranks.rank, start)
+        hid.copy_(saved.pop("hidden"))
+        for k, t in partial.items():
+            t.copy_(saved[k])
+        del saved
+    rope = rope_cls(config=config).to(dev)
+    pos = torch.arange(seq_len, device=dev).unsqueeze(0)
+    position_embeddings = rope(torch.zeros(1, seq_len, hidden, dtype=dtype, device=dev), pos)
+
+    current = {"d": 0, "l": start}
 
     def down_hook(_mod, args):
-        x = args[0].reshape(-1, ffn).to(torch.float64)
-        st.sum_DLF[current["d"], current["l"]] += x.sum(0)
-        st.sumsq_DLF[current["d"], current["l"]] += (x * x).sum(0)
+        x = args[0].reshape(-1, ffn).float()  # [tokens, F], summed in fp32 on the device, added in float64
+        sum_DLF[current["d"], current["l"]] += x.sum(0)
+        sumsq_DLF[current["d"], current["l"]] += (x * x).sum(0)
 
     def mlp_hook(_mod, args):
-        st.mlp_in_sum_DLH[current["d"], current["l"]] += args[0].reshape(-1, hidden).to(torch.float64).sum(0)
+        mlp_in_sum_DLH[current["d"], current["l"]] += args[0].reshape(-1, hidden).float().sum(0)
 
-    total_tokens = all_ids.numel()
     bar = tqdm(
-        total=n_layers * total_tokens,
+        total=(n_layers - start) * total_tokens,
         unit="tok",
         unit_scale=True,
-        disable=not cfg.progress,
+        disable=not (cfg.progress and ranks.is_main),
         desc="calibrate",
         dynamic_ncols=True,
     )
-    t0 = time.time()
-    for layer_idx in range(n_layers):
-        layer = build_layer(config, layer_cls, layer_idx, ckpt.layer_state(layer_idx))
+    watch_stop = stop is not None or cfg.stop_file is not None  # the same on every rank
+    t_load = t_compute = 0.0
+    t_read = [0.0]
+
+    def read(layer_idx: int) -> dict[str, torch.Tensor]:
+        t = time.perf_counter()
+        state = reader.layer_state(layer_idx)
+        t_read[0] += time.perf_counter() - t
+        return state
+
+    # the next layer is read from disk while this one computes (one extra layer of host memory)
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="calibrate-read")
+    next_state = pool.submit(read, start)
+    t0 = time.perf_counter()
+    for layer_idx in range(start, n_layers):
+        t = time.perf_counter()
+        state = next_state.result()
+        if layer_idx + 1 < n_layers:
+            next_state = pool.submit(read, layer_idx + 1)
+        layer = build_layer(config, layer_cls, layer_idx, state, dtype, dev)
+        del state
+        _sync(dev)
+        t_load += time.perf_counter() - t
+        t = time.perf_counter()
         w_down = layer.mlp.down_proj.weight.to(torch.float64)
-        st.down_colsq_LF[layer_idx] = (w_down * w_down).sum(0)
-        st.down_colabs_LF[layer_idx] = w_down.abs().sum(0)
+        down_colsq_LF[layer_idx] = (w_down * w_down).sum(0)
+        down_colabs_LF[layer_idx] = w_down.abs().sum(0)
         current["l"] = layer_idx
         h1 = layer.mlp.down_proj.register_forward_pre_hook(down_hook)
         h2 = layer.mlp.register_forward_pre_hook(mlp_hook)
-        for d, idx in batches:
+        for d, a, b in local:
             current["d"] = d
-            x = hid[idx]
-            cos, sin = position_embeddings
-            out = layer(x, attention_mask=None, position_ids=pos, position_embeddings=(cos, sin))
-            hid[idx] = out[0] if isinstance(out, tuple) else out
-            bar.update(idx.numel() * seq_len)
+            x = hid[a:b].to(dev, dtype, non_blocking=True)
+            out = layer(x, attention_mask=None, position_ids=pos, position_embeddings=position_embeddings)
+            hid[a:b] = out[0] if isinstance(out, tuple) else out
+            bar.update((b - a) * seq_len * ranks.world)  # rank 0's share, scaled to the whole world
+        _sync(dev)
+        t_compute += time.perf_counter() - t
+        t = time.perf_counter()
         h1.remove()
         h2.remove()
+        # decoder layers hold reference cycles: move the weights off before dropping the module, so they
+        # are freed now, without a full gc.collect() (about a second per layer in a large Python process)
+        layer.to("meta")
         del layer, w_down, out, x
-        gc.collect()  # decoder layers hold reference cycles; free this one before loading the next
-        elapsed = time.time() - t0
+        t_load += time.perf_counter() - t  # swapping layers: reading the next and freeing this one
+        elapsed = time.perf_counter() - t0
+        done = layer_idx + 1
         bar.set_postfix(
-            layer=f"{layer_idx + 1}/{n_layers}",
-            model_tok_s=f"{total_tokens * (layer_idx + 1) / n_layers / elapsed:.0f}",
+            layer=f"{done}/{n_layers}",
+            model_tok_s=f"{total_tokens * (done - start) / n_layers / elapsed:.0f}",
         )
+        if done == n_layers:
+            break
+        stopping = watch_stop and ranks.any(
+            (stop is not None and stop.is_set())
+            or (cfg.stop_file is not None and os.path.exists(cfg.stop_file))
+        )
+        if ckpt is not None and (stopping or done % cfg.checkpoint_every == 0):
+            ckpt.save_rank(ranks.rank, done, {"hidden": hid, **partial})
+            ranks.barrier()
+            if ranks.is_main:
+                ckpt.commit(done, n_layers, made_root)
+            ranks.barrier()
+            ckpt.prune(ranks.rank, done)
+        if stopping:
+            bar.close()
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise CalibrationStopped(done, n_layers)
     bar.close()
-    elapsed = time.time() - t0
+    pool.shutdown(wait=True)
+    elapsed = time.perf_counter() - t0
+    for t in (sum_DLF, sumsq_DLF, mlp_in_sum_DLH):
+        ranks.sum_(t)  # exact float64 sums of every rank's partial sums
+    st = ChannelStats(counts, *(t.cpu() for t in partial.values()))
+    layers_run = n_layers - start
+    row = torch.tensor([[my_tokens, elapsed, t_load, t_compute, t_read[0]]], dtype=torch.float64)
+    rows = ranks.gather_rows(row).tolist()
+    per_rank = [
+        {
+            "rank": r,
+            "tokens": int(tok),
+            "seconds": round(sec, 2),
+            "tokens_per_s": round(tok * layers_run / n_layers / sec, 1),
+            "layer_load_seconds": round(load, 2),
+            "compute_seconds": round(comp, 2),
+            "layer_read_seconds": round(rd, 2),
+        }
+        for r, (tok, sec, load, comp, rd) in enumerate(rows)
+    ]
+    wall = max(r[1] for r in rows)
     info = {
         "tokens": total_tokens,
         "layers": n_layers,
-        "seconds": round(elapsed, 2),
-        "tokens_per_s": round(total_tokens / elapsed, 1),
+        "seconds": round(wall, 2),
+        "tokens_per_s": round(total_tokens * layers_run / n_layers / wall, 1),
         "passes_over_data": 1,
+        "world_size": ranks.world,
+        "device": dev.type if dev.type != "cuda" else f"cuda ({torch.cuda.get_device_name(dev)})",
+        "dtype": dtype_name(dtype),
+        "hidden_states_on": where,
+        "resumed_after_layer": start,
+        # waiting for a layer (its read not hidden behind the previous layer's compute) + swapping it in
+        "layer_load_seconds": round(t_load, 2),
+        "compute_seconds": round(t_compute, 2),
+        "layer_read_seconds": round(t_read[0], 2),  # reading from safetensors, in the background
+        "per_rank": per_rank,
     }
     return st, info
 
@@ -247,6 +439,8 @@ def check_out_dir(out: Path, identity: dict, force: bool) -> bool:
         raise ValueError(f"--out {out} exists and is a file, not a folder; choose another --out")
     if man.exists():
         old = json.loads(man.read_text()).get("identity")
+        if isinstance(old, dict) and "dtype" not in old:
+            old = old | {"dtype": "fp32"}  # written before --dtype existed: every pass then was fp32
         if old == identity:
             return True
         if old != identity and not force:
@@ -350,12 +544,23 @@ def run_calibration(
     domains: list[str] | None = None,
     calib_cfg: CalibConfig = CalibConfig(),
     force: bool = False,
+    device: str = "auto",
+    dtype: str = "fp32",
+    stop: threading.Event | None = None,
 ) -> Path:
-    """Registry + model -> calibration folder (validates everything before the heavy pass)."""
+    """Registry + model -> calibration folder (validates everything before the heavy pass).
+
+    Launched by torchrun, every rank samples the same windows (deterministic), carries its share of
+    the batches, and rank 0 alone writes `out`. Every refusal happens before the process group is
+    joined, on every rank alike."""
+    from dive_ds.calib_checkpoint import LayerCheckpoint
     from dive_ds.data.registry import iter_documents, load_registry
     from dive_ds.data.sampler import sample_domain_text
     from dive_ds.models.loading import load_config, load_tokenizer, local_snapshot, resolve_model
+    from dive_ds.parallel.ranks import launched_world, resolve_device, resolve_dtype, start_ranks
 
+    rank, world, local_rank = launched_world()
+    compute_dtype = resolve_dtype(dtype, resolve_device(device, local_rank))
     out = Path(out)
     model_ref = resolve_model(model)
     config = load_config(model_ref)
@@ -366,11 +571,20 @@ def run_calibration(
         "registry": str(registry.path),
         "domains": [d.name for d in chosen],
         "sampler": asdict(sampler_cfg),
+        "dtype": dtype,  # bf16 sums differ from fp32 ones; the device and the world size do not change them
     }
     inputs = {"model": model_ref if isinstance(model_ref, Path) else None, "registry": registry.path}
-    check_not_input(out, inputs | {"hidden offload folder": calib_cfg.hidden_offload_dir})
+    check_not_input(
+        out,
+        inputs
+        | {
+            "hidden offload folder": calib_cfg.hidden_offload_dir,
+            "checkpoint folder": calib_cfg.checkpoint_dir,
+        },
+    )
     if check_out_dir(out, identity, force):
-        print(f"{out} already holds this calibration run; reusing it (delete it to recompute)")
+        if rank == 0:
+            print(f"{out} already holds this calibration run; reusing it (delete it to recompute)")
         return out
     check_offload_dir(calib_cfg.hidden_offload_dir)
     model_dir = local_snapshot(model_ref)
@@ -381,30 +595,42 @@ def run_calibration(
         texts = list(iter_documents(d, max_chars=sampler_cfg.chars_budget()))
         samples[d.name] = sample_domain_text(d.name, texts, tok, sampler_cfg)
     t_sample = time.time() - t0
-    stats, info = streaming_stats(model_dir, {n: s.calib for n, s in samples.items()}, calib_cfg)
-    manifest = run_manifest_base("calibration") | {
-        "identity": identity,
-        "model": {
-            "path": str(Path(model_dir).resolve()),  # absolute: mine/reconstruct find it from any directory
-            "fingerprint": model_fingerprint(config, LayerwiseCheckpoint(model_dir)),
-            "model_type": config.model_type,
-            "num_hidden_layers": config.num_hidden_layers,
-            "hidden_size": config.hidden_size,
-            "intermediate_size": config.intermediate_size,
-        },
-        "sampler": asdict(sampler_cfg),
-        "domains": [
-            {
-                "name": d.name,
-                "family": d.family,
-                "documents": samples[d.name].documents,
-                "calib_pool_tokens": samples[d.name].calib_pool_tokens,
-                "calib_tokens": samples[d.name].calib.numel(),
-                "eval_tokens": samples[d.name].eval.numel(),
+    windows = {n: s.calib for n, s in samples.items()}
+    Ranks(rank, world).check_items(len(batch_plan(windows, calib_cfg.batch_size)), "calibration batches")
+    ckpt = None
+    if calib_cfg.checkpoint_dir is not None:
+        ident = checkpoint_identity(model_dir, windows, compute_dtype, calib_cfg.batch_size)
+        ckpt = LayerCheckpoint(Path(calib_cfg.checkpoint_dir), ident, world)
+        ckpt.check()
+    with start_ranks(device) as ranks:
+        stats, info = streaming_stats(model_dir, windows, calib_cfg, ranks, compute_dtype, stop)
+        if ranks.is_main:
+            manifest = run_manifest_base("calibration") | {
+                "identity": identity,
+                "model": {
+                    # absolute: mine/reconstruct find it from any directory
+                    "path": str(Path(model_dir).resolve()),
+                    "fingerprint": model_fingerprint(config, LayerwiseCheckpoint(model_dir)),
+                    "model_type": config.model_type,
+                    "num_hidden_layers": config.num_hidden_layers,
+                    "hidden_size": config.hidden_size,
+                    "intermediate_size": config.intermediate_size,
+                },
+                "sampler": asdict(sampler_cfg),
+                "domains": [
+                    {
+                        "name": d.name,
+                        "family": d.family,
+                        "documents": samples[d.name].documents,
+                        "calib_pool_tokens": samples[d.name].calib_pool_tokens,
+                        "calib_tokens": samples[d.name].calib.numel(),
+                        "eval_tokens": samples[d.name].eval.numel(),
+                    }
+                    for d in chosen
+                ],
+                "pass": info | {"sampling_seconds": round(t_sample, 2)},
             }
-            for d in chosen
-        ],
-        "pass": info | {"sampling_seconds": round(t_sample, 2)},
-    }
-    write_calibration(out, stats, samples, manifest, force=True)
+            write_calibration(out, stats, samples, manifest, force=True)
+            if ckpt is not None:
+                ckpt.remove(made_root=False)  # the state it wrote says whether this run made the folder
     return out

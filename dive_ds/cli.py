@@ -20,6 +20,7 @@ from dive_ds.argtypes import (
     positive_int,
     ratio,
 )
+from dive_ds.parallel.ranks import DEVICES, DTYPES
 from dive_ds.reconstruct import METHODS, PRESETS, ROUTER_INITS
 from dive_ds.steps import DEMO, error_message
 
@@ -54,6 +55,32 @@ def _add_calibrate(sub) -> None:
     p.add_argument(
         "--hidden-offload-dir",
         help="keep carried hidden states in a memory-mapped file here (for calibration sets larger than RAM)",
+    )
+    p.add_argument(
+        "--device",
+        choices=DEVICES,
+        default="auto",
+        help="where the resident layer computes: auto (default; this rank's GPU when there is one), cpu, cuda",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=tuple(DTYPES),
+        default="fp32",
+        help="compute precision of the resident layer: fp32 (default) or bf16 (GPU only); sums stay float64",
+    )
+    p.add_argument(
+        "--checkpoint-dir",
+        help="resumable: checkpoint the pass here (storage every rank sees); relaunching the same command resumes",
+    )
+    p.add_argument(
+        "--checkpoint-every",
+        type=positive_int,
+        help="layers between checkpoints (default 1; needs --checkpoint-dir)",
+    )
+    p.add_argument(
+        "--stop-file",
+        help="when this file exists at a layer boundary (or on SIGUSR1): checkpoint, stop, exit status 3 "
+        "(needs --checkpoint-dir)",
     )
     p.add_argument("--out", help="output folder (written atomically)")
     p.add_argument(
@@ -419,24 +446,49 @@ def _add_commands(sub) -> None:
 # --------------------------------------------------------------------------- commands
 
 
+STOPPED = 3  # exit status of a pass stopped at a layer boundary (stop file, SIGUSR1): relaunch to resume
+
+
 def cmd_calibrate(a) -> int:
+    import signal
+    import threading
+
+    from dive_ds.calibrate import CalibrationStopped
     from dive_ds.steps import calibrate
 
-    calibrate(
-        a.model,
-        a.domains,
-        a.out,
-        a.samples_per_domain,
-        a.seq_len,
-        a.eval_windows,
-        seed=a.seed,
-        only=a.only,
-        batch_size=a.batch_size,
-        hidden_offload_dir=a.hidden_offload_dir,
-        progress=not a.no_progress,
-        force=a.force,
-        demo=a.demo,
-    )
+    stop = None
+    if a.checkpoint_dir is not None:  # SLURM sends USR1 before the time limit: stop after this layer
+        stop = threading.Event()
+        previous = signal.signal(signal.SIGUSR1, lambda *_: stop.set())
+    try:
+        calibrate(
+            a.model,
+            a.domains,
+            a.out,
+            a.samples_per_domain,
+            a.seq_len,
+            a.eval_windows,
+            seed=a.seed,
+            only=a.only,
+            batch_size=a.batch_size,
+            hidden_offload_dir=a.hidden_offload_dir,
+            progress=not a.no_progress,
+            force=a.force,
+            demo=a.demo,
+            device=a.device,
+            dtype=a.dtype,
+            checkpoint_dir=a.checkpoint_dir,
+            checkpoint_every=a.checkpoint_every,
+            stop_file=a.stop_file,
+            stop=stop,
+        )
+    except CalibrationStopped as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(e, flush=True)
+        return STOPPED
+    finally:
+        if stop is not None:
+            signal.signal(signal.SIGUSR1, previous)
     return 0
 
 

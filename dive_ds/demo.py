@@ -81,10 +81,8 @@ def run_demo(a) -> dict:
     times["reconstruct"] = time.time() - t
     t = _step("3b/5 fit-router: DIVE's routers from the dense model (reconstruction-error labels)")
     fitted = out / "moe-dive-fitted"
-    if fitted.exists():  # the demo owns this folder: a rerun refits from the new reconstruction
-        import shutil
-
-        shutil.rmtree(fitted)
+    if fitted.exists():  # a rerun refits from the new reconstruction, replacing only the demo's own fit
+        _remove_own_fit(fitted, out / "moe-dive")
     _run(
         # 8 of the 16 windows per domain: half the cost, and measured no worse (calib held-out mean 127.0
         # against 126.8 with all 16; README "Router fitting")
@@ -233,3 +231,20 @@ def _run(step, *args, **kwargs) -> None:
 def _check(rc: int) -> None:
     if rc != 0:
         raise RuntimeError(f"demo step failed (exit {rc}); see the message above")
+
+
+def _remove_own_fit(fitted: Path, source: Path) -> None:
+    """Delete `fitted` only if it is a fit-router output of `source` (this demo's own earlier fit)."""
+    import shutil
+
+    record = fitted / "router_fit.json"
+    try:
+        recorded = json.loads(record.read_text()).get("moe")
+    except (OSError, ValueError):
+        recorded = None
+    if recorded != str(source.resolve()):
+        raise ValueError(
+            f"{fitted} is not this demo's router fit (no {record.name} naming {source}); "
+            "move it away or pass another --out"
+        )
+    shutil.rmtree(fitted)

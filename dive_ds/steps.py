@@ -48,10 +48,18 @@ def calibrate(
     progress: bool = True,
     force: bool = False,
     demo: bool = False,
+    device: str = "auto",
+    dtype: str = "fp32",
+    checkpoint_dir: str | None = None,
+    checkpoint_every: int | None = None,
+    stop_file: str | None = None,
+    stop=None,
 ):
-    """`dive-ds calibrate`: one streaming pass, then the summary table. With `demo`, DEMO fills what is not given."""
+    """`dive-ds calibrate`: one streaming pass, then the summary table (rank 0). With `demo`, DEMO fills
+    what is not given. `stop`: a threading.Event that stops the pass at the next layer boundary."""
     from dive_ds.calibrate import CalibConfig, run_calibration
     from dive_ds.data.sampler import SamplerConfig
+    from dive_ds.parallel.ranks import launched_world
 
     def given(value, default):  # None: not given (0 is a value, and SamplerConfig refuses it)
         return default if value is None else value
@@ -72,16 +80,21 @@ def calibrate(
         eval_windows=given(eval_windows, 16),
         seed=seed,
     )
-    out = run_calibration(
-        model,
-        domains,
-        out,
-        sampler,
-        only,
-        CalibConfig(batch_size=batch_size, hidden_offload_dir=hidden_offload_dir, progress=progress),
-        force=force,
+    if checkpoint_every is not None and checkpoint_dir is None:
+        raise ValueError("--checkpoint-every needs --checkpoint-dir (where the checkpoints go)")
+    calib_cfg = CalibConfig(
+        batch_size=batch_size,
+        hidden_offload_dir=hidden_offload_dir,
+        progress=progress,
+        checkpoint_dir=checkpoint_dir,
+        checkpoint_every=given(checkpoint_every, 1),
+        stop_file=stop_file,
     )
-    _print_calibration_summary(out)
+    out = run_calibration(
+        model, domains, out, sampler, only, calib_cfg, force=force, device=device, dtype=dtype, stop=stop
+    )
+    if launched_world()[0] == 0:
+        _print_calibration_summary(out)
     return out
 
 
@@ -103,6 +116,13 @@ def _print_calibration_summary(out) -> None:
         f"one pass over {p['tokens']} tokens x {p['layers']} layers in {p['seconds']}s: "
         f"{p['tokens_per_s']} tokens/s (sampling {p['sampling_seconds']}s)"
     )
+    if "world_size" in p:
+        print(
+            f"{p['world_size']} rank(s) on {p['device']}, {p['dtype']}, hidden states on {p['hidden_states_on']}; "
+            f"rank 0: waiting for layers {p['layer_load_seconds']}s (reading {p.get('layer_read_seconds', '?')}s "
+            f"in the background), compute {p['compute_seconds']}s"
+            + (f"; resumed after layer {p['resumed_after_layer']}" if p["resumed_after_layer"] else "")
+        )
 
 
 def mine(

@@ -1,5 +1,6 @@
 """The streaming pass equals a plain full forward with hooks; merges are exact."""
 
+import pytest
 import torch
 
 from dive_ds.calibrate import CalibConfig, streaming_stats
@@ -73,3 +74,15 @@ def test_merge_equals_union(tmp_path):
     m2, v2 = mean_var(union.count_D, union.sum_DLF, union.sumsq_DLF)
     torch.testing.assert_close(v1, v2, rtol=1e-9, atol=1e-12)
     assert isinstance(merged, ChannelStats) and merged.count_D.item() == 80
+
+
+def test_a_calibration_from_before_dtype_is_the_same_fp32_run(tmp_path):
+    import json
+
+    from dive_ds.calibrate import MANIFEST, check_out_dir
+
+    identity = {"model": "m", "registry": "r", "domains": ["a"], "sampler": {"seed": 1}}
+    (tmp_path / MANIFEST).write_text(json.dumps({"identity": identity}))
+    assert check_out_dir(tmp_path, identity | {"dtype": "fp32"}, force=False) is True
+    with pytest.raises(ValueError, match="holds a different run"):
+        check_out_dir(tmp_path, identity | {"dtype": "bf16"}, force=False)

@@ -308,3 +308,25 @@ def test_missing_weights_are_refused_not_randomised(tiny, moe, tmp_path, capsys)
     # control: the complete folder loads and exports
     assert cli(["export", str(moe), "--out", str(tmp_path / "x3")], capsys) == 0
     assert (tmp_path / "x3" / "config.json").is_file()
+
+
+def test_demo_replaces_only_its_own_router_fit(tmp_path):
+    from dive_ds.demo import _remove_own_fit
+
+    source = tmp_path / "moe-dive"
+    source.mkdir()
+    foreign = tmp_path / "moe-dive-fitted"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="is not this demo's router fit"):
+        _remove_own_fit(foreign, source)
+    (foreign / "router_fit.json").write_text(json.dumps({"moe": str(tmp_path / "elsewhere")}))
+    before = snapshot(tmp_path)
+    with pytest.raises(ValueError, match="is not this demo's router fit"):
+        _remove_own_fit(foreign, source)
+    assert snapshot(tmp_path) == before
+    own = tmp_path / "own-fit"
+    own.mkdir()
+    (own / "router_fit.json").write_text(json.dumps({"moe": str(source.resolve())}))
+    _remove_own_fit(own, source)
+    assert not own.exists() and (foreign / "notes.txt").read_text() == "mine"

@@ -155,8 +155,9 @@ def start_ranks(device: str = "auto", timeout_s: int = 1800) -> Iterator[Ranks]:
         made = True
     try:
         yield Ranks(dist.get_rank(), dist.get_world_size(), dev)
-    finally:
-        if made:
+        if made:  # every rank finished; on an error no barrier: the others may be inside a collective
             with contextlib.suppress(Exception):
                 dist.barrier()
+    finally:
+        if made:
             dist.destroy_process_group()
