@@ -381,6 +381,22 @@ def _add_commands(sub) -> None:
     )
     p.add_argument("--seq-len", type=min2_int, default=1024, help="tokens per sequence (default 1024)")
     p.add_argument("--gpu-mem", type=positive_float, default=80.0, help="GPU memory in GB (default 80)")
+    g = p.add_argument_group("streaming passes (calibration, router fit, evaluation) over all GPUs")
+    g.add_argument("--domains", type=positive_int, default=7, help="calibration domains (default 7)")
+    g.add_argument("--windows-per-domain", type=positive_int, default=1024,
+                   help="calibration windows per domain (default 1024)")  # fmt: skip
+    g.add_argument(
+        "--calib-seq-len", type=positive_int, default=1024, help="tokens per window (default 1024)"
+    )
+    g.add_argument("--fit-windows", type=positive_int, default=None,
+                   help="windows per domain for the router fit (default: all calibration windows)")  # fmt: skip
+    g.add_argument(
+        "--eval-windows", type=positive_int, default=16, help="held-out windows per domain (default 16)"
+    )
+    g.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16",
+                   help="weights and carried hidden states of the passes (default bf16)")  # fmt: skip
+    g.add_argument("--tflops", type=positive_float, default=400.0, help="sustained TFLOP/s per GPU (default 400: "
+                   "bf16 on an H100-class GPU at ~40%% of peak; ~40 for fp32)")  # fmt: skip
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("export", help="write a dive_moe checkpoint in a format that loads without dive_ds")
@@ -607,12 +623,25 @@ def cmd_evaluate(a) -> int:
 
 
 def cmd_plan(a) -> int:
-    from dive_ds.plan import PlanConfig, format_plan, load_model_config, plan
+    from dive_ds.plan import (
+        PassPlanConfig,
+        PlanConfig,
+        format_passes,
+        format_plan,
+        load_model_config,
+        plan,
+        plan_passes,
+    )
 
     cfg = PlanConfig(experts=a.experts, top_k=a.top_k, prune_ratio=a.prune_ratio, nodes=a.nodes,
                      gpus_per_node=a.gpus_per_node, ep=a.ep, zero=a.zero, stage=a.stage,
                      micro_batch=a.micro_batch, seq_len=a.seq_len, gpu_mem_gb=a.gpu_mem)  # fmt: skip
-    print(format_plan(a.model, cfg, plan(load_model_config(a.model), cfg)))
+    passes = PassPlanConfig(domains=a.domains, windows_per_domain=a.windows_per_domain, seq_len=a.calib_seq_len,
+                            fit_windows_per_domain=a.fit_windows, eval_windows_per_domain=a.eval_windows,
+                            dtype=a.dtype, tflops=a.tflops)  # fmt: skip
+    model_cfg = load_model_config(a.model)
+    print(format_plan(a.model, cfg, plan(model_cfg, cfg)))
+    print(format_passes(cfg, passes, plan_passes(model_cfg, cfg, passes)))
     return 0
 
 

@@ -9,11 +9,33 @@ Memory model (bytes per GPU), bf16 weights and gradients, fp32 Adam (master + 2 
   working set, b*s*h*(34 + 5*a*s/h) bytes (the usual estimate for a transformer layer in
   16-bit), with the MoE FFN part scaled by top-k x expert width / dense width.
 It is an estimate for choosing settings, not a measurement; leave headroom (default 10%).
+
+The streaming passes (`plan_passes`), per token of a window of S tokens, L layers, hidden H, FFN width F,
+attention projections A = 2*H*heads*head_dim + 2*H*kv*head_dim, N experts of width F' and top-k:
+- calibration (dense forward through the decoder layers; no head, the pass needs no logits):
+    FLOPs = 2 * L * (A + 3*H*F) + 4 * L * S * H
+  the second term is attention itself (Q K^T and the weighted sum of V, 2*S*H multiply-adds each,
+  counted over the whole window: an upper bound for causal attention);
+- router fit (the sliced shortcut of dive-ds fit-router, experts fresh from reconstruction): the dense
+  gate/up projections, one down projection over each expert's removed channels for its error, then
+  the routed MoE layer to carry the hidden states on:
+    FLOPs = 2 * L * (A + 2*H*F + N*H*(F - F') + 3*k*H*F') + 4 * L * S * H
+- evaluation of the MoE (held-out perplexity, with the router and the head):
+    FLOPs = 2 * (L * (A + N*H + 3*k*H*F') + V*H) + 4 * L * S * H.
+Tokens = domains x windows per domain x S; the windows are split evenly over all ranks
+(ceil(windows / world) per rank). Per rank the calibration carries windows per rank x S x H hidden
+states in the pass dtype (4 bytes fp32, 2 bf16), reads every layer's weights once (per-layer bytes =
+(A + 3*H*F + 2*H) x dtype bytes), and accumulates float64 statistics of 8 x (D + 2*D*L*F + D*L*H +
+2*L*F) bytes (ChannelStats: count, sum, sum of squares, MLP-input sum, two down_proj column norms).
+Wall time = FLOPs / (world x --tflops), --tflops the sustained dense-matmul rate of one GPU (default
+400, a bf16 H100-class GPU at roughly 40% of its 989 TFLOP/s peak; use about 40 for fp32); reading
+weights and the all-reduce of the statistics are not counted.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,4 +166,101 @@ def format_plan(name: str, cfg: PlanConfig, p: dict) -> str:
         f"{m['optimizer'] / GB:.2f} GB + activations {m['activations'] / GB:.1f} GB (mb {cfg.micro_batch} x "
         f"{cfg.seq_len}) = {m['total'] / GB:.1f} GB -> "
         f"{'fits' if p['fits'] else 'DOES NOT fit'} {cfg.gpu_mem_gb:g} GB with {cfg.headroom:.0%} headroom"
+    )
+
+
+# --------------------------------------------------------------------------- the streaming passes
+
+DTYPE_BYTES = {"fp32": 4, "bf16": 2}
+
+
+@dataclass(frozen=True)
+class PassPlanConfig:
+    """The streaming passes (calibration, router fit, evaluation) over all GPUs of the cluster."""
+
+    domains: int = 7
+    """D calibration domains."""
+    windows_per_domain: int = 1024
+    """Calibration windows per domain."""
+    seq_len: int = 1024
+    """S tokens per window."""
+    fit_windows_per_domain: int | None = None
+    """Windows per domain the router fit uses (None: all calibration windows)."""
+    eval_windows_per_domain: int = 16
+    """Held-out windows per domain the evaluation reads."""
+    dtype: str = "bf16"
+    """Weights and carried hidden states of the passes: fp32 or bf16."""
+    tflops: float = 400.0
+    """Sustained TFLOP/s of one GPU."""
+
+    def __post_init__(self):
+        if self.dtype not in DTYPE_BYTES:
+            raise ValueError(f"--dtype must be fp32 or bf16 (got {self.dtype})")
+        if self.tflops <= 0:
+            raise ValueError(f"--tflops must be > 0 (got {self.tflops})")
+
+    @property
+    def fit_windows(self) -> int:
+        return self.windows_per_domain if self.fit_windows_per_domain is None else self.fit_windows_per_domain
+
+
+def plan_passes(model_cfg: dict, cfg: PlanConfig, p: PassPlanConfig) -> dict:
+    """FLOPs, bytes and wall time of calibration, router fit and evaluation (formulas: module docstring)."""
+    h, f, n_layers = model_cfg["hidden_size"], model_cfg["intermediate_size"], model_cfg["num_hidden_layers"]
+    heads = model_cfg["num_attention_heads"]
+    kv = model_cfg.get("num_key_value_heads", heads)
+    head_dim = model_cfg.get("head_dim") or h // heads
+    vocab = model_cfg["vocab_size"]
+    width = max(1, round(f * (1 - cfg.prune_ratio)))
+    e, k, s = cfg.experts, cfg.top_k, p.seq_len
+    attn = 2 * h * heads * head_dim + 2 * h * kv * head_dim
+    attn_core = 4 * n_layers * s * h  # per token
+    world = cfg.nodes * cfg.gpus_per_node
+    rate = world * p.tflops * 1e12
+    nbytes = DTYPE_BYTES[p.dtype]
+
+    def one_pass(windows_per_domain: int, params_per_token: int) -> dict:
+        windows = p.domains * windows_per_domain
+        tokens = windows * s
+        flops = tokens * (2 * params_per_token + attn_core)
+        return {"windows": windows, "tokens": tokens, "windows_per_rank": math.ceil(windows / world),
+                "flops": flops, "seconds": flops / rate}  # fmt: skip
+
+    calib = one_pass(p.windows_per_domain, n_layers * (attn + 3 * h * f))
+    calib["hidden_bytes_per_rank"] = calib["windows_per_rank"] * s * h * nbytes
+    calib["layer_weight_bytes"] = (attn + 3 * h * f + 2 * h) * nbytes
+    calib["weight_bytes_read_per_rank"] = n_layers * calib["layer_weight_bytes"] + vocab * h * nbytes
+    calib["stats_bytes"] = 8 * (
+        p.domains + 2 * p.domains * n_layers * f + p.domains * n_layers * h + 2 * n_layers * f
+    )
+    fit = one_pass(p.fit_windows, n_layers * (attn + 2 * h * f + e * h * (f - width) + 3 * k * h * width))
+    fit["hidden_bytes_per_rank"] = fit["windows_per_rank"] * s * h * nbytes
+    evaluation = one_pass(
+        p.eval_windows_per_domain, n_layers * (attn + e * h + 3 * k * h * width) + vocab * h
+    )
+    return {"world": world, "calibrate": calib, "fit_router": fit, "evaluate": evaluation}
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def format_passes(cfg: PlanConfig, p: PassPlanConfig, r: dict) -> str:
+    c, fit, ev = r["calibrate"], r["fit_router"], r["evaluate"]
+    gpus = f"{r['world']} GPUs ({cfg.nodes}x{cfg.gpus_per_node}) at {p.tflops:g} TFLOP/s each"
+    return (
+        f"streaming passes, {p.dtype}, {gpus}:\n"
+        f"  calibration: {p.domains} domains x {p.windows_per_domain} windows x {p.seq_len} = "
+        f"{c['tokens']:,} tokens, {c['flops']:.3e} FLOPs -> {_duration(c['seconds'])}\n"
+        f"    per rank: {c['windows_per_rank']} windows, hidden states {c['hidden_bytes_per_rank'] / GB:.2f} GB, "
+        f"weights read {c['layer_weight_bytes'] / GB:.2f} GB per layer ({c['weight_bytes_read_per_rank'] / GB:.1f} GB "
+        f"in all); statistics {c['stats_bytes'] / GB:.3f} GB (float64)\n"
+        f"  router fit: {p.fit_windows} windows per domain = {fit['tokens']:,} tokens, {fit['flops']:.3e} FLOPs -> "
+        f"{_duration(fit['seconds'])}; hidden states {fit['hidden_bytes_per_rank'] / GB:.2f} GB per rank\n"
+        f"  evaluation: {p.eval_windows_per_domain} windows per domain = {ev['tokens']:,} tokens, "
+        f"{ev['flops']:.3e} FLOPs -> {_duration(ev['seconds'])}"
     )

@@ -21,13 +21,13 @@ on_preempt() {
     # USR1 from --signal (time limit near) or from a pre-emption policy.
     PREEMPTED=1
     if [[ -n "$STEP_PID" && -n "$STEP_STOP_FILE" ]]; then
-        # Retraining: every rank sees the stop file after its step, the stage checkpoints and the
-        # launcher exits. (A signal to the srun step would cancel it at once: slurmstepd kills the tasks,
-        # and torchrun gives its workers only 30 s.)
-        log "USR1: asking retraining to checkpoint and stop ($STEP_STOP_FILE)"
+        # Calibration and retraining: every rank sees the stop file at its next layer boundary (calibration)
+        # or after its step (retraining), checkpoints and exits. (A signal to the srun step would cancel
+        # it at once: slurmstepd kills the tasks, and torchrun gives its workers only 30 s.)
+        log "USR1: asking the step to checkpoint and stop ($STEP_STOP_FILE)"
         touch "$STEP_STOP_FILE"
     elif [[ -n "$STEP_PID" ]]; then
-        # Calibration, mining, reconstruction, consolidation: their outputs are written atomically and
+        # Mining, reconstruction, router fitting, consolidation: their outputs are written atomically and
         # every step skips complete work, so stopping mid-way loses only that step's progress.
         log "USR1: stopping the running step; the requeued job redoes it"
         kill -TERM "$STEP_PID" 2>/dev/null || true
@@ -39,11 +39,16 @@ on_preempt() {
 run_step() {
     # run_step STOP_FILE CMD...: run CMD in the background so the USR1 trap can interrupt `wait`.
     # STOP_FILE (may be empty) is touched on USR1 to stop the step gracefully; CMD gets STOP_GRACE
-    # seconds to finish after that, then SIGTERM.
+    # seconds to finish after that, then SIGTERM, and the job requeues: the relaunched step resumes from
+    # the checkpoint the stop wrote (calibration exits 3 after it, retraining 143; torchrun reports
+    # either as 1, so the exit status is not what tells a stop from a failure).
     STEP_STOP_FILE="$1"
     shift
     if [[ "$PREEMPTED" == 1 ]]; then
         requeue_now
+    fi
+    if [[ -n "$STEP_STOP_FILE" ]]; then
+        rm -f "$STEP_STOP_FILE"  # this job's own stop request from before its requeue
     fi
     "$@" &
     STEP_PID=$!
@@ -63,6 +68,10 @@ run_step() {
         wait "$STEP_PID" || rc=$?
         log "the step ended (exit $rc)"
         requeue_now
+    fi
+    if [[ -n "$STEP_STOP_FILE" && -f "$STEP_STOP_FILE" ]] && (( rc != 0 )); then
+        # touched by hand, not by the trap: stop the job; resubmitting the same job resumes
+        log "the step stopped on request ($STEP_STOP_FILE, exit $rc); resubmit to resume from its checkpoint"
     fi
     STEP_PID=""
     STEP_STOP_FILE=""
@@ -97,16 +106,36 @@ if run.data.registry != domains:
 ' "$RUN_CONFIG" "$DS_CONFIG" "$OUT" "$EP_SIZE" "$world" "$DS_ACCELERATOR" "$DOMAINS"
 }
 
+srun_torchrun() {
+    # srun_torchrun STOP_FILE PORT SCRIPT ARG...: run_step of one srun task per node, each starting that
+    # node's GPUS_PER_NODE ranks of SCRIPT with torchrun (static rendezvous on the first node at PORT;
+    # every rank gets RANK / WORLD_SIZE / LOCAL_RANK and MASTER_ADDR / MASTER_PORT for env://).
+    local stop="$1" port="$2" addr
+    shift 2
+    addr="$(master_addr)"
+    log "  $NODES srun task(s) x torchrun $GPUS_PER_NODE rank(s) of $(basename "$1"); rendezvous $addr:$port"
+    # SLURM_NODEID is the task's own node index: expand it inside the task.
+    # shellcheck disable=SC2016
+    run_step "$stop" srun --nodes="$NODES" --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c \
+        'exec "$0" --nnodes="$1" --nproc_per_node="$2" --node_rank="$SLURM_NODEID" --master_addr="$3" \
+            --master_port="$4" "${@:5}"' \
+        "$TORCHRUN" "$NODES" "$GPUS_PER_NODE" "$addr" "$port" "$@"
+}
+
 step_calibrate() {
     if [[ -f "$CALIB/manifest.json" ]]; then
         log "calibration: reusing $CALIB"
         return
     fi
-    log "calibration (once, on $(hostname)) -> $CALIB"
+    log "calibration on $NODES node(s) x $GPUS_PER_NODE rank(s), $CALIB_DEVICE $CALIB_DTYPE -> $CALIB"
+    # Resumable: checkpoints every CALIB_CKPT_EVERY layers; on USR1 the trap touches the stop file, the
+    # pass checkpoints at the next layer boundary, and the requeued job's identical command resumes.
     # shellcheck disable=SC2086  # ONLY is a list of domain names
-    run_step "" "$PYTHON" "$REPO/launchers/reconstruct.py" calibrate --model "$MODEL" --domains "$DOMAINS" \
-        ${ONLY:+--only $ONLY} --samples-per-domain "$SAMPLES" --seq-len "$SEQ_LEN" \
-        --eval-windows "${EVAL_WINDOWS:-2}" --no-progress --out "$CALIB"
+    srun_torchrun "$OUT/calib.stop" "$((MASTER_PORT + 1))" "$REPO/launchers/reconstruct.py" calibrate \
+        --model "$MODEL" --domains "$DOMAINS" ${ONLY:+--only $ONLY} --samples-per-domain "$SAMPLES" \
+        --seq-len "$SEQ_LEN" --eval-windows "${EVAL_WINDOWS:-2}" --device "$CALIB_DEVICE" --dtype "$CALIB_DTYPE" \
+        --checkpoint-dir "$OUT/calib-ckpt" --checkpoint-every "${CALIB_CKPT_EVERY:-4}" \
+        --stop-file "$OUT/calib.stop" --no-progress --out "$CALIB"
 }
 
 step_mine() {
@@ -121,6 +150,10 @@ step_mine() {
 }
 
 step_reconstruct() {
+    if [[ -n "${MOE:-}" ]]; then
+        log "reconstruction and router fitting: using $MOE"
+        return
+    fi
     log "reconstruction, one task per node, EP $EP_SIZE -> $OUT/moe"
     run_step "" srun --nodes="$NODES" --ntasks-per-node=1 --kill-on-bad-exit=1 \
         "$PYTHON" "$REPO/launchers/reconstruct.py" reconstruct --calib "$CALIB" --groups "$GROUPS_JSON" \
@@ -131,6 +164,10 @@ step_reconstruct() {
 step_fit_router() {
     # The routers are fitted from the dense model (dive-ds fit-router) unless ROUTER_INIT=random, the
     # paper's recipe (random router, then the router stage of the run config).
+    if [[ -n "${MOE:-}" ]]; then
+        MOE_DIR="$MOE"
+        return
+    fi
     if [[ "${ROUTER_INIT:-fit}" != fit ]]; then
         MOE_DIR="$OUT/moe"
         log "routers: random init (ROUTER_INIT=$ROUTER_INIT); the run config's router stage trains them"
@@ -141,25 +178,17 @@ step_fit_router() {
         log "router fitting: reusing $MOE_DIR"
         return
     fi
-    log "router fitting (once, on $(hostname)) -> $MOE_DIR"
-    run_step "" "$PYTHON" "$REPO/launchers/reconstruct.py" fit-router --moe "$OUT/moe" --calib "$CALIB" \
-        --no-progress --out "$MOE_DIR"
+    log "router fitting on $NODES node(s) x $GPUS_PER_NODE rank(s), $CALIB_DEVICE $CALIB_DTYPE -> $MOE_DIR"
+    srun_torchrun "" "$((MASTER_PORT + 2))" "$REPO/launchers/reconstruct.py" fit-router --moe "$OUT/moe" \
+        --calib "$CALIB" --device "$CALIB_DEVICE" --dtype "$CALIB_DTYPE" --no-progress --out "$MOE_DIR"
 }
 
 step_retrain() {
-    local addr
-    addr="$(master_addr)"
-    log "retraining on $NODES node(s) x $GPUS_PER_NODE rank(s), EP $EP_SIZE, $DS_CONFIG; rendezvous $addr:$MASTER_PORT"
+    log "retraining on $NODES node(s) x $GPUS_PER_NODE rank(s), EP $EP_SIZE, $DS_CONFIG; rendezvous port $MASTER_PORT"
     log "TensorBoard: tensorboard --logdir $OUT/retrain"
-    rm -f "$OUT/retrain/STOP"  # this job's own stop request from before its requeue
-    # SLURM_NODEID is the task's own node index: expand it inside the task.
-    # shellcheck disable=SC2016
-    run_step "$OUT/retrain/STOP" srun --nodes="$NODES" --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c \
-        '"$0" --nnodes="$1" --nproc_per_node="$2" --node_rank="$SLURM_NODEID" --master_addr="$3" \
-            --master_port="$4" "$5/launchers/retrain.py" --deepspeed "$6" --config "$7" \
-            --set model.path="${10}" --set out_dir="$8/retrain" --set parallel.ep_size="$9"' \
-        "$TORCHRUN" "$NODES" "$GPUS_PER_NODE" "$addr" "$MASTER_PORT" "$REPO" "$DS_CONFIG" "$RUN_CONFIG" \
-        "$OUT" "$EP_SIZE" "$MOE_DIR"
+    srun_torchrun "$OUT/retrain/STOP" "$MASTER_PORT" "$REPO/launchers/retrain.py" --deepspeed "$DS_CONFIG" \
+        --config "$RUN_CONFIG" --set model.path="$MOE_DIR" --set out_dir="$OUT/retrain" \
+        --set parallel.ep_size="$EP_SIZE"
 }
 
 step_consolidate() {

@@ -5,13 +5,16 @@
 #   sbatch slurm/dive_tiny.sh                       # defaults below
 #   NODES=2 EP_SIZE=2 OUT=runs/tiny sbatch --nodes=2 slurm/dive_tiny.sh
 #
-# Pipeline: calibrate (once) -> mine (once) -> reconstruct (one task per node, each node writes
-# only its experts' shards) -> fit the routers (once; ROUTER_INIT=random skips it) -> retrain router + experts stages (one srun task per node starting
-# that node's ranks with torchrun; rendezvous on the first node) -> consolidate (one HF folder).
+# Pipeline: calibrate (once; every rank of every node, checkpointed) -> mine (once) -> reconstruct
+# (one task per node, each node writes only its experts' shards) -> fit the routers (once, every rank;
+# ROUTER_INIT=random skips it) -> retrain router + experts stages -> consolidate (one HF folder).
+# Multi-rank steps are one srun task per node starting that node's ranks with torchrun (rendezvous on
+# the first node).
 # Every step skips work that is already complete, so a requeued job continues where it stopped.
 # Pre-emption: SLURM sends USR1 (--signal); during retraining the trap touches OUT/retrain/STOP (every
-# rank finishes its step, the stage checkpoints and the trainer exits), any other step is stopped;
-# then the job requeues itself and resumes from that checkpoint.
+# rank finishes its step, the stage checkpoints and the trainer exits), during calibration
+# OUT/calib.stop (the pass checkpoints at its next layer boundary and exits 3); any other step is
+# stopped; then the job requeues itself and resumes from that checkpoint.
 #
 #SBATCH --job-name=dive-tiny
 #SBATCH --nodes=2
@@ -41,9 +44,13 @@ PRUNE_RATIO="${PRUNE_RATIO:-0.5}"
 ROUTER_INIT="${ROUTER_INIT:-fit}"             # fit: routers fitted from the dense model; random: the paper's init
 SAMPLES="${SAMPLES:-4}"                       # calibration windows per domain
 SEQ_LEN="${SEQ_LEN:-64}"
+CALIB_DEVICE="${CALIB_DEVICE:-cpu}"            # calibration and router fit: auto, cpu or cuda
+CALIB_DTYPE="${CALIB_DTYPE:-fp32}"             # their compute precision (bf16 needs a GPU)
+CALIB_CKPT_EVERY="${CALIB_CKPT_EVERY:-4}"      # calibration checkpoints every this many layers
 OUT="${OUT:-$REPO/runs/slurm-tiny}"
 CALIB="${CALIB:-$OUT/calib}"                  # provide an existing calibration to skip that step
 GROUPS_JSON="${GROUPS_JSON:-$OUT/mining/groups.json}"  # provide groups to skip mining
+MOE="${MOE:-}"                                 # provide a reconstructed (and fitted) MoE to skip both steps
 MINE_FAST="${MINE_FAST:-}"                    # 1: mine the fast affinity only (no D x D pruned evaluations)
 FINAL="${FINAL:-$OUT/final}"
 MASTER_PORT="${MASTER_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 20000))}"

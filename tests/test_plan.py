@@ -5,7 +5,7 @@ import torch
 
 from dive_ds.cli import main
 from dive_ds.models.moe import DiveMoeConfig, DiveMoeForCausalLM
-from dive_ds.plan import PlanConfig, plan
+from dive_ds.plan import PassPlanConfig, PlanConfig, plan, plan_passes
 
 TINY = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             vocab_size=97, tie_word_embeddings=False)  # fmt: skip
@@ -47,3 +47,46 @@ def test_plan_cli_and_errors(capsys):
     assert "total 238.11B" in out and "fits 80 GB" in out
     assert main(["plan", "--model", "llama2-70b", "--experts", "6", "--ep", "4"]) == 2
     assert "--ep 4 must divide --experts 6" in capsys.readouterr().err
+
+
+def test_streaming_passes_by_hand():
+    # TINY: H 32, F 48, L 2, 4 heads x 8, 2 KV heads; N 4, k 2, r 0.5 -> F' 24; 3 domains x 5 windows x 8 tokens
+    cfg = PlanConfig(experts=4, top_k=2, prune_ratio=0.5, nodes=2, gpus_per_node=2, ep=2)
+    p = PassPlanConfig(domains=3, windows_per_domain=5, seq_len=8, fit_windows_per_domain=2,
+                       eval_windows_per_domain=1, dtype="fp32", tflops=2e-9)  # fmt: skip
+    r = plan_passes(TINY, cfg, p)
+    attn = 2 * 32 * 32 + 2 * 32 * 16  # q, o: 32 x 32; k, v: 32 x 16 -> 3072
+    assert attn == 3072
+    core = 4 * 2 * 8 * 32  # attention itself, per token: 2048
+    c = r["calibrate"]
+    assert c["tokens"] == 3 * 5 * 8 == 120
+    # dense decoder layers: 2 x (3072 + 3 x 32 x 48 = 4608) = 15360 params per token
+    assert c["flops"] == 120 * (2 * 15360 + core) == 120 * 32768
+    assert c["windows_per_rank"] == 4  # 15 windows over 4 ranks
+    assert c["hidden_bytes_per_rank"] == 4 * 8 * 32 * 4
+    assert c["layer_weight_bytes"] == (3072 + 4608 + 64) * 4
+    assert c["weight_bytes_read_per_rank"] == 2 * 7744 * 4 + 97 * 32 * 4
+    # count 3 + sum, sum of squares 2 x 3 x 2 x 48 + MLP-input sum 3 x 2 x 32 + 2 column norms 2 x 2 x 48
+    assert c["stats_bytes"] == 8 * (3 + 576 + 192 + 192)
+    assert c["seconds"] == pytest.approx(120 * 32768 / (4 * 2000.0))
+    fit = r["fit_router"]
+    # gate+up 2 x 32 x 48 + 4 experts x 32 x 24 removed channels + 2 routed experts x 3 x 32 x 24
+    per_layer = 3072 + 3072 + 3072 + 4608
+    assert fit["tokens"] == 3 * 2 * 8 and fit["windows_per_rank"] == 2
+    assert fit["flops"] == 48 * (2 * 2 * per_layer + core)
+    ev = r["evaluate"]
+    # router 4 x 32 + 2 routed experts per layer, then the head 97 x 32
+    assert ev["tokens"] == 24
+    assert ev["flops"] == 24 * (2 * (2 * (3072 + 128 + 4608) + 97 * 32) + core)
+    bf16 = plan_passes(TINY, cfg, PassPlanConfig(domains=3, windows_per_domain=5, seq_len=8, dtype="bf16"))
+    assert bf16["calibrate"]["hidden_bytes_per_rank"] == c["hidden_bytes_per_rank"] // 2
+    assert bf16["fit_router"]["tokens"] == 120  # default: every calibration window
+
+
+def test_plan_cli_prints_the_passes(capsys):
+    assert main(["plan", "--model", "llama2-70b", "--nodes", "4", "--domains", "7", "--windows-per-domain",
+                 "1024", "--calib-seq-len", "1024", "--tflops", "400"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "7 domains x 1024 windows x 1024 = 7,340,032 tokens" in out
+    assert "per rank: 224 windows, hidden states 3.76 GB" in out
+    assert main(["plan", "--model", "llama2-70b", "--dtype", "fp16"]) == 2

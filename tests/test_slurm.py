@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,9 +23,28 @@ SCRIPT = REPO / "slurm" / "dive_tiny.sh"
 pytestmark = pytest.mark.slurm
 
 
+def missing_flags() -> str | None:
+    """slurm/common.sh runs calibration and router fitting on every rank with issue 11's flags; a tree
+    without them (the calibrate / fit-router work not merged yet) could only fail the job."""
+    import argparse
+
+    from dive_ds.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    want = {"calibrate": ("--device", "--dtype", "--checkpoint-dir", "--checkpoint-every", "--stop-file"),
+            "fit-router": ("--device", "--dtype")}  # fmt: skip
+    missing = [f"{cmd} {f}" for cmd, flags in want.items() for f in flags
+               if f not in sub.choices[cmd]._option_string_actions]  # fmt: skip
+    return (
+        f"dive-ds lacks {', '.join(missing)} (issue 11's multi-rank passes), which slurm/common.sh passes"
+        if missing
+        else None
+    )
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    reason = ensure_packages()
+    reason = missing_flags() or ensure_packages()
     if reason:
         pytest.skip(reason)
     c = LocalSlurm(tmp_path_factory.mktemp("slurm"))
@@ -70,6 +91,11 @@ def test_sbatch_dive_tiny_end_to_end(tiny_run):
     out, log = tiny_run["out"], tiny_run["log"]
     assert tiny_run["state"] == "COMPLETED", explain(log)
     assert "done:" in log
+    # calibration and router fitting ran on every rank of the allocation: one srun task per node, each
+    # starting its node's rank with torchrun (2 nodes x 1 rank)
+    assert log.count("2 srun task(s) x torchrun 1 rank(s) of reconstruct.py") == 2, explain(log)
+    assert json.loads((out / "calib" / "manifest.json").read_text())["pass"]["world_size"] == 2
+    assert json.loads((out / "moe-fitted" / "router_fit.json").read_text())["ranks"] == 2
     # reconstruction ran once per node, and each node wrote only its own experts' shards
     layout = json.loads((out / "moe" / "dive_shards.json").read_text())
     assert layout["nodes"] == 2 and layout["ep_size"] == 2 and layout["num_experts"] == 2
@@ -108,7 +134,13 @@ def test_preempted_job_checkpoints_requeues_and_finishes_the_same(cluster, tiny_
     ref = tiny_run["out"]
     assert tiny_run["state"] == "COMPLETED"
     out = tmp_path / "out"
-    env = job_env(out, CALIB=str(ref / "calib"), GROUPS_JSON=str(ref / "mining" / "groups.json"))
+    # the reference's calibration, groups and fitted MoE: this job's subject is retraining's pre-emption
+    env = job_env(
+        out,
+        CALIB=str(ref / "calib"),
+        GROUPS_JSON=str(ref / "mining" / "groups.json"),
+        MOE=str(ref / "moe-fitted"),
+    )
     job = cluster.sbatch(SCRIPT, env, ["--chdir", str(tmp_path), "--output", str(tmp_path / "job-%j.out")])
     metrics = out / "retrain" / "metrics.jsonl"
     end = time.monotonic() + 600
@@ -129,10 +161,47 @@ def test_preempted_job_checkpoints_requeues_and_finishes_the_same(cluster, tiny_
     stopped = re.findall(r"stage experts: stopped after step (\d+)", log)
     resumed = re.findall(r"\[experts\] resumed from \S+ at step (\d+)", log)
     assert len(set(stopped)) == 1 and resumed == stopped[:1], explain(log)
-    assert "USR1: asking retraining to checkpoint and stop" in log
+    assert f"USR1: asking the step to checkpoint and stop ({out}/retrain/STOP)" in log
     assert int(cluster.job_info(job).get("Restarts", "0")) == 1
     got, want = final_losses(out), final_losses(ref)
     assert got[0] == pytest.approx(want[0], abs=1e-5) and got[1] == pytest.approx(want[1], abs=1e-5), (
         got,
         want,
     )
+
+
+# run_step + on_preempt of slurm/common.sh with a stand-in for the calibration pass: it checkpoints and
+# exits 3 once the stop file appears (at its "layer boundary"); scontrol is a stub that records the requeue.
+STOPPABLE = r"""
+set -euo pipefail
+source "$REPO/slurm/common.sh"
+scontrol() { echo "scontrol $*" >> "$OUTDIR/calls.txt"; }
+SLURM_JOB_ID=7
+STOP_GRACE=20
+trap on_preempt USR1
+pass() {
+    touch "$OUTDIR/running"
+    while [[ ! -f "$1" ]]; do sleep 0.1; done
+    echo "checkpointed" >> "$OUTDIR/calls.txt"
+    exit 3
+}
+touch "$OUTDIR/calib.stop"  # a stale request from before a requeue: removed when the step starts
+run_step "$OUTDIR/calib.stop" pass "$OUTDIR/calib.stop"
+echo "not requeued" >> "$OUTDIR/calls.txt"
+"""
+
+
+def test_usr1_stops_a_stop_file_step_which_checkpoints_and_requeues(tmp_path):
+    proc = subprocess.Popen(["bash", "-c", STOPPABLE], env=os.environ | {"REPO": str(REPO), "OUTDIR": str(tmp_path)},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    end = time.monotonic() + 30
+    while not (tmp_path / "running").exists():
+        assert time.monotonic() < end and proc.poll() is None, proc.stdout.read()
+        time.sleep(0.1)
+    assert not (tmp_path / "calib.stop").exists()  # the stale request did not stop the new step
+    proc.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    assert (tmp_path / "calls.txt").read_text().splitlines() == ["checkpointed", "scontrol requeue 7"], out
+    assert f"USR1: asking the step to checkpoint and stop ({tmp_path}/calib.stop)" in out
+    assert "the step ended (exit 3)" in out and "requeueing job 7" in out

@@ -688,6 +688,40 @@ def test_run_folder_records_and_tensorboard(memorise_run):
     assert "moe/expert_load_heatmap" in acc.Tags()["images"]
 
 
+@pytest.fixture(scope="module")
+def resume_reference(world, tiny, tmp_path_factory):
+    """zero -> (DeepSpeed JSON, run config, output folder) of the uninterrupted reference run of the resume
+    tests, run in-process on first use and shared by every crash variant of that ZeRO setting (the
+    reference does not depend on how its copy is later interrupted)."""
+    from dive_ds.train.retrain import train
+
+    done = {}
+
+    def get(zero: str) -> tuple[Path, dict, Path]:
+        if zero not in done:
+            root = tmp_path_factory.mktemp(f"resume-{zero}")
+            if zero == "zero2":
+                ds, extra = ZERO2, {}
+            else:
+                ds, extra = (
+                    write_ds(ZERO3, root / "zero3.json", stage3_param_persistence_threshold=0),
+                    {"exclude_frozen": True},
+                )
+            raw = base_run(tiny, root / "reference", train={"rng_per_micro_batch": False}, checkpoint=extra)
+            # uninterrupted, in-process, with the thread count of the relaunched subprocesses
+            # (subprocess_env sets OMP_NUM_THREADS=1; another count changes the fp32 reduction order)
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                train(run_config_from_dict(raw), read_mapping(ds), str(ds))
+            finally:
+                torch.set_num_threads(threads)
+            done[zero] = (ds, raw, root / "reference")
+        return done[zero]
+
+    return get
+
+
 @pytest.mark.parametrize(
     "zero,crash",
     [
@@ -697,7 +731,7 @@ def test_run_folder_records_and_tensorboard(memorise_run):
         ("zero2", "stop-file"),
     ],
 )
-def test_resume_after_crash_reproduces_every_loss(zero, crash, world, tiny, tmp_path):
+def test_resume_after_crash_reproduces_every_loss(zero, crash, resume_reference, tmp_path):
     """Kill the launcher right after experts step 3 (checkpoint at 2), relaunch: identical losses, step by step.
 
     `experts:4:save` kills it inside step 4's checkpoint save, after DeepSpeed wrote its files and before
@@ -709,25 +743,8 @@ def test_resume_after_crash_reproduces_every_loss(zero, crash, world, tiny, tmp_
     restored from the checkpoint. The zero3 variant partitions every parameter and saves checkpoints
     without the frozen weights (checkpoint.exclude_frozen).
     """
-    from dive_ds.train.retrain import train
-
-    if zero == "zero2":
-        ds, extra = ZERO2, {}
-    else:
-        ds, extra = (
-            write_ds(ZERO3, tmp_path / "zero3.json", stage3_param_persistence_threshold=0),
-            {"exclude_frozen": True},
-        )
-    raw = base_run(tiny, tmp_path / "reference", train={"rng_per_micro_batch": False}, checkpoint=extra)
-    # uninterrupted, in-process, with the thread count of the relaunched subprocesses
-    # (subprocess_env sets OMP_NUM_THREADS=1; another count changes the fp32 reduction order)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        train(run_config_from_dict(raw), read_mapping(ds), str(ds))
-    finally:
-        torch.set_num_threads(threads)
-    raw["out_dir"] = str(tmp_path / "run")
+    ds, raw, reference = resume_reference(zero)
+    raw = dict(raw, out_dir=str(tmp_path / "run"))
     cfg = write_yaml(raw, tmp_path / "run.yaml")
     cmd = [
         sys.executable,
@@ -782,10 +799,10 @@ def test_resume_after_crash_reproduces_every_loss(zero, crash, world, tiny, tmp_
     assert "[router] already done" in second.stdout and "resumed from" in second.stdout
     assert ("ignoring step_00000004" in second.stdout) == crash.endswith(":save"), second.stdout
     assert f"{resume_at} at step {int(resume_at[5:])}" in second.stdout
-    resumed, reference = step_losses(tmp_path / "run"), step_losses(tmp_path / "reference")
-    assert resumed.keys() == reference.keys() and len(reference) == 10
-    assert resumed == reference  # exact on CPU fp32
+    resumed, want = step_losses(tmp_path / "run"), step_losses(reference)
+    assert resumed.keys() == want.keys() and len(want) == 10
+    assert resumed == want  # exact on CPU fp32
     ckpts = sorted(p.name for p in ckpt_dir.glob("step_*"))
     assert len(ckpts) == 2 and ckpts[-1] == "step_00000006"  # keep = 2
-    final, ref_final = load_state(tmp_path / "run" / "model"), load_state(tmp_path / "reference" / "model")
+    final, ref_final = load_state(tmp_path / "run" / "model"), load_state(reference / "model")
     assert all(torch.equal(final[k], ref_final[k]) for k in ref_final)
