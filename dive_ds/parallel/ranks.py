@@ -30,7 +30,9 @@ def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
         raise ValueError(f"--device {name!r}: choose one of {', '.join(DEVICES)}")
     has_cuda = torch.cuda.is_available()
     if name == "cuda" and not has_cuda:
-        raise ValueError("--device cuda: no CUDA device is visible on this machine; pass --device cpu (or auto)")
+        raise ValueError(
+            "--device cuda: no CUDA device is visible on this machine; pass --device cpu (or auto)"
+        )
     if name == "cpu" or not has_cuda:
         return torch.device("cpu")
     count = torch.cuda.device_count()
