@@ -38,7 +38,8 @@ def test_bad_device_dtype_and_world_are_refused_in_one_line(monkeypatch):
 
 def test_two_gloo_ranks_sum_gather_and_agree(tmp_path):
     script = tmp_path / "w.py"
-    script.write_text(textwrap.dedent("""
+    script.write_text(
+        textwrap.dedent("""
         import json
         import sys
         import torch
@@ -51,7 +52,8 @@ def test_two_gloo_ranks_sum_gather_and_agree(tmp_path):
             b = r.broadcast_(torch.full((2,), float(r.rank + 7)))
             res = [r.world, t.tolist(), g.flatten().tolist(), r.any(r.rank == 1), b.tolist()]
             open(f"{sys.argv[1]}/rank{r.rank}.json", "w").write(json.dumps(res))
-    """))
+    """)
+    )
     out = torchrun([str(script), str(tmp_path)])
     assert out.returncode == 0, out.stderr[-2000:]
     for rank in (0, 1):
