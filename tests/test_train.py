@@ -643,6 +643,28 @@ def test_final_model_is_plain_hf_and_matches_live_eval(memorise_run):
     assert hf["ppl"] == pytest.approx(live["ppl"], rel=1e-5)
 
 
+def test_saved_model_keeps_the_gate_the_stage_trained_with(world, tiny, tmp_path):
+    """An experts stage trained with router_gate=switch saves a model whose config says switch (not the
+    input's gate), so the saved model's perplexity is the one the trainer measured live."""
+    from transformers import AutoModelForCausalLM
+
+    from dive_ds.train.evaluation import eval_windows, evaluate, summarise_eval
+    from dive_ds.train.retrain import train
+
+    out = tmp_path / "run"
+    raw = base_run(tiny, out, data={"overfit_sequences": 4}, eval={"every": 2},
+                   stages={"router": {"enabled": False}, "experts": {"steps": 2, "router_gate": "switch"}})  # fmt: skip
+    run = run_config_from_dict(raw)
+    results = train(run, read_mapping(ZERO2), str(ZERO2))
+    assert json.loads((tiny["model"] / "config.json").read_text()).get("router_gate") != "switch"
+    model = AutoModelForCausalLM.from_pretrained(out / "model").eval()
+    assert model.config.router_gate == "switch"
+    windows = eval_windows(run, ByteTokenizer(), 260)
+    hf = summarise_eval(evaluate(lambda ids: model(input_ids=ids).logits, windows, 2, torch.device("cpu")))
+    live = results["experts"]["final_eval"]
+    assert hf["loss"] == pytest.approx(live["loss"], abs=1e-6)
+
+
 def test_run_folder_records_and_tensorboard(memorise_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

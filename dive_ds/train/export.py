@@ -133,6 +133,7 @@ def export_sharded(
     out: Path,
     ep_size: int,
     info: dict,
+    router_gate: str | None = None,
 ) -> Path:
     """An expert-parallel stage's output as a sharded MoE folder (dive_ds.io.shards), written by
     every rank at once: rank 0 the shared tensors (`shared`, from gather_state_dict(skip_ep_experts=True)),
@@ -143,6 +144,8 @@ def export_sharded(
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     config = DiveMoeConfig.from_pretrained(config_dir)
+    if router_gate is not None:  # the gate the stage trained with, not the input's
+        config.router_gate = router_gate
     if rank == 0 and out.exists():
         shutil.rmtree(out)  # an unfinished earlier export of this stage
     barrier()
@@ -182,14 +185,18 @@ def export_hf(
     lora: dict | None,
     info: dict,
     files_from: Path | None = None,
+    router_gate: str | None = None,
 ) -> Path:
-    """Plain DIVE MoE checkpoint (LoRA merged, sparse routing config) from a full state dict; atomic."""
+    """Plain DIVE MoE checkpoint (LoRA merged, sparse routing config) from a full state dict; atomic.
+    `router_gate`: the gate the stage trained with (None: the one `config_dir` names)."""
     from transformers import AutoConfig
     from transformers.initialization import no_init_weights
 
     config = AutoConfig.from_pretrained(config_dir)
     if not isinstance(config, DiveMoeConfig):
         raise ValueError(f"{config_dir} does not hold a dive_moe config")
+    if router_gate is not None:
+        config.router_gate = router_gate
     with no_init_weights():  # every weight comes from the state dict
         model = DiveMoeForCausalLM(config)
     if lora is not None:
@@ -359,9 +366,10 @@ def write_stage_output(
             "run_config": run.to_dict(),
         }
         if ep_size:  # every rank writes its experts: no rank gathers the whole MoE
-            export_sharded(state, local_experts, input_dir, plan.model_dir, ep_size, info | {"sharded": True})
+            export_sharded(state, local_experts, input_dir, plan.model_dir, ep_size, info | {"sharded": True},
+                           router_gate=stage.router_gate)  # fmt: skip
         else:
-            export_hf(state, input_dir, plan.model_dir, meta["lora"], info)
+            export_hf(state, input_dir, plan.model_dir, meta["lora"], info, router_gate=stage.router_gate)
     if rank == 0:
         (plan.dir / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
         print(
