@@ -20,7 +20,6 @@ import sys
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -291,25 +290,10 @@ def _streaming_stats(model_dir, windows, cfg, ranks, dtype, stop, scratch, ckpt,
     )
     watch_stop = stop is not None or cfg.stop_file is not None  # the same on every rank
     t_load = t_compute = 0.0
-    t_read = [0.0]
-
-    def read(layer_idx: int) -> dict[str, torch.Tensor]:
-        t = time.perf_counter()
-        state = reader.layer_state(layer_idx)
-        t_read[0] += time.perf_counter() - t
-        return state
-
-    # the next layer is read from disk while this one computes (one extra layer of host memory)
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="calibrate-read")
-    next_state = pool.submit(read, start)
     t0 = time.perf_counter()
     for layer_idx in range(start, n_layers):
         t = time.perf_counter()
-        state = next_state.result()
-        if layer_idx + 1 < n_layers:
-            next_state = pool.submit(read, layer_idx + 1)
-        layer = build_layer(config, layer_cls, layer_idx, state, dtype, dev)
-        del state
+        layer = build_layer(config, layer_cls, layer_idx, reader.layer_state(layer_idx), dtype, dev)
         _sync(dev)
         t_load += time.perf_counter() - t
         t = time.perf_counter()
@@ -356,16 +340,14 @@ def _streaming_stats(model_dir, windows, cfg, ranks, dtype, stop, scratch, ckpt,
             ckpt.prune(ranks.rank, done)
         if stopping:
             bar.close()
-            pool.shutdown(wait=True, cancel_futures=True)
             raise CalibrationStopped(done, n_layers)
     bar.close()
-    pool.shutdown(wait=True)
     elapsed = time.perf_counter() - t0
     for t in (sum_DLF, sumsq_DLF, mlp_in_sum_DLH):
         ranks.sum_(t)  # exact float64 sums of every rank's partial sums
     st = ChannelStats(counts, *(t.cpu() for t in partial.values()))
     layers_run = n_layers - start
-    row = torch.tensor([[my_tokens, elapsed, t_load, t_compute, t_read[0]]], dtype=torch.float64)
+    row = torch.tensor([[my_tokens, elapsed, t_load, t_compute]], dtype=torch.float64)
     rows = ranks.gather_rows(row).tolist()
     per_rank = [
         {
@@ -375,9 +357,8 @@ def _streaming_stats(model_dir, windows, cfg, ranks, dtype, stop, scratch, ckpt,
             "tokens_per_s": round(tok * layers_run / n_layers / sec, 1),
             "layer_load_seconds": round(load, 2),
             "compute_seconds": round(comp, 2),
-            "layer_read_seconds": round(rd, 2),
         }
-        for r, (tok, sec, load, comp, rd) in enumerate(rows)
+        for r, (tok, sec, load, comp) in enumerate(rows)
     ]
     wall = max(r[1] for r in rows)
     info = {
@@ -391,10 +372,8 @@ def _streaming_stats(model_dir, windows, cfg, ranks, dtype, stop, scratch, ckpt,
         "dtype": dtype_name(dtype),
         "hidden_states_on": where,
         "resumed_after_layer": start,
-        # waiting for a layer (its read not hidden behind the previous layer's compute) + swapping it in
         "layer_load_seconds": round(t_load, 2),
         "compute_seconds": round(t_compute, 2),
-        "layer_read_seconds": round(t_read[0], 2),  # reading from safetensors, in the background
         "per_rank": per_rank,
     }
     return st, info

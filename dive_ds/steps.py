@@ -119,8 +119,7 @@ def _print_calibration_summary(out) -> None:
     if "world_size" in p:
         print(
             f"{p['world_size']} rank(s) on {p['device']}, {p['dtype']}, hidden states on {p['hidden_states_on']}; "
-            f"rank 0: waiting for layers {p['layer_load_seconds']}s (reading {p.get('layer_read_seconds', '?')}s "
-            f"in the background), compute {p['compute_seconds']}s"
+            f"rank 0: layer loading {p['layer_load_seconds']}s, compute {p['compute_seconds']}s"
             + (f"; resumed after layer {p['resumed_after_layer']}" if p["resumed_after_layer"] else "")
         )
 
