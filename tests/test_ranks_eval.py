@@ -139,7 +139,10 @@ def test_more_ranks_than_windows_is_refused_on_every_rank(two, command):
     assert not (out2 / ("eval-small" if command.startswith("evaluate") else "fit-small")).exists()
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+@pytest.mark.skipif(
+    torch.cuda.is_available(),
+    reason="checks the refusal of --device cuda where no GPU is visible; on a GPU machine cuda is valid",
+)
 @pytest.mark.parametrize("command", ["evaluate", "mine", "fit-router"])
 def test_cuda_without_a_gpu_is_refused_in_one_line(tiny, tmp_path, capsys, command):
     argv = [a for a in _commands(tiny, tmp_path)[command] if a != "cpu" and a != "--device"]
