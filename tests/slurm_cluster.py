@@ -173,6 +173,11 @@ PartitionName=debug Nodes=n[1-2] Default=YES MaxTime=INFINITE State=UP OverSubsc
         while time.monotonic() < end:
             info = self.job_info(job_id)
             if int(info.get("Restarts", "0")) >= 1 and info.get("JobState") == "PENDING":
+                # started at once, the relaunch can reach slurmd while it still counts the job's previous
+                # run as killed: "Job N already killed, do not launch batch job", and the job ends FAILED
+                # (seen once: launched 0.7 s after the kill, in the same second). SLURM's own BeginTime
+                # hold avoids that; a 2 s wait is ours.
+                time.sleep(2.0)
                 subprocess.run(
                     ["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=self.env, check=True
                 )
