@@ -52,7 +52,7 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="ep_bench_"))
     run = {
         "model": {"path": str(Path(a.model).resolve())},
-        "data": {"registry": "demo", "seq_len": a.seq_len, "holdout_every": 10},
+        "data": {"registry": "demo", "seq_len": a.seq_len},
         "train": {"global_batch_size": a.batch},
         "stages": {"router": {"enabled": False, "steps": 1}, "experts": {"steps": a.steps, "lr": 1e-4}},
         "checkpoint": {"every": 0, "keep": 1},

@@ -37,6 +37,8 @@ from dive_ds.stats import ChannelStats
 STATS_FILE = "stats.safetensors"
 SAMPLES_FILE = "samples.safetensors"
 MANIFEST = "manifest.json"
+SPLIT_FILE = "split.json"
+"""Per domain, the span ids (dive_ds.data.split) of the calibration and selection sets used."""
 
 
 @dataclass(frozen=True)
@@ -446,6 +448,9 @@ def write_calibration(
             tensors[f"calib.{name}"] = s.calib.contiguous()
             tensors[f"eval.{name}"] = s.eval.contiguous()
         save_file(tensors, tmp / SAMPLES_FILE)
+        split = {name: s.split for name, s in samples.items() if s.split is not None}
+        if split:  # the span ids each domain's calibration and selection windows came from
+            (tmp / SPLIT_FILE).write_text(json.dumps(split) + "\n")
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         if out.exists():
             shutil.rmtree(out)
@@ -604,6 +609,9 @@ def run_calibration(
                         "calib_pool_tokens": samples[d.name].calib_pool_tokens,
                         "calib_tokens": samples[d.name].calib.numel(),
                         "eval_tokens": samples[d.name].eval.numel(),
+                        "split_spans": {
+                            r: v["spans"] for r, v in (samples[d.name].split or {}).items()
+                        },
                     }
                     for d in chosen
                 ],

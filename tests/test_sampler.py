@@ -1,9 +1,9 @@
-"""The calibration sampler: deterministic, exact window length, no eval/calib overlap."""
+"""The calibration sampler: deterministic, exact window length, spread selection windows."""
 
 import pytest
 import torch
 
-from dive_ds.data.sampler import SamplerConfig, sample_domain_tokens
+from dive_ds.data.sampler import SamplerConfig, sample_domain_tokens, spread_windows
 
 EOS = 0
 
@@ -17,40 +17,54 @@ def _corpus(lengths, offset=1):
     return docs
 
 
+SELECT = _corpus([300, 500], offset=100_000)  # selection documents, ids apart from every calibration one
+
+
 def test_deterministic_and_exact_length():
     docs = _corpus([700, 40, 30, 900, 25, 300, 10, 2000])
     cfg = SamplerConfig(samples_per_domain=20, seq_len=64, eval_windows=4, seed=7)
-    a = sample_domain_tokens("x", docs, cfg, EOS)
-    b = sample_domain_tokens("x", docs, cfg, EOS)
+    a = sample_domain_tokens("x", docs, SELECT, cfg, EOS)
+    b = sample_domain_tokens("x", docs, SELECT, cfg, EOS)
     assert torch.equal(a.calib, b.calib) and torch.equal(a.eval, b.eval)
     assert a.calib.shape == (20, 64) and a.eval.shape == (4, 64)
-    c = sample_domain_tokens("x", docs, SamplerConfig(20, 64, 4, seed=8), EOS)
+    c = sample_domain_tokens("x", docs, SELECT, SamplerConfig(20, 64, 4, seed=8), EOS)
     assert not torch.equal(a.calib, c.calib)
 
 
-def test_no_overlap_between_eval_and_calib():
+def test_windows_come_from_their_own_documents():
     docs = _corpus([700, 40, 30, 900, 25, 300, 10, 2000, 120, 64])
     for seed in range(5):
-        s = sample_domain_tokens("x", docs, SamplerConfig(50, 32, 6, seed=seed), EOS)
+        s = sample_domain_tokens("x", docs, SELECT, SamplerConfig(50, 32, 6, seed=seed), EOS)
         ev = set(s.eval.flatten().tolist()) - {EOS}
         cal = set(s.calib.flatten().tolist()) - {EOS}
-        assert ev and cal and not (ev & cal)
+        assert ev <= {t for d in SELECT for t in d} and cal <= {t for d in docs for t in d}
 
 
 def test_windows_are_contiguous_text():
     docs = _corpus([5000])
-    s = sample_domain_tokens("x", docs, SamplerConfig(10, 16, 2, seed=1), EOS)
+    s = sample_domain_tokens("x", docs, SELECT, SamplerConfig(10, 16, 2, seed=1), EOS)
     for w in s.calib:  # a window of one long document is a run of consecutive ids
         assert torch.equal(w[1:] - w[:-1], torch.ones(15, dtype=torch.long))
 
 
 def test_short_documents_are_concatenated():
     docs = _corpus([10] * 100)
-    s = sample_domain_tokens("x", docs, SamplerConfig(5, 32, 1, seed=0), EOS)
+    s = sample_domain_tokens("x", docs, SELECT, SamplerConfig(5, 32, 1, seed=0), EOS)
     assert (s.calib == EOS).any()  # windows span several short documents, EOS between them
 
 
 def test_too_little_text_says_how_much():
     docs = _corpus([100, 100])
     with pytest.raises(ValueError, match=r"has only \d+ calibration tokens .* 10 x 64 = 640 needed"):
-        sample_domain_tokens("tiny", docs, SamplerConfig(10, 64, 1, seed=0), EOS)
+        sample_domain_tokens("tiny", docs, SELECT, SamplerConfig(10, 64, 1, seed=0), EOS)
+    with pytest.raises(ValueError, match=r"only 800 selection tokens \(11 windows\).* 12 x 64"):
+        sample_domain_tokens("tiny", _corpus([5000]), SELECT, SamplerConfig(10, 64, 12, seed=0), EOS)
+
+
+def test_spread_windows_take_every_document_first():
+    docs = _corpus([100, 40, 250, 30])  # windows of 50: doc0 has 2, doc2 has 5; 40 + 30 are joined
+    w = spread_windows(docs, 5, 50, EOS)
+    firsts = [int(r[0]) for r in w]
+    # round 1: doc0[0], doc2[0], the short stream; round 2: doc0[1], doc2[1]
+    assert firsts == [1, 141, 101, 51, 191]
+    assert spread_windows(docs, 100, 50, EOS).shape == (8, 50)  # all there are, when fewer

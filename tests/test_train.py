@@ -19,6 +19,8 @@ import pytest
 import torch
 
 import dive_ds  # noqa: F401  (registers dive_moe)
+from dive_ds.data.registry import iter_documents
+from dive_ds.data.split import split_texts
 from dive_ds.models.moe import DiveMoeConfig, DiveMoeForCausalLM, moe_blocks
 from dive_ds.train.config import (
     RunConfig,
@@ -111,7 +113,6 @@ def base_run(setup: dict, out: Path, **sections) -> dict:
             "registry": str(setup["registry"]),
             "seq_len": 32,
             "tokenizer": "bytes",
-            "holdout_every": 10,
             "shuffle_buffer": 16,
         },
         "train": {"global_batch_size": 4},
@@ -546,18 +547,25 @@ def test_stream_mixture_weights_and_holdout(tiny):
     domains = [s.next_sequence()[0] for _ in range(400)]
     assert 0.68 < domains.count(0) / 400 < 0.82
     text = bytes(t for _ in range(300) for t in s.next_sequence()[1] if t < 256).decode("utf-8", "replace")
-    held = [f"<prose doc {i}>" for i in range(9, 60, 10)]  # holdout_every=10 keeps docs 9, 19, ... out
-    assert "<prose doc 8>" in text and not any(h in text for h in held)
-    domains_, _ = resolve_domains(run_config_from_dict(base_run(tiny, Path("u"))).data)
-    w = heldout_windows(domains_[0], ByteTokenizer(), 32, 3, 10)
-    assert w.shape == (3, 32) and bytes(w[0, :15].tolist()).decode().startswith("<prose doc 9>")
+    data = run_config_from_dict(base_run(tiny, Path("u"))).data
+    domains_, _ = resolve_domains(data)
+    parts = split_texts(list(iter_documents(domains_[0])), data.split)
+    marker = lambda seg: seg.text.split(">")[0] + ">"  # noqa: E731  "<prose doc 17>"
+    trained, held = (
+        {marker(g) for g in parts["train"]},
+        {marker(g) for r in ("calib", "select", "eval") for g in parts[r]},
+    )
+    assert trained and held and any(t in text for t in trained) and not any(h + " " in text for h in held)
+    w = heldout_windows(domains_[0], ByteTokenizer(), 32, 3, data.split)
+    starts = {bytes(r[:17].tolist()).decode(errors="replace").split(">")[0] + ">" for r in w}
+    assert w.shape == (3, 32) and starts <= {marker(g) for g in parts["eval"]}  # spread over the eval set
 
 
 def test_overfit_stream_repeats():
     from dive_ds.data.registry import Domain, DomainSource
     from dive_ds.train.config import DataConfig
 
-    cfg = DataConfig(seq_len=8, overfit_sequences=2, tokenizer="bytes", holdout_every=0)
+    cfg = DataConfig(seq_len=8, overfit_sequences=2, tokenizer="bytes")
     dom = Domain("d", DomainSource(type="local"))
 
     class Tiny(PackedStream):

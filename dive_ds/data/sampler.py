@@ -1,14 +1,15 @@
-"""Calibration / evaluation windows per domain (the reference recipe, made deterministic).
+"""Calibration and selection windows per domain (the reference recipe, made deterministic).
 
-Pure functions over token-id lists; `sample_domain_text` adds tokenisation. Per domain:
-1. documents are shuffled with the seed; the first ones (in that order) form the held-out
-   evaluation stream until it holds `n_eval * seq_len` tokens (the last document taken is
-   split at a token boundary, its rest staying in the calibration pool): no token of the
-   evaluation windows is ever in the calibration pool;
-2. calibration: documents of at least `seq_len` tokens give random windows; shorter ones
-   are concatenated (separated by EOS) into one stream that is treated as a document;
-   `n_samples` windows are drawn, each from a document chosen with probability
-   proportional to its number of window positions, at a random start.
+Every domain's documents are first split by `dive_ds.data.split` into four disjoint sets; this module
+uses two of them:
+1. calibration (`DomainSamples.calib`): documents of at least `seq_len` tokens give random windows;
+   shorter ones are concatenated (separated by EOS) into one stream that is treated as a document;
+   `n_samples` windows are drawn, each from a document chosen with probability proportional to its
+   number of window positions, at a random start;
+2. selection (`DomainSamples.eval`, the calibration folder's "held-out" windows): non-overlapping
+   windows spread over the selection segments (`spread_windows`). Mining's pruned evaluations and
+   the router fit's choices may look at them; no method is judged on them (that is the evaluation
+   set, drawn by `evaluation_windows` from the evaluation segments).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from dive_ds.data.split import SplitConfig, record, split_texts
 
 
 @dataclass(frozen=True)
@@ -30,7 +33,9 @@ class SamplerConfig:
     eval_windows: int = 16
     """Held-out evaluation windows per domain (consecutive, non-overlapping)."""
     seed: int = 42
-    """Seed for the document shuffle and the window positions."""
+    """Seed for the window positions."""
+    split: SplitConfig = SplitConfig()
+    """The disjoint calibration / selection / training / evaluation split of every domain."""
 
     def __post_init__(self):
         if self.samples_per_domain < 1:
@@ -41,8 +46,11 @@ class SamplerConfig:
             raise ValueError(f"eval_windows must be >= 1 (got {self.eval_windows})")
 
     def chars_budget(self) -> int:
-        """Characters to read per domain: generous for ~4 chars/token with room for a random pick."""
-        return max(400_000, 12 * (self.samples_per_domain + self.eval_windows) * self.seq_len)
+        """Characters to read per domain: generous for ~4 chars/token with room for a random pick,
+        divided by the smaller of the calibration and selection shares of the split."""
+        calib = 12 * self.samples_per_domain * self.seq_len / self.split.calib
+        select = 12 * self.eval_windows * self.seq_len / self.split.select
+        return int(max(400_000, calib, select))
 
 
 @dataclass
@@ -50,32 +58,27 @@ class DomainSamples:
     calib: torch.Tensor
     """[N, L] int64 calibration windows."""
     eval: torch.Tensor
-    """[n_eval, L] int64 held-out windows."""
+    """[n_eval, L] int64 selection windows (held out of calibration; see the module docstring)."""
     calib_pool_tokens: int
-    """Tokens available to calibration after the held-out split."""
+    """Tokens in the calibration set's pool."""
     documents: int
+    split: dict | None = None
+    """{calib, select: {spans, chars, ids}}: the span ids of the split the windows came from."""
 
 
-def split_eval(
-    docs: list[list[int]], n_eval_tokens: int, eos: int, rng: np.random.Generator
-) -> tuple[list[int], list[list[int]]]:
-    """Shuffle documents; take an EOS-joined evaluation stream of `n_eval_tokens` from the front."""
-    order = rng.permutation(len(docs))
-    stream: list[int] = []
-    rest: list[list[int]] = []
-    for i in order:
-        doc = docs[i]
-        need = n_eval_tokens - len(stream)
-        if need <= 0:
-            rest.append(doc)
-        elif len(doc) + 1 <= need:
-            stream.extend(doc)
-            stream.append(eos)
-        else:
-            stream.extend(doc[:need])
-            if len(doc) - need > 0:
-                rest.append(doc[need:])
-    return stream, rest
+def spread_windows(docs: list[list[int]], n: int, seq_len: int, eos: int) -> torch.Tensor:
+    """Up to `n` non-overlapping windows spread over the documents: the first window of every document
+    (in order), then every second one, ...; documents shorter than `seq_len` are EOS-joined into one
+    stream treated as a document (placed last). -> [min(n, available), seq_len] int64."""
+    pool = calibration_pool(docs, seq_len, eos)
+    per_doc = [[d[i * seq_len : (i + 1) * seq_len] for i in range(len(d) // seq_len)] for d in pool]
+    out: list[list[int]] = []
+    k = 0
+    while len(out) < n and any(k < len(w) for w in per_doc):
+        out.extend(w[k] for w in per_doc if k < len(w))
+        k += 1
+    out = out[:n]
+    return torch.tensor(out, dtype=torch.long).view(len(out), seq_len)
 
 
 def calibration_pool(docs: list[list[int]], seq_len: int, eos: int) -> list[list[int]]:
@@ -101,30 +104,32 @@ def draw_windows(pool: list[list[int]], n: int, seq_len: int, rng: np.random.Gen
     return out
 
 
-def sample_domain_tokens(name: str, docs: list[list[int]], cfg: SamplerConfig, eos: int) -> DomainSamples:
-    """Deterministic calibration + held-out windows from tokenised documents of one domain."""
+def sample_domain_tokens(
+    name: str, calib_docs: list[list[int]], select_docs: list[list[int]], cfg: SamplerConfig, eos: int
+) -> DomainSamples:
+    """Deterministic calibration windows (from `calib_docs`) and selection windows (from `select_docs`,
+    disjoint documents or spans) of one domain."""
     rng = np.random.default_rng([cfg.seed, _stable_hash(name)])
     n_eval_tokens = cfg.eval_windows * cfg.seq_len
-    total = sum(len(d) for d in docs)
-    stream, rest = split_eval(docs, n_eval_tokens, eos, rng)
-    if len(stream) < n_eval_tokens:
+    ev = spread_windows(select_docs, cfg.eval_windows, cfg.seq_len, eos)
+    if ev.shape[0] < cfg.eval_windows:
+        have = sum(len(d) for d in select_docs)
         raise ValueError(
-            f"domain {name!r} has only {total} tokens in {len(docs)} documents; "
-            f"it needs {n_eval_tokens} held-out + {cfg.samples_per_domain} x {cfg.seq_len} calibration "
-            "tokens: lower --samples-per-domain/--seq-len/--eval-windows or add text"
+            f"domain {name!r} has only {have} selection tokens ({ev.shape[0]} windows); it needs "
+            f"{cfg.eval_windows} x {cfg.seq_len} = {n_eval_tokens}: lower --eval-windows/--seq-len or add text"
         )
-    pool = calibration_pool(rest, cfg.seq_len, eos)
+    pool = calibration_pool(calib_docs, cfg.seq_len, eos)
     pool_tokens = sum(len(d) for d in pool)
     need = cfg.samples_per_domain * cfg.seq_len
     if pool_tokens < need:
         raise ValueError(
-            f"domain {name!r} has only {pool_tokens} calibration tokens after the {n_eval_tokens}-token "
-            f"held-out split ({total} in {len(docs)} documents); N x L = {cfg.samples_per_domain} x "
+            f"domain {name!r} has only {pool_tokens} calibration tokens in its calibration split "
+            f"({len(calib_docs)} segments); N x L = {cfg.samples_per_domain} x "
             f"{cfg.seq_len} = {need} needed: lower --samples-per-domain or --seq-len, or add text"
         )
     calib = draw_windows(pool, cfg.samples_per_domain, cfg.seq_len, rng)
-    ev = torch.tensor(stream[:n_eval_tokens], dtype=torch.long).view(cfg.eval_windows, cfg.seq_len)
-    return DomainSamples(calib=calib, eval=ev, calib_pool_tokens=pool_tokens, documents=len(docs))
+    return DomainSamples(calib=calib, eval=ev, calib_pool_tokens=pool_tokens,
+                         documents=len(calib_docs) + len(select_docs))  # fmt: skip
 
 
 def _stable_hash(name: str) -> int:
@@ -133,9 +138,42 @@ def _stable_hash(name: str) -> int:
     return zlib.crc32(name.encode())
 
 
+def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
+    if not texts:
+        return []
+    return [list(x) for x in tokenizer(texts, add_special_tokens=False)["input_ids"] if x]
+
+
 def sample_domain_text(name: str, texts: list[str], tokenizer, cfg: SamplerConfig) -> DomainSamples:
+    """Split the domain's documents (`cfg.split`), then draw calibration and selection windows."""
     if not texts:
         raise ValueError(f"domain {name!r} has no documents; check its source in the registry")
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    parts = split_texts(texts, cfg.split)
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-    return sample_domain_tokens(name, [list(x) for x in ids if x], cfg, eos)
+    calib = _encode(tokenizer, [s.text for s in parts["calib"]])
+    select = _encode(tokenizer, [s.text for s in parts["select"]])
+    out = sample_domain_tokens(name, calib, select, cfg, eos)
+    out.documents = len(texts)
+    out.split = {r: record(parts[r]) for r in ("calib", "select")}
+    return out
+
+
+def evaluation_windows(
+    name: str, texts: list[str], tokenizer, n: int, seq_len: int, split: SplitConfig, eos: int | None = None
+) -> tuple[torch.Tensor, dict]:
+    """Up to `n` windows spread over the domain's evaluation segments, and their split record.
+    `tokenizer`: a Hugging Face tokenizer, or anything with `encode(text) -> ids` and `eos_id`."""
+    segs = split_texts(texts, split)["eval"]
+    if hasattr(tokenizer, "encode") and hasattr(tokenizer, "eos_id"):
+        ids = [tokenizer.encode(s.text) for s in segs]
+        eos = tokenizer.eos_id if eos is None else eos
+    else:
+        ids = _encode(tokenizer, [s.text for s in segs])
+        eos = (tokenizer.eos_token_id or 0) if eos is None else eos
+    w = spread_windows([x for x in ids if x], n, seq_len, eos)
+    if w.shape[0] == 0:
+        raise ValueError(
+            f"domain {name!r} has no evaluation window of {seq_len} tokens in its evaluation split "
+            f"({len(segs)} segments); add text or lower the window length"
+        )
+    return w, record(segs)

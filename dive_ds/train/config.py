@@ -32,6 +32,7 @@ from pathlib import Path
 
 import yaml
 
+from dive_ds.data.split import SplitConfig
 from dive_ds.io.mapping import DuplicateKey, parse_mapping_text
 
 STAGE_ORDER = ("router", "experts", "continue")
@@ -74,8 +75,9 @@ class DataConfig:
     for tiny debug models with vocab_size >= 257."""
     shuffle_buffer: int = 1024
     """Documents shuffled together (a block of the stored order); bounds the stream's memory."""
-    holdout_every: int = 100
-    """Every n-th document of each domain (stored order) is held out of training for evaluation; 0 = none."""
+    split: SplitConfig = SplitConfig()
+    """The four-way split of every domain (dive_ds.data.split): the stream trains on the `train` set only;
+    the eval curve reads the `eval` set. Keep it equal to the calibration's (`calibrate` records it)."""
     overfit_sequences: int = 0
     """Debug: > 0 repeats only the first n packed sequences forever (a memorisable stream)."""
 
@@ -209,8 +211,8 @@ class EvalConfig:
     every: int = 200
     """Evaluate every n steps (and at the end of a stage); 0 = only at the end."""
     calib_dir: str | None = None
-    """Calibration folder whose held-out windows are used; None = windows from the held-out documents
-    of the training domains (data.holdout_every)."""
+    """Calibration folder whose selection windows are used; None = windows spread over the evaluation
+    set (data.split) of the training domains."""
     windows_per_domain: int = 8
     """Evaluation windows per domain."""
     seq_len: int | None = None
@@ -470,8 +472,6 @@ def validate_run_config(cfg: RunConfig) -> None:
         raise ValueError(f"run config: data.seq_len={d.seq_len}; use >= 2")
     if d.shuffle_buffer < 1:
         raise ValueError(f"run config: data.shuffle_buffer={d.shuffle_buffer}; use >= 1")
-    if d.holdout_every < 0 or d.holdout_every == 1:
-        raise ValueError(f"run config: data.holdout_every={d.holdout_every}; use 0 (none) or >= 2")
     if any(w <= 0 for w in d.weights.values()):
         raise ValueError(f"run config: data.weights {d.weights} must all be > 0")
     if t.global_batch_size < 1:

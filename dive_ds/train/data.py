@@ -9,12 +9,14 @@ sequences emitted plus one position per domain: tiny, saved with every checkpoin
 enough to restart exactly where a run stopped (documents before the position are re-read,
 not re-tokenised). Memory is bounded by the shuffle buffer, never the corpus.
 
-Held-out text: document i of a domain (stored order) with i % holdout_every == holdout_every - 1
-is never trained on; `heldout_windows` packs those documents into evaluation windows.
+Held-out text: the stream reads only the `train` set of each domain's four-way split
+(`dive_ds.data.split`, `data.split`); `heldout_windows` draws evaluation windows spread over the
+`eval` set. Calibration, selection, training and evaluation text are disjoint by construction.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +25,8 @@ import numpy as np
 import torch
 
 from dive_ds.data.registry import Domain, iter_documents, load_registry
+from dive_ds.data.sampler import spread_windows
+from dive_ds.data.split import SplitConfig, segments
 from dive_ds.train.config import DataConfig
 
 BYTES_EOS = 256
@@ -96,10 +100,6 @@ def resolve_domains(cfg: DataConfig) -> tuple[list[Domain], np.ndarray]:
     return domains, w / w.sum()
 
 
-def _is_heldout(index: int, every: int) -> bool:
-    return every > 0 and index % every == every - 1
-
-
 @dataclass
 class DomainCursor:
     epoch: int = 0
@@ -119,8 +119,8 @@ class DomainStream:
         self._tokens: list[int] | None = None
 
     def _epoch_docs(self, epoch: int) -> Iterator[str]:
-        """This epoch's training documents: blocks of the stored order, each permuted with a seeded RNG."""
-        every, size = self.cfg.holdout_every, self.cfg.shuffle_buffer
+        """This epoch's training segments: blocks of the stored order, each permuted with a seeded RNG."""
+        size = self.cfg.shuffle_buffer
         block: list[str] = []
         n_block = 0
 
@@ -128,10 +128,8 @@ class DomainStream:
             rng = np.random.default_rng([self.cfg.seed, self.index, epoch, n_block])
             return [block[i] for i in rng.permutation(len(block))]
 
-        for i, text in enumerate(iter_documents(self.domain)):
-            if _is_heldout(i, every):
-                continue
-            block.append(text)
+        for seg in segments(iter_documents(self.domain), self.cfg.split, "train"):
+            block.append(seg.text)
             if len(block) == size:
                 yield from shuffled(block, n_block)
                 block, n_block = [], n_block + 1
@@ -155,8 +153,8 @@ class DomainStream:
         if text is None:
             if first and self.cursor.doc == 0:
                 raise ValueError(
-                    f"domain {self.domain.name!r} has no training documents (data.holdout_every="
-                    f"{self.cfg.holdout_every} holds them all out?)"
+                    f"domain {self.domain.name!r} has no training text in its `train` split "
+                    f"(data.split.train={self.cfg.split.train}); add text or raise the share"
                 )
             self.cursor = DomainCursor(self.cursor.epoch + 1, 0, 0)
             self._docs = self._epoch_docs(self.cursor.epoch)
@@ -252,24 +250,11 @@ def build_stream(cfg: DataConfig, tokenizer) -> PackedStream:
 
 
 def heldout_windows(
-    domain: Domain, tokenizer, seq_len: int, n_windows: int, holdout_every: int
+    domain: Domain, tokenizer, seq_len: int, n_windows: int, split: SplitConfig
 ) -> torch.Tensor:
-    """The first n_windows packed windows ([n, seq_len]) of the domain's held-out documents (stored order)."""
-    if holdout_every <= 0:
-        raise ValueError(
-            "evaluation windows from the stream need held-out documents: set data.holdout_every >= 2 "
-            "or eval.calib_dir"
-        )
-    stream: list[int] = []
-    need = n_windows * seq_len
-    for i, text in enumerate(iter_documents(domain)):
-        if not _is_heldout(i, holdout_every):
-            continue
-        stream.extend(tokenizer.encode(text) + [tokenizer.eos_id])
-        if len(stream) >= need:
-            break
-    n = min(n_windows, len(stream) // seq_len)
-    return torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)
+    """Up to n_windows windows ([n, seq_len]) spread over the domain's evaluation set (`split`)."""
+    docs = [tokenizer.encode(s.text) for s in segments(iter_documents(domain), split, "eval")]
+    return spread_windows([d for d in docs if d], n_windows, seq_len, tokenizer.eos_id)
 
 
 def data_recipe(cfg: DataConfig, domains: list[Domain], probs: np.ndarray, tokenizer) -> dict:
@@ -284,7 +269,7 @@ def data_recipe(cfg: DataConfig, domains: list[Domain], probs: np.ndarray, token
         "tokenizer": tokenizer.name,
         "eos_id": tokenizer.eos_id,
         "shuffle_buffer": cfg.shuffle_buffer,
-        "holdout_every": cfg.holdout_every,
+        "split": dataclasses.asdict(cfg.split),
         "overfit_sequences": cfg.overfit_sequences,
         "packing": "one domain per sequence; documents EOS-separated and concatenated",
     }

@@ -73,7 +73,8 @@ def evaluate(
 
 
 def eval_windows(run: RunConfig, tokenizer, model_vocab: int) -> dict[str, torch.Tensor]:
-    """{domain: [n, S] token windows}: from eval.calib_dir, else from the training domains' held-out documents."""
+    """{domain: [n, S] token windows}: from eval.calib_dir, else spread over the training domains'
+    evaluation sets (data.split)."""
     e = run.eval
     if e.calib_dir:
         from dive_ds.calibrate import load_calibration
@@ -84,14 +85,14 @@ def eval_windows(run: RunConfig, tokenizer, model_vocab: int) -> dict[str, torch
         domains, _ = resolve_domains(run.data)
         seq_len = e.seq_len or run.data.seq_len
         windows = {
-            d.name: heldout_windows(d, tokenizer, seq_len, e.windows_per_domain, run.data.holdout_every)
+            d.name: heldout_windows(d, tokenizer, seq_len, e.windows_per_domain, run.data.split)
             for d in domains
         }
         windows = {n: w for n, w in windows.items() if w.shape[0] > 0}
         if not windows:
             raise ValueError(
-                "no held-out evaluation windows: the held-out documents are shorter than one window; "
-                "lower eval.seq_len, lower data.holdout_every or set eval.calib_dir"
+                "no evaluation windows: every domain's evaluation set is shorter than one window; "
+                "lower eval.seq_len, raise data.split.eval or set eval.calib_dir"
             )
     top = max(int(w.max()) for w in windows.values())
     if top >= model_vocab:
