@@ -29,14 +29,14 @@ def main() -> None:
     p.add_argument("--out", required=True)
     a = p.parse_args()
     cfg = CompareConfig(steps=a.steps, router_steps=0, batch=a.batch, eval_every=a.steps,
-                        eval_windows=a.eval_windows)  # fmt: skip
+                        curve_windows=a.eval_windows)  # fmt: skip
     out = Path(a.out)
     rows = {}
     for start, model in (("fitted", a.fitted), ("random", a.random)):
         for gate in GATES:
             run = train_run(f"{start}-{gate}", Path(model), 0, out, a.registry, cfg,
                             extra={"stages.experts.router_gate": gate})  # fmt: skip
-            points, tok_s = curve(run, cfg.batch, cfg.seq_len)
+            points, tok_s, _ = curve(run, cfg.batch, cfg.seq_len)
             final = json.loads((run / "model" / "config.json").read_text())["router_gate"]
             rows[(start, gate)] = (points[0]["ppl_mean"], points[-1]["ppl_mean"], tok_s, final)
     print(

@@ -609,9 +609,7 @@ def run_calibration(
                         "calib_pool_tokens": samples[d.name].calib_pool_tokens,
                         "calib_tokens": samples[d.name].calib.numel(),
                         "eval_tokens": samples[d.name].eval.numel(),
-                        "split_spans": {
-                            r: v["spans"] for r, v in (samples[d.name].split or {}).items()
-                        },
+                        "split_spans": {r: v["spans"] for r, v in (samples[d.name].split or {}).items()},
                     }
                     for d in chosen
                 ],

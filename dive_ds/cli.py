@@ -253,12 +253,13 @@ def _add_commands(sub) -> None:
 
     p = sub.add_parser(
         "compare",
-        help="DIVE vs DIVE-without-mining vs random split (LLaMA-MoE) vs FLAP, at an equal training budget",
+        help="DIVE vs no mining vs LLaMA-MoE split vs FLAP (uniform and adaptive), at an equal training budget",
         description="From one calibration: builds every method at the same activated FFN width, gives every "
-        "MoE a fitted router and a random one (+ router stage), retrains each for the same steps through "
-        "the same DeepSpeed trainer, and evaluates all on the same held-out windows (seen domains, the "
-        "calibration's held-out windows, and --eval-domains never calibrated or trained on). Writes "
-        "compare.json, compare.md and ppl_vs_tokens.png; rerun the same command to resume.",
+        "MoE a fitted router and/or a random one (+ router stage), retrains each for the same steps through "
+        "the same DeepSpeed trainer (once per --data-seeds), and scores all on the same windows of the "
+        "evaluation set (seen domains, and --eval-domains never calibrated or trained on), with paired "
+        "bootstrap intervals of every ratio. Writes compare.json, compare.md and ppl_vs_tokens.png; rerun "
+        "the same command to resume.",
     )
     p.add_argument("--calib", required=True, help="calibration folder")
     p.add_argument("--groups", required=True, help="groups.json from `dive-ds mine` (DIVE's groups)")
@@ -285,19 +286,40 @@ def _add_commands(sub) -> None:
         "--eval-every", type=positive_int, default=16, help="steps between curve points (default 16)"
     )
     p.add_argument(
-        "--eval-windows", type=positive_int, default=4, help="held-out windows per seen domain (default 4)"
+        "--eval-windows",
+        type=positive_int,
+        default=16,
+        help="windows per seen domain, spread over its evaluation set (default 16)",
     )
     p.add_argument(
-        "--unseen-windows", type=positive_int, default=8, help="windows per --eval-domains domain (default 8)"
+        "--unseen-windows",
+        type=positive_int,
+        default=16,
+        help="windows per --eval-domains domain (default 16)",
+    )
+    p.add_argument(
+        "--curve-windows",
+        type=positive_int,
+        default=4,
+        help="windows per domain of the training curve (default 4)",
     )
     p.add_argument(
         "--fit-windows",
         type=positive_int,
         help="calibration windows per domain for router fitting (default all)",
     )
-    p.add_argument("--methods", default="dive,nomining,random-split,flap", help="comma-separated subset")
+    p.add_argument(
+        "--methods",
+        default="dive,nomining,llama-moe,flap,flap-adaptive",
+        help="comma-separated: dive, nomining, llama-moe, random-halves, flap, flap-adaptive, flap-eqtrain",
+    )
     p.add_argument(
         "--treatments", default="fitted,random", help="router treatments of the MoEs (default both)"
+    )
+    p.add_argument("--grouping-seeds", default="42", help="seeds of the seeded baselines (default 42)")
+    p.add_argument("--data-seeds", default="1234", help="training-data seeds, one run each (default 1234)")
+    p.add_argument(
+        "--bootstrap", type=positive_int, default=2000, help="paired bootstrap resamples (default 2000)"
     )
     p.add_argument(
         "--reuse-models",
@@ -306,6 +328,16 @@ def _add_commands(sub) -> None:
     )
     p.add_argument("--quick", action="store_true", help="a few steps and windows (for tests)")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser(
+        "compare-report",
+        help="the comparison tables from a compare.json, printed or written into the README",
+        description="Regenerates compare.md's tables from compare.json; with --readme, replaces the block "
+        "between <!-- compare:begin --> and <!-- compare:end --> of that file.",
+    )
+    p.add_argument("--json", required=True, help="compare.json of a `dive-ds compare` run")
+    p.add_argument("--readme", help="a Markdown file with the compare markers to update")
+    p.set_defaults(func=cmd_compare_report)
 
     p = sub.add_parser(
         "consolidate",
@@ -340,8 +372,9 @@ def _add_commands(sub) -> None:
     )
     p.add_argument("--no-oracle", action="store_true", help="skip the oracle routing")
     p.add_argument("--tasks", help="comma-separated lm-eval tasks for zero-shot accuracy through lm-evaluation-"
-                   "harness: offline dive_logiqa, dive_medmcqa (built from the evals package), or any lm-eval task "
-                   "or group by name (online: its data comes from the Hugging Face hub)")  # fmt: skip
+                   "harness: offline dive_logiqa, dive_medmcqa (evals package), dive_lambada (LAMBADA-style last "
+                   "word of KJV narrative, evaluation split), or any lm-eval task or group by name (online: its data "
+                   "comes from the Hugging Face hub)")  # fmt: skip
     p.add_argument(
         "--limit",
         type=positive_int,
@@ -580,6 +613,16 @@ def cmd_fit_router(a) -> int:
     return 0
 
 
+def _seeds(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        seeds = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"{flag} {text!r}: give comma-separated integers, e.g. 1,2,3") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"{flag} {text!r}: give at least one seed, each once")
+    return seeds
+
+
 def cmd_compare(a) -> int:
     from dive_ds.compare import CompareConfig, quick, run_compare
     from dive_ds.routerfit import RouterFitConfig
@@ -587,11 +630,35 @@ def cmd_compare(a) -> int:
     cfg = CompareConfig(
         experts=a.experts, top_k=a.top_k, prune_ratio=a.prune_ratio, steps=a.steps, router_steps=a.router_steps,
         batch=a.batch, seq_len=a.seq_len, lr=a.lr, eval_every=a.eval_every, eval_windows=a.eval_windows,
-        unseen_windows=a.unseen_windows, fit=RouterFitConfig(windows_per_domain=a.fit_windows),
+        unseen_windows=a.unseen_windows, curve_windows=a.curve_windows,
+        fit=RouterFitConfig(windows_per_domain=a.fit_windows),
         methods=tuple(m.strip() for m in a.methods.split(",") if m.strip()),
         treatments=tuple(t.strip() for t in a.treatments.split(",") if t.strip()),
+        grouping_seeds=_seeds(a.grouping_seeds, "--grouping-seeds"), data_seeds=_seeds(a.data_seeds, "--data-seeds"),
+        bootstrap=a.bootstrap,
     )  # fmt: skip
-    run_compare(a.calib, a.groups, a.out, quick(cfg) if a.quick else cfg, a.eval_domains, a.reuse_models)
+    run_compare(a.calib, a.groups, a.out, quick(cfg) if a.quick else cfg, a.eval_domains, a.reuse_models,
+                command=a.argv)  # fmt: skip
+    return 0
+
+
+def cmd_compare_report(a) -> int:
+    import json
+    from pathlib import Path
+
+    from dive_ds.compare_report import markdown, update_readme
+
+    path = Path(a.json)
+    if not path.is_file():
+        raise ValueError(f"--json {path} does not exist; pass the compare.json of a `dive-ds compare` run")
+    results = json.loads(path.read_text())
+    if "ratio_summary" not in results:
+        raise ValueError(f"{path} is from an older compare (no ratio_summary); rerun `dive-ds compare`")
+    if a.readme:
+        update_readme(Path(a.readme), results, str(path))
+        print(f"updated the comparison block of {a.readme} from {path}")
+    else:
+        print(markdown(results))
     return 0
 
 
@@ -676,6 +743,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         a = parser.parse_args(argv)
+        a.argv = ["dive-ds", *(sys.argv[1:] if argv is None else argv)]  # what the run records of its command
     except SystemExit as e:  # a usage error (one line, printed by OneLineParser) returns 2; --help exits
         if e.code == 2:
             return 2

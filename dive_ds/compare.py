@@ -1,25 +1,28 @@
 """`dive-ds compare`: DIVE against its baselines at an equal budget, from ONE calibration.
 
 Builds, at the same activated FFN width: DIVE (mined groups), DIVE without mining (random domain
-groups), the random neuron split (LLaMA-MoE) and FLAP dense pruning. Every MoE gets both router
-treatments: "fitted" (dive_ds.routerfit, then the experts stage for the whole budget) and "random"
-(the paper's recipe: seeded N(0, 0.02) router, a router stage, then the experts stage for the rest of
-the budget). FLAP gets the experts stage (LoRA + norms on its one expert) for the whole budget.
-Every run goes through the same DeepSpeed trainer with the same batch, lr and steps, and every model
-is evaluated on the same windows:
+groups), LLaMA-MoE's neuron-independent split (N disjoint experts of F/N channels, top-N/2), the
+independent random halves, FLAP with uniform widths and FLAP with its adaptive structure search.
+The seeded baselines (nomining, llama-moe, random-halves) are built once per `--grouping-seeds`.
+Every MoE gets the router treatments asked for: "fitted" (dive_ds.routerfit, then the experts stage
+for the whole budget) and/or "random" (the paper's recipe: seeded router, a router stage, then the
+experts stage). FLAP gets the experts stage on its one expert; `flap-eqtrain` is uniform FLAP with
+its LoRA rank raised until it trains at least as many parameters as DIVE. Every run goes through the
+same DeepSpeed trainer with the same batch, lr and steps, once per `--data-seeds`.
 
-- seen: the training registry's held-out documents (the trainer's eval windows; never trained on),
-  at every eval point of the training curve;
-- calib: the calibration's held-out windows (never calibrated or fitted on), before training;
-- unseen: `--eval-domains REGISTRY`, domains never calibrated or trained on, before and after.
-
-Nothing is chosen on any of these windows. Writes compare.json, compare.md and ppl_vs_tokens.png.
+Text: every domain is split once by the calibration's seed (dive_ds.data.split) into calibration,
+selection, training and evaluation sets. Calibration and router fitting read the calibration set,
+mining the selection set, training the training set; every model is scored only on windows spread
+over the evaluation set (seen domains), and on the evaluation set of `--eval-domains` (unseen:
+never calibrated, selected on or trained on). Scores are per window, so every ratio between two
+methods gets a paired bootstrap interval on identical windows (dive_ds.eval.paired).
+Writes compare.json, compare.md and ppl_vs_tokens.png.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import math
 import os
 import subprocess
 import sys
@@ -32,7 +35,10 @@ import torch
 
 from dive_ds.routerfit import RouterFitConfig
 
-MOE_METHODS = ("dive", "nomining", "random-split")
+SEEDED = ("nomining", "llama-moe", "random-halves")
+MOE_METHODS = ("dive", *SEEDED)
+DENSE_METHODS = ("flap", "flap-adaptive", "flap-eqtrain")
+ALIASES = {"random-split": "random-halves"}
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -53,45 +59,100 @@ class CompareConfig:
     lr: float = 1e-4
     eval_every: int = 16
     """Steps between held-out evaluations (the points of the ppl-vs-tokens curve)."""
-    eval_windows: int = 4
-    """Held-out windows per seen domain (trainer's held-out documents)."""
-    unseen_windows: int = 8
-    """Windows per --eval-domains domain."""
-    methods: tuple[str, ...] = ("dive", "nomining", "random-split", "flap")
+    eval_windows: int = 16
+    """Evaluation windows per seen domain, spread over its evaluation set (all there are, if fewer)."""
+    unseen_windows: int = 16
+    """The same per --eval-domains domain."""
+    curve_windows: int = 4
+    """Windows per domain of the trainer's own eval curve (evaluation set)."""
+    methods: tuple[str, ...] = ("dive", "nomining", "llama-moe", "flap", "flap-adaptive")
     treatments: tuple[str, ...] = ("fitted", "random")
+    grouping_seeds: tuple[int, ...] = (42,)
+    """Seeds of the seeded baselines' groupings / splits (one model each)."""
+    data_seeds: tuple[int, ...] = (1234,)
+    """Training-data seeds (data.seed): every run is trained once per seed."""
     seed: int = 42
+    """Seed of DIVE's and FLAP's router init and of the LoRA init."""
+    bootstrap: int = 2000
+    """Paired bootstrap resamples per ratio."""
     fit: RouterFitConfig = field(default_factory=RouterFitConfig)
 
     def __post_init__(self):
-        bad = [m for m in self.methods if m not in (*MOE_METHODS, "flap")]
+        methods = tuple(ALIASES.get(m, m) for m in self.methods)
+        object.__setattr__(self, "methods", methods)
+        bad = [m for m in methods if m not in (*MOE_METHODS, *DENSE_METHODS)]
         if bad:
-            raise ValueError(f"--methods {bad[0]!r}: choose from {', '.join((*MOE_METHODS, 'flap'))}")
+            raise ValueError(f"--methods {bad[0]!r}: choose from {', '.join((*MOE_METHODS, *DENSE_METHODS))}")
+        if "flap-eqtrain" in methods and "dive" not in methods:
+            raise ValueError("--methods flap-eqtrain matches DIVE's trainable parameters: add dive")
         bad = [t for t in self.treatments if t not in ("fitted", "random")]
-        if bad:
-            raise ValueError(f"--treatments {bad[0]!r}: choose fitted and/or random")
+        if bad or not self.treatments:
+            raise ValueError(f"--treatments {','.join(self.treatments)!r}: choose fitted and/or random")
         if self.steps < 1 or not 0 <= self.router_steps < self.steps:
             raise ValueError(
                 f"--steps {self.steps} --router-steps {self.router_steps}: use steps >= 1 and 0 <= router steps < steps"
             )
         if self.eval_every < 1:
             raise ValueError(f"--eval-every {self.eval_every}: use >= 1")
+        if not self.grouping_seeds or not self.data_seeds:
+            raise ValueError("--grouping-seeds and --data-seeds need at least one seed each")
+        if "llama-moe" in methods and self.experts * self.prune_ratio != int(self.experts * self.prune_ratio):
+            raise ValueError(
+                f"--methods llama-moe activates experts x (1 - r) of {self.experts} experts of F/{self.experts}: "
+                f"--prune-ratio {self.prune_ratio} gives no whole number; choose N and r with N x r whole"
+            )
 
 
-QUICK = dict(steps=2, router_steps=1, batch=2, eval_every=1, eval_windows=1, unseen_windows=1)
+QUICK = dict(steps=2, router_steps=1, batch=2, eval_every=1, eval_windows=2, unseen_windows=2, curve_windows=1,
+             bootstrap=200)  # fmt: skip
 """`--quick`: the whole command in minutes (tests)."""
 
 
-def run_names(cfg: CompareConfig) -> list[tuple[str, str, str]]:
-    """(run name, method, treatment) of every training run: FLAP first, then treatment by treatment
-    (every method's fitted run before any random one), so an interrupted comparison has whole
-    columns to compare."""
-    runs = [("flap", "flap", "-")] if "flap" in cfg.methods else []
+@dataclass(frozen=True)
+class Build:
+    """One model to build: its folder name, method, treatment and grouping seed."""
+
+    name: str
+    method: str
+    treatment: str
+    seed: int
+
+
+def builds(cfg: CompareConfig) -> list[Build]:
+    """Every model: the dense baselines first, then treatment by treatment (every method's fitted model
+    before any random one), so an interrupted comparison has whole columns to compare."""
+    out = [Build(m, m, "-", cfg.seed) for m in DENSE_METHODS if m in cfg.methods]
     for t in cfg.treatments:
-        runs += [(f"{m}-{t}", m, t) for m in cfg.methods if m != "flap"]
-    return runs
+        for m in cfg.methods:
+            if m == "dive":
+                out.append(Build(f"dive-{t}", m, t, cfg.seed))
+            elif m in SEEDED:
+                out += [Build(f"{m}-s{s}-{t}", m, t, s) for s in cfg.grouping_seeds]
+    return out
 
 
-# --------------------------------------------------------------------------- steps
+def run_names(cfg: CompareConfig) -> list[tuple[str, Build, int]]:
+    """(training run name, model, data seed) of every training run."""
+    return [(f"{b.name}-d{d}", b, d) for b in builds(cfg) for d in cfg.data_seeds]
+
+
+# --------------------------------------------------------------------------- building the models
+
+
+def reconstruct_config(b: Build, cfg: CompareConfig):
+    from dive_ds.reconstruct import ReconstructConfig
+
+    if b.method in DENSE_METHODS:
+        method = "flap-adaptive" if b.method == "flap-adaptive" else "flap"
+        return ReconstructConfig(
+            num_experts=1, top_k=1, prune_ratio=cfg.prune_ratio, method=method, seed=b.seed
+        )
+    if b.method == "llama-moe":  # N disjoint experts of F/N; k of them give the same activated width
+        k = int(round(cfg.experts * (1 - cfg.prune_ratio)))
+        return ReconstructConfig(num_experts=cfg.experts, top_k=k, prune_ratio=1 - 1 / cfg.experts,
+                                 method="llama-moe", seed=b.seed)  # fmt: skip
+    return ReconstructConfig(num_experts=cfg.experts, top_k=cfg.top_k, prune_ratio=cfg.prune_ratio,
+                             method=b.method, seed=b.seed)  # fmt: skip
 
 
 def _same(a: dict, b: dict) -> bool:
@@ -136,29 +197,27 @@ def _link_model(src: Path, dst: Path) -> None:
 def _build_models(
     cal, groups_file: Path, out: Path, cfg: CompareConfig, reuse: Path | None = None
 ) -> dict[str, Path]:
-    from dive_ds.reconstruct import ReconstructConfig
     from dive_ds.workflows import run_fit_router, run_reconstruct
 
     models: dict[str, Path] = {}
-    for name, method, treatment in run_names(cfg):
-        if method == "flap":
-            rc = ReconstructConfig(
-                num_experts=1, top_k=1, prune_ratio=cfg.prune_ratio, method="flap", seed=cfg.seed
-            )
-        else:
-            rc = ReconstructConfig(num_experts=cfg.experts, top_k=cfg.top_k, prune_ratio=cfg.prune_ratio,
-                                   method=method, seed=cfg.seed)  # fmt: skip
-        base = out / "models" / (method if method == "flap" else f"{method}-random")
+    for b in builds(cfg):
+        if b.method == "flap-eqtrain":  # the same model as flap; only its LoRA rank differs
+            models[b.name] = out / "models" / "flap"
+            if "flap" in models:
+                continue
+        rc = reconstruct_config(b, cfg)
+        stem = "flap" if b.method == "flap-eqtrain" else b.name.removesuffix(f"-{b.treatment}")
+        base = out / "models" / (stem if b.treatment == "-" else f"{stem}-random")
         old = None if reuse is None else reuse / "models" / base.name
         if not (base / "config.json").exists():
             if old is not None and _reusable(old, asdict(rc), None, cal.path):
                 print(f"[compare] reusing {old}", flush=True)
                 _link_model(old, base)
             else:
-                run_reconstruct(cal.path, groups_file if method == "dive" else None, base, rc)
+                run_reconstruct(cal.path, groups_file if b.method == "dive" else None, base, rc)
         path = base
-        if treatment == "fitted":
-            path = out / "models" / f"{method}-fitted"
+        if b.treatment == "fitted":
+            path = out / "models" / b.name
             old = None if reuse is None else reuse / "models" / path.name
             if not (path / "config.json").exists():
                 if old is not None and _reusable(old, asdict(rc), asdict(cfg.fit), cal.path):
@@ -166,19 +225,15 @@ def _build_models(
                     _link_model(old, path)
                 else:
                     run_fit_router(base, cal.path, path, cfg.fit)
-        models[name] = path
+        models[b.name] = path
     return models
 
 
-def train_run(
-    name: str,
-    model: Path,
-    router: int,
-    out: Path,
-    registry: str,
-    cfg: CompareConfig,
-    extra: dict | None = None,
-) -> Path:
+# --------------------------------------------------------------------------- training and scoring
+
+
+def train_run(name: str, model: Path, router: int, out: Path, registry: str, cfg: CompareConfig,
+              extra: dict | None = None) -> Path:  # fmt: skip
     """One run of launchers/retrain.py (its own process, as a user runs it): `router` router-stage steps,
     then cfg.steps - router experts-stage steps. Resumes if interrupted; `extra`: more --set overrides."""
     run_dir = out / "train" / name
@@ -199,7 +254,7 @@ def train_run(
         "checkpoint.exclude_frozen": "true",
         "eval.every": cfg.eval_every,
         "eval.at_start": "true",
-        "eval.windows_per_domain": cfg.eval_windows,
+        "eval.windows_per_domain": cfg.curve_windows,
         "eval.calib_dir": "null",
         "logging.progress": "false",
     } | (extra or {})
@@ -217,52 +272,85 @@ def train_run(
     return run_dir
 
 
-def curve(run_dir: Path, batch: int, seq_len: int) -> tuple[list[dict], float | None]:
-    """Eval points [(tokens, ppl_mean, per-domain ppl)] across stages, and the mean training tokens/s."""
+def curve(run_dir: Path, batch: int, seq_len: int) -> tuple[list[dict], float | None, int | None]:
+    """Eval points [(tokens, token-weighted ppl, mean ppl, per-domain ppl)] across stages, the median
+    training tokens/s, and the experts stage's trainable parameter count."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    points, rates, first, seen = [], [], [], set()
+    points, rates, first, seen, trainable = [], [], [], set(), None
     for r in rows:
         if r.get("event") == "eval":
             key = r["global_step"]
             if key in seen:  # the start of one stage is the end of the one before
                 continue
             seen.add(key)
-            points.append({"tokens": key * batch * seq_len, "ppl_mean": r["ppl_mean"], "ppl": r["ppl"]})
+            points.append({"tokens": key * batch * seq_len, "ppl_tokens": float(np.exp(r["loss"])),
+                           "ppl_mean": r["ppl_mean"], "ppl": r["ppl"]})  # fmt: skip
+        elif r.get("event") == "stage_start" and r.get("stage") == "experts":
+            trainable = int(r["trainable"]["trainable"])
         elif "tokens_per_s" in r:  # the first step of a stage pays warm-up: left out when there are others
             (rates if r.get("step", 0) > 1 else first).append(r["tokens_per_s"])
     rates = rates or first
-    return points, (float(np.median(rates)) if rates else None)
+    return points, (float(np.median(rates)) if rates else None), trainable
 
 
-def _ppl(model_dir: Path, windows: dict[str, torch.Tensor], oracle: bool = False) -> dict:
-    from dive_ds.eval.perplexity import domain_perplexities
+def score(model_dir: Path, windows: dict[str, torch.Tensor], oracle: bool = False) -> dict:
+    """Per-window NLL of every domain (router routing, and oracle routing for a MoE with groups), summarised."""
+    from dive_ds.eval.paired import per_window_nll, summarise
     from dive_ds.models.loading import load_causal_lm
     from dive_ds.workflows import oracle_map
 
     m = load_causal_lm(model_dir, dtype=torch.float32).eval()
-    res = {"router": domain_perplexities(m, windows, 4)}
+    tpw = {d: int(w.shape[1] - 1) for d, w in windows.items()}
+    res = {
+        "nll": {"router": {d: per_window_nll(m, w, 4) for d, w in windows.items()}},
+        "tokens_per_window": tpw,
+    }
     if oracle:
         mapping = oracle_map(model_dir, list(windows))
         if mapping is not None:
-            res["oracle"] = domain_perplexities(m, windows, 4, oracle=mapping)
-    for k in list(res):
-        res[k + "_mean"] = float(np.mean(list(res[k].values())))
+            res["nll"]["oracle"] = {
+                d: per_window_nll(m, w, 4, route_to=mapping[d]) for d, w in windows.items()
+            }
+    for key, nll in res["nll"].items():
+        s = summarise(nll, tpw)
+        res[key], res[f"{key}_mean"], res[f"{key}_tokens"] = s["ppl"], s["ppl_mean"], s["ppl_tokens"]
     return res
 
 
-def seen_windows(registry: str, model_dir: Path, cfg: CompareConfig, holdout_every: int = 10) -> dict:
-    """The trainer's own eval windows: the first windows of each domain's held-out documents."""
+def eval_sets(registry: str, model_dir: Path, n: int, seq_len: int, split) -> tuple[dict, dict]:
+    """Windows spread over every registry domain's evaluation set, and the span ids they came from."""
+    from dive_ds.data.registry import iter_documents, load_registry
+    from dive_ds.data.sampler import eval_chars_budget, evaluation_windows
+    from dive_ds.models.loading import load_tokenizer
+
+    tok = load_tokenizer(model_dir)
+    windows, ids = {}, {}
+    for d in load_registry(registry).domains.values():
+        windows[d.name], ids[d.name] = evaluation_windows(
+            d.name, list(iter_documents(d, eval_chars_budget(n, seq_len, split))), tok, n, seq_len, split
+        )
+    return windows, ids
+
+
+def params_of(model_dir: Path) -> dict:
     from transformers import AutoConfig
 
-    from dive_ds.data.registry import load_registry
-    from dive_ds.train.data import heldout_windows, load_tokenizer
+    from dive_ds.models.moe import count_parameters
 
-    reg = load_registry(registry)
-    tok = load_tokenizer(None, model_dir, AutoConfig.from_pretrained(model_dir).vocab_size)
-    return {
-        d.name: heldout_windows(d, tok, cfg.seq_len, cfg.eval_windows, holdout_every)
-        for d in reg.domains.values()
-    }
+    return count_parameters(AutoConfig.from_pretrained(model_dir))
+
+
+def eqtrain_rank(flap_dir: Path, target: int) -> int:
+    """The smallest LoRA rank at which FLAP trains at least `target` parameters in the experts stage."""
+    from transformers import AutoConfig
+
+    from dive_ds.models.lora import lora_rank_for_trainable
+
+    return lora_rank_for_trainable(AutoConfig.from_pretrained(flap_dir), target)
+
+
+def quick(cfg: CompareConfig) -> CompareConfig:
+    return replace(cfg, **QUICK)
 
 
 # --------------------------------------------------------------------------- the command
@@ -275,27 +363,48 @@ def run_compare(
     cfg: CompareConfig = CompareConfig(),
     eval_domains: str | None = None,
     reuse: str | Path | None = None,
+    command: list[str] | None = None,
 ) -> dict:
     from dive_ds.calibrate import load_calibration
-    from dive_ds.workflows import _write_json, load_groups, registry_eval_windows
+    from dive_ds.compare_report import finish, plot_curves, write_report
+    from dive_ds.data.split import SplitConfig
+    from dive_ds.io.fingerprint import folder_fingerprint
+    from dive_ds.workflows import _write_json, load_groups
 
     out = Path(out)
     cal = load_calibration(calib_dir)
     load_groups(groups_file, cal.domains)  # validates before any heavy work
     registry = cal.manifest["identity"]["registry"]
+    split_raw = cal.manifest["identity"].get("sampler", {}).get("split")
+    if split_raw is None:
+        raise ValueError(
+            f"{cal.path} was calibrated before the four-way split (no sampler.split in its manifest): its "
+            "windows may overlap the evaluation text; run `dive-ds calibrate` again"
+        )
+    split = SplitConfig(**split_raw)
+    if eval_domains:
+        from dive_ds.data.registry import load_registry
+
+        overlap = set(load_registry(eval_domains).domains) & set(cal.domains)
+        if overlap:
+            raise ValueError(
+                f"--eval-domains names calibrated domains ({sorted(overlap)[0]}); pass domains never calibrated on"
+            )
     settings = asdict(cfg) | {
         "methods": sorted(cfg.methods),
         "treatments": sorted(cfg.treatments),
     }  # order: free
-    identity = {"calibration": str(cal.path.resolve()), "groups": str(Path(groups_file).resolve()),
+    identity = {"calibration": str(cal.path.resolve()), "calibration_fingerprint": folder_fingerprint(cal.path),
+                "groups": str(Path(groups_file).resolve()), "groups_digest": hashlib.sha256(Path(groups_file).read_bytes()).hexdigest()[:16],
                 "config": settings, "eval_domains": eval_domains}  # fmt: skip
+    identity = json.loads(json.dumps(identity, default=str))
     ident_file = out / "compare_identity.json"
     if out.exists() and any(out.iterdir()):
         old = json.loads(ident_file.read_text()) if ident_file.exists() else None
-        if old != json.loads(json.dumps(identity, default=str)):
+        if old != identity:
             raise ValueError(f"--out {out} holds another run (or other files); choose another --out")
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(ident_file, json.loads(json.dumps(identity, default=str)))
+    _write_json(ident_file, identity)
     t_all = time.time()
 
     print("[compare] building the models (reconstruct + router fitting)", flush=True)
@@ -303,146 +412,69 @@ def run_compare(
     models = _build_models(cal, Path(groups_file), out, cfg, Path(reuse) if reuse else None)
     build_s = time.time() - t0
     any_model = next(iter(models.values()))
-    windows = {"seen": seen_windows(registry, any_model, cfg)}
-    windows["calib"] = dict(cal.eval)  # all of the calibration's held-out windows
+    windows, split_ids = {}, {}
+    windows["seen"], split_ids["seen"] = eval_sets(registry, any_model, cfg.eval_windows, cfg.seq_len, split)
     if eval_domains:
-        windows["unseen"] = registry_eval_windows(
-            eval_domains, any_model, cfg.unseen_windows, cfg.seq_len, cfg.seed
-        )
-    overlap = set(windows.get("unseen", {})) & set(cal.domains)
-    if overlap:
-        raise ValueError(
-            f"--eval-domains names calibrated domains ({sorted(overlap)[0]}); pass domains never calibrated on"
-        )
-
-    results: dict = {
-        "runs": {},
-        "windows": {k: {n: int(w.numel()) for n, w in v.items()} for k, v in windows.items()},
-    }
-    done = _finished_runs(out / "compare.json", results["windows"])
-    names = run_names(cfg)
-    for name, _, _ in names:  # same identity (checked above) and same windows: their numbers stand
-        if name in done:
+        windows["unseen"], split_ids["unseen"] = eval_sets(eval_domains, any_model, cfg.unseen_windows,
+                                                           cfg.seq_len, split)  # fmt: skip
+    _write_json(out / "eval_split.json", {"split": asdict(split), "ids": split_ids})
+    shapes = {k: {n: list(w.shape) for n, w in v.items()} for k, v in windows.items()}
+    results: dict = {"runs": {}, "models": {}, "windows": shapes, "split": asdict(split),
+                     "command": command, "commit": _git_rev()}  # fmt: skip
+    old = json.loads((out / "compare.json").read_text()) if (out / "compare.json").exists() else {}
+    if old.get("windows") == shapes:  # same identity (checked above) and same windows: their numbers stand
+        results["runs"], results["models"] = old.get("runs", {}), old.get("models", {})
+        for name in results["runs"]:
             print(f"[compare] {name}: kept from the earlier pass of this comparison", flush=True)
-            results["runs"][name] = done[name]
+    names = run_names(cfg)
 
     def write() -> (
         None
     ):  # after every run (complete: false until the last), so a long comparison shows as it goes
-        results.update(
-            complete=len(results["runs"]) == len(names), config=asdict(cfg), calibration=str(cal.path),
-            eval_domains=eval_domains, build_seconds=round(build_s, 1),
-            total_seconds=round(time.time() - t_all, 1), ratios=ratios(results["runs"]),
-        )  # fmt: skip
+        results.update(complete=len(results["runs"]) == len(names), config=asdict(cfg), calibration=str(cal.path),
+                       eval_domains=eval_domains, build_seconds=round(build_s, 1),
+                       total_seconds=round(time.time() - t_all, 1))  # fmt: skip
+        finish(results, cfg.bootstrap)
         _write_json(out / "compare.json", results)
-        (out / "compare.md").write_text(markdown(results))
+        write_report(results, out / "compare.md")
         plot_curves(results, out / "ppl_vs_tokens.png")
 
-    if done:
-        write()
-    for name, method, treatment in names:
-        if name in done:
+    for b in builds(cfg):  # before training: once per model (the data seed does not change it)
+        if b.name in results["models"]:
             continue
-        print(f"[compare] evaluating {name} before training", flush=True)
-        # oracle routing only with the random router: its fitted twin has the very same experts
-        oracle = treatment == "random"
-        before = {k: _ppl(models[name], w, oracle=(k != "unseen" and oracle)) for k, w in windows.items()}
-        router = cfg.router_steps if treatment == "random" else 0
-        run_dir = train_run(name, models[name], router, out, registry, cfg)
-        points, tok_s = curve(run_dir, cfg.batch, cfg.seq_len)
-        final = run_dir / "model"
-        after = {k: _ppl(final, w) for k, w in windows.items() if k != "calib"}
-        results["runs"][name] = {"method": method, "treatment": treatment, "model": str(models[name]),
-                                 "before": before, "after": after, "curve": points, "train_tokens_per_s": tok_s,
+        print(f"[compare] scoring {b.name} before training", flush=True)
+        oracle = b.treatment == "random"  # its fitted twin has the very same experts
+        before = {k: score(models[b.name], w, oracle=oracle) for k, w in windows.items()}
+        results["models"][b.name] = {"method": b.method, "treatment": b.treatment, "grouping_seed": b.seed,
+                                     "path": str(models[b.name]), "params": params_of(models[b.name]),
+                                     "before": before}  # fmt: skip
+        write()
+    for name, b, dseed in names:
+        if name in results["runs"]:
+            continue
+        extra = {"data.seed": dseed, "data.split.seed": split.seed}
+        if b.method == "flap-eqtrain":
+            dive = [r for r in results["runs"].values() if r["model"] == "dive-fitted" and r.get("trainable")]
+            if not dive:
+                raise ValueError("flap-eqtrain needs a finished dive-fitted run first (its trainable count)")
+            extra["stages.experts.lora_r"] = eqtrain_rank(models[b.name], dive[0]["trainable"])
+        router = cfg.router_steps if b.treatment == "random" else 0
+        run_dir = train_run(name, models[b.name], router, out, registry, cfg, extra)
+        points, tok_s, trainable = curve(run_dir, cfg.batch, cfg.seq_len)
+        after = {k: score(run_dir / "model", w) for k, w in windows.items()}
+        results["runs"][name] = {"model": b.name, "method": b.method, "treatment": b.treatment, "data_seed": dseed,
+                                 "grouping_seed": b.seed, "after": after, "curve": points, "trainable": trainable,
+                                 "lora_r": extra.get("stages.experts.lora_r"), "train_tokens_per_s": tok_s,
                                  "train_tokens": cfg.steps * cfg.batch * cfg.seq_len}  # fmt: skip
         write()
+    write()
     print((out / "compare.md").read_text())
     return results
 
 
-def _finished_runs(path: Path, windows: dict) -> dict:
-    """Runs an interrupted pass of this very comparison finished (its windows must match)."""
-    if not path.exists():
-        return {}
-    old = json.loads(path.read_text())
-    return old.get("runs", {}) if old.get("windows") == windows else {}
-
-
-def ratios(runs: dict) -> dict:
-    """Mean-ppl ratios of the comparisons the method is judged by, before and after training."""
-    out = {}
-    for when in ("before", "after"):
-        for split in ("seen", "calib", "unseen"):
-            mean = {n: r[when][split]["router_mean"] for n, r in runs.items() if split in r.get(when, {})}
-            if "flap" in mean:
-                for n, v in mean.items():
-                    if n != "flap":
-                        out[f"{when}/{split}/{n}_vs_flap"] = round(v / mean["flap"], 4)
-            if "dive-fitted" in mean and "random-split-fitted" in mean:
-                out[f"{when}/{split}/dive-fitted_vs_random-split-fitted"] = round(
-                    mean["dive-fitted"] / mean["random-split-fitted"], 4
-                )
-    return out
-
-
-def _fmt(x: float) -> str:
-    return "inf" if not math.isfinite(x) else (f"{x:.1f}" if x < 1000 else f"{x:.3g}")
-
-
-def markdown(results: dict) -> str:
-    runs = results["runs"]
-    cfg = results["config"]
-    toks = cfg["steps"] * cfg["batch"] * cfg["seq_len"]
-    lines = [f"# Equal-budget comparison ({toks} training tokens per method)\n"]
-    if not results.get("complete", True):
-        lines.append(f"(in progress: {len(runs)} of the runs done)\n")
-    for when, title in (("before", "before any training (0 tokens)"), ("after", f"after {toks} tokens")):
-        for split in ("seen", "calib", "unseen"):
-            first = next(iter(runs.values()))
-            if split not in first[when]:
-                continue
-            domains = list(first[when][split]["router"])
-            lines.append(f"\n## {split} domains, {title}: held-out perplexity\n")
-            lines.append("| run | routing | " + " | ".join(domains) + " | mean |")
-            lines.append("|---" * (len(domains) + 3) + "|")
-            for name, r in runs.items():
-                res = r[when][split]
-                for key in ("router", "oracle"):
-                    if key in res:
-                        row = " | ".join(_fmt(res[key][d]) for d in domains)
-                        lines.append(f"| {name} | {key} | {row} | {_fmt(res[key + '_mean'])} |")
-    lines.append("\n## training speed (same trainer, same batch)\n")
-    lines.append("| run | median tokens/s |")
-    lines.append("|---|---|")
-    for name, r in runs.items():
-        rate = r["train_tokens_per_s"]
-        lines.append(f"| {name} | {'-' if rate is None else f'{rate:.0f}'} |")
-    lines.append("\n## ratios of mean perplexity\n")
-    lines += [f"- {k}: {v}" for k, v in results["ratios"].items()]
-    return "\n".join(lines) + "\n"
-
-
-def plot_curves(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, r in results["runs"].items():
-        pts = r["curve"]
-        if pts:
-            ax.plot([p["tokens"] for p in pts], [p["ppl_mean"] for p in pts], marker="o", label=name)
-    ax.set_xlabel("training tokens")
-    ax.set_ylabel("mean held-out perplexity (seen domains)")
-    ax.set_yscale("log")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title("equal-budget retraining")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def quick(cfg: CompareConfig) -> CompareConfig:
-    return replace(cfg, **QUICK)
+def _git_rev() -> str | None:
+    try:
+        return subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return None

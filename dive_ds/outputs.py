@@ -132,7 +132,7 @@ def reconstruction_identity(plan, cfg, model_dir: Path, model_fingerprint: str) 
 
     from dive_ds.reconstruct import moe_config_dict, plan_fingerprint
 
-    moe_config = moe_config_dict(AutoConfig.from_pretrained(model_dir), cfg, plan.kept_ELK.shape[-1])
+    moe_config = moe_config_dict(AutoConfig.from_pretrained(model_dir), cfg, plan.widths_L)
     return {
         "plan_fingerprint": plan_fingerprint(plan, moe_config, torch.float32),
         "dense_model_fingerprint": model_fingerprint,

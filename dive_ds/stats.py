@@ -106,3 +106,73 @@ def compensation_bias(w_down_HF: torch.Tensor, mean_F: torch.Tensor, kept_K: tor
     removed = torch.ones(w_down_HF.shape[1], dtype=torch.bool, device=w_down_HF.device)
     removed[kept_K.to(w_down_HF.device)] = False
     return w_down_HF[:, removed].to(torch.float64) @ mean_F[removed].to(torch.float64)
+
+
+# --------------------------------------------------------------------------- baselines' channel choices
+
+
+def random_channel_sets(
+    ffn: int, n_experts: int, n_layers: int, keep: int, generator: torch.Generator
+) -> torch.Tensor:
+    """[E, L, keep] random channel sets per layer, ascending: disjoint slices of one seeded permutation
+    of the layer's channels when they fit (E * keep <= F), else an independent random set per expert."""
+    kept_ELK = torch.empty(n_experts, n_layers, keep, dtype=torch.long)
+    for layer in range(n_layers):
+        perm = torch.randperm(ffn, generator=generator)
+        for e in range(n_experts):
+            if n_experts * keep <= ffn:
+                sel = perm[e * keep : (e + 1) * keep]
+            else:
+                sel = torch.randperm(ffn, generator=generator)[:keep]
+            kept_ELK[e, layer] = sel.sort().values
+    return kept_ELK
+
+
+def llama_moe_partition(ffn: int, n_experts: int, n_layers: int, generator: torch.Generator) -> torch.Tensor:
+    """[E, L, F // E] LLaMA-MoE's neuron-independent random split: per layer, one seeded permutation of the
+    F channels cut into E disjoint experts of F // E channels (ascending within each).
+
+    The MoE format has one expert width, so when E does not divide F the F % E channels at the end of
+    each layer's permutation belong to no expert (they are removed, like any pruned channel)."""
+    if not 1 <= n_experts <= ffn:
+        raise ValueError(
+            f"llama-moe split of {ffn} FFN channels into {n_experts} experts: use 1 <= experts <= {ffn}"
+        )
+    return random_channel_sets(ffn, n_experts, n_layers, ffn // n_experts, generator)
+
+
+def standardised_scores(scores_LF: torch.Tensor) -> torch.Tensor:
+    """[L, F] z = (s - mean over the layer's channels) / std over them (unbiased, as torch.std); a layer
+    whose scores are all equal gets z = 0."""
+    s = scores_LF.to(torch.float64)
+    std = s.std(dim=-1, keepdim=True)
+    return (s - s.mean(dim=-1, keepdim=True)) / torch.where(std > 0, std, torch.ones_like(std))
+
+
+def adaptive_widths(
+    scores_LF: torch.Tensor, total: int, floor: int = 1
+) -> tuple[list[int], list[torch.Tensor]]:
+    """FLAP's adaptive structure search over the FFN channels -> (widths_L, kept_L: [width_l] ascending).
+
+    Every layer's scores are standardised (`standardised_scores`), all layers' z are ranked together and
+    the global top `total` channels are kept; each layer's width is what it won. Floor: every layer keeps
+    at least its `floor` best channels (default 1; FLAP has no floor, but an expert of width 0 has no
+    weights to hold), the remaining total - L * floor go by the global ranking. Ties go to the lower
+    layer, then the lower channel.
+    """
+    n_layers, ffn = scores_LF.shape
+    if not 0 <= floor <= ffn or not n_layers * floor <= total <= n_layers * ffn:
+        raise ValueError(
+            f"adaptive widths: total {total} channels with a floor of {floor} over {n_layers} layers x {ffn} "
+            f"channels; choose L * floor <= total <= L * F"
+        )
+    z_LF = standardised_scores(scores_LF)
+    rank_LF = torch.empty_like(z_LF, dtype=torch.long)
+    order_LF = torch.sort(z_LF, dim=-1, descending=True, stable=True).indices
+    rank_LF.scatter_(1, order_LF, torch.arange(ffn).expand(n_layers, ffn).contiguous())
+    keep_LF = rank_LF < floor  # each layer's floor, before the global ranking
+    rest = torch.where(keep_LF, torch.full_like(z_LF, -torch.inf), z_LF).flatten()
+    won = torch.sort(rest, descending=True, stable=True).indices[: total - n_layers * floor]
+    keep_LF.view(-1)[won] = True
+    kept_L = [row.nonzero().squeeze(1) for row in keep_LF]
+    return [len(k) for k in kept_L], kept_L

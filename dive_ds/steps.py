@@ -59,6 +59,7 @@ def calibrate(
     what is not given. `stop`: a threading.Event that stops the pass at the next layer boundary."""
     from dive_ds.calibrate import CalibConfig, run_calibration
     from dive_ds.data.sampler import SamplerConfig
+    from dive_ds.data.split import SplitConfig
     from dive_ds.parallel.ranks import launched_world
 
     def given(value, default):  # None: not given (0 is a value, and SamplerConfig refuses it)
@@ -79,6 +80,7 @@ def calibrate(
         seq_len=given(seq_len, 256),
         eval_windows=given(eval_windows, 16),
         seed=seed,
+        split=SplitConfig(seed=seed),  # --seed also fixes the four-way split (evaluate --seed reads the same)
     )
     if checkpoint_every is not None and checkpoint_dir is None:
         raise ValueError("--checkpoint-every needs --checkpoint-dir (where the checkpoints go)")
@@ -200,8 +202,10 @@ def reconstruct_config(
     for value, key in ((experts, "num_experts"), (top_k, "top_k"), (prune_ratio, "prune_ratio")):
         if value is not None:
             base[key] = value
-    if method == "flap":
+    if method in ("flap", "flap-adaptive"):
         base.update(num_experts=1, top_k=1)
+    if method == "llama-moe" and prune_ratio is None:  # N disjoint experts of F/N channels
+        base["prune_ratio"] = 1 - 1 / base["num_experts"]
     if method == "upcycle":
         base["prune_ratio"] = 0.0
     return ReconstructConfig(

@@ -291,7 +291,7 @@ def run_reconstruct(
             )
         else:
             print(
-                f"{n} wrote experts {rec['experts']} (of {cfg.num_experts}) of {plan.kept_ELK.shape[1]} layers"
+                f"{n} wrote experts {rec['experts']} (of {cfg.num_experts}) of {len(plan.widths_L)} layers"
                 f"{' and the shared tensors' if shards.node == 0 else ''}: {len(rec['files'])} files, "
                 f"{rec['tensor_bytes'] / 2**20:.1f} MiB to {out} in {time.time() - t0:.1f}s"
             )
@@ -304,10 +304,16 @@ def run_reconstruct(
         return Path(out)
     write_moe(model_dir, plan, cfg, out, extra_files=extra)
     print(
-        f"wrote {cfg.method} MoE ({cfg.num_experts} experts x {plan.kept_ELK.shape[-1]} channels, top-{cfg.top_k}) "
+        f"wrote {cfg.method} MoE ({cfg.num_experts} experts x {_width(plan.widths_L)} channels, top-{cfg.top_k}) "
         f"to {out} in {time.time() - t0:.1f}s"
     )
     return Path(out)
+
+
+def _width(widths_L: list[int]) -> str:
+    """One width, or the range of per-layer widths (adaptive FLAP)."""
+    lo, hi = min(widths_L), max(widths_L)
+    return str(lo) if lo == hi else f"{lo}-{hi} (per layer, {sum(widths_L)} in all)"
 
 
 def _reconstruct_fitted(
@@ -430,17 +436,21 @@ def oracle_map(model_dir: Path, domains: list[str]) -> dict[str, int] | None:
 def registry_eval_windows(
     registry: str | Path, model_dir: Path, eval_windows: int, seq_len: int, seed: int
 ) -> dict[str, torch.Tensor]:
-    """Held-out windows drawn from a registry exactly as `calibrate` draws them (same split for the
-    same seed, window count and length), so calibration text is never evaluated on."""
+    """Windows spread over every registry domain's evaluation set (the four-way split of `seed`,
+    dive_ds.data.split): never calibration, selection or training text of the same split."""
     from dive_ds.data.registry import iter_documents, load_registry
-    from dive_ds.data.sampler import SamplerConfig, sample_domain_text
+    from dive_ds.data.sampler import eval_chars_budget, evaluation_windows
+    from dive_ds.data.split import SplitConfig
     from dive_ds.models.loading import load_tokenizer
 
     reg = load_registry(registry)
-    cfg = SamplerConfig(samples_per_domain=1, seq_len=seq_len, eval_windows=eval_windows, seed=seed)
     tok = load_tokenizer(model_dir)
+    split = SplitConfig(seed=seed)
+    budget = eval_chars_budget(eval_windows, seq_len, split)
     return {
-        d.name: sample_domain_text(d.name, list(iter_documents(d, cfg.chars_budget())), tok, cfg).eval
+        d.name: evaluation_windows(
+            d.name, list(iter_documents(d, budget)), tok, eval_windows, seq_len, split
+        )[0]
         for d in reg.domains.values()
     }
 

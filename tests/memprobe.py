@@ -41,7 +41,7 @@ def main():
         )
     elif what == "reconstruct":
         cal = load_calibration(sys.argv[3])
-        cfg = ReconstructConfig(num_experts=4, top_k=1, prune_ratio=0.5, method="random-split")
+        cfg = ReconstructConfig(num_experts=4, top_k=1, prune_ratio=0.5, method="random-halves")
         write_moe(model_dir, plan_experts(cal.stats, cal.domains, None, cfg), cfg, sys.argv[4])
     elif what == "full-load":
         from transformers import AutoModelForCausalLM

@@ -33,30 +33,56 @@ def demo_calib(tmp_path_factory):
 
 def test_compare_quick_fitted_dive_beats_flap_on_the_same_windows(demo_calib):
     """DIVE with a fitted router, DIVE with the paper's random router (+ router stage) and FLAP, through
-    the whole command (nomining and random-split take the same code path with another --method)."""
+    the whole command (the other methods take the same code path with another --methods)."""
     root, calib, groups = demo_calib
     out = root / "compare"
     args = ["compare", "--calib", str(calib), "--groups", str(groups), "--experts", "3", "--quick", "--seq-len", "128",
             "--methods", "dive,flap", "--eval-domains", "demo-unseen", "--out", str(out)]  # fmt: skip
     assert main(args) == 0
     res = json.loads((out / "compare.json").read_text())
-    runs = res["runs"]
-    assert set(runs) == {"dive-fitted", "dive-random", "flap"}
-    # before training, on the calibration's held-out windows (never calibrated or fitted on): the fitted
-    # router turns the experts into a clearly better model than FLAP at the same width (measured 0.88x)
-    before = {n: r["before"]["calib"]["router_mean"] for n, r in runs.items()}
-    print(before, runs["dive-random"]["before"]["calib"]["oracle_mean"])
+    runs, models = res["runs"], res["models"]
+    assert set(models) == {"dive-fitted", "dive-random", "flap"}
+    assert set(runs) == {"dive-fitted-d1234", "dive-random-d1234", "flap-d1234"}
+    assert res["command"][:2] == ["dive-ds", "compare"] and res["complete"]
+    # before training, token-weighted on the evaluation set (never calibrated, selected or fitted on):
+    # the fitted router makes the experts a better model than FLAP at the same width
+    before = {n: m["before"]["seen"]["router_tokens"] for n, m in models.items()}
+    print(before, models["dive-random"]["before"]["seen"]["oracle_tokens"])
     assert before["dive-fitted"] < 0.93 * before["flap"]
     assert before["dive-fitted"] < before["dive-random"]
     rep = json.loads((out / "models" / "dive-fitted" / "router_fit.json").read_text())
     assert rep["mean_label_accuracy_heldout"] > 1 / 3 + 0.1  # far above chance among 3 experts
+    # every ratio has a paired interval around it, on identical windows
+    row = next(
+        r
+        for r in res["ratios"]
+        if (r["when"], r["split"], r["a"], r["vs"]) == ("before", "seen", "dive-fitted", "flap")
+    )
+    assert row["lo"] <= row["ratio"] <= row["hi"] and row["windows"] == 2 * len(DOMAINS)
+    assert row["ratio"] == pytest.approx(before["dive-fitted"] / before["flap"], rel=1e-9)
+    assert {(s["when"], s["split"]) for s in res["ratio_summary"]} == {
+        (w, s) for w in ("before", "after") for s in ("seen", "unseen")
+    }
     for split in ("seen", "unseen"):
         domains = {tuple(r["after"][split]["router"]) for r in runs.values()}
         assert len(domains) == 1  # the same domains for every run
     assert set(res["windows"]["unseen"]).isdisjoint(DOMAINS)
+    # the evaluation windows come from the evaluation set: disjoint from calibration's recorded spans
+    calib_ids = json.loads((calib / "split.json").read_text())
+    eval_ids = json.loads((out / "eval_split.json").read_text())["ids"]["seen"]
+    for d in DOMAINS:
+        used = set(calib_ids[d]["calib"]["ids"]) | set(calib_ids[d]["select"]["ids"])
+        assert eval_ids[d]["ids"] and not used & set(eval_ids[d]["ids"]), d
     for r in runs.values():
-        assert math.isfinite(r["after"]["seen"]["router_mean"]) and r["train_tokens_per_s"] > 0
+        assert math.isfinite(r["after"]["seen"]["router_tokens"]) and r["train_tokens_per_s"] > 0
         assert [p["tokens"] for p in r["curve"]] == [0, 256, 512]  # an eval point per step of 2 x 128
+        assert r["trainable"] > 0
     md = (out / "compare.md").read_text()
-    assert "unseen domains" in md and "flap" in md
+    assert "unseen domains" in md and "stronger FLAP" in md and "[0." in md
     assert (out / "ppl_vs_tokens.png").stat().st_size > 10_000
+    # the README block is generated from the JSON by a command
+    readme = root / "README.md"
+    readme.write_text("# x\n<!-- compare:begin -->\nold\n<!-- compare:end -->\ntail\n")
+    assert main(["compare-report", "--json", str(out / "compare.json"), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "old" not in text and "stronger FLAP" in text and text.endswith("tail\n") and res["commit"] in text

@@ -77,7 +77,7 @@ def test_too_little_text_and_foreign_out_dir(tmp_path, capsys):
     save_tiny_llama(tmp_path / "m", vocab_size=49152)
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(demo_model_dir() / f, tmp_path / "m" / f)
-    reg = _registry(tmp_path, n_docs=3, words=50)
+    reg = _registry(tmp_path, n_docs=40, words=50)  # about 4 documents fall in the selection set
     capsys.readouterr()
     args = [
         "calibrate",
@@ -111,13 +111,18 @@ def test_help_documents_flags(argv, capsys):
     assert "--out" in capsys.readouterr().out
 
 
-def test_evaluate_from_registry_uses_calibrations_held_out_split(tmp_path, capsys):
+def test_evaluate_from_registry_scores_the_evaluation_set(tmp_path, capsys):
+    """`evaluate --calib` scores the calibration's selection windows, `evaluate --domains` the evaluation set of
+    the same split (`--seed`): other text, never calibrated or selected on."""
+    from dive_ds.data.registry import iter_documents, load_registry
+    from dive_ds.data.split import SplitConfig, split_texts
     from dive_ds.models.loading import demo_model_dir
+    from dive_ds.workflows import registry_eval_windows
 
     save_tiny_llama(tmp_path / "m", vocab_size=49152)
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(demo_model_dir() / f, tmp_path / "m" / f)
-    reg = _registry(tmp_path, n_docs=20, words=60)
+    reg = _registry(tmp_path, n_docs=60, words=60)
     common = ["--seq-len", "32", "--eval-windows", "2", "--seed", "3"]
     assert main(["calibrate", "--model", str(tmp_path / "m"), "--domains", str(reg), "--samples-per-domain", "4",
                  *common, "--out", str(tmp_path / "cal"), "--no-progress"]) == 0  # fmt: skip
@@ -133,7 +138,15 @@ def test_evaluate_from_registry_uses_calibrations_held_out_split(tmp_path, capsy
     )
     e1 = json.loads((tmp_path / "e1" / "eval.json").read_text())["router"]
     e2 = json.loads((tmp_path / "e2" / "eval.json").read_text())["router"]
-    assert e1 == e2 and e1["a"] > 1.0
+    assert e1.keys() == e2.keys() and e1 != e2 and e1["a"] > 1.0 and e2["a"] > 1.0
+    recorded = json.loads((tmp_path / "cal" / "split.json").read_text())["a"]
+    docs = list(iter_documents(load_registry(reg).domains["a"]))
+    parts = split_texts(docs, SplitConfig(seed=3))
+    assert recorded["select"]["ids"] == [i for s in parts["select"] for i in s.ids]  # the split --seed 3 made
+    tok = __import__("transformers").AutoTokenizer.from_pretrained(tmp_path / "m")
+    evaluation = {t for s in parts["eval"] for t in tok(s.text, add_special_tokens=False)["input_ids"]}
+    w = registry_eval_windows(reg, tmp_path / "m", 2, 32, 3)["a"]
+    assert w.shape == (2, 32) and set(w.flatten().tolist()) <= evaluation | {tok.eos_token_id}
     capsys.readouterr()
     assert main(["evaluate", str(tmp_path / "m"), "--out", str(tmp_path / "e3")]) == 2
     assert "nothing to evaluate: pass --calib DIR or --domains REGISTRY" in _err(capsys)

@@ -7,22 +7,25 @@ from dive_ds.models.lora import (
     LORA_PARAM_NAMES,
     LoraDiveExperts,
     add_expert_lora,
+    experts_stage_trainable,
     has_expert_lora,
     lora_expert_mlp,
+    lora_rank_for_trainable,
     merge_expert_lora,
 )
 from dive_ds.models.moe import (
     DiveExperts,
     DiveMoeConfig,
     DiveMoeForCausalLM,
+    count_parameters,
     grouped_expert_mlp,
     moe_blocks,
 )
 from tests.test_moe import IMPLS
 
 
-def tiny_moe(seed: int = 0, top_k: int = 2) -> DiveMoeForCausalLM:
-    config = DiveMoeConfig(
+def tiny_config(top_k: int = 2, **kw) -> DiveMoeConfig:
+    base = dict(
         vocab_size=64,
         hidden_size=32,
         intermediate_size=64,
@@ -34,6 +37,15 @@ def tiny_moe(seed: int = 0, top_k: int = 2) -> DiveMoeForCausalLM:
         num_local_experts=4,
         num_experts_per_tok=top_k,
     )
+    return DiveMoeConfig(**base | kw)
+
+
+PER_LAYER = dict(expert_intermediate_size=None, expert_intermediate_sizes=[12, 20])
+"""Per-layer expert widths (as flap-adaptive writes them)."""
+
+
+def tiny_moe(seed: int = 0, top_k: int = 2, **kw) -> DiveMoeForCausalLM:
+    config = tiny_config(top_k, **kw)
     torch.manual_seed(seed)
     model = DiveMoeForCausalLM(config)
     with torch.no_grad():
@@ -97,9 +109,10 @@ def test_lora_mlp_equals_effective_weights(impl):
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("widths", [{}, PER_LAYER], ids=["one-width", "per-layer"])
 @pytest.mark.parametrize("impl", IMPLS)
-def test_merge_is_exact_and_gives_plain_model(impl, tmp_path):
-    model = tiny_moe(top_k=2)
+def test_merge_is_exact_and_gives_plain_model(impl, widths, tmp_path):
+    model = tiny_moe(top_k=2, **widths)
     add_expert_lora(model, r=4, alpha=16, dropout=0.1, seed=1)
     randomise_lora_b(model)
     for block in moe_blocks(model):
@@ -166,3 +179,39 @@ def test_bad_arguments():
     add_expert_lora(model)
     with pytest.raises(ValueError, match="already has expert LoRA"):
         add_expert_lora(model)
+
+
+# --------------------------------------------------------------------------- trainable parameter counts
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [{}, PER_LAYER, {"dense_model_type": "qwen3", "head_dim": 8}, {"router_noise": False}],
+    ids=["one-width", "per-layer", "qwen3-qk-norms", "no-noise"],
+)
+def test_experts_stage_trainable_equals_the_prepared_model(kw):
+    from dive_ds.train.config import STAGE_DEFAULTS, StageConfig
+    from dive_ds.train.trainable import prepare_stage_model
+
+    model = tiny_moe(**kw)
+    stage = StageConfig(name="experts", **STAGE_DEFAULTS["experts"])
+    counts = prepare_stage_model(model, stage, seed=0)
+    assert counts["trainable"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    expected = experts_stage_trainable(model.config, stage.lora_r)
+    assert expected == {"trainable": counts["trainable"], "by_kind": counts["by_kind"]}
+    assert counts["total"] == count_parameters(model.config)["total"] + expected["by_kind"]["lora"]
+
+
+def test_lora_rank_for_trainable():
+    config = tiny_config(**PER_LAYER)
+    at = {r: experts_stage_trainable(config, r)["trainable"] for r in (1, 5, 6)}
+    assert lora_rank_for_trainable(config, at[5]) == 5
+    assert lora_rank_for_trainable(config, at[5] + 1) == 6
+    assert lora_rank_for_trainable(config, 0) == 1
+    assert lora_rank_for_trainable(config, at[1] - 1) == 1
+    no_norms = experts_stage_trainable(config, 3, train_norms=False)["trainable"]
+    assert lora_rank_for_trainable(config, no_norms, train_norms=False) == 3
+    with pytest.raises(ValueError, match="LoRA cannot match it"):
+        lora_rank_for_trainable(
+            config, experts_stage_trainable(config, 33)["trainable"]
+        )  # > min(H=32, 2 x 20)

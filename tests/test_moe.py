@@ -456,6 +456,25 @@ def test_count_parameters_matches_the_model(overrides):
     assert counts["activated"] == counts["total"] - idle
 
 
+def test_per_layer_expert_widths(tmp_path):
+    config = tiny_config(expert_intermediate_size=None, expert_intermediate_sizes=[8, 40])
+    assert config.expert_intermediate_size == 40 and config.expert_widths() == [8, 40]
+    model = random_model(config)
+    assert [b.experts.down_proj.shape[-1] for b in moe_blocks(model)] == [8, 40]
+    counts = count_parameters(config)
+    assert counts["total"] == sum(p.numel() for p in model.parameters())
+    idle = (4 - 2) * sum(3 * w * HIDDEN + HIDDEN for w in (8, 40))  # 2 of 4 experts idle in each layer
+    assert counts["activated"] == counts["total"] - idle
+    ids = torch.randint(0, VOCAB, (2, 8))
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.config.expert_intermediate_sizes == [8, 40]
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    with pytest.raises(ValueError, match="must be their maximum"):
+        tiny_config(expert_intermediate_size=32, expert_intermediate_sizes=[8, 40])
+
+
 # --------------------------------------------------------------------------- Mixtral export
 
 

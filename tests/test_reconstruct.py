@@ -100,7 +100,10 @@ def test_baseline_plans(tiny):
     _, calib_dir = tiny
     cal = load_calibration(calib_dir)
     rs = plan_experts(
-        cal.stats, cal.domains, None, ReconstructConfig(num_experts=2, prune_ratio=0.5, method="random-split")
+        cal.stats,
+        cal.domains,
+        None,
+        ReconstructConfig(num_experts=2, prune_ratio=0.5, method="random-halves"),
     )
     # 2 x 24 channels of 48: a disjoint cover, per layer
     for layer in range(3):
@@ -177,7 +180,7 @@ def test_bad_groups_and_foreign_stats(tiny, tmp_path):
 def test_write_moe_is_atomic(tiny, tmp_path, monkeypatch):
     model_dir, calib_dir = tiny
     cal = load_calibration(calib_dir)
-    cfg = ReconstructConfig(num_experts=2, method="random-split")
+    cfg = ReconstructConfig(num_experts=2, method="random-halves")
     plan = plan_experts(cal.stats, cal.domains, None, cfg)
     import dive_ds.reconstruct as rec
 

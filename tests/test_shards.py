@@ -307,8 +307,8 @@ def test_overlapping_nodes_in_any_order(tiny, tmp_path):
 
 
 def test_nodes_without_experts_still_finish(tiny, tmp_path):
-    """E=2, P=2, 4 nodes x 1 GPU (random-split): nodes 1 and 2 write nothing but their markers."""
-    cfg = ReconstructConfig(num_experts=2, method="random-split")
+    """E=2, P=2, 4 nodes x 1 GPU (random-halves): nodes 1 and 2 write nothing but their markers."""
+    cfg = ReconstructConfig(num_experts=2, method="random-halves")
     ref = run_reconstruct(tiny["calib"], None, tmp_path / "ref2", cfg)
     out = tmp_path / "four"
     for node in (3, 2, 1, 0):

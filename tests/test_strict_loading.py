@@ -21,7 +21,7 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("strict")
     model_dir, calib_dir = make_tiny_calibration(root)
     moe = run_reconstruct(
-        calib_dir, None, root / "moe", ReconstructConfig(num_experts=2, method="random-split")
+        calib_dir, None, root / "moe", ReconstructConfig(num_experts=2, method="random-halves")
     )
     return {"model": model_dir, "moe": moe}
 

@@ -158,6 +158,11 @@ def sample_domain_text(name: str, texts: list[str], tokenizer, cfg: SamplerConfi
     return out
 
 
+def eval_chars_budget(n: int, seq_len: int, split: SplitConfig) -> int:
+    """Characters to read per domain for `n` evaluation windows: ~4 chars/token, 3x room, over the eval share."""
+    return int(max(400_000, 12 * n * seq_len / split.eval))
+
+
 def evaluation_windows(
     name: str, texts: list[str], tokenizer, n: int, seq_len: int, split: SplitConfig, eos: int | None = None
 ) -> tuple[torch.Tensor, dict]:

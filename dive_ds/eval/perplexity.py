@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -99,8 +99,12 @@ class PrunedMLP(nn.Module):
 
 
 @contextlib.contextmanager
-def pruned_ffn(model: nn.Module, kept_LK: torch.Tensor, means_LF: torch.Tensor | None) -> Iterator[nn.Module]:
-    """Temporarily replace every layer's MLP of a dense model by its pruned version (one model in memory)."""
+def pruned_ffn(
+    model: nn.Module, kept_LK: torch.Tensor | Sequence[torch.Tensor], means_LF: torch.Tensor | None
+) -> Iterator[nn.Module]:
+    """Temporarily replace every layer's MLP of a dense model by its pruned version (one model in memory).
+
+    `kept_LK`: each layer's kept channels, [L, K] or a list of [K_l] (per-layer widths, e.g. flap-adaptive)."""
     from dive_ds.stats import compensation_bias
 
     layers = model.model.layers

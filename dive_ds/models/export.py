@@ -54,6 +54,11 @@ def mixtral_config(config: DiveMoeConfig) -> MixtralConfig:
             "attention_bias=True: Mixtral attention has no biases, so this model has no Mixtral equivalent. "
             "Keep the dive_moe format for it."
         )
+    if config.expert_intermediate_sizes is not None:
+        raise ValueError(
+            "expert_intermediate_sizes: this MoE's layers have different expert widths, Mixtral's one "
+            "intermediate_size for all. Keep the dive_moe format for it (or --format portable)."
+        )
     if config.router_gate == "switch":
         raise ValueError(
             "router_gate='switch' scales each expert's output by its unnormalised probability; Mixtral "

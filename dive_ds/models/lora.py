@@ -24,8 +24,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from dive_ds.models.moe import (
+    DENSE_ATTENTION,
     EXPERT_IMPLS,
     DiveExperts,
+    DiveMoeConfig,
     _aligned_16,
     _grouped_mm,
     grouped_mm_supported,
@@ -247,3 +249,69 @@ def lora_settings_from_state_dict(state_dict: dict[str, torch.Tensor]) -> int | 
         if key.endswith(".lora_gate_up_A"):
             return int(value.shape[1])
     return None
+
+
+# --------------------------------------------------------------------------- trainable parameter counts
+
+
+def experts_stage_trainable(
+    config: DiveMoeConfig,
+    lora_r: int = 8,
+    train_router: bool = True,
+    router_noise: bool = True,
+    train_norms: bool = True,
+    train_expert_bias: bool = False,
+) -> dict:
+    """Trainable parameters of a sparse stage with expert LoRA (the experts stage: the arguments mirror its
+    StageConfig fields and defaults), from the config alone -> {"trainable": n, "by_kind": {kind: n}}, the
+    same as dive_ds.train.trainable.prepare_stage_model reports.
+
+    lora: r * (2H + 3F_l) per expert and layer (A and B of gate_up and of down); router: weight [E, H] per
+    layer, noise_weight too while noisy top-k is on (stage and model); norm: every RMSNorm (the decoder
+    layers', the final one, the attention's own, e.g. Qwen3's q/k norms); expert_bias: [E, H] per layer.
+    """
+    hidden, n_layers, n_experts = config.hidden_size, config.num_hidden_layers, config.num_local_experts
+    with torch.device("meta"):
+        attention = DENSE_ATTENTION[config.dense_model_type](config, 0)
+    attention_norms = sum(p.numel() for n, p in attention.named_parameters() if "norm" in n)
+    kinds = {
+        "lora": n_experts * lora_r * sum(2 * hidden + 3 * w for w in config.expert_widths()),
+        "router": n_layers * n_experts * hidden if train_router else 0,
+        "router_noise": n_layers * n_experts * hidden
+        if train_router and router_noise and config.router_noise and config.router_noise_scale > 0
+        else 0,
+        "norm": n_layers * (2 * hidden + attention_norms) + hidden if train_norms else 0,
+        "expert_bias": n_layers * n_experts * hidden if train_expert_bias and config.expert_bias else 0,
+    }
+    by_kind = {k: v for k, v in kinds.items() if v}
+    return {"trainable": sum(by_kind.values()), "by_kind": by_kind}
+
+
+def lora_rank_for_trainable(
+    config: DiveMoeConfig,
+    target_trainable: int,
+    train_router: bool = True,
+    router_noise: bool = True,
+    train_norms: bool = True,
+    train_expert_bias: bool = False,
+) -> int:
+    """The smallest LoRA rank whose experts-stage trainable count (`experts_stage_trainable` with these
+    settings) is >= `target_trainable`: e.g. a one-expert FLAP model trained with as many parameters as a
+    DIVE MoE. Refuses a rank above min(H, 2 x widest expert width): beyond it no adapter gains capacity
+    (B @ A of gate_up is [2F, H], of down [H, F])."""
+    stage = dict(
+        train_router=train_router,
+        router_noise=router_noise,
+        train_norms=train_norms,
+        train_expert_bias=train_expert_bias,
+    )
+    base = experts_stage_trainable(config, 0, **stage)["trainable"]
+    per_rank = experts_stage_trainable(config, 1, **stage)["trainable"] - base
+    rank = max(1, -(-(target_trainable - base) // per_rank))  # ceil division on ints
+    limit = min(config.hidden_size, 2 * max(config.expert_widths()))
+    if rank > limit:
+        raise ValueError(
+            f"{target_trainable:,} trainable parameters need LoRA rank {rank} > {limit} (= min(hidden, 2 x expert "
+            "width), the full rank of every adapter): LoRA cannot match it; choose a smaller target"
+        )
+    return rank

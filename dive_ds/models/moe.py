@@ -81,7 +81,12 @@ class DiveMoeConfig(LlamaConfig):
     num_experts_per_tok: int = 1
     """k: experts each token is sent to in sparse router mode (1 <= k <= E)."""
     expert_intermediate_size: int | None = None
-    """F: FFN width of each expert; None means intermediate_size (the dense width)."""
+    """F: FFN width of each expert; None means intermediate_size (the dense width). With
+    expert_intermediate_sizes: their maximum (filled in when None)."""
+    expert_intermediate_sizes: list[int] | None = None
+    """Per-layer expert widths, one per decoder layer (every expert of layer l has width [l]): for
+    reconstructions whose layers keep different numbers of channels (FLAP's adaptive structure search).
+    None: every layer has expert_intermediate_size. Sharded folders and expert parallelism refuse them."""
     expert_bias: bool = True
     """Per-expert output bias [E, H] added to each expert's output before weighting (FLAP bias compensation)."""
     router_mode: str = "sparse"
@@ -103,10 +108,31 @@ class DiveMoeConfig(LlamaConfig):
     attention module, so Qwen2's biases and Qwen3's q/k norms are kept. Set by `dive-ds reconstruct`."""
 
     def __post_init__(self, **kwargs):
+        if self.expert_intermediate_sizes is not None:
+            self.expert_intermediate_sizes = [int(w) for w in self.expert_intermediate_sizes]
+            if self.expert_intermediate_size is None and self.expert_intermediate_sizes:
+                self.expert_intermediate_size = max(self.expert_intermediate_sizes)
         if self.expert_intermediate_size is None:
             self.expert_intermediate_size = self.intermediate_size
         _check_moe_fields(self)
         super().__post_init__(**kwargs)
+
+    def expert_widths(self) -> list[int]:
+        """The expert FFN width of every decoder layer."""
+        if self.expert_intermediate_sizes is not None:
+            return list(self.expert_intermediate_sizes)
+        return [self.expert_intermediate_size] * self.num_hidden_layers
+
+    def expert_width(self, layer_idx: int | None) -> int:
+        """The expert FFN width of decoder layer `layer_idx` (None: the one width all layers share)."""
+        if self.expert_intermediate_sizes is None:
+            return self.expert_intermediate_size
+        if layer_idx is None:
+            raise ValueError(
+                "this MoE has per-layer expert widths (expert_intermediate_sizes): build its experts with their "
+                "layer_idx; expert parallelism and sharded folders do not support per-layer widths"
+            )
+        return self.expert_intermediate_sizes[layer_idx]
 
 
 def _check_moe_fields(config: DiveMoeConfig) -> None:
@@ -122,6 +148,18 @@ def _check_moe_fields(config: DiveMoeConfig) -> None:
         raise ValueError(
             f"expert_intermediate_size={config.expert_intermediate_size}: set a positive expert FFN width."
         )
+    sizes = config.expert_intermediate_sizes
+    if sizes is not None:
+        if len(sizes) != config.num_hidden_layers or min(sizes, default=0) < 1:
+            raise ValueError(
+                f"expert_intermediate_sizes={sizes}: give one positive width per layer "
+                f"({config.num_hidden_layers} layers), or None for one width"
+            )
+        if config.expert_intermediate_size != max(sizes):
+            raise ValueError(
+                f"expert_intermediate_size={config.expert_intermediate_size} with expert_intermediate_sizes: "
+                f"it must be their maximum ({max(sizes)}); leave it None"
+            )
     if config.router_mode not in ROUTER_MODES:
         raise ValueError(f"router_mode={config.router_mode!r}: use one of {ROUTER_MODES}.")
     if config.router_gate not in ROUTER_GATES:
@@ -396,14 +434,16 @@ def gate_weights(
 class DiveExperts(nn.Module):
     """E gated FFN experts stored as 3-D tensors (Mixtral's fused layout) plus an optional output bias."""
 
-    def __init__(self, config: DiveMoeConfig, expert_ids: list[int] | None = None):
+    def __init__(
+        self, config: DiveMoeConfig, expert_ids: list[int] | None = None, layer_idx: int | None = None
+    ):
         super().__init__()
         if expert_ids is not None and not all(0 <= e < config.num_local_experts for e in expert_ids):
             raise ValueError(f"expert_ids={expert_ids}: use ids in [0, {config.num_local_experts}).")
         num_experts, hidden, width = (
             len(expert_ids) if expert_ids is not None else config.num_local_experts,
             config.hidden_size,
-            config.expert_intermediate_size,
+            config.expert_width(layer_idx),
         )
         self.num_experts = num_experts
         self.expert_ids = list(expert_ids) if expert_ids is not None else list(range(num_experts))
@@ -437,11 +477,11 @@ class DiveMoeBlock(nn.Module):
     was bypassed), both detached and left on the device.
     """
 
-    def __init__(self, config: DiveMoeConfig):
+    def __init__(self, config: DiveMoeConfig, layer_idx: int | None = None):
         super().__init__()
         self.num_experts = config.num_local_experts
         self.gate = DiveRouter(config)
-        self.experts = DiveExperts(config)
+        self.experts = DiveExperts(config, layer_idx=layer_idx)
         self.forced_expert: int | None = None
         """Oracle routing: when set, every token goes to this expert with weight 1 (router bypassed)."""
         self.last_expert_counts: torch.Tensor | None = None
@@ -478,7 +518,7 @@ class DiveMoeDecoderLayer(LlamaDecoderLayer):
         nn.Module.__init__(self)
         self.hidden_size = config.hidden_size
         self.self_attn = DENSE_ATTENTION[config.dense_model_type](config=config, layer_idx=layer_idx)
-        self.mlp = DiveMoeBlock(config)
+        self.mlp = DiveMoeBlock(config, layer_idx)
         self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
@@ -614,17 +654,21 @@ def count_parameters(config: DiveMoeConfig) -> dict[str, int]:
 
     Activated = everything but the experts, plus k experts' worth per layer (the sparse
     top-k figure, also reported for a model in dense router mode). Tied embeddings count once.
+    Per-layer expert widths (expert_intermediate_sizes) count layer by layer.
     """
     hidden, vocab, layers = config.hidden_size, config.vocab_size, config.num_hidden_layers
     with torch.device("meta"):  # the family's own module: its biases and q/k norms count as they are
         attention = sum(p.numel() for p in DENSE_ATTENTION[config.dense_model_type](config, 0).parameters())
     norms = 2 * hidden
     router = 2 * config.num_local_experts * hidden  # weight + noise_weight
-    one_expert = 3 * config.expert_intermediate_size * hidden + (hidden if config.expert_bias else 0)
+    # one expert of every layer, summed over the layers
+    experts_one_each = sum(
+        3 * w * hidden + (hidden if config.expert_bias else 0) for w in config.expert_widths()
+    )
     shared = vocab * hidden + hidden + (0 if config.tie_word_embeddings else vocab * hidden)
     per_layer_shared = attention + norms + router
-    total = shared + layers * (per_layer_shared + config.num_local_experts * one_expert)
-    activated = shared + layers * (per_layer_shared + config.num_experts_per_tok * one_expert)
+    total = shared + layers * per_layer_shared + config.num_local_experts * experts_one_each
+    activated = shared + layers * per_layer_shared + config.num_experts_per_tok * experts_one_each
     return {"total": total, "activated": activated}
 
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from dive_ds.data.registry import Domain, iter_documents, load_registry
-from dive_ds.data.sampler import spread_windows
+from dive_ds.data.sampler import eval_chars_budget, spread_windows
 from dive_ds.data.split import SplitConfig, segments
 from dive_ds.train.config import DataConfig
 
@@ -253,7 +253,8 @@ def heldout_windows(
     domain: Domain, tokenizer, seq_len: int, n_windows: int, split: SplitConfig
 ) -> torch.Tensor:
     """Up to n_windows windows ([n, seq_len]) spread over the domain's evaluation set (`split`)."""
-    docs = [tokenizer.encode(s.text) for s in segments(iter_documents(domain), split, "eval")]
+    text = iter_documents(domain, eval_chars_budget(n_windows, seq_len, split))
+    docs = [tokenizer.encode(s.text) for s in segments(text, split, "eval")]
     return spread_windows([d for d in docs if d], n_windows, seq_len, tokenizer.eos_id)
 
 

@@ -1,0 +1,207 @@
+"""Statistics + groups -> which channels each expert keeps (an `ExpertPlan`): pure functions.
+
+`ReconstructConfig` says how experts are cut from the dense FFN (method, width, score, router init);
+`plan_experts` turns calibration statistics (and mined groups) into the plan that
+dive_ds.reconstruct then streams into a MoE checkpoint.
+
+Legend: E experts, L layers, K kept channels per expert, F dense FFN width, H hidden, D domains.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from dive_ds.stats import (
+    ChannelStats,
+    adaptive_widths,
+    channel_scores,
+    kept_channels,
+    llama_moe_partition,
+    mean_var,
+    n_keep,
+    random_channel_sets,
+)
+
+PRESETS = {
+    "1of8": dict(num_experts=8, top_k=1, prune_ratio=0.5),
+    "2of8": dict(num_experts=8, top_k=2, prune_ratio=0.75),
+}
+METHOD_ALIASES = {"random-split": "random-halves"}
+"""Deprecated method names -> the method (ReconstructConfig normalises them)."""
+METHODS = (
+    "dive",
+    "random-halves",
+    "llama-moe",
+    "upcycle",
+    "nomining",
+    "flap",
+    "flap-adaptive",
+    *METHOD_ALIASES,
+)
+"""Accepted method names; the last are the deprecated aliases of METHOD_ALIASES."""
+ONE_EXPERT_METHODS = ("flap", "flap-adaptive")
+ROUTER_INITS = ("random", "centroid", "fit")
+
+
+@dataclass(frozen=True)
+class ReconstructConfig:
+    """How experts are cut from the dense FFN and how the MoE is assembled."""
+
+    num_experts: int = 8
+    """N experts per layer (one per domain group)."""
+    top_k: int = 1
+    """Experts per token at inference."""
+    prune_ratio: float = 0.5
+    """r: fraction of FFN channels each expert drops (expert width = round(F * (1 - r))); llama-moe needs
+    r = 1 - 1/N (width F // N); flap-adaptive keeps L * round(F * (1 - r)) channels over all layers."""
+    score: str = "wifv"
+    """Channel importance: wifv (default), ifv or wifn."""
+    bias_compensation: bool = True
+    """FLAP bias b = W_down[:, removed] @ mean[removed] on each expert's output."""
+    router_init: str = "random"
+    """random: seeded N(0, router_init_std) (the paper); centroid: from the groups' mean MLP inputs;
+    fit: fitted from the dense model afterwards (dive_ds.routerfit; the plan holds the random init)."""
+    router_init_std: float = 0.02
+    """Standard deviation of the random router init."""
+    seed: int = 42
+    """Seed for the router init and for the random baselines."""
+    method: str = "dive"
+    """dive | llama-moe (LLaMA-MoE's disjoint random split into N experts of F/N) | random-halves (N random
+    sets of round(F * (1 - r)) channels: disjoint when they fit, else independent; "random-split" is its
+    deprecated name) | upcycle (N dense copies) | nomining (random domain groups) | flap (1 expert, uniform
+    widths) | flap-adaptive (1 expert, FLAP's adaptive per-layer widths)."""
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {METHODS}")
+        object.__setattr__(self, "method", METHOD_ALIASES.get(self.method, self.method))
+        if self.num_experts < 1:
+            raise ValueError(f"--experts must be >= 1 (got {self.num_experts})")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"--top-k {self.top_k} must be between 1 and --experts {self.num_experts}")
+        if not 0.0 <= self.prune_ratio < 1.0:
+            raise ValueError(
+                f"--prune-ratio must be in [0, 1) (got {self.prune_ratio}); e.g. 0.5 keeps half the FFN"
+            )
+        if self.router_init not in ROUTER_INITS:
+            raise ValueError(f"unknown router init {self.router_init!r}; choose one of {ROUTER_INITS}")
+        if self.score not in ("wifv", "ifv", "wifn"):
+            raise ValueError(f"unknown score {self.score!r}; choose wifv, ifv or wifn")
+        if self.method in ONE_EXPERT_METHODS and (self.num_experts, self.top_k) != (1, 1):
+            raise ValueError(f"method {self.method} builds one dense pruned FFN: use --experts 1 --top-k 1")
+        split = 1 - 1 / self.num_experts
+        if self.method == "llama-moe" and not math.isclose(self.prune_ratio, split, abs_tol=1e-3):
+            raise ValueError(
+                f"method llama-moe splits the FFN into {self.num_experts} disjoint experts of F/{self.num_experts}: "
+                f"use --prune-ratio {split!r} (= 1 - 1/{self.num_experts}), not {self.prune_ratio}"
+            )
+
+
+@dataclass
+class ExpertPlan:
+    kept_L: list[torch.Tensor]
+    """Per layer, [E, K_l] kept channel indices (ascending) of every expert; K_l is the same for every
+    layer except with flap-adaptive."""
+    mean_ELF: torch.Tensor | None
+    """[E, L, F] float64 channel means behind each expert's compensation bias (None: no bias);
+    the bias W_down[:, removed] @ mean[removed] is formed while streaming, where W_down is."""
+    router_ELH: torch.Tensor
+    """[E, L, H] float32 initial router weights."""
+    groups: dict[str, list[str]]
+    """expert name -> domains whose statistics built it (empty for random baselines)."""
+
+    @property
+    def widths_L(self) -> list[int]:
+        """The expert width of every layer."""
+        return [k.shape[-1] for k in self.kept_L]
+
+    @property
+    def kept_ELK(self) -> torch.Tensor:
+        """[E, L, K] kept channels of a plan with one width (ValueError for per-layer widths: use kept_L)."""
+        if len(set(self.widths_L)) != 1:
+            raise ValueError(f"this plan has per-layer expert widths {self.widths_L}; read plan.kept_L")
+        return torch.stack(self.kept_L, dim=1)
+
+
+def _group_indices(groups: dict[str, list[str]], domains: list[str]) -> list[list[int]]:
+    pos = {d: i for i, d in enumerate(domains)}
+    return [[pos[d] for d in members] for members in groups.values()]
+
+
+def _router_init(
+    stats: ChannelStats, idx_per_expert: list[list[int]], cfg: ReconstructConfig
+) -> torch.Tensor:
+    n_layers, hidden = stats.mlp_in_sum_DLH.shape[1:]
+    g = torch.Generator().manual_seed(cfg.seed)
+    if cfg.router_init in ("random", "fit") or not any(idx_per_expert):
+        return torch.randn(cfg.num_experts, n_layers, hidden, generator=g) * cfg.router_init_std
+    # centroid: logits = x . (mu_e - mu_all) / |mu_e - mu_all|, scaled so that a token at the
+    # centroid of its group leads the others by a few units before any training
+    counts = stats.count_D.view(-1, 1, 1)
+    mu_all = stats.mlp_in_sum_DLH.sum(0) / stats.count_D.sum()
+    w = torch.empty(cfg.num_experts, n_layers, hidden, dtype=torch.float64)
+    for e, idx in enumerate(idx_per_expert):
+        ix = torch.as_tensor(idx)
+        mu_e = stats.mlp_in_sum_DLH[ix].sum(0) / counts[ix].sum()
+        w[e] = mu_e - mu_all
+    w = w / w.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    scale = 8.0 / mu_all.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    return (w * scale).to(torch.float32)
+
+
+def plan_experts(
+    stats: ChannelStats, domains: list[str], groups: dict[str, list[str]] | None, cfg: ReconstructConfig
+) -> ExpertPlan:
+    """Which channels each expert keeps, per layer, and its bias (pure function of statistics).
+
+    Random baselines (llama-moe, random-halves, upcycle) compensate every expert with the pooled mean of
+    the channels it lacks, as the experts of every method are built: W_down[:, removed] @ mean[removed]."""
+    n_layers, ffn = stats.sum_DLF.shape[1:]
+    keep = n_keep(ffn, cfg.prune_ratio)
+    pooled = stats.merged(list(range(len(domains))))
+    pooled_mean, _ = mean_var(pooled.count_D, pooled.sum_DLF, pooled.sumsq_DLF)  # [1, L, F]
+    g = torch.Generator().manual_seed(cfg.seed)
+    idx = [[] for _ in range(cfg.num_experts)]
+    if cfg.method in ONE_EXPERT_METHODS:
+        groups = {"flap_all": list(domains)}
+    elif cfg.method == "nomining":
+        perm = torch.randperm(len(domains), generator=g).tolist()
+        groups = {
+            f"random_{e}": [domains[i] for i in perm[e :: cfg.num_experts]] for e in range(cfg.num_experts)
+        }
+    mean_ELF = pooled_mean.expand(cfg.num_experts, -1, -1)
+    if cfg.method == "flap-adaptive":  # FLAP's "AL": the uniform total, each layer's width what it won
+        idx = [list(range(len(domains)))]
+        _, kept = adaptive_widths(channel_scores(pooled, cfg.score)[0], n_layers * keep)
+        kept_L = [k.unsqueeze(0) for k in kept]
+    elif cfg.method in ("dive", "nomining", "flap"):
+        if groups is None or len(groups) != cfg.num_experts:
+            raise ValueError(
+                f"{cfg.num_experts} experts need {cfg.num_experts} groups "
+                f"(got {0 if groups is None else len(groups)}); mine them or pass --groups FILE"
+            )
+        idx = _group_indices(groups, domains)
+        kept, means = [], []
+        for members in idx:
+            st = stats.merged(members)
+            mean, _ = mean_var(st.count_D, st.sum_DLF, st.sumsq_DLF)
+            kept.append(kept_channels(channel_scores(st, cfg.score)[0], keep))
+            means.append(mean[0])
+        kept_L, mean_ELF = list(torch.stack(kept).unbind(1)), torch.stack(means)
+    elif cfg.method == "llama-moe":  # F // N channels each; F % N channels per layer in no expert
+        kept_L = list(llama_moe_partition(ffn, cfg.num_experts, n_layers, g).unbind(1))
+        keep = kept_L[0].shape[-1]
+        groups = {f"split_{e}": [] for e in range(cfg.num_experts)}
+    elif cfg.method == "random-halves":
+        kept_L = list(random_channel_sets(ffn, cfg.num_experts, n_layers, keep, g).unbind(1))
+        groups = {f"random_{e}": [] for e in range(cfg.num_experts)}
+    else:  # upcycle: N copies of the whole FFN
+        if cfg.prune_ratio != 0.0:
+            raise ValueError("method upcycle copies the whole FFN: use --prune-ratio 0")
+        kept_L = [torch.arange(ffn).expand(cfg.num_experts, ffn).clone() for _ in range(n_layers)]
+        groups = {f"copy_{e}": [] for e in range(cfg.num_experts)}
+    means = mean_ELF if cfg.bias_compensation and keep < ffn else None
+    return ExpertPlan(kept_L, means, _router_init(stats, idx, cfg), groups)
