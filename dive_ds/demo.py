@@ -90,23 +90,30 @@ def run_demo(a) -> dict:
         RouterFitConfig(windows_per_domain=8), dense=None,
     )  # fmt: skip
     times["fit_router"] = time.time() - t
-    t = _step("4/5 evaluate: held-out perplexity per domain")
+    t = _step(
+        "4/5 evaluate: perplexity per domain on the evaluation set (never calibrated, mined or trained on)"
+    )
     cal = load_calibration(out / "calib")
-    results = [run_evaluate("demo", out / "calib", out / "eval-dense", label="dense")]
+    reg = _eval_registry(out, cal)
+    ev = dict(
+        registry=reg, eval_windows=a.eval_windows, seq_len=a.seq_len, seed=cal.manifest["sampler"]["seed"]
+    )
+    results = [run_evaluate("demo", None, out / "eval-dense", label="dense", **ev)]
     for name in builds:
         # an untrained random router is only informative for DIVE itself; baselines are compared by oracle
         results.append(
             run_evaluate(
                 str(out / f"moe-{name}"),
-                out / "calib",
+                None,
                 out / f"eval-{name}",
                 oracle=name != "flap",
                 router=name in ("dive", "flap"),
                 label=name,
+                **ev,
             )
         )
     results.append(
-        run_evaluate(str(fitted), out / "calib", out / "eval-dive-fitted", oracle=False, label="dive-fitted")
+        run_evaluate(str(fitted), None, out / "eval-dive-fitted", oracle=False, label="dive-fitted", **ev)
     )
     times["evaluate"] = time.time() - t
     if any(a.retrain_steps):
@@ -115,10 +122,11 @@ def run_demo(a) -> dict:
         results.append(
             run_evaluate(
                 str(retrained),
-                out / "calib",
+                None,
                 out / "eval-dive-retrained",
                 oracle=False,
                 label="dive-retrained",
+                **ev,
             )
         )
         times["retrain"] = time.time() - t
@@ -164,6 +172,15 @@ def run_demo(a) -> dict:
     print(f"fast vs paper affinity: {summary['fast_vs_paper']}")
     print(f"step times (s): {summary['times_s']}; total {summary['total_s']}s; outputs in {out}/")
     return summary
+
+
+def _eval_registry(out: Path, cal) -> str:
+    """A registry of the calibrated demo domains (the demo's own file in its run folder): `evaluate` draws
+    its windows from their evaluation set, the split `calibrate` used (dive_ds.data.split)."""
+    path = out / "eval_registry.json"
+    domains = {n: {"family": cal.families.get(n), "source": {"type": "demo", "name": n}} for n in cal.domains}
+    path.write_text(json.dumps({"version": 1, "domains": domains}, indent=1) + "\n")
+    return str(path)
 
 
 def _retrain(out: Path, a) -> Path:

@@ -1,0 +1,65 @@
+"""compare's report from its JSON: which pairs are compared, the stronger FLAP, seeds, the README block."""
+
+import math
+
+import pytest
+
+from dive_ds.compare_report import finish, markdown, update_readme
+
+TPW = {"x": 9, "y": 9}
+
+
+def _scored(shift: float) -> dict:
+    nll = {"x": [20.0 + shift, 22.0 + shift, 21.0 + shift], "y": [30.0 + shift, 29.0 + shift]}
+    tokens = 5 * 9
+    ppl_tokens = math.exp((124.0 + 5 * shift) / tokens)
+    ppl = {d: math.exp(sum(v) / (len(v) * 9)) for d, v in nll.items()}
+    return {"nll": {"router": nll}, "tokens_per_window": TPW, "router": ppl, "router_tokens": ppl_tokens,
+            "router_mean": sum(ppl.values()) / 2}  # fmt: skip
+
+
+def _results() -> dict:
+    models = {
+        "flap": ("flap", "-", 0.0),
+        "flap-adaptive": ("flap-adaptive", "-", -1.0),  # the stronger FLAP
+        "dive-fitted": ("dive", "fitted", -3.0),
+        "nomining-s1-fitted": ("nomining", "fitted", -2.0),
+        "nomining-s2-fitted": ("nomining", "fitted", -4.0),
+    }
+    res = {"models": {}, "runs": {}, "config": {"steps": 2, "batch": 2, "seq_len": 10}, "complete": True,
+           "command": ["dive-ds", "compare"], "commit": "abc"}  # fmt: skip
+    for name, (method, treat, shift) in models.items():
+        res["models"][name] = {"method": method, "treatment": treat, "params": {"total": 1e6, "activated": 5e5},
+                               "before": {"seen": _scored(shift)}}  # fmt: skip
+        for d in (1, 2):
+            res["runs"][f"{name}-d{d}"] = {"model": name, "method": method, "treatment": treat, "data_seed": d,
+                                           "after": {"seen": _scored(shift - d)}, "curve": [], "trainable": 10,
+                                           "train_tokens_per_s": 1.0}  # fmt: skip
+    return res
+
+
+def test_pairs_stronger_flap_and_seed_spread():
+    res = _results()
+    finish(res, n_boot=50)
+    before = {r["vs"]: r for r in res["ratios"] if r["when"] == "before"}
+    assert before["stronger FLAP"]["b"] == "flap-adaptive"
+    assert before["flap"]["ratio"] == pytest.approx(math.exp(-3 * 5 / 45))  # 3 nats less on each of 5 windows
+    summ = {(s["vs"], s["when"]): s for s in res["ratio_summary"]}
+    nomining = summ[("nomining", "before")]  # two grouping seeds: -3 vs -2 and -3 vs -4
+    assert nomining["pairs"] == 2
+    assert nomining["min"] == pytest.approx(math.exp(-5 / 45)) and nomining["max"] == pytest.approx(
+        math.exp(5 / 45)
+    )
+    after = summ[("stronger FLAP", "after")]  # one pair per data seed, each of the same seed
+    assert after["pairs"] == 2 and after["ratio"] == pytest.approx(math.exp(-2 * 5 / 45))
+    md = markdown(res)
+    assert "| dive-fitted | stronger FLAP |" in md and "n=2" in md and "commit `abc`" in md
+
+
+def test_readme_block_needs_its_markers(tmp_path):
+    res = _results()
+    finish(res, n_boot=20)
+    readme = tmp_path / "R.md"
+    readme.write_text("no markers\n")
+    with pytest.raises(ValueError, match="no <!-- compare:begin -->"):
+        update_readme(readme, res, "x.json")
