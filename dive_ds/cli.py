@@ -322,6 +322,13 @@ def _add_commands(sub) -> None:
         "--bootstrap", type=positive_int, default=2000, help="paired bootstrap resamples (default 2000)"
     )
     p.add_argument(
+        "--lambada-items",
+        type=nonneg_int,
+        default=0,
+        help="LAMBADA-style items scored per model (default 0: all; the unseen pack's narrative evaluation set)",
+    )
+    p.add_argument("--no-lambada", action="store_true", help="skip the LAMBADA-style task")
+    p.add_argument(
         "--reuse-models",
         metavar="DIR",
         help="an earlier compare's --out: hard-link its models where they are exactly what this run builds",
@@ -635,7 +642,7 @@ def cmd_compare(a) -> int:
         methods=tuple(m.strip() for m in a.methods.split(",") if m.strip()),
         treatments=tuple(t.strip() for t in a.treatments.split(",") if t.strip()),
         grouping_seeds=_seeds(a.grouping_seeds, "--grouping-seeds"), data_seeds=_seeds(a.data_seeds, "--data-seeds"),
-        bootstrap=a.bootstrap,
+        bootstrap=a.bootstrap, lambada=None if a.no_lambada else a.lambada_items,
     )  # fmt: skip
     run_compare(a.calib, a.groups, a.out, quick(cfg) if a.quick else cfg, a.eval_domains, a.reuse_models,
                 command=a.argv)  # fmt: skip

@@ -75,6 +75,9 @@ class CompareConfig:
     """Seed of DIVE's and FLAP's router init and of the LoRA init."""
     bootstrap: int = 2000
     """Paired bootstrap resamples per ratio."""
+    lambada: int | None = 0
+    """LAMBADA-style items (dive_ds.eval.lambada, the unseen pack's narrative evaluation set) scored per
+    model and run: 0 = all of them, n = a seeded subsample of n, None = none."""
     fit: RouterFitConfig = field(default_factory=RouterFitConfig)
 
     def __post_init__(self):
@@ -104,7 +107,7 @@ class CompareConfig:
 
 
 QUICK = dict(steps=2, router_steps=1, batch=2, eval_every=1, eval_windows=2, unseen_windows=2, curve_windows=1,
-             bootstrap=200)  # fmt: skip
+             bootstrap=200, lambada=8)  # fmt: skip
 """`--quick`: the whole command in minutes (tests)."""
 
 
@@ -293,13 +296,35 @@ def curve(run_dir: Path, batch: int, seq_len: int) -> tuple[list[dict], float | 
     return points, (float(np.median(rates)) if rates else None), trainable
 
 
-def score(model_dir: Path, windows: dict[str, torch.Tensor], oracle: bool = False) -> dict:
-    """Per-window NLL of every domain (router routing, and oracle routing for a MoE with groups), summarised."""
-    from dive_ds.eval.paired import per_window_nll, summarise
-    from dive_ds.models.loading import load_causal_lm
-    from dive_ds.workflows import oracle_map
+def score_all(model_dir: Path, windows: dict[str, dict[str, torch.Tensor]], items: list[dict] | None,
+              oracle: bool = False) -> dict:  # fmt: skip
+    """score() of every window set, and the LAMBADA-style items as the set `lambada` (one model load)."""
+    from dive_ds.models.loading import load_causal_lm, load_tokenizer
 
     m = load_causal_lm(model_dir, dtype=torch.float32).eval()
+    out = {k: score(m, model_dir, w, oracle=oracle) for k, w in windows.items()}
+    if items:
+        out["lambada"] = score_lambada(m, load_tokenizer(model_dir), items)
+    return out
+
+
+def score_lambada(m, tok, items: list[dict]) -> dict:
+    """Accuracy and target-word perplexity, shaped like a window set of one domain whose 'windows' are the
+    items (nll = the target word's summed NLL, one 'token' each): the paired intervals then apply as they are."""
+    from dive_ds.eval.lambada import lambada_scores
+
+    r = lambada_scores(m, tok, items)
+    nll = [float(x) for x in r["nll"]]
+    return {"nll": {"router": {"lambada": nll}}, "tokens_per_window": {"lambada": 1}, "router": {"lambada": r["ppl"]},
+            "router_mean": r["ppl"], "router_tokens": r["ppl"], "acc": r["acc"], "acc_ci95": r["acc_ci95"],
+            "n": r["n"], "correct": r["correct"]}  # fmt: skip
+
+
+def score(m, model_dir: Path, windows: dict[str, torch.Tensor], oracle: bool = False) -> dict:
+    """Per-window NLL of every domain (router routing, and oracle routing for a MoE with groups), summarised."""
+    from dive_ds.eval.paired import per_window_nll, summarise
+    from dive_ds.workflows import oracle_map
+
     tpw = {d: int(w.shape[1] - 1) for d, w in windows.items()}
     res = {
         "nll": {"router": {d: per_window_nll(m, w, 4) for d, w in windows.items()}},
@@ -332,6 +357,21 @@ def eval_sets(registry: str, model_dir: Path, n: int, seq_len: int, split) -> tu
     return windows, ids
 
 
+def lambada_items(cfg: CompareConfig, split, calibrated: list[str]) -> list[dict] | None:
+    """The LAMBADA-style items of the comparison's split (None: off, or their domains were calibrated on)."""
+    if cfg.lambada is None:
+        return None
+    from dive_ds.eval.lambada import LambadaConfig, load_items
+
+    lc = LambadaConfig(split=split, max_items=cfg.lambada or None)
+    if set(lc.domains) & set(calibrated):
+        print(
+            f"[compare] LAMBADA-style task skipped: its domains {lc.domains} were calibrated on", flush=True
+        )
+        return None
+    return load_items(lc)
+
+
 def params_of(model_dir: Path) -> dict:
     from transformers import AutoConfig
 
@@ -350,7 +390,7 @@ def eqtrain_rank(flap_dir: Path, target: int) -> int:
 
 
 def quick(cfg: CompareConfig) -> CompareConfig:
-    return replace(cfg, **QUICK)
+    return replace(cfg, **(QUICK | ({"lambada": None} if cfg.lambada is None else {})))
 
 
 # --------------------------------------------------------------------------- the command
@@ -417,6 +457,12 @@ def run_compare(
     if eval_domains:
         windows["unseen"], split_ids["unseen"] = eval_sets(eval_domains, any_model, cfg.unseen_windows,
                                                            cfg.seq_len, split)  # fmt: skip
+    items = lambada_items(cfg, split, cal.domains)
+    if items:
+        split_ids["lambada"] = {
+            "items": len(items),
+            "span_ids": sorted({i for it in items for i in it["span_ids"]}),
+        }
     _write_json(out / "eval_split.json", {"split": asdict(split), "ids": split_ids})
     shapes = {k: {n: list(w.shape) for n, w in v.items()} for k, v in windows.items()}
     results: dict = {"runs": {}, "models": {}, "windows": shapes, "split": asdict(split),
@@ -444,7 +490,7 @@ def run_compare(
             continue
         print(f"[compare] scoring {b.name} before training", flush=True)
         oracle = b.treatment == "random"  # its fitted twin has the very same experts
-        before = {k: score(models[b.name], w, oracle=oracle) for k, w in windows.items()}
+        before = score_all(models[b.name], windows, items, oracle=oracle)
         results["models"][b.name] = {"method": b.method, "treatment": b.treatment, "grouping_seed": b.seed,
                                      "path": str(models[b.name]), "params": params_of(models[b.name]),
                                      "before": before}  # fmt: skip
@@ -461,7 +507,7 @@ def run_compare(
         router = cfg.router_steps if b.treatment == "random" else 0
         run_dir = train_run(name, models[b.name], router, out, registry, cfg, extra)
         points, tok_s, trainable = curve(run_dir, cfg.batch, cfg.seq_len)
-        after = {k: score(run_dir / "model", w) for k, w in windows.items()}
+        after = score_all(run_dir / "model", windows, items)
         results["runs"][name] = {"model": b.name, "method": b.method, "treatment": b.treatment, "data_seed": dseed,
                                  "grouping_seed": b.seed, "after": after, "curve": points, "trainable": trainable,
                                  "lora_r": extra.get("stages.experts.lora_r"), "train_tokens_per_s": tok_s,

