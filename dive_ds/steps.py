@@ -12,9 +12,9 @@ from pathlib import Path
 DEMO = {
     "model": "demo",
     "domains": "demo",
-    "samples_per_domain": 32,
+    "samples_per_domain": 16,  # = `dive-ds demo`; math_problems (32k characters) has ~4.7k calibration-set tokens
     "seq_len": 256,
-    "eval_windows": 8,
+    "eval_windows": 4,  # selection windows; math_problems' selection set holds 5
     "out": "runs/demo",
 }
 
