@@ -185,8 +185,9 @@ def _add_commands(sub) -> None:
         "--method",
         default="dive",
         choices=METHODS,
-        help="dive (default) or a baseline: random-split (LLaMA-MoE), upcycle (N dense copies, r=0), "
-        "nomining (random domain groups), flap (1 dense pruned FFN)",
+        help="dive (default) or a baseline: llama-moe (N disjoint experts of F/N), random-halves (random-split: "
+        "an independent random half per expert), upcycle (N dense copies, r=0), nomining (random domain "
+        "groups), flap (1 dense pruned FFN), flap-adaptive (FLAP's per-layer widths)",
     )
     p.add_argument("--seed", type=nonneg_int, default=42, help="router init / random baselines seed")
     p.add_argument("--model", help="dense model (default: the one recorded in the calibration)")
