@@ -99,10 +99,20 @@ class CompareConfig:
             raise ValueError(f"--eval-every {self.eval_every}: use >= 1")
         if not self.grouping_seeds or not self.data_seeds:
             raise ValueError("--grouping-seeds and --data-seeds need at least one seed each")
-        if "llama-moe" in methods and self.experts * self.prune_ratio != int(self.experts * self.prune_ratio):
+        a = self.top_k * (1 - self.prune_ratio)
+        if not 0 < a < 1:
             raise ValueError(
-                f"--methods llama-moe activates experts x (1 - r) of {self.experts} experts of F/{self.experts}: "
-                f"--prune-ratio {self.prune_ratio} gives no whole number; choose N and r with N x r whole"
+                f"--top-k {self.top_k} x (1 - --prune-ratio {self.prune_ratio}) = {a:g} of the FFN is active: "
+                "the dense baselines need a share below 1; lower --top-k or raise --prune-ratio"
+            )
+        if "llama-moe" in methods and abs(self.experts * a - round(self.experts * a)) > 1e-9:
+            raise ValueError(
+                f"--methods llama-moe activates {self.experts} x {a:g} of its {self.experts} experts of "
+                f"F/{self.experts}: not a whole number; choose --experts N with N x k x (1 - r) whole"
+            )
+        if "flap-eqtrain" in methods and "fitted" not in self.treatments:
+            raise ValueError(
+                "--methods flap-eqtrain matches dive-fitted's trainable parameters: add --treatments fitted"
             )
 
 
@@ -135,25 +145,36 @@ def builds(cfg: CompareConfig) -> list[Build]:
 
 
 def run_names(cfg: CompareConfig) -> list[tuple[str, Build, int]]:
-    """(training run name, model, data seed) of every training run."""
-    return [(f"{b.name}-d{d}", b, d) for b in builds(cfg) for d in cfg.data_seeds]
+    """(training run name, model, data seed) of every training run; flap-eqtrain's last (its LoRA rank
+    comes from dive-fitted's trainable count)."""
+    runs = [(f"{b.name}-d{d}", b, d) for b in builds(cfg) for d in cfg.data_seeds]
+    return sorted(runs, key=lambda r: r[1].method == "flap-eqtrain")
 
 
 # --------------------------------------------------------------------------- building the models
 
 
+def activated_share(cfg: CompareConfig) -> float:
+    """The FFN share every method activates per token: DIVE's top-k experts of (1 - r) F each."""
+    return cfg.top_k * (1 - cfg.prune_ratio)
+
+
 def reconstruct_config(b: Build, cfg: CompareConfig):
+    """The build of one method at DIVE's activated FFN width, k (1 - r) F."""
     from dive_ds.reconstruct import ReconstructConfig
 
+    a = activated_share(cfg)
     if b.method in DENSE_METHODS:
         method = "flap-adaptive" if b.method == "flap-adaptive" else "flap"
-        return ReconstructConfig(
-            num_experts=1, top_k=1, prune_ratio=cfg.prune_ratio, method=method, seed=b.seed
-        )
-    if b.method == "llama-moe":  # N disjoint experts of F/N; k of them give the same activated width
-        k = int(round(cfg.experts * (1 - cfg.prune_ratio)))
+        return ReconstructConfig(num_experts=1, top_k=1, prune_ratio=1 - a, method=method, seed=b.seed)
+    if b.method == "llama-moe":
+        # as published: N disjoint experts of F/N, N a of them active, no bias compensation, and the
+        # expert-output scale k (gates sum to 1; scaled by k, k equal-gated parts add up like the FFN's);
+        # fixed by that argument, not chosen on any evaluated text
+        k = int(round(cfg.experts * a))
         return ReconstructConfig(num_experts=cfg.experts, top_k=k, prune_ratio=1 - 1 / cfg.experts,
-                                 method="llama-moe", seed=b.seed)  # fmt: skip
+                                 method="llama-moe", seed=b.seed, bias_compensation=False,
+                                 output_scale=float(k))  # fmt: skip
     return ReconstructConfig(num_experts=cfg.experts, top_k=cfg.top_k, prune_ratio=cfg.prune_ratio,
                              method=b.method, seed=b.seed)  # fmt: skip
 
@@ -352,7 +373,12 @@ def eval_sets(registry: str, model_dir: Path, n: int, seq_len: int, split) -> tu
     windows, ids = {}, {}
     for d in load_registry(registry).domains.values():
         windows[d.name], ids[d.name] = evaluation_windows(
-            d.name, list(iter_documents(d, eval_chars_budget(n, seq_len, split))), tok, n, seq_len, split
+            d.name,
+            list(iter_documents(d, eval_chars_budget(n, seq_len, split, d.source.type))),
+            tok,
+            n,
+            seq_len,
+            split,
         )
     return windows, ids
 
@@ -370,6 +396,12 @@ def lambada_items(cfg: CompareConfig, split, calibrated: list[str]) -> list[dict
         )
         return None
     return load_items(lc)
+
+
+def widths_of(model_dir: Path) -> list[int] | int:
+    """The expert width (per layer, for adaptive FLAP) the model was built with."""
+    cfg = json.loads((model_dir / "config.json").read_text())
+    return cfg.get("expert_intermediate_sizes") or cfg["expert_intermediate_size"]
 
 
 def params_of(model_dir: Path) -> dict:
@@ -465,7 +497,11 @@ def run_compare(
         }
     _write_json(out / "eval_split.json", {"split": asdict(split), "ids": split_ids})
     shapes = {k: {n: list(w.shape) for n, w in v.items()} for k, v in windows.items()}
-    results: dict = {"runs": {}, "models": {}, "windows": shapes, "split": asdict(split),
+    clusters = {k: {d: rec["clusters"] for d, rec in split_ids[k].items()} for k in windows}
+    if items:  # items of one evaluation segment are one cluster
+        first = {}
+        clusters["lambada"] = {"lambada": [first.setdefault(it["span_ids"][0], len(first)) for it in items]}
+    results: dict = {"runs": {}, "models": {}, "windows": shapes, "split": asdict(split), "clusters": clusters,
                      "command": command, "commit": _git_rev()}  # fmt: skip
     old = json.loads((out / "compare.json").read_text()) if (out / "compare.json").exists() else {}
     if old.get("windows") == shapes:  # same identity (checked above) and same windows: their numbers stand
@@ -488,22 +524,28 @@ def run_compare(
     for b in builds(cfg):  # before training: once per model (the data seed does not change it)
         if b.name in results["models"]:
             continue
+        if b.method == "flap-eqtrain" and "flap" in results["models"]:  # the very same model as flap
+            results["models"][b.name] = results["models"]["flap"] | {"method": b.method}
+            continue
         print(f"[compare] scoring {b.name} before training", flush=True)
         oracle = b.treatment == "random"  # its fitted twin has the very same experts
         before = score_all(models[b.name], windows, items, oracle=oracle)
         results["models"][b.name] = {"method": b.method, "treatment": b.treatment, "grouping_seed": b.seed,
                                      "path": str(models[b.name]), "params": params_of(models[b.name]),
+                                     "widths": widths_of(models[b.name]), "commit": results["commit"],
                                      "before": before}  # fmt: skip
         write()
     for name, b, dseed in names:
         if name in results["runs"]:
             continue
-        extra = {"data.seed": dseed, "data.split.seed": split.seed}
+        extra = {"data.seed": dseed} | {f"data.split.{k}": v for k, v in asdict(split).items()}
         if b.method == "flap-eqtrain":
             dive = [r for r in results["runs"].values() if r["model"] == "dive-fitted" and r.get("trainable")]
             if not dive:
                 raise ValueError("flap-eqtrain needs a finished dive-fitted run first (its trainable count)")
-            extra["stages.experts.lora_r"] = eqtrain_rank(models[b.name], dive[0]["trainable"])
+            rank = eqtrain_rank(models[b.name], dive[0]["trainable"])
+            # the same alpha / r as the default (16 / 8): a larger rank must not lower the adapter's scale
+            extra |= {"stages.experts.lora_r": rank, "stages.experts.lora_alpha": 2 * rank}
         router = cfg.router_steps if b.treatment == "random" else 0
         run_dir = train_run(name, models[b.name], router, out, registry, cfg, extra)
         points, tok_s, trainable = curve(run_dir, cfg.batch, cfg.seq_len)
@@ -511,6 +553,7 @@ def run_compare(
         results["runs"][name] = {"model": b.name, "method": b.method, "treatment": b.treatment, "data_seed": dseed,
                                  "grouping_seed": b.seed, "after": after, "curve": points, "trainable": trainable,
                                  "lora_r": extra.get("stages.experts.lora_r"), "train_tokens_per_s": tok_s,
+                                 "commit": results["commit"],
                                  "train_tokens": cfg.steps * cfg.batch * cfg.seq_len}  # fmt: skip
         write()
     write()

@@ -42,13 +42,15 @@ def _sides(results: dict, when: str, split: str) -> list[tuple[str, str, str, in
 
 
 def pair_rows(results: dict, n_boot: int) -> list[dict]:
-    """Every DIVE model/run against every baseline of its data seed, and against the stronger FLAP."""
+    """Every DIVE model/run against every baseline of its data seed, and against the stronger FLAP.
+    Intervals: a cluster bootstrap (windows of one document, items of one segment, move together)."""
     from dive_ds.eval.paired import paired_ratio
 
     rows = []
     for when in ("before", "after"):
         for split in SPLITS:
             sides = _sides(results, when, split)
+            cl = results.get("clusters", {}).get(split)
             for a in (s for s in sides if s[1] == "dive"):
                 others = [b for b in sides if b[1] != "dive" and b[3] == a[3]]
                 flaps = [b for b in others if b[1] in ("flap", "flap-adaptive")]
@@ -56,11 +58,11 @@ def pair_rows(results: dict, n_boot: int) -> list[dict]:
                     if b[1] not in DENSE and b[2] != a[2]:
                         continue  # seeded baselines: compared under the same router treatment
                     label = b[1]
-                    rows.append(_row(a, b, label, when, split, paired_ratio(a[4], b[4], a[5]["tokens_per_window"],
-                                                                          n_boot)))  # fmt: skip
+                    res = paired_ratio(a[4], b[4], a[5]["tokens_per_window"], n_boot, clusters=cl)
+                    rows.append(_row(a, b, label, when, split, res))
                 if flaps:  # the stronger of the two FLAPs on these windows (favours the baseline)
                     b = min(flaps, key=lambda s: s[5]["router_tokens"])
-                    res = paired_ratio(a[4], b[4], a[5]["tokens_per_window"], n_boot)
+                    res = paired_ratio(a[4], b[4], a[5]["tokens_per_window"], n_boot, clusters=cl)
                     rows.append(_row(a, b, "stronger FLAP", when, split, res))
     return rows
 
@@ -71,24 +73,27 @@ def _row(a, b, label, when, split, res) -> dict:
 
 
 def summary_rows(rows: list[dict]) -> list[dict]:
-    """Rows grouped by (a's treatment, baseline, when, split): mean ratio, spread over seeds, widest interval."""
+    """Rows grouped by (a's treatment, baseline, when, split): the geometric mean ratio over the pairs
+    (seeds), its spread, and a hierarchical interval (a random pair per resample: seed and window spread)."""
+    from dive_ds.eval.paired import pooled_interval
+
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["a_treatment"], r["vs"], r["when"], r["split"]), []).append(r)
     out = []
     for (treat, vs, when, split), rs in groups.items():
         ratios = [r["ratio"] for r in rs]
+        lo, hi = pooled_interval([r["boot"] for r in rs]) if len(rs) > 1 else (rs[0]["lo"], rs[0]["hi"])
         out.append({"a": f"dive-{treat}", "vs": vs, "when": when, "split": split, "pairs": len(rs),
-                    "ratio": float(np.mean(ratios)), "min": min(ratios), "max": max(ratios),
-                    "lo": min(r["lo"] for r in rs), "hi": max(r["hi"] for r in rs),
-                    "all_below_one": all(r["hi"] < 1 for r in rs)})  # fmt: skip
+                    "ratio": float(np.exp(np.mean(np.log(ratios)))), "min": min(ratios), "max": max(ratios),
+                    "lo": lo, "hi": hi})  # fmt: skip
     return out
 
 
 def finish(results: dict, n_boot: int) -> None:
     rows = pair_rows(results, n_boot)
-    results["ratios"] = rows
     results["ratio_summary"] = summary_rows(rows)
+    results["ratios"] = [{k: v for k, v in r.items() if k != "boot"} for r in rows]
 
 
 def _fmt(x: float | None) -> str:

@@ -61,6 +61,9 @@ class ReconstructConfig:
     """Channel importance: wifv (default), ifv or wifn."""
     bias_compensation: bool = True
     """FLAP bias b = W_down[:, removed] @ mean[removed] on each expert's output."""
+    output_scale: float = 1.0
+    """Every expert's output (down projection and bias) multiplied by this: LLaMA-MoE's expert-output
+    scale (k for k disjoint experts whose gates sum to 1, so that they add up as the FFN's parts do)."""
     router_init: str = "random"
     """random: seeded N(0, router_init_std) (the paper); centroid: from the groups' mean MLP inputs;
     fit: fitted from the dense model afterwards (dive_ds.routerfit; the plan holds the random init)."""
@@ -88,6 +91,8 @@ class ReconstructConfig:
             )
         if self.router_init not in ROUTER_INITS:
             raise ValueError(f"unknown router init {self.router_init!r}; choose one of {ROUTER_INITS}")
+        if not (math.isfinite(self.output_scale) and self.output_scale > 0):
+            raise ValueError(f"--output-scale {self.output_scale}: use a finite number > 0")
         if self.score not in ("wifv", "ifv", "wifn"):
             raise ValueError(f"unknown score {self.score!r}; choose wifv, ifv or wifn")
         if self.method in ONE_EXPERT_METHODS and (self.num_experts, self.top_k) != (1, 1):
@@ -112,6 +117,8 @@ class ExpertPlan:
     """[E, L, H] float32 initial router weights."""
     groups: dict[str, list[str]]
     """expert name -> domains whose statistics built it (empty for random baselines)."""
+    output_scale: float = 1.0
+    """ReconstructConfig.output_scale, applied to each expert's down projection and bias when cut."""
 
     @property
     def widths_L(self) -> list[int]:
@@ -204,4 +211,4 @@ def plan_experts(
         kept_L = [torch.arange(ffn).expand(cfg.num_experts, ffn).clone() for _ in range(n_layers)]
         groups = {f"copy_{e}": [] for e in range(cfg.num_experts)}
     means = mean_ELF if cfg.bias_compensation and keep < ffn else None
-    return ExpertPlan(kept_L, means, _router_init(stats, idx, cfg), groups)
+    return ExpertPlan(kept_L, means, _router_init(stats, idx, cfg), groups, cfg.output_scale)

@@ -104,6 +104,9 @@ def expert_tensors(
         ).to(dtype)
     else:
         out["bias"] = torch.zeros(len(experts), w_down_HF.shape[0], dtype=dtype)
+    if plan.output_scale != 1.0:  # LLaMA-MoE's expert-output scale, folded into the weights
+        out["down_proj"] = out["down_proj"] * plan.output_scale
+        out["bias"] = out["bias"] * plan.output_scale
     return out
 
 

@@ -446,10 +446,14 @@ def registry_eval_windows(
     reg = load_registry(registry)
     tok = load_tokenizer(model_dir)
     split = SplitConfig(seed=seed)
-    budget = eval_chars_budget(eval_windows, seq_len, split)
     return {
         d.name: evaluation_windows(
-            d.name, list(iter_documents(d, budget)), tok, eval_windows, seq_len, split
+            d.name,
+            list(iter_documents(d, eval_chars_budget(eval_windows, seq_len, split, d.source.type))),
+            tok,
+            eval_windows,
+            seq_len,
+            split,
         )[0]
         for d in reg.domains.values()
     }

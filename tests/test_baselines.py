@@ -122,3 +122,25 @@ def test_per_layer_widths_are_refused_where_unsupported(tiny, tmp_path):
         mixtral_config(config)
     with pytest.raises(ValueError, match="one positive width per layer"):
         DiveMoeConfig(num_hidden_layers=2, expert_intermediate_sizes=[4])
+
+
+def test_llama_moe_as_published_adds_its_parts_back_to_the_dense_ffn(tiny, tmp_path):
+    """LLaMA-MoE with all N experts active, equal gates (zero router) and the expert-output scale k = N,
+    no compensation: the experts' outputs add up to the dense FFN's, so the logits are the dense model's.
+    With scale 1 the N partial FFNs are averaged instead, and the model is not the dense one."""
+    model_dir, calib = tiny
+    cal = load_calibration(calib)
+    dense = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = dense(ids).logits
+    for scale, equal in ((4.0, True), (1.0, False)):
+        cfg = ReconstructConfig(num_experts=4, top_k=4, prune_ratio=0.75, method="llama-moe",
+                                bias_compensation=False, output_scale=scale)  # fmt: skip
+        plan = plan_experts(cal.stats, cal.domains, None, cfg)
+        plan.router_ELH.zero_()  # equal logits: every gate 1/4 after the top-k softmax
+        out = write_moe(model_dir, plan, cfg, tmp_path / f"s{scale}")
+        moe = AutoModelForCausalLM.from_pretrained(out).eval()
+        with torch.no_grad():
+            got = moe(ids).logits
+        assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4) == equal, scale

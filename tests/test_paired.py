@@ -5,7 +5,14 @@ import math
 import numpy as np
 import pytest
 
-from dive_ds.eval.paired import paired_ratio, ratio_interval, resample_indices, summarise
+from dive_ds.eval.paired import (
+    cluster_resamples,
+    paired_ratio,
+    pooled_interval,
+    ratio_interval,
+    resample_indices,
+    summarise,
+)
 
 
 def test_ratio_interval_equals_hand_computation():
@@ -57,3 +64,26 @@ def test_token_weighted_headline_and_mean():
     assert s["ppl"]["x"] == pytest.approx(math.exp(6 / 4)) and s["ppl"]["y"] == pytest.approx(math.exp(3.0))
     assert s["ppl_tokens"] == pytest.approx(math.exp(36 / 14))
     assert s["ppl_mean"] == pytest.approx((math.exp(1.5) + math.exp(3.0)) / 2)
+
+
+def test_cluster_bootstrap_draws_whole_documents():
+    idx = cluster_resamples([[0, 0, 1], [5, 6]], n_boot=200, seed=3)
+    for i in idx:
+        first = sorted(x for x in i if x < 3)
+        assert len(first) % 1 == 0 and all(
+            (0 in first) == (1 in first) for _ in [0]
+        )  # windows 0, 1 travel together
+        assert first.count(0) == first.count(1)
+        assert set(i) <= {0, 1, 2, 3, 4} and sum(x >= 3 for x in i) == 2  # two clusters of one window each
+    # one big cluster: the paired ratio cannot move; windows resampled alone would
+    a, b = {"x": [1.0, 5.0, 9.0]}, {"x": [2.0, 2.0, 2.0]}
+    one = paired_ratio(a, b, {"x": 1}, n_boot=100, clusters={"x": [7, 7, 7]})
+    assert one["lo"] == one["hi"] == pytest.approx(one["ratio"]) and one["bootstrap"] == "cluster"
+    free = paired_ratio(a, b, {"x": 1}, n_boot=100)
+    assert free["lo"] < free["ratio"] < free["hi"]
+
+
+def test_pooled_interval_takes_the_seeds_spread():
+    tight_a, tight_b = np.full(1000, 0.9), np.full(1000, 1.1)  # two seeds, each certain of itself
+    lo, hi = pooled_interval([tight_a, tight_b], seed=0)
+    assert lo == pytest.approx(0.9) and hi == pytest.approx(1.1)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from dive_ds.data.sampler import SamplerConfig, sample_domain_tokens, spread_windows
+from dive_ds.data.sampler import SamplerConfig, sample_domain_tokens, spread_windows, spread_windows_clustered
 
 EOS = 0
 
@@ -62,9 +62,16 @@ def test_too_little_text_says_how_much():
 
 
 def test_spread_windows_take_every_document_first():
-    docs = _corpus([100, 40, 250, 30])  # windows of 50: doc0 has 2, doc2 has 5; 40 + 30 are joined
-    w = spread_windows(docs, 5, 50, EOS)
-    firsts = [int(r[0]) for r in w]
-    # round 1: doc0[0], doc2[0], the short stream; round 2: doc0[1], doc2[1]
-    assert firsts == [1, 141, 101, 51, 191]
+    docs = _corpus([100, 40, 250, 30])  # windows of 50: doc0 has 2, doc2 has 5; 40 + 30 are joined (1)
+    w, clusters = spread_windows_clustered(docs, 5, 50, EOS)
+    # round 1: one window of each; round 2: the two documents that have more; doc2's two are evenly spaced
+    assert [int(r[0]) for r in w] == [1, 51, 141, 241, 101]
+    assert clusters[:4] == [0, 0, 1, 1] and clusters[4] not in clusters[:4]
     assert spread_windows(docs, 100, 50, EOS).shape == (8, 50)  # all there are, when fewer
+    # a partial round goes to evenly spaced documents, not the first ones
+    many = _corpus([60] * 10)
+    assert [int(r[0]) for r in spread_windows(many, 4, 50, EOS)] == [1 + 60 * i for i in (0, 2, 5, 7)]
+    # one stream of short documents: its windows are spread over it, not its first ones
+    short = _corpus([20] * 100)  # joined: 2100 tokens, 42 windows of 50
+    starts = [int(r[0]) for r in spread_windows(short, 3, 50, EOS)]
+    assert starts[0] == 1 and starts[-1] > 1000

@@ -67,18 +67,42 @@ class DomainSamples:
 
 
 def spread_windows(docs: list[list[int]], n: int, seq_len: int, eos: int) -> torch.Tensor:
-    """Up to `n` non-overlapping windows spread over the documents: the first window of every document
-    (in order), then every second one, ...; documents shorter than `seq_len` are EOS-joined into one
-    stream treated as a document (placed last). -> [min(n, available), seq_len] int64."""
+    """`spread_windows_clustered` without the cluster ids."""
+    return spread_windows_clustered(docs, n, seq_len, eos)[0]
+
+
+def spread_windows_clustered(
+    docs: list[list[int]], n: int, seq_len: int, eos: int
+) -> tuple[torch.Tensor, list[int]]:
+    """Up to `n` non-overlapping windows spread over the documents, and each window's cluster (its
+    document; windows of the EOS-joined stream of short documents are clusters of their own).
+
+    Documents shorter than `seq_len` are EOS-joined into one stream treated as a document (last). Every
+    document gets one window before any gets two (round by round; a round that cannot be completed goes
+    to evenly spaced documents), and a document's windows are evenly spaced over it, so the windows cover
+    the whole set, not its start. -> ([min(n, available), seq_len] int64, cluster id per window)."""
     pool = calibration_pool(docs, seq_len, eos)
-    per_doc = [[d[i * seq_len : (i + 1) * seq_len] for i in range(len(d) // seq_len)] for d in pool]
-    out: list[list[int]] = []
-    k = 0
-    while len(out) < n and any(k < len(w) for w in per_doc):
-        out.extend(w[k] for w in per_doc if k < len(w))
-        k += 1
-    out = out[:n]
-    return torch.tensor(out, dtype=torch.long).view(len(out), seq_len)
+    joined = sum(len(d) + 1 for d in docs if len(d) < seq_len)  # calibration_pool appends it when >= seq_len
+    stream = len(pool) - 1 if joined >= seq_len else -1
+    m = [len(d) // seq_len for d in pool]
+    c = [0] * len(pool)
+    left = n
+    while left > 0:
+        open_ = [i for i in range(len(pool)) if c[i] < m[i]]
+        if not open_:
+            break
+        if len(open_) > left:  # the last, partial round: evenly spaced documents
+            open_ = [open_[j * len(open_) // left] for j in range(left)]
+        for i in open_:
+            c[i] += 1
+        left -= len(open_)
+    out, clusters = [], []
+    for i, d in enumerate(pool):
+        for j in range(c[i]):
+            k = j * m[i] // c[i]
+            out.append(d[k * seq_len : (k + 1) * seq_len])
+            clusters.append(i if i != stream else len(pool) + len(out))
+    return torch.tensor(out, dtype=torch.long).view(len(out), seq_len), clusters
 
 
 def calibration_pool(docs: list[list[int]], seq_len: int, eos: int) -> list[list[int]]:
@@ -158,16 +182,22 @@ def sample_domain_text(name: str, texts: list[str], tokenizer, cfg: SamplerConfi
     return out
 
 
-def eval_chars_budget(n: int, seq_len: int, split: SplitConfig) -> int:
-    """Characters to read per domain for `n` evaluation windows: ~4 chars/token, 3x room, over the eval share."""
-    return int(max(400_000, 12 * n * seq_len / split.eval))
+def eval_chars_budget(n: int, seq_len: int, split: SplitConfig, source_type: str = "hub") -> int | None:
+    """Characters to read per domain for `n` evaluation windows. Local and demo domains are read whole
+    (None), so the windows spread over the whole evaluation set; a hub stream, which may not end, is read
+    for ~4 chars/token with 10x room over the eval share."""
+    if source_type in ("local", "demo"):
+        return None
+    return int(max(4_000_000, 40 * n * seq_len / split.eval))
 
 
 def evaluation_windows(
     name: str, texts: list[str], tokenizer, n: int, seq_len: int, split: SplitConfig, eos: int | None = None
 ) -> tuple[torch.Tensor, dict]:
-    """Up to `n` windows spread over the domain's evaluation segments, and their split record.
-    `tokenizer`: a Hugging Face tokenizer, or anything with `encode(text) -> ids` and `eos_id`."""
+    """Up to `n` windows spread over the domain's evaluation segments, and their split record (span ids,
+    and `clusters`: per window, the document it came from, for a cluster bootstrap; windows of joined
+    short documents are clusters of their own). `tokenizer`: a Hugging Face tokenizer, or anything with
+    `encode(text) -> ids` and `eos_id`."""
     segs = split_texts(texts, split)["eval"]
     if hasattr(tokenizer, "encode") and hasattr(tokenizer, "eos_id"):
         ids = [tokenizer.encode(s.text) for s in segs]
@@ -175,10 +205,15 @@ def evaluation_windows(
     else:
         ids = _encode(tokenizer, [s.text for s in segs])
         eos = (tokenizer.eos_token_id or 0) if eos is None else eos
-    w = spread_windows([x for x in ids if x], n, seq_len, eos)
+    kept = [k for k, x in enumerate(ids) if x]
+    w, pool_ids = spread_windows_clustered([ids[k] for k in kept], n, seq_len, eos)
     if w.shape[0] == 0:
         raise ValueError(
             f"domain {name!r} has no evaluation window of {seq_len} tokens in its evaluation split "
             f"({len(segs)} segments); add text or lower the window length"
         )
-    return w, record(segs)
+    long = [
+        k for k in kept if len(ids[k]) >= seq_len
+    ]  # the pool's documents, in order; the stream after them
+    clusters = [segs[long[i]].doc if i < len(long) else 10**9 + i for i in pool_ids]
+    return w, record(segs) | {"clusters": clusters}

@@ -59,17 +59,37 @@ def resample_indices(domain_sizes: list[int], n_boot: int, seed: int) -> np.ndar
     return np.concatenate(parts, axis=1)
 
 
+def cluster_resamples(domain_clusters: list[list[int]], n_boot: int, seed: int) -> list[np.ndarray]:
+    """B index arrays: per domain, its clusters (windows of one document) are drawn with replacement and
+    every window of a drawn cluster comes along (a cluster bootstrap, stratified by domain): windows of one
+    document are not independent evidence."""
+    rng = np.random.default_rng(seed)
+    members, start = [], 0
+    for clusters in domain_clusters:
+        by: dict[int, list[int]] = {}
+        for i, c in enumerate(clusters):
+            by.setdefault(c, []).append(start + i)
+        members.append([np.array(v) for v in by.values()])
+        start += len(clusters)
+    out = []
+    for _ in range(n_boot):
+        picks = [m[j] for m in members for j in rng.integers(0, len(m), size=len(m))]
+        out.append(np.concatenate(picks))
+    return out
+
+
 def ratio_interval(
-    nll_a_W: np.ndarray, nll_b_W: np.ndarray, tokens_W: np.ndarray, idx_BW: np.ndarray, level: float = 0.95
+    nll_a_W: np.ndarray, nll_b_W: np.ndarray, tokens_W: np.ndarray, idx_BW, level: float = 0.95
 ) -> dict:
     """Token-weighted perplexity ratio ppl(a) / ppl(b) = exp((sum nll_a - sum nll_b) / sum tokens), and its
-    percentile interval over the resamples `idx_BW` (the same windows for both: paired)."""
+    percentile interval over the resamples `idx_BW` (index arrays, the same windows for both: paired).
+    The bootstrap ratios are returned as `boot` (for pooling over seeds; not for the JSON)."""
     diff_W = np.asarray(nll_a_W, dtype=np.float64) - np.asarray(nll_b_W, dtype=np.float64)
     tokens_W = np.asarray(tokens_W, dtype=np.float64)
     ratio = math.exp(diff_W.sum() / tokens_W.sum())
-    boot_B = np.exp(diff_W[idx_BW].sum(1) / tokens_W[idx_BW].sum(1))
+    boot_B = np.array([math.exp(diff_W[i].sum() / tokens_W[i].sum()) for i in idx_BW])
     lo, hi = np.quantile(boot_B, [(1 - level) / 2, 1 - (1 - level) / 2])
-    return {"ratio": ratio, "lo": float(lo), "hi": float(hi)}
+    return {"ratio": ratio, "lo": float(lo), "hi": float(hi), "boot": boot_B}
 
 
 def paired_ratio(
@@ -78,13 +98,32 @@ def paired_ratio(
     tokens_per_window: dict[str, int],
     n_boot: int = 2000,
     seed: int = 0,
+    clusters: dict[str, list[int]] | None = None,
 ) -> dict:
-    """ratio_interval of two models' per-window NLLs on the same domains and windows (refused otherwise)."""
+    """ratio_interval of two models' per-window NLLs on the same domains and windows (refused otherwise);
+    with `clusters` (per domain, a cluster id per window) a cluster bootstrap, else windows are resampled."""
     if list(a) != list(b) or any(len(a[d]) != len(b[d]) for d in a):
         raise ValueError("a paired ratio needs both models scored on the same domains and windows")
     domains = list(a)
     nll_a = np.concatenate([a[d] for d in domains])
     nll_b = np.concatenate([b[d] for d in domains])
     tokens = np.concatenate([[tokens_per_window[d]] * len(a[d]) for d in domains])
-    idx = resample_indices([len(a[d]) for d in domains], n_boot, seed)
-    return ratio_interval(nll_a, nll_b, tokens, idx) | {"windows": int(len(nll_a)), "resamples": n_boot}
+    if clusters is not None:
+        idx = cluster_resamples([clusters[d] for d in domains], n_boot, seed)
+    else:
+        idx = resample_indices([len(a[d]) for d in domains], n_boot, seed)
+    return ratio_interval(nll_a, nll_b, tokens, idx) | {
+        "windows": int(len(nll_a)),
+        "resamples": n_boot,
+        "bootstrap": "cluster" if clusters is not None else "window",
+    }
+
+
+def pooled_interval(boots: list[np.ndarray], seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """A hierarchical interval over several pairs (seeds): each resample takes one pair at random and that
+    pair's bootstrap ratio, so the spread between seeds enters the interval with the spread over windows."""
+    rng = np.random.default_rng(seed)
+    b = np.stack(boots)  # [P, B]
+    pick = b[rng.integers(0, b.shape[0], size=b.shape[1]), np.arange(b.shape[1])]
+    lo, hi = np.quantile(pick, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(lo), float(hi)

@@ -253,7 +253,7 @@ def heldout_windows(
     domain: Domain, tokenizer, seq_len: int, n_windows: int, split: SplitConfig
 ) -> torch.Tensor:
     """Up to n_windows windows ([n, seq_len]) spread over the domain's evaluation set (`split`)."""
-    text = iter_documents(domain, eval_chars_budget(n_windows, seq_len, split))
+    text = iter_documents(domain, eval_chars_budget(n_windows, seq_len, split, domain.source.type))
     docs = [tokenizer.encode(s.text) for s in segments(text, split, "eval")]
     return spread_windows([d for d in docs if d], n_windows, seq_len, tokenizer.eos_id)
 
