@@ -51,7 +51,7 @@ def test_role_shares_and_seed():
 
 
 def test_equal_text_falls_in_one_set():
-    cfg = SplitConfig(span_chars=100)
+    cfg = SplitConfig(span_chars=100, doc_chars=100)
     docs = ["a" * 99, "b " * 300, "a" * 99]
     parts = split_texts(docs, cfg)
     where = [r for r in ROLES for s in parts[r] if s.text == "a" * 99]
@@ -61,9 +61,22 @@ def test_equal_text_falls_in_one_set():
 def test_long_documents_split_by_spans():
     """A domain of two long documents (a play) still reaches every set, by contiguous spans."""
     docs = ["".join(f"ACT {a} line {i}: words words words\n" for i in range(3000)) for a in range(2)]
-    ids, parts = _assert_disjoint_and_complete(docs, SplitConfig(span_chars=1024))
+    cfg = SplitConfig(span_chars=1024, doc_chars=4096)
+    ids, parts = _assert_disjoint_and_complete(docs, cfg)
     assert all(parts[r] for r in ROLES)
-    assert list(segments(docs, SplitConfig(span_chars=1024), "eval")) == parts["eval"]
+    assert list(segments(docs, cfg, "eval")) == parts["eval"]
+
+
+def test_documents_up_to_doc_chars_go_whole():
+    """Nearby text of one article or file never sits in two sets; only longer documents are cut."""
+    cfg = SplitConfig(span_chars=100, doc_chars=1000)
+    docs = ["".join(f"line {i} of doc {d}\n" for i in range(50)) for d in range(40)]  # ~800 chars each
+    parts = split_texts(docs, cfg)
+    for d, doc in enumerate(docs):
+        homes = [(r, s) for r in ROLES for s in parts[r] if s.doc == d]
+        assert len(homes) == 1 and homes[0][1].text == doc  # whole, in one set
+    long = ["".join(f"line {i}\n" for i in range(2000))]  # ~17k chars: cut into spans
+    assert sum(len(parts) for parts in split_texts(long, cfg).values()) > 1
 
 
 def test_shares_must_sum_to_one():

@@ -8,11 +8,12 @@ evaluation.
 - evaluation: what methods are judged on (`compare`, `evaluate --domains`, the trainer's eval curve,
   the LAMBADA-style task).
 
-The unit of the split is a span: every document is cut into contiguous spans of about `span_chars`
-characters (at the last newline, else space, in the second half of the span; else a hard cut), so a
-domain of a few long documents (the plays, a novel) is split by contiguous spans within documents,
-and a domain of many short documents by whole documents (a document shorter than `span_chars` is
-one span). A span's set is a function of the seed and the span's text alone (sha256), so:
+The unit of the split is the document: a document of at most `doc_chars` characters goes to one set
+whole, so nearby text of one article or source file never sits in two sets. A longer document (a
+play, a novel, a very long file) is cut into contiguous spans of about `span_chars` characters (at the
+last newline, else space, in the second half of the span; else a hard cut), each span in its own set:
+a domain of a few long documents is split by contiguous spans within documents. A unit's set is a
+function of the seed and the unit's text alone (sha256), so:
 - the split is reproducible from the seed, with no state and no need to read the whole domain
   (a streamed hub dataset splits the same way as a local file);
 - two equal spans, wherever they occur, fall in the same set: duplicated text cannot leak.
@@ -44,7 +45,9 @@ class SplitConfig:
     eval: float = 0.1
     """Share for evaluation."""
     span_chars: int = 4096
-    """Characters per span: documents longer than this are cut into contiguous spans."""
+    """Characters per span of a document longer than `doc_chars`."""
+    doc_chars: int = 65536
+    """Documents up to this long go to one set whole; longer ones are split by spans."""
 
     def __post_init__(self):
         shares = [self.calib, self.select, self.train, self.eval]
@@ -52,8 +55,10 @@ class SplitConfig:
             raise ValueError(
                 f"split shares calib/select/train/eval = {shares} must be > 0 and sum to 1; fix split.*"
             )
-        if self.span_chars < 64:
-            raise ValueError(f"split.span_chars {self.span_chars}: use >= 64")
+        if self.span_chars < 64 or self.doc_chars < self.span_chars:
+            raise ValueError(
+                f"split.span_chars {self.span_chars}, doc_chars {self.doc_chars}: use 64 <= span_chars <= doc_chars"
+            )
 
     def share(self, role: str) -> float:
         return getattr(self, role)
@@ -104,7 +109,12 @@ class Segment:
 
 
 def _doc_segments(d: int, doc: str, cfg: SplitConfig) -> Iterator[tuple[str, Segment]]:
-    """(role, segment) of one document: runs of consecutive spans in the same set."""
+    """(role, segment) of one document: the whole document (up to doc_chars), else runs of consecutive
+    spans in the same set."""
+    if len(doc) <= cfg.doc_chars:
+        pieces = spans(doc, cfg.span_chars)
+        yield role_of(doc, cfg), Segment(d, 0, doc, tuple(span_id(p) for p in pieces))
+        return
     run: list[str] = []
     run_role, first = "", 0
     for s, piece in enumerate(spans(doc, cfg.span_chars) + [None]):
