@@ -156,7 +156,9 @@ def markdown(results: dict) -> str:
     lines.append(
         f"Made by commit `{results.get('commit')}` with `{' '.join(results.get('command') or [])}`.\n"
     )
-    lines.append("## Token-weighted perplexity ratios, paired 95% bootstrap intervals over windows\n")
+    lines.append(
+        "## Token-weighted perplexity ratios, paired 95% bootstrap intervals (documents resampled within domains)\n"
+    )
     lines.append(headline_table(results))
     models = results.get("models", {})
     runs = results.get("runs", {})

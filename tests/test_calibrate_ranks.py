@@ -30,7 +30,7 @@ def setup(tmp_path_factory):
     domains = {}
     for name, word in (("a", "alpha"), ("b", "beta")):
         (root / f"{name}.jsonl").write_text(
-            "\n".join(json.dumps({"text": f"{word} {i} " * 60}) for i in range(12)) + "\n"
+            "\n".join(json.dumps({"text": f"{word} {i} " * 60}) for i in range(60)) + "\n"
         )
         domains[name] = {"source": {"type": "local", "files": f"{name}.jsonl"}}
     (root / "reg.json").write_text(json.dumps({"domains": domains}))

@@ -61,7 +61,7 @@ def test_compare_quick_fitted_dive_beats_flap_on_the_same_windows(demo_calib):
     assert row["lo"] <= row["ratio"] <= row["hi"] and row["windows"] == 2 * len(res["windows"]["seen"])
     assert row["ratio"] == pytest.approx(before["dive-fitted"] / before["flap"], rel=1e-9)
     assert {(s["when"], s["split"]) for s in res["ratio_summary"]} == {
-        (w, s) for w in ("before", "after") for s in ("seen", "unseen")
+        (w, s) for w in ("before", "after") for s in ("seen", "unseen", "lambada")
     }
     for split in ("seen", "unseen"):
         domains = {tuple(r["after"][split]["router"]) for r in runs.values()}
@@ -90,7 +90,12 @@ def test_compare_quick_fitted_dive_beats_flap_on_the_same_windows(demo_calib):
     assert (out / "ppl_vs_tokens.png").stat().st_size > 10_000
     # the README block is generated from the JSON by a command
     readme = root / "README.md"
-    readme.write_text("# x\n<!-- compare:begin -->\nold\n<!-- compare:end -->\ntail\n")
+    readme.write_text("# x\n<!-- compare:begin -->\nSTALE-BLOCK\n<!-- compare:end -->\ntail\n")
     assert main(["compare-report", "--json", str(out / "compare.json"), "--readme", str(readme)]) == 0
     text = readme.read_text()
-    assert "old" not in text and "stronger FLAP" in text and text.endswith("tail\n") and res["commit"] in text
+    assert (
+        "STALE-BLOCK" not in text
+        and "stronger FLAP" in text
+        and text.endswith("tail\n")
+        and res["commit"] in text
+    )
