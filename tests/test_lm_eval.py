@@ -82,7 +82,7 @@ def test_built_tasks_load_in_lm_eval_and_are_cached(tmp_path):
     assert {n: t["items"] for n, t in manifest["tasks"].items()} == {
         "dive_logiqa": 677,
         "dive_medmcqa": 300,
-        "dive_lambada": 176,
+        "dive_lambada": 228,
     }
     assert manifest["tasks"]["dive_lambada"]["source"]["recipe"]["split"]["seed"] == 42
     assert "dive_quartz" in manifest["excluded"]
