@@ -63,3 +63,21 @@ def test_readme_block_needs_its_markers(tmp_path):
     readme.write_text("no markers\n")
     with pytest.raises(ValueError, match="no <!-- compare:begin -->"):
         update_readme(readme, res, "x.json")
+
+
+def test_run_plan_seeds_and_order():
+    from dive_ds.compare import CompareConfig, run_names
+
+    cfg = CompareConfig(methods=("dive", "nomining", "flap", "flap-adaptive", "flap-eqtrain"), treatments=("fitted",),
+                        grouping_seeds=(1, 2, 3), data_seeds=(7, 8))  # fmt: skip
+    names = [n for n, _, _ in run_names(cfg)]
+    # the headline runs at both data seeds, each grouping seed of the baseline at the first, eqtrain last
+    assert sorted(names[:-1]) == sorted(
+        ["flap-d7", "flap-d8", "flap-adaptive-d7", "flap-adaptive-d8", "dive-fitted-d7", "dive-fitted-d8",
+         "nomining-s1-fitted-d7", "nomining-s2-fitted-d7", "nomining-s3-fitted-d7"]
+    )  # fmt: skip
+    assert names[-1] == "flap-eqtrain-d7"
+    with pytest.raises(ValueError, match="add --treatments fitted"):
+        CompareConfig(methods=("dive", "flap-eqtrain"), treatments=("random",))
+    with pytest.raises(ValueError, match="not a whole number"):
+        CompareConfig(methods=("dive", "llama-moe"), experts=5, prune_ratio=0.5)
