@@ -92,7 +92,9 @@ class CompareConfig:
         bad = [t for t in self.treatments if t not in ("fitted", "random")]
         if bad or not self.treatments:
             raise ValueError(f"--treatments {','.join(self.treatments)!r}: choose fitted and/or random")
-        if self.steps < 1 or not 0 <= self.router_steps < self.steps:
+        if self.steps < 1 or not 0 <= self.router_steps < (
+            self.steps if "random" in self.treatments else 2**31
+        ):
             raise ValueError(
                 f"--steps {self.steps} --router-steps {self.router_steps}: use steps >= 1 and 0 <= router steps < steps"
             )

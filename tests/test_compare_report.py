@@ -79,5 +79,8 @@ def test_run_plan_seeds_and_order():
     assert names[-1] == "flap-eqtrain-d7"
     with pytest.raises(ValueError, match="add --treatments fitted"):
         CompareConfig(methods=("dive", "flap-eqtrain"), treatments=("random",))
+    assert CompareConfig(steps=16, treatments=("fitted",)).router_steps == 16  # no router stage to fit in
+    with pytest.raises(ValueError, match="router steps < steps"):
+        CompareConfig(steps=16, treatments=("fitted", "random"))
     with pytest.raises(ValueError, match="not a whole number"):
         CompareConfig(methods=("dive", "llama-moe"), experts=5, prune_ratio=0.5)
