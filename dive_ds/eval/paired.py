@@ -24,6 +24,7 @@ def per_window_nll(
 ) -> list[float]:
     """Summed next-token NLL of every window (float64 sums of float32 token NLLs); a window of S tokens
     predicts S - 1. `route_to`: every token of a MoE to that expert (oracle routing)."""
+    from dive_ds.eval.perplexity import token_nll
     from dive_ds.models.moe import route_all_to
 
     device = next(model.parameters()).device
@@ -31,12 +32,7 @@ def per_window_nll(
     out: list[float] = []
     with ctx:
         for i in range(0, windows_NS.shape[0], batch_size):
-            ids = windows_NS[i : i + batch_size].to(device)
-            logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-            nll = torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
-            )
-            out += nll.view(ids.shape[0], -1).double().sum(1).tolist()
+            out += token_nll(model, windows_NS[i : i + batch_size].to(device)).double().sum(1).tolist()
     return out
 
 

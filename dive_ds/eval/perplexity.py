@@ -31,13 +31,18 @@ def window_nll(model: nn.Module, windows_NS: torch.Tensor, batch_size: int = 8) 
     total, count = 0.0, 0
     for i in range(0, windows_NS.shape[0], batch_size):
         ids = windows_NS[i : i + batch_size].to(device)
-        logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-        nll = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
-        )
-        total += nll.double().sum().item()
+        total += token_nll(model, ids).double().sum().item()
         count += ids[:, 1:].numel()
     return total, count
+
+
+def token_nll(model: nn.Module, ids_BS: torch.Tensor) -> torch.Tensor:
+    """[B, S-1] float32 next-token NLL of a batch of windows already on the model's device."""
+    logits = model(input_ids=ids_BS, use_cache=False).logits[:, :-1].float()
+    nll = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), ids_BS[:, 1:].reshape(-1), reduction="none"
+    )
+    return nll.view(ids_BS.shape[0], -1)
 
 
 def rank_windows(eval_windows: dict[str, torch.Tensor], ranks: Ranks | None) -> dict[str, torch.Tensor]:
