@@ -20,8 +20,7 @@ from dive_ds.argtypes import (
     positive_int,
     ratio,
 )
-from dive_ds.parallel.ranks import DEVICES, DTYPES
-from dive_ds.reconstruct import METHODS, PRESETS, ROUTER_INITS
+from dive_ds.choices import DEVICES, DTYPE_NAMES, METHODS, PRESETS, ROUTER_INITS
 from dive_ds.steps import DEMO, error_message
 
 min2_int = int_at_least(2)
@@ -72,7 +71,7 @@ def _add_calibrate(sub) -> None:
     )
     p.add_argument(
         "--dtype",
-        choices=tuple(DTYPES),
+        choices=DTYPE_NAMES,
         default="fp32",
         help="compute precision of the resident layer: fp32 (default) or bf16 (GPU only); sums stay float64",
     )

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dive_ds.choices import METHOD_ALIASES, METHODS, PRESETS, ROUTER_INITS  # noqa: F401 (re-exported)
 from dive_ds.stats import (
     ChannelStats,
     adaptive_widths,
@@ -25,25 +26,7 @@ from dive_ds.stats import (
     random_channel_sets,
 )
 
-PRESETS = {
-    "1of8": dict(num_experts=8, top_k=1, prune_ratio=0.5),
-    "2of8": dict(num_experts=8, top_k=2, prune_ratio=0.75),
-}
-METHOD_ALIASES = {"random-split": "random-halves"}
-"""Deprecated method names -> the method (ReconstructConfig normalises them)."""
-METHODS = (
-    "dive",
-    "random-halves",
-    "llama-moe",
-    "upcycle",
-    "nomining",
-    "flap",
-    "flap-adaptive",
-    *METHOD_ALIASES,
-)
-"""Accepted method names; the last are the deprecated aliases of METHOD_ALIASES."""
 ONE_EXPERT_METHODS = ("flap", "flap-adaptive")
-ROUTER_INITS = ("random", "centroid", "fit")
 
 
 @dataclass(frozen=True)

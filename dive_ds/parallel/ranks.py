@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-DEVICES = ("auto", "cpu", "cuda")
+from dive_ds.choices import DEVICES
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
