@@ -235,7 +235,16 @@ def _add_commands(sub) -> None:
         "--l2", type=nonneg_float, default=1e-4, help="L2 penalty on the standardised weights (default 1e-4)"
     )
     p.add_argument(
-        "--max-iter", type=positive_int, default=200, help="L-BFGS iterations per layer (default 200)"
+        "--max-iter",
+        type=positive_int,
+        default=200,
+        help="L-BFGS iterations per layer, at most (default 200)",
+    )
+    p.add_argument(
+        "--tolerance",
+        type=positive_float,
+        default=1e-3,
+        help="L-BFGS stops once every gradient entry is below this (default 1e-3)",
     )
     p.add_argument(
         "--windows-per-domain", type=positive_int, help="calibration windows per domain to use (default all)"
@@ -614,7 +623,7 @@ def cmd_fit_router(a) -> int:
     from dive_ds.routerfit import RouterFitConfig
     from dive_ds.workflows import run_fit_router
 
-    cfg = RouterFitConfig(target=a.target, l2=a.l2, max_iter=a.max_iter, windows_per_domain=a.windows_per_domain,
+    cfg = RouterFitConfig(target=a.target, l2=a.l2, max_iter=a.max_iter, tolerance=a.tolerance, windows_per_domain=a.windows_per_domain,
                           noise_ratio=a.noise_ratio, progress=not a.no_progress)  # fmt: skip
     run_fit_router(a.moe, a.calib, a.out, cfg, dense=a.model, device=a.device, dtype=a.dtype)
     return 0

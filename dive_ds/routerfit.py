@@ -54,7 +54,10 @@ class RouterFitConfig:
     l2: float = 1e-4
     """L2 penalty on the (standardised) router weights, added to the mean cross-entropy."""
     max_iter: int = 200
-    """L-BFGS iterations per layer."""
+    """L-BFGS iterations per layer (at most)."""
+    tolerance: float = 1e-3
+    """L-BFGS stops once every gradient entry of the mean loss is below this (the fit's data are nearly
+    separable, so the last iterations only grow the weights; benchmarks/router_fit_cost.py measures it)."""
     windows_per_domain: int | None = None
     """Calibration windows per domain used for the fit (None: all of them)."""
     holdout_every: int = 8
@@ -66,6 +69,9 @@ class RouterFitConfig:
     sliced_shortcut: bool = True
     """When the experts are exact slices of the dense FFN (fresh from reconstruction), their errors come
     from the dense intermediate alone (one down-projection per expert); else every expert runs."""
+    block_errors: bool = True
+    """Sliced experts' errors from one down-projection per block of channels the same experts removed
+    (sliced_blocks); False: one per expert (the slower original, kept for benchmarks/router_fit_cost.py)."""
     progress: bool = True
 
     def __post_init__(self):
@@ -73,6 +79,8 @@ class RouterFitConfig:
             raise ValueError(f"--target {self.target!r}: choose one of {TARGETS}")
         if self.l2 < 0:
             raise ValueError(f"--l2 {self.l2}: use a penalty >= 0")
+        if not self.tolerance > 0:
+            raise ValueError(f"--tolerance {self.tolerance}: use a gradient tolerance > 0")
         if self.max_iter < 1:
             raise ValueError(f"--max-iter {self.max_iter}: use at least 1 L-BFGS iteration")
         if self.holdout_every < 2:
@@ -103,15 +111,42 @@ def soft_temperature(err_TE: torch.Tensor) -> float:
     return gap if gap > 0 else 1.0
 
 
+def router_loss_grad(
+    xs_TH: torch.Tensor, target: torch.Tensor, w_EH: torch.Tensor, l2: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The router fit's objective and its gradient in closed form (no autograd):
+    mean cross-entropy of softmax(xs @ w.T) against `target` (labels [T] or distributions [T, E])
+    + 0.5 * l2 * |w|^2 -> (loss, dloss/dw [E, H]). Both are sums over tokens divided by T, so shards
+    of the tokens can add theirs up."""
+    t = xs_TH.shape[0]
+    logits = xs_TH @ w_EH.T
+    lse = torch.logsumexp(logits, -1)
+    p = torch.softmax(logits, -1)
+    if target.dtype == torch.long:
+        loss = (lse - logits.gather(1, target[:, None])[:, 0]).mean()
+        p[torch.arange(t, device=p.device), target] -= 1
+    else:
+        loss = (lse - (logits * target).sum(-1)).mean()
+        p -= target
+    grad = p.T @ xs_TH / t + l2 * w_EH
+    return loss + 0.5 * l2 * (w_EH * w_EH).sum(), grad
+
+
 def fit_linear_router(
-    x_TH: torch.Tensor, target: torch.Tensor, num_experts: int, l2: float = 1e-4, max_iter: int = 200
+    x_TH: torch.Tensor,
+    target: torch.Tensor,
+    num_experts: int,
+    l2: float = 1e-4,
+    max_iter: int = 200,
+    tolerance: float = 1e-9,
 ) -> torch.Tensor:
     """Multinomial logistic regression without bias: logits = x @ W.T -> W [E, H] (float32).
 
     `target` is a LongTensor [T] of labels or a float [T, E] of target distributions. Features are
     scaled by their root mean square, floored at a tenth of the median one (the penalty acts on the
     scaled problem, so no weight blows up on a near-silent feature), the weights start at
-    zero and L-BFGS is deterministic, so the fit is a pure function of its inputs.
+    zero and L-BFGS is deterministic, so the fit is a pure function of its inputs. L-BFGS stops after
+    `max_iter` iterations or once every gradient entry is below `tolerance`.
     """
     x = x_TH.to(torch.float32)
     rms_H = x.pow(2).mean(0).sqrt()
@@ -124,20 +159,16 @@ def fit_linear_router(
         lr=1.0,
         max_iter=max_iter,
         history_size=20,
-        tolerance_grad=1e-9,
+        tolerance_grad=tolerance,
         tolerance_change=1e-12,
         line_search_fn="strong_wolfe",
     )
 
     def closure():
-        opt.zero_grad()
-        logits = xs @ w.T
-        loss = F.cross_entropy(logits, target) + 0.5 * l2 * (w * w).sum()
-        loss.backward()
+        loss, w.grad = router_loss_grad(xs, target, w.detach(), l2)
         return loss
 
-    with torch.enable_grad():
-        opt.step(closure)
+    opt.step(closure)
     return (w.detach() / scale_H).contiguous()
 
 
@@ -310,19 +341,51 @@ def sliced_channels(experts, w_gate_FH, w_up_FH, w_down_HF) -> list[torch.Tensor
     return kept
 
 
+def sliced_blocks(
+    kept: list[torch.Tensor], ffn: int
+) -> tuple[torch.Tensor, list[tuple[int, int]], list[list[int]]]:
+    """The dense FFN's channels grouped by which experts keep them -> (order [F], blocks, removed):
+    `order` lists the channels block by block, `blocks` are (start, end) ranges of `order`, and
+    `removed[e]` the blocks expert e does not keep. Each block's down-projection is computed once and
+    shared by every expert that removed it (sliced_errors)."""
+    member_EF = torch.zeros(len(kept), ffn, dtype=torch.bool)
+    for e, k in enumerate(kept):
+        member_EF[e, k] = True
+    code_F = (member_EF.long() << torch.arange(len(kept))[:, None]).sum(0)
+    codes, counts = torch.unique(code_F, return_counts=True)
+    order = torch.argsort(code_F, stable=True)
+    ends = counts.cumsum(0).tolist()
+    blocks = list(zip([0, *ends[:-1]], ends))
+    removed = [[b for b, c in enumerate(codes.tolist()) if not (c >> e) & 1] for e in range(len(kept))]
+    return order, blocks, removed
+
+
 def sliced_errors(
-    h_TF: torch.Tensor, w_down_HF: torch.Tensor, kept: list[torch.Tensor], bias_EH
+    h_TF: torch.Tensor, w_down_HF: torch.Tensor, kept: list[torch.Tensor], bias_EH, blocks=None
 ) -> torch.Tensor:
     """err_TE of sliced experts from the dense FFN's intermediate h alone: y_e - y = b_e - W_down[:, R_e] h[R_e],
-    R_e the channels expert e removed (one down-projection per expert, no expert forward)."""
-    ffn = h_TF.shape[1]
+    R_e the channels expert e removed. With `blocks` (sliced_blocks; h's and w_down_HF's channels in its
+    order) the down-projection runs once per block of channels that the same experts removed, and each
+    expert adds up its blocks: about one dense down-projection in all, instead of one per expert."""
     out = []
-    for e, k in enumerate(kept):
-        removed = torch.ones(ffn, dtype=torch.bool, device=h_TF.device)
-        removed[k.to(h_TF.device)] = False
-        diff = -F.linear(h_TF[:, removed], w_down_HF[:, removed])
+    if blocks is None:
+        ffn = h_TF.shape[1]
+        for e, k in enumerate(kept):
+            removed = torch.ones(ffn, dtype=torch.bool, device=h_TF.device)
+            removed[k.to(h_TF.device)] = False
+            diff = -F.linear(h_TF[:, removed], w_down_HF[:, removed])
+            if bias_EH is not None:
+                diff = diff + bias_EH[e]
+            out.append((diff * diff).sum(-1))
+        return torch.stack(out, dim=1)
+    _, spans, removed = blocks
+    z = [F.linear(h_TF[:, a:b], w_down_HF[:, a:b]) for a, b in spans]
+    for e, rem in enumerate(removed):
+        diff = torch.zeros(h_TF.shape[0], w_down_HF.shape[0], dtype=h_TF.dtype, device=h_TF.device)
+        for b in rem:
+            diff -= z[b]
         if bias_EH is not None:
-            diff = diff + bias_EH[e]
+            diff += bias_EH[e]
         out.append((diff * diff).sum(-1))
     return torch.stack(out, dim=1)
 
@@ -394,6 +457,9 @@ def fit_routers(
         w_gate, w_up, w_down = _dense_mlp(dense, layer)
         kept = sliced_channels(block.mlp.experts, w_gate, w_up, w_down) if cfg.sliced_shortcut else None
         sliced_layers += kept is not None
+        blocks = sliced_blocks(kept, w_down.shape[1]) if kept is not None and cfg.block_errors else None
+        if blocks is not None:  # the intermediate h in block order (only the errors read it)
+            w_gate, w_up, w_down = w_gate[blocks[0]], w_up[blocks[0]], w_down[:, blocks[0]]
         block = block.to(dev, dtype)
         w_gate, w_up, w_down = (w.to(dev, dtype) for w in (w_gate, w_up, w_down))
         resid = torch.empty(n_mine, hidden, device=carry)
@@ -410,7 +476,7 @@ def fit_routers(
             rows = slice(i * seq_len, i * seq_len + r.shape[0])
             resid[rows], x_mine[rows] = r.float().to(carry), x.float().to(carry)
             if kept is not None:
-                e = sliced_errors(h, w_down, kept, block.mlp.experts.bias)
+                e = sliced_errors(h, w_down, kept, block.mlp.experts.bias, blocks)
             else:
                 e = expert_errors(F.linear(h, w_down), _each_expert(block.mlp.experts, x))
             err_mine[rows] = e.float().to(carry)
@@ -429,7 +495,7 @@ def fit_routers(
             tgt = (
                 err_fit.argmin(-1) if target_kind == "hard" else soft_targets(err_fit, tau).to(torch.float32)
             )
-            w = fit_linear_router(x_fit, tgt, num_experts, cfg.l2, cfg.max_iter)
+            w = fit_linear_router(x_fit, tgt, num_experts, cfg.l2, cfg.max_iter, cfg.tolerance)
         nw = noise_weight_init(x_fit, w, cfg.noise_ratio)
         fit_s += time.time() - tf
         ranks.broadcast_(w)  # every rank carries its windows on through the very same router

@@ -19,6 +19,9 @@ from dive_ds.routerfit import (
     fit_routers,
     label_accuracy,
     noise_weight_init,
+    router_loss_grad,
+    sliced_blocks,
+    sliced_errors,
     soft_targets,
 )
 from dive_ds.workflows import run_fit_router, run_reconstruct
@@ -43,6 +46,57 @@ def test_linearly_separable_labels_are_fitted_exactly():
     w = fit_linear_router(x, labels, 4, l2=0.0, max_iter=500)
     assert (x @ w.T).argmax(-1).eq(labels).float().mean().item() == 1.0
     assert label_accuracy(x, w, -F.one_hot(labels, 4).float()) == 1.0
+
+
+@pytest.mark.parametrize("kind", ["labels", "soft"])
+def test_closed_form_loss_and_gradient_equal_autograd(kind):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(50, 7, generator=g, dtype=torch.float64)
+    w = torch.randn(3, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 3, (50,), generator=g)
+    target = (
+        y if kind == "labels" else torch.softmax(torch.randn(50, 3, generator=g, dtype=torch.float64), -1)
+    )
+    loss, grad = router_loss_grad(x, target, w.detach(), 0.3)
+    ref = F.cross_entropy(x @ w.T, target) + 0.15 * (w * w).sum()
+    ref.backward()
+    torch.testing.assert_close(loss, ref.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, w.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_fit_stops_at_its_gradient_tolerance():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(400, 12, generator=g)
+    labels = (x @ torch.randn(3, 12, generator=g).T + torch.randn(400, 3, generator=g)).argmax(-1)
+    scale = x.pow(2).mean(0).sqrt()
+    for tol in (1e-2, 1e-3):
+        w = fit_linear_router(x, labels, 3, l2=1e-2, max_iter=500, tolerance=tol)
+        _, grad = router_loss_grad(x / scale, labels, w * scale, 1e-2)
+        assert grad.abs().max().item() <= tol
+    loose = fit_linear_router(x, labels, 3, l2=1e-2, max_iter=500, tolerance=1e-2)
+    _, grad = router_loss_grad(x / scale, labels, loose * scale, 1e-2)
+    assert grad.abs().max().item() > 1e-5  # it did stop early, not at the optimum
+
+
+def test_block_errors_equal_per_expert_errors_and_blocks_partition_the_channels():
+    g = torch.Generator().manual_seed(5)
+    ffn, hidden, t = 40, 6, 9
+    kept = [torch.randperm(ffn, generator=g)[:20].sort().values for _ in range(4)]
+    order, spans, removed = sliced_blocks(kept, ffn)
+    assert sorted(order.tolist()) == list(range(ffn)) and spans[0][0] == 0 and spans[-1][1] == ffn
+    assert all(a < b for a, b in spans) and all(spans[i][1] == spans[i + 1][0] for i in range(len(spans) - 1))
+    for e, k in enumerate(kept):  # expert e removed exactly the channels of its removed blocks
+        gone = sorted(order[a:b].tolist() for a, b in (spans[i] for i in removed[e]))
+        assert sorted(sum(gone, [])) == sorted(set(range(ffn)) - set(k.tolist()))
+    h = torch.randn(t, ffn, generator=g, dtype=torch.float64)
+    w_down = torch.randn(hidden, ffn, generator=g, dtype=torch.float64)
+    bias = torch.randn(4, hidden, generator=g, dtype=torch.float64)
+    want = sliced_errors(h, w_down, kept, bias)
+    got = sliced_errors(h[:, order], w_down[:, order], kept, bias, (order, spans, removed))
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    y = h @ w_down.T  # and both equal running each sliced expert
+    y_e = torch.stack([h[:, k] @ w_down[:, k].T + bias[e] for e, k in enumerate(kept)])
+    torch.testing.assert_close(want, expert_errors(y, y_e), rtol=1e-10, atol=1e-10)
 
 
 def test_soft_targets_and_errors():
@@ -110,7 +164,7 @@ def test_streaming_fit_equals_whole_model_fit(tiny):
             )
         err = expert_errors(y_dense, y_e).double()
         fit_rows = held.logical_not().repeat_interleave(ids.shape[1])
-        w = fit_linear_router(x[fit_rows], err[fit_rows].argmin(-1), 3, FIT.l2, FIT.max_iter)
+        w = fit_linear_router(x[fit_rows], err[fit_rows].argmin(-1), 3, FIT.l2, FIT.max_iter, FIT.tolerance)
         torch.testing.assert_close(routers[layer]["gate.weight"], w, rtol=1e-3, atol=1e-4)
         with torch.no_grad():
             block.gate.weight.copy_(w)

@@ -47,7 +47,11 @@ def test_help_answers_fast():
 
 
 def test_auto_classes_know_dive_moe_after_import_dive_ds_in_any_order():
-    orders = (("dive_ds", "transformers"), ("transformers", "dive_ds"), ("dive_ds.models.moe", "transformers"))
+    orders = (
+        ("dive_ds", "transformers"),
+        ("transformers", "dive_ds"),
+        ("dive_ds.models.moe", "transformers"),
+    )
     for first, second in orders:
         r = _python(
             f"import {first}, {second}\n"
