@@ -13,7 +13,7 @@ export OMP_NUM_THREADS ?= 2
 
 STAMP := $(VENV)/.dive_ds-installed
 
-.PHONY: setup demo test lint clean-cache
+.PHONY: setup demo test test-quick lint clean-cache
 
 setup: $(STAMP)
 
@@ -34,6 +34,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# the inner loop: everything but the real-model (slow), 2-rank (dist) and SLURM tests
+test-quick: $(STAMP)
+	$(PY) -m pytest -q -m "not slow and not dist and not slurm"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check dive_ds launchers tests benchmarks

@@ -446,7 +446,8 @@ def run_compare(
     for name, b, dseed in names:
         if name in results["runs"]:
             continue
-        extra = {"data.seed": dseed} | {f"data.split.{k}": v for k, v in asdict(split).items()}
+        extra = {"data.seed": dseed, "data.domains": "[" + ",".join(cal.domains) + "]"}  # the calibrated ones
+        extra |= {f"data.split.{k}": v for k, v in asdict(split).items()}
         if b.method == "flap-eqtrain":
             dive = [r for r in results["runs"].values() if r["model"] == "dive-fitted" and r.get("trainable")]
             if not dive:

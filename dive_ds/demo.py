@@ -217,9 +217,15 @@ def _retrain(out: Path, a) -> Path:
         "checkpoint.exclude_frozen=true",
         "--set",
         "eval.at_start=false",
+        # the stages' held-out evaluation on the demo's own domains and window count (the demo then scores
+        # the retrained model on its evaluation windows like every other model)
+        "--set",
+        f"eval.windows_per_domain={a.eval_windows}",
         "--set",
         f"eval.every={router_steps + expert_steps}",
     ]
+    if a.only:  # train on the demo's domains only, as every other step uses them
+        cmd += ["--set", "data.domains=[" + ",".join(a.only) + "]"]
     print(
         f"{router_steps} router steps + {expert_steps} expert steps of {a.retrain_batch} x 256 tokens "
         "(the paper: ~0.5B + ~5B tokens); TensorBoard: tensorboard --logdir " + str(out / "retrain"),

@@ -52,15 +52,25 @@ def test_auto_classes_know_dive_moe_after_import_dive_ds_in_any_order():
         ("transformers", "dive_ds"),
         ("dive_ds.models.moe", "transformers"),
     )
-    for first, second in orders:
-        r = _python(
-            f"import {first}, {second}\n"
-            "from transformers import AutoConfig, AutoModelForCausalLM\n"
-            "cfg = AutoConfig.for_model('dive_moe', vocab_size=32, hidden_size=16, intermediate_size=32,\n"
-            "    num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, num_local_experts=2, num_experts_per_tok=1,\n"
-            "    expert_intermediate_size=16)\n"
-            "m = AutoModelForCausalLM.from_config(cfg)\n"
-            "print(type(m).__name__)\n"
-        )
-        assert r.returncode == 0, r.stderr[-2000:]
-        assert r.stdout.split() == ["DiveMoeForCausalLM"], (first, second, r.stdout)
+    code = (
+        "import {first}, {second}\n"
+        "from transformers import AutoConfig, AutoModelForCausalLM\n"
+        "cfg = AutoConfig.for_model('dive_moe', vocab_size=32, hidden_size=16, intermediate_size=32,\n"
+        "    num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, num_local_experts=2,\n"
+        "    num_experts_per_tok=1, expert_intermediate_size=16)\n"
+        "m = AutoModelForCausalLM.from_config(cfg)\n"
+        "print(type(m).__name__)\n"
+    )
+    procs = [  # three fresh interpreters at once (each pays the torch + transformers import)
+        subprocess.Popen(
+            [sys.executable, "-c", code.format(first=a, second=b)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for a, b in orders
+    ]
+    for order, p in zip(orders, procs):
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-2000:]
+        assert out.split() == ["DiveMoeForCausalLM"], (order, out)
