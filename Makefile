@@ -35,9 +35,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# the inner loop: everything but the real-model (slow), 2-rank (dist) and SLURM tests
+# the inner loop: everything but the real-model (slow), 2-rank (dist), SLURM and heavy tests
 test-quick: $(STAMP)
-	$(PY) -m pytest -q -m "not slow and not dist and not slurm"
+	$(PY) -m pytest -q -m "not slow and not dist and not slurm and not heavy"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check dive_ds launchers tests benchmarks

@@ -42,6 +42,7 @@ def big(tmp_path_factory):
     return root, model_dir, calib_dir
 
 
+@pytest.mark.heavy
 def test_streaming_peak_memory(big):
     root, model_dir, calib_dir = big
     model_mb = sum(f.stat().st_size for f in model_dir.glob("*.safetensors")) / 2**20

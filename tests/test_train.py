@@ -428,6 +428,7 @@ def test_explicit_ep_size_that_cannot_work_is_refused_in_one_line():
     assert launch_ep_size(ds, off, 1, 4)["size"] == 1
 
 
+@pytest.mark.heavy
 def test_design_card_command_on_one_rank_with_the_deepspeed_launcher(world, tiny, tmp_path):
     """`deepspeed launchers/retrain.py --deepspeed ds_configs/zero3.json --config configs/demo_retrain.yaml`
     on 1 rank: zero3.json asks for EP 2, the launch gets EP 1 (said once, recorded), both stages run. Sizes
@@ -761,6 +762,7 @@ def resume_reference(world, tiny, tmp_path_factory):
         ("zero2", "stop-file"),
     ],
 )
+@pytest.mark.heavy
 def test_resume_after_crash_reproduces_every_loss(zero, crash, resume_reference, tmp_path):
     """Kill the launcher right after experts step 3 (checkpoint at 2), relaunch: identical losses, step by step.
 
