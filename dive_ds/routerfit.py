@@ -26,7 +26,6 @@ Legend: T tokens, H hidden, E experts, F expert width, W windows, S window lengt
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -40,6 +39,19 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from dive_ds.parallel.ranks import Ranks
+from dive_ds.router_math import (  # noqa: F401  (re-exported: the fit's math)
+    excess_error,
+    expert_errors,
+    fit_linear_router,
+    label_accuracy,
+    noise_weight_init,
+    router_loss_grad,
+    sliced_blocks,
+    sliced_channels,
+    sliced_errors,
+    soft_targets,
+    soft_temperature,
+)
 
 TARGETS = ("auto", "hard", "soft")
 FIT_FILE = "router_fit.json"
@@ -87,127 +99,6 @@ class RouterFitConfig:
             raise ValueError(f"holdout_every={self.holdout_every}: use >= 2 (every n-th window held out)")
         if not 0 <= self.noise_ratio:
             raise ValueError(f"noise_ratio={self.noise_ratio}: use a ratio >= 0")
-
-
-# --------------------------------------------------------------------------- pure math
-
-
-def expert_errors(y_dense_TH: torch.Tensor, y_experts_ETH: torch.Tensor) -> torch.Tensor:
-    """Squared reconstruction error of each expert's output against the dense FFN's -> err_TE."""
-    return ((y_experts_ETH - y_dense_TH.unsqueeze(0)) ** 2).sum(-1).transpose(0, 1)
-
-
-def soft_targets(err_TE: torch.Tensor, tau: float) -> torch.Tensor:
-    """softmax(-err / tau) over experts: the closer an expert's output, the larger its share."""
-    return torch.softmax(-(err_TE - err_TE.min(-1, keepdim=True).values) / tau, dim=-1)
-
-
-def soft_temperature(err_TE: torch.Tensor) -> float:
-    """Median gap between the best and second-best expert's error (>0): the scale of a meaningful difference."""
-    if err_TE.shape[1] < 2:
-        return 1.0
-    two = torch.topk(err_TE, 2, dim=-1, largest=False).values
-    gap = (two[:, 1] - two[:, 0]).median().item()
-    return gap if gap > 0 else 1.0
-
-
-def router_loss_grad(
-    xs_TH: torch.Tensor, target: torch.Tensor, w_EH: torch.Tensor, l2: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The router fit's objective and its gradient in closed form (no autograd):
-    mean cross-entropy of softmax(xs @ w.T) against `target` (labels [T] or distributions [T, E])
-    + 0.5 * l2 * |w|^2 -> (loss, dloss/dw [E, H]). Both are sums over tokens divided by T, so shards
-    of the tokens can add theirs up."""
-    t = xs_TH.shape[0]
-    logits = xs_TH @ w_EH.T
-    lse = torch.logsumexp(logits, -1)
-    p = torch.softmax(logits, -1)
-    if target.dtype == torch.long:
-        loss = (lse - logits.gather(1, target[:, None])[:, 0]).mean()
-        p[torch.arange(t, device=p.device), target] -= 1
-    else:
-        loss = (lse - (logits * target).sum(-1)).mean()
-        p -= target
-    grad = p.T @ xs_TH / t + l2 * w_EH
-    return loss + 0.5 * l2 * (w_EH * w_EH).sum(), grad
-
-
-def fit_linear_router(
-    x_TH: torch.Tensor,
-    target: torch.Tensor,
-    num_experts: int,
-    l2: float = 1e-4,
-    max_iter: int = 200,
-    tolerance: float = 1e-9,
-) -> torch.Tensor:
-    """Multinomial logistic regression without bias: logits = x @ W.T -> W [E, H] (float32).
-
-    `target` is a LongTensor [T] of labels or a float [T, E] of target distributions. Features are
-    scaled by their root mean square, floored at a tenth of the median one (the penalty acts on the
-    scaled problem, so no weight blows up on a near-silent feature), the weights start at
-    zero and L-BFGS is deterministic, so the fit is a pure function of its inputs. L-BFGS stops after
-    `max_iter` iterations or once every gradient entry is below `tolerance`.
-    """
-    x = x_TH.to(torch.float32)
-    rms_H = x.pow(2).mean(0).sqrt()
-    # near-silent features (an RMSNorm weight of 1e-5) would get huge weights: floor their scale
-    scale_H = rms_H.clamp_min(0.1 * rms_H.median().item() + 1e-12)
-    xs = x / scale_H
-    w = torch.zeros(num_experts, x.shape[1], dtype=torch.float32, device=x.device, requires_grad=True)
-    opt = torch.optim.LBFGS(
-        [w],
-        lr=1.0,
-        max_iter=max_iter,
-        history_size=20,
-        tolerance_grad=tolerance,
-        tolerance_change=1e-12,
-        line_search_fn="strong_wolfe",
-    )
-
-    def closure():
-        loss, w.grad = router_loss_grad(xs, target, w.detach(), l2)
-        return loss
-
-    opt.step(closure)
-    return (w.detach() / scale_H).contiguous()
-
-
-def noise_weight_init(x_TH: torch.Tensor, w_EH: torch.Tensor, ratio: float) -> torch.Tensor:
-    """noise_weight [E, H] whose softplus(x . nw) is about `ratio` x the median top-1 - top-2 margin.
-
-    Each row points along the mean input direction u, scaled so the typical token's x . nw hits the
-    softplus inverse of the target std; zero rows (std log 2) when that is undefined.
-    """
-    num_experts = w_EH.shape[0]
-    if num_experts < 2 or ratio <= 0:
-        return torch.zeros_like(w_EH)
-    logits = x_TH.to(torch.float32) @ w_EH.T
-    two = torch.topk(logits, 2, dim=-1).values
-    target_std = ratio * (two[:, 0] - two[:, 1]).median().item()
-    u_H = x_TH.to(torch.float64).mean(0)
-    if u_H.norm() == 0 or target_std <= 0:
-        return torch.zeros_like(w_EH)
-    u_H = u_H / u_H.norm()
-    m = (x_TH.to(torch.float64) @ u_H).median().item()
-    if abs(m) < 1e-6:
-        return torch.zeros_like(w_EH)
-    pre = math.log(math.expm1(target_std)) if target_std < 30 else target_std  # softplus^-1
-    return (u_H * (pre / m)).to(w_EH.dtype).expand(num_experts, -1).contiguous()
-
-
-def label_accuracy(x_TH: torch.Tensor, w_EH: torch.Tensor, err_TE: torch.Tensor) -> float:
-    """Share of tokens whose top-1 expert under the router is the arg-min error expert."""
-    if x_TH.shape[0] == 0:
-        return float("nan")
-    return (x_TH.to(torch.float32) @ w_EH.T).argmax(-1).eq(err_TE.argmin(-1)).float().mean().item()
-
-
-def excess_error(x_TH: torch.Tensor, w_EH: torch.Tensor, err_TE: torch.Tensor) -> float:
-    """Mean error of the router's top-1 expert over the mean error of the best one (1 = optimal)."""
-    if x_TH.shape[0] == 0:
-        return float("nan")
-    chosen = (x_TH.to(torch.float32) @ w_EH.T).argmax(-1)
-    return (err_TE.gather(1, chosen[:, None]).mean() / err_TE.min(-1).values.mean().clamp_min(1e-30)).item()
 
 
 # --------------------------------------------------------------------------- reading a MoE layer by layer
@@ -318,76 +209,6 @@ def gather_windows(ranks, mine_W: torch.Tensor, rows_WSX: torch.Tensor) -> torch
         return rows_WSX
     order = ranks.gather_rows(mine_W.to(torch.int64)).argsort()
     return ranks.gather_rows(rows_WSX)[order]
-
-
-def sliced_channels(experts, w_gate_FH, w_up_FH, w_down_HF) -> list[torch.Tensor] | None:
-    """Each expert's channels in the dense FFN when every expert is an exact slice of it (as reconstruction
-    makes them: gate/up rows and down columns copied), else None (e.g. after LoRA was merged)."""
-    width = experts.down_proj.shape[-1]
-    row_of = {w_gate_FH[j].numpy().tobytes(): j for j in range(w_gate_FH.shape[0])}
-    kept = []
-    for e in range(experts.num_experts):
-        gu = experts.gate_up_proj[e].to(w_gate_FH.dtype)
-        idx = [row_of.get(gu[i].numpy().tobytes()) for i in range(width)]
-        if any(i is None for i in idx):
-            return None
-        k = torch.tensor(idx)
-        if not (
-            torch.equal(gu[width:], w_up_FH[k])
-            and torch.equal(experts.down_proj[e].to(w_down_HF.dtype), w_down_HF[:, k])
-        ):
-            return None
-        kept.append(k)
-    return kept
-
-
-def sliced_blocks(
-    kept: list[torch.Tensor], ffn: int
-) -> tuple[torch.Tensor, list[tuple[int, int]], list[list[int]]]:
-    """The dense FFN's channels grouped by which experts keep them -> (order [F], blocks, removed):
-    `order` lists the channels block by block, `blocks` are (start, end) ranges of `order`, and
-    `removed[e]` the blocks expert e does not keep. Each block's down-projection is computed once and
-    shared by every expert that removed it (sliced_errors)."""
-    member_EF = torch.zeros(len(kept), ffn, dtype=torch.bool)
-    for e, k in enumerate(kept):
-        member_EF[e, k] = True
-    code_F = (member_EF.long() << torch.arange(len(kept))[:, None]).sum(0)
-    codes, counts = torch.unique(code_F, return_counts=True)
-    order = torch.argsort(code_F, stable=True)
-    ends = counts.cumsum(0).tolist()
-    blocks = list(zip([0, *ends[:-1]], ends))
-    removed = [[b for b, c in enumerate(codes.tolist()) if not (c >> e) & 1] for e in range(len(kept))]
-    return order, blocks, removed
-
-
-def sliced_errors(
-    h_TF: torch.Tensor, w_down_HF: torch.Tensor, kept: list[torch.Tensor], bias_EH, blocks=None
-) -> torch.Tensor:
-    """err_TE of sliced experts from the dense FFN's intermediate h alone: y_e - y = b_e - W_down[:, R_e] h[R_e],
-    R_e the channels expert e removed. With `blocks` (sliced_blocks; h's and w_down_HF's channels in its
-    order) the down-projection runs once per block of channels that the same experts removed, and each
-    expert adds up its blocks: about one dense down-projection in all, instead of one per expert."""
-    out = []
-    if blocks is None:
-        ffn = h_TF.shape[1]
-        for e, k in enumerate(kept):
-            removed = torch.ones(ffn, dtype=torch.bool, device=h_TF.device)
-            removed[k.to(h_TF.device)] = False
-            diff = -F.linear(h_TF[:, removed], w_down_HF[:, removed])
-            if bias_EH is not None:
-                diff = diff + bias_EH[e]
-            out.append((diff * diff).sum(-1))
-        return torch.stack(out, dim=1)
-    _, spans, removed = blocks
-    z = [F.linear(h_TF[:, a:b], w_down_HF[:, a:b]) for a, b in spans]
-    for e, rem in enumerate(removed):
-        diff = torch.zeros(h_TF.shape[0], w_down_HF.shape[0], dtype=h_TF.dtype, device=h_TF.device)
-        for b in rem:
-            diff -= z[b]
-        if bias_EH is not None:
-            diff += bias_EH[e]
-        out.append((diff * diff).sum(-1))
-    return torch.stack(out, dim=1)
 
 
 # --------------------------------------------------------------------------- the streaming fit
