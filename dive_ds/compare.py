@@ -147,11 +147,24 @@ def builds(cfg: CompareConfig) -> list[Build]:
     return out
 
 
+RUN_ORDER = ("flap", "dive", "nomining", "flap-eqtrain", "flap-adaptive", "llama-moe", "random-halves")
+"""The order training runs go in, most telling first, so that an interrupted comparison (hours on a CPU)
+has the headline: uniform FLAP and DIVE with every data seed, then the mining ablation, flap-eqtrain
+(after dive-fitted: its LoRA rank comes from DIVE's trainable count), the rest."""
+
+
 def run_names(cfg: CompareConfig) -> list[tuple[str, Build, int]]:
-    """(training run name, model, data seed) of every training run; flap-eqtrain's last (its LoRA rank
-    comes from dive-fitted's trainable count)."""
+    """(training run name, model, data seed) of every training run, in RUN_ORDER; the headline pair
+    (flap, dive) goes data seed by data seed."""
     runs = [(f"{b.name}-d{d}", b, d) for b in builds(cfg) for d in data_seeds_of(b, cfg)]
-    return sorted(runs, key=lambda r: r[1].method == "flap-eqtrain")
+
+    def key(r: tuple[str, Build, int]) -> tuple:
+        _, b, d = r
+        pair = b.method in ("flap", "dive")
+        return (not pair, cfg.data_seeds.index(d) if pair else 0, RUN_ORDER.index(b.method),
+                b.treatment != "fitted", b.seed, cfg.data_seeds.index(d))  # fmt: skip
+
+    return sorted(runs, key=key)
 
 
 HEADLINE = ("dive", "flap", "flap-adaptive")

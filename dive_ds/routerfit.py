@@ -73,7 +73,9 @@ class RouterFitConfig:
     windows_per_domain: int | None = None
     """Calibration windows per domain used for the fit (None: all of them)."""
     holdout_every: int = 8
-    """Every n-th calibration window of a domain is left out of the fit and reports label accuracy."""
+    """Every n-th calibration window, counted over all domains in order, is left out of the fit and reports
+    label accuracy (the same as every n-th of each domain when each has a multiple of n; counted per domain,
+    a fit on fewer than n windows per domain held nothing out and reported nan)."""
     noise_ratio: float = 0.5
     """Initial noise std of noisy top-k as a fraction of the median top-1 - top-2 logit margin."""
     batch_size: int = 8
@@ -248,10 +250,9 @@ def fit_routers(
     ids_WS = torch.cat([windows[n] for n in names])
     n_win, seq_len = ids_WS.shape
     ranks.check_items(n_win, "calibration windows (over all domains)")
-    # every holdout_every-th window of each domain is held out of the fit (label accuracy is measured there)
-    held = torch.cat(
-        [torch.arange(w.shape[0]) % cfg.holdout_every == cfg.holdout_every - 1 for w in windows.values()]
-    )
+    # every holdout_every-th window (over all domains in order) is held out of the fit: label accuracy is
+    # measured there
+    held = torch.arange(n_win) % cfg.holdout_every == cfg.holdout_every - 1
     fit_tok = held.logical_not().repeat_interleave(seq_len)
     mine_W = torch.tensor(ranks.share(n_win), dtype=torch.long)  # this rank's windows, carried by it
     n_mine = mine_W.numel() * seq_len
