@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from dive_ds.data.sampler import DomainSamples
+from dive_ds.io.atomic import staged_dir
 from dive_ds.models.loading import LayerwiseCheckpoint, check_gated_mlp, model_fingerprint
 from dive_ds.outputs import check_not_input
 from dive_ds.parallel.ranks import DTYPES, Ranks
@@ -439,9 +440,7 @@ def write_calibration(
     out: Path, stats: ChannelStats, samples: dict[str, DomainSamples], manifest: dict, force: bool = False
 ) -> Path:
     """Write stats + samples + manifest atomically (temp folder, then rename)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    with staged_dir(out) as tmp:
         save_file({k: v.contiguous() for k, v in stats.to_tensors().items()}, tmp / STATS_FILE)
         tensors = {}
         for name, s in samples.items():
@@ -452,12 +451,6 @@ def write_calibration(
         if split:  # the span ids each domain's calibration and selection windows came from
             (tmp / SPLIT_FILE).write_text(json.dumps(split) + "\n")
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

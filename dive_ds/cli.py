@@ -8,6 +8,7 @@ raised before any heavy work starts.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -755,6 +756,33 @@ def build_parser() -> OneLineParser:
     return parser
 
 
+WRITERS = (
+    "calibrate",
+    "mine",
+    "reconstruct",
+    "fit-router",
+    "compare",
+    "consolidate",
+    "evaluate",
+    "export",
+    "demo",
+)
+"""Commands that write --out: one run per output at a time (dive_ds.io.atomic.OutputLock)."""
+
+
+def _output_lock(a) -> contextlib.AbstractContextManager:
+    """The --out lock of a writing command, held by the launch's first rank (one per node with --shards)."""
+    out = getattr(a, "out", None)
+    if a.command not in WRITERS or not out or os.environ.get("RANK", "0") != "0":
+        return contextlib.nullcontext()
+    from dive_ds.io.atomic import OutputLock
+
+    tag = None
+    if getattr(a, "shards", None) is True:  # reconstruct --shards: every node writes its part of one folder
+        tag = f"node-{_placement(a).node}"
+    return OutputLock(out, f"dive-ds {a.command}", tag)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -765,7 +793,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         raise
     try:
-        return a.func(a)
+        with _output_lock(a):
+            return a.func(a)
     except (ValueError, RuntimeError, OSError) as e:  # OSError: a path that is missing, a file, unwritable
         print(f"dive-ds: error: {error_message(e)}", file=sys.stderr)
         return 2

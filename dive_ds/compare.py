@@ -225,22 +225,14 @@ def _reusable(src: Path, rc_dict: dict, fit: dict | None, calib: Path) -> bool:
 
 def _link_model(src: Path, dst: Path) -> None:
     """Hard-link (or copy) a finished model folder under a temporary name, then rename it into place."""
-    import shutil
-    import tempfile
-
+    from dive_ds.io.atomic import staged_dir
     from dive_ds.routerfit import _link_or_copy
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.tmp-"))
-    try:
+    with staged_dir(dst) as tmp:
         for path in sorted(src.rglob("*")):
             if path.is_file() and not path.name.startswith("."):
                 (tmp / path.relative_to(src)).parent.mkdir(parents=True, exist_ok=True)
                 _link_or_copy(path, tmp / path.relative_to(src))
-        os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _build_models(
@@ -361,8 +353,9 @@ def run_compare(
     from dive_ds.calibrate import load_calibration
     from dive_ds.compare_report import finish, plot_curves, write_report
     from dive_ds.data.split import SplitConfig
+    from dive_ds.io.atomic import write_json
     from dive_ds.io.fingerprint import folder_fingerprint
-    from dive_ds.workflows import _write_json, load_groups
+    from dive_ds.workflows import load_groups
 
     out = Path(out)
     cal = load_calibration(calib_dir)
@@ -397,7 +390,7 @@ def run_compare(
         if old != identity:
             raise ValueError(f"--out {out} holds another run (or other files); choose another --out")
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(ident_file, identity)
+    write_json(ident_file, identity)
     t_all = time.time()
 
     print("[compare] building the models (reconstruct + router fitting)", flush=True)
@@ -416,7 +409,7 @@ def run_compare(
             "items": len(items),
             "span_ids": sorted({i for it in items for i in it["span_ids"]}),
         }
-    _write_json(out / "eval_split.json", {"split": asdict(split), "ids": split_ids})
+    write_json(out / "eval_split.json", {"split": asdict(split), "ids": split_ids})
     shapes = {k: {n: list(w.shape) for n, w in v.items()} for k, v in windows.items()}
     clusters = {k: {d: rec["clusters"] for d, rec in split_ids[k].items()} for k in windows}
     if items:  # items of one evaluation segment are one cluster
@@ -438,7 +431,7 @@ def run_compare(
                        eval_domains=eval_domains, build_seconds=round(build_s, 1),
                        total_seconds=round(time.time() - t_all, 1))  # fmt: skip
         finish(results, cfg.bootstrap)
-        _write_json(out / "compare.json", results)
+        write_json(out / "compare.json", results)
         write_report(results, out / "compare.md")
         plot_curves(results, out / "ppl_vs_tokens.png")
 

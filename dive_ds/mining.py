@@ -20,8 +20,6 @@ Shape legend (suffixes on array names):
 from __future__ import annotations
 
 import csv
-import os
-import tempfile
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -30,6 +28,8 @@ import numpy as np
 import scipy.cluster.hierarchy as sch
 from scipy.spatial.distance import squareform
 from scipy.stats import rankdata
+
+from dive_ds.io.atomic import staged_file
 
 # Linkage methods that are valid on an arbitrary (non-Euclidean) distance such as 1 - r.
 # ward / centroid / median assume Euclidean distances and are refused.
@@ -423,13 +423,6 @@ def compare_affinities(S1_DD, S2_DD, n_groups: int, method: str = "average") -> 
 # --------------------------------------------------------------------------- plotting
 
 
-def _atomic_tmp(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    return Path(tmp)
-
-
 def plot_side_inches(n_domains: int) -> float:
     """Side of the (square) affinity figure in inches: max(6, 3 + 0.4 * D)."""
     return max(6.0, 3.0 + 0.4 * n_domains)
@@ -527,12 +520,8 @@ def plot_affinity(
     fig.suptitle(title, fontsize=10)
 
     path = Path(path)
-    tmp = _atomic_tmp(path)
-    try:
+    with staged_file(path) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -551,16 +540,11 @@ def write_matrix_csv(path, M, row_names: Sequence[str], col_names: Sequence[str]
             f"matrix shape {M.shape} does not match {len(rows)} row and {len(cols)} column names"
         )
     path = Path(path)
-    tmp = _atomic_tmp(path)
-    try:
-        with open(tmp, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["", *cols])
-            for name, row in zip(rows, M):
-                w.writerow([name, *(repr(float(v)) for v in row)])
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with staged_file(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["", *cols])
+        for name, row in zip(rows, M):
+            w.writerow([name, *(repr(float(v)) for v in row)])
     return path
 
 

@@ -81,6 +81,8 @@ def claim_output(
 # --------------------------------------------------------------------------- evaluate
 
 EVAL_FILES = ("eval.json", "eval.md", "tb")  # tb/: the TensorBoard scalars
+PENDING_EVAL = ".eval-pending.json"
+"""Written first and removed last by `evaluate`: names the evaluation whose files may be half there."""
 
 
 def evaluation_identity(
@@ -109,6 +111,8 @@ def claim_eval_out(out: Path, identity: dict) -> None:
     if not present:
         return
     recorded = read_identity(out / "eval.json")
+    if recorded is None and read_identity(out / PENDING_EVAL) == identity:
+        return  # this same evaluation, killed while it wrote: it writes them again
     if recorded is None:
         raise ValueError(
             f"--out {out} holds {present[0]} but not of a `dive-ds evaluate` run; choose another --out"

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -32,6 +30,7 @@ from dive_ds.expert_plan import (  # noqa: F401  (re-exported: the planning half
     ReconstructConfig,
     plan_experts,
 )
+from dive_ds.io.atomic import staged_dir
 from dive_ds.io.placement import NodePlacement
 from dive_ds.io.shards import ShardWriter, node_file
 from dive_ds.models.loading import LayerwiseCheckpoint, check_gated_mlp
@@ -180,10 +179,8 @@ def write_moe(
     config, _, moe_cfg = _moe_config(dense_dir, plan, cfg)
     ckpt = LayerwiseCheckpoint(dense_dir)
     everyone = list(range(plan.kept_L[0].shape[0]))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     weight_map: dict[str, str] = {}
-    try:
+    with staged_dir(out) as tmp:
         shared = {k: ckpt.get(k).to(dtype) for k in ckpt.keys() if not k.startswith("model.layers.")}
         name = "model-shared.safetensors"
         save_file({k: v.contiguous() for k, v in shared.items()}, tmp / name, metadata={"format": "pt"})
@@ -209,12 +206,6 @@ def write_moe(
             if (dense_dir / fname).exists():
                 shutil.copy2(dense_dir / fname, tmp / fname)
         (tmp / "dive_experts.json").write_text(experts_json(plan, cfg, dense_dir, extra_files, moe_cfg))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,6 +37,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from dive_ds.io.atomic import staged_dir
 from dive_ds.parallel.ranks import Ranks
 from dive_ds.router_math import (  # noqa: F401  (re-exported: the fit's math)
     excess_error,
@@ -406,9 +406,7 @@ def write_fitted(
     updates = {
         f"model.layers.{layer}.mlp.{k}": v.contiguous() for layer, d in routers.items() for k, v in d.items()
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    with staged_dir(out) as tmp:
         found: set[str] = set()
         for path in sorted(src.rglob("*")):
             rel = path.relative_to(src)
@@ -436,8 +434,4 @@ def write_fitted(
         (tmp / FIT_FILE).write_text(json.dumps(report, indent=2) + "\n")
         if out.exists():
             raise ValueError(f"--out {out} appeared while fitting; choose another --out")
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

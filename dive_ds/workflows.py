@@ -16,9 +16,12 @@ import torch
 from dive_ds import mining
 from dive_ds.calibrate import Calibration, check_same_model, load_calibration, run_manifest_base
 from dive_ds.eval.perplexity import domain_nll, domain_perplexities, pruned_ffn, routing_report
+from dive_ds.io.atomic import staged_dir, write_json
+from dive_ds.io.atomic import write_text as atomic_write_text
 from dive_ds.io.placement import NodePlacement
 from dive_ds.io.shards import check_shard_out
 from dive_ds.outputs import (
+    PENDING_EVAL,
     check_not_input,
     claim_eval_out,
     claim_output,
@@ -36,14 +39,6 @@ def _precision(device: str, dtype: str) -> torch.dtype:
     """--device / --dtype checked before any work (the same verdict on every rank): the compute dtype."""
     _, _, local = launched_world()
     return resolve_dtype(dtype, resolve_device(device, local))
-
-
-def _write_json(path: Path, obj) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def load_groups(path: str | Path, domains: list[str]) -> dict[str, list[str]]:
@@ -139,16 +134,9 @@ def _mine(calib_dir, out, num_groups, prune_ratio, score, bias_compensation, fas
                                      torch_dtype)  # fmt: skip
     if not ranks.is_main:
         return None
-    final.parent.mkdir(parents=True, exist_ok=True)
-    out = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
-    try:
+    with staged_dir(final) as out:  # the whole folder appears at once
         report = _mine_into(out, cal, identity, num_groups, keep, prune_ratio, score, fast_only, pruned, evals,
                             linkage, t0)  # fmt: skip
-        final.mkdir(exist_ok=True)
-        for f in sorted(out.iterdir(), key=lambda p: p.name == "mining.json"):  # the record last
-            os.replace(f, final / f.name)
-    finally:
-        shutil.rmtree(out, ignore_errors=True)
     return report
 
 
@@ -229,8 +217,8 @@ def _mine_into(out: Path, cal: Calibration, identity: dict, num_groups: int, kee
             out / "fast_affinity.png",
             f"fast affinity (kept-channel Jaccard), {num_groups} groups",
         )
-    _write_json(out / "mining.json", report)
-    _write_json(out / "groups.json", groups)
+    write_json(out / "mining.json", report)
+    write_json(out / "groups.json", groups)
     return report
 
 
@@ -320,7 +308,6 @@ def _reconstruct_fitted(
     model_dir: Path, plan, cfg: ReconstructConfig, out, cal: Calibration, t0: float
 ) -> Path:
     """write_moe into a private temporary folder next to `out`, fit its routers into `out`, remove the temporary."""
-    import shutil
 
     out = Path(out)
     _check_new_out(out)
@@ -590,13 +577,27 @@ def _downstream(m, tok, tasks, tm, limit, num_fewshot, batch_size) -> dict:
 
 
 def _finish_evaluate(res: dict, out: Path | None, identity: dict | None) -> dict:
+    """eval.md, tb/ and eval.json into `out` (its other files untouched). `.eval-pending.json` names the
+    run while it writes, so a run killed mid-way leaves files the same evaluation may replace; tb/ is
+    built aside and swapped in whole: one event file per evaluation, however often it is rerun."""
     if out is not None:
         from dive_ds.eval.downstream import write_tensorboard
 
         out.mkdir(parents=True, exist_ok=True)
-        (out / "eval.md").write_text(evaluation_markdown(res))
-        write_tensorboard(out / "tb", res)
-        _write_json(out / "eval.json", res | {"identity": identity})  # the record last
+        write_json(out / PENDING_EVAL, {"identity": identity})
+        atomic_write_text(out / "eval.md", evaluation_markdown(res))
+        tb = Path(tempfile.mkdtemp(dir=out, prefix=".tb-new-"))
+        try:
+            write_tensorboard(tb, res)
+            if (out / "tb").exists():  # this evaluation's own earlier scalars (claim_eval_out checked)
+                old = out / f".tb-old-{os.getpid()}"
+                os.replace(out / "tb", old)
+                shutil.rmtree(old)
+            os.replace(tb, out / "tb")
+        finally:
+            shutil.rmtree(tb, ignore_errors=True)
+        write_json(out / "eval.json", res | {"identity": identity})  # the record last
+        (out / PENDING_EVAL).unlink()
     return res
 
 

@@ -23,17 +23,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
+from dive_ds.io import atomic
 from dive_ds.io.placement import check_node, check_placement, experts_written_by, writers
 from dive_ds.models.moe import DiveMoeConfig
 
@@ -61,44 +58,6 @@ def expert_file(layer: int, expert: int) -> str:
 
 def node_file(node: int) -> str:
     return f"nodes/node-{node:05d}.json"
-
-
-def _tmp_name(path: Path) -> Path:
-    # Hidden, unique per process and call: concurrent writers never share a temp file.
-    return path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-
-
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"format": "pt"})
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def write_text_atomic(text: str, path: Path) -> None:
-    """`path` gets `text` under its final name only when complete (temp file + os.replace)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _atomic_copy(src: Path, path: Path) -> None:
-    tmp = _tmp_name(path)
-    try:
-        shutil.copy2(src, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _read(path: Path, keys: list[str] | None = None) -> dict[str, torch.Tensor]:
@@ -218,7 +177,7 @@ class ShardWriter:
         self._check_existing()
         self.out.mkdir(parents=True, exist_ok=True)
         if node == 0 and _load_json(self.out / MANIFEST) != self.manifest:
-            write_text_atomic(json.dumps(self.manifest, indent=1) + "\n", self.out / MANIFEST)
+            atomic.write_text(self.out / MANIFEST, json.dumps(self.manifest, indent=1) + "\n")
 
     def _check_existing(self) -> None:
         """Another plan, layout or config already in OUT (its manifest or any node marker) -> ValueError."""
@@ -255,7 +214,7 @@ class ShardWriter:
 
     def _save(self, tensors: dict[str, torch.Tensor], rel: str) -> None:
         self._begin()
-        _atomic_save(tensors, self.out / rel)
+        atomic.save_tensors(tensors, self.out / rel)
         self.files.append(rel)
         self.tensor_bytes += _nbytes(tensors)
 
@@ -302,7 +261,7 @@ class ShardWriter:
         src = Path(src)
         rel = name or src.name
         self._begin()
-        _atomic_copy(src, self.out / rel)
+        atomic.copy_file(src, self.out / rel)
         self.files.append(rel)
 
     def finish(self, extra_files: dict[str, str] | None = None) -> dict:
@@ -318,15 +277,10 @@ class ShardWriter:
                 "write every file of this node before finish()"
             )
         if self.node == 0:
-            tmp = Path(tempfile.mkdtemp(dir=self.out, prefix=".config.tmp-"))
-            try:
-                self.config.save_pretrained(tmp)
-                os.replace(tmp / "config.json", self.out / "config.json")
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
+            atomic.write_text(self.out / "config.json", self.config.to_json_string(use_diff=True))
             self.files.append("config.json")
         for name, text in (extra_files or {}).items():
-            write_text_atomic(text, self.out / name)
+            atomic.write_text(self.out / name, text)
             self.files.append(name)
         record = {
             "node": self.node,
@@ -336,7 +290,7 @@ class ShardWriter:
             "seconds": round(time.time() - self.t0, 3),
             "tensor_bytes": self.tensor_bytes,
         }
-        write_text_atomic(json.dumps(record, indent=1) + "\n", self.out / node_file(self.node))
+        atomic.write_text(self.out / node_file(self.node), json.dumps(record, indent=1) + "\n")
         return record
 
 
@@ -488,13 +442,11 @@ def consolidate_shards(folder: str | Path, out: str | Path) -> Path:
         raise ValueError(f"--out {out} exists and is not an empty folder; choose a new path or remove it")
     moe = ShardedMoe(folder)
     config = moe.config
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     weight_map: dict[str, str] = {}
-    try:
+    with atomic.staged_dir(out) as tmp:
         shared = moe.shared_global()
         name = "model-shared.safetensors"
-        save_file({k: v.contiguous() for k, v in shared.items()}, tmp / name, metadata={"format": "pt"})
+        atomic.save_tensors(shared, tmp / name)
         weight_map.update(dict.fromkeys(shared, name))
         del shared
         everyone = list(range(moe.num_experts))
@@ -509,7 +461,7 @@ def consolidate_shards(folder: str | Path, out: str | Path) -> Path:
             tensors.update({head + k: v for k, v in moe.expert_tensors(layer, everyone).items()})
             tensors.update(router)
             name = f"model-layer-{layer:05d}.safetensors"
-            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / name, metadata={"format": "pt"})
+            atomic.save_tensors(tensors, tmp / name)
             weight_map.update(dict.fromkeys(tensors, name))
             del tensors, st, router
         (tmp / "model.safetensors.index.json").write_text(
@@ -519,10 +471,4 @@ def consolidate_shards(folder: str | Path, out: str | Path) -> Path:
         for f in sorted(folder.iterdir()):
             if f.is_file() and not f.name.startswith(".") and f.name not in (MANIFEST, "config.json"):
                 shutil.copy2(f, tmp / f.name)
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

@@ -14,13 +14,13 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from transformers import MixtralConfig, MixtralForCausalLM
 
+from dive_ds.io.atomic import staged_dir
 from dive_ds.io.shards import is_sharded
 from dive_ds.models.loading import check_complete, load_causal_lm
 from dive_ds.models.moe import DiveMoeConfig, DiveMoeForCausalLM
@@ -213,19 +213,11 @@ def _check_export_paths(src_dir: Path, out_dir: Path) -> None:
 def _new_folder(out_dir: Path) -> Iterator[Path]:
     """A temporary sibling folder to write into, renamed to `out_dir` (new or empty) when the block ends
     without error, removed otherwise."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with staged_dir(out_dir) as tmp_dir:
         umask = os.umask(0o022)
         os.umask(umask)
         os.chmod(tmp_dir, 0o777 & ~umask)  # mkdtemp's 0700 would hide the export from other users
         yield tmp_dir
-        if out_dir.exists():
-            out_dir.rmdir()  # empty, checked before; fails (and keeps it) if something appeared meanwhile
-        tmp_dir.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

@@ -10,8 +10,6 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -19,6 +17,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
 
+from dive_ds.io.atomic import staged_dir
 from dive_ds.models.moe import DENSE_ATTENTION, check_dense_family
 
 DEMO_MODEL_NAME = "smollm2-135m-instruct"
@@ -63,13 +62,9 @@ def demo_model_dir(build: bool = True) -> Path:
     missing, unexpected = plain.load_state_dict(q.state_dict(), strict=False)
     if [k for k in missing if "lm_head" not in k] or unexpected:
         raise RuntimeError(f"demo model conversion mismatch: missing {missing}, unexpected {unexpected}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-"))
-    plain.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    with staged_dir(out) as tmp:
+        plain.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
     print(f"converted demo model {DEMO_GGUF} -> {out} ({time.time() - t0:.0f}s)")
     return out
 

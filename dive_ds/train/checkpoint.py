@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dive_ds.io.shards import write_text_atomic
+from dive_ds.io import atomic
 from dive_ds.parallel.distributed import barrier
 from dive_ds.train import rng
 from dive_ds.train.config import RunConfig, StageConfig
@@ -171,8 +171,8 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, client: dict, keep: int, 
     crash_point(str(client.get("stage")), step, "save")
     barrier()
     if rank == 0:
-        write_text_atomic(json.dumps(meta, indent=2) + "\n", ckpt_dir / tag / STAGE_META)
-        write_text_atomic(tag, ckpt_dir / "latest")
+        atomic.write_json(ckpt_dir / tag / STAGE_META, meta)
+        atomic.write_text(ckpt_dir / "latest", tag)
         for old in incomplete_tags(ckpt_dir):
             shutil.rmtree(ckpt_dir / old, ignore_errors=True)
         for old in list_tags(ckpt_dir)[:-keep]:

@@ -7,16 +7,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from dive_ds.io.shards import write_text_atomic
+from dive_ds.io import atomic
 from dive_ds.models.lora import (
     add_expert_lora,
     lora_settings_from_state_dict,
@@ -146,8 +144,8 @@ def export_sharded(
     config = DiveMoeConfig.from_pretrained(config_dir)
     if router_gate is not None:  # the gate the stage trained with, not the input's
         config.router_gate = router_gate
-    if rank == 0 and out.exists():
-        shutil.rmtree(out)  # an unfinished earlier export of this stage
+    if rank == 0 and out.exists():  # an unfinished earlier export of this stage: moved aside, not deleted
+        print(f"an unfinished earlier export was moved to {atomic.move_aside(out)}", flush=True)
     barrier()
     # every rank is a "node" of one GPU: the placement (ep_rank = rank % P) is DeepSpeed's
     writer = ShardWriter(out, config, config.num_local_experts, ep_size, world, 1, rank)
@@ -173,7 +171,7 @@ def export_sharded(
     barrier()
     if rank == 0:
         ShardedMoe(out)  # every node marker and file is there
-        write_text_atomic(json.dumps(info, indent=2) + "\n", out / DONE_FILE)
+        atomic.write_json(out / DONE_FILE, info)
     barrier()
     return out
 
@@ -211,20 +209,13 @@ def export_hf(
     model.tie_weights()
     merge_expert_lora(model)
     model.eval()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    with atomic.staged_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         source = files_from or config_dir
         for fname in TOKENIZER_FILES:
             if (source / fname).exists() and not (tmp / fname).exists():
                 shutil.copy2(source / fname, tmp / fname)
         (tmp / DONE_FILE).write_text(json.dumps(info, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -185,6 +185,6 @@ def supersede(out: Path) -> Path | None:
 
 
 def write_identity(out: Path, identity: dict) -> None:
-    from dive_ds.io.shards import write_text_atomic
+    from dive_ds.io import atomic
 
-    write_text_atomic(json.dumps({"identity": identity}, indent=2) + "\n", out / RUN_RECORD)
+    atomic.write_json(out / RUN_RECORD, {"identity": identity})

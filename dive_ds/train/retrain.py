@@ -14,13 +14,13 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch.distributed as dist
 import yaml
 
+from dive_ds.io.atomic import OutputLock, staged_dir
 from dive_ds.models.moe import DiveMoeConfig
 from dive_ds.parallel.distributed import accelerator_name, barrier, setup_distributed, teardown_distributed
 from dive_ds.train import rng
@@ -95,9 +95,11 @@ def _record_run(
 
 
 def _link_tree(src: Path, dst: Path) -> None:
-    """dst becomes a copy of src made of hard links where possible (no second copy of the weights)."""
-    tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.tmp-"))
-    shutil.rmtree(tmp)
+    """dst becomes a copy of src made of hard links where possible (no second copy of the weights); a dst
+    that already is this copy stays, anything else there is moved aside (dive_ds.io.atomic.publish)."""
+    done = src / DONE_FILE
+    if (dst / DONE_FILE).is_file() and (dst / DONE_FILE).read_bytes() == done.read_bytes():
+        return
 
     def link(s, d):
         try:
@@ -105,13 +107,12 @@ def _link_tree(src: Path, dst: Path) -> None:
         except OSError:
             shutil.copy2(s, d)
 
-    shutil.copytree(src, tmp, copy_function=link)
-    if dst.exists():
-        shutil.rmtree(dst)
-    os.replace(tmp, dst)
+    with staged_dir(dst) as tmp:
+        tmp.rmdir()
+        shutil.copytree(src, tmp, copy_function=link)
 
 
-def train(
+def _train(
     run: RunConfig,
     ds_raw: dict,
     ds_source: str = "DeepSpeed config",
@@ -234,6 +235,27 @@ def train(
             )
     barrier()
     return results
+
+
+def train(
+    run: RunConfig,
+    ds_raw: dict,
+    ds_source: str = "DeepSpeed config",
+    stages: list[str] | None = None,
+    argv: list[str] | None = None,
+    force: bool = False,
+) -> dict:
+    """`_train` while rank 0 holds the out_dir's lock (one run per out_dir: a second one is refused in one
+    line naming the first one's pid)."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    lock = OutputLock(run.out_dir, "retrain") if rank == 0 else None
+    if lock is not None:
+        lock.acquire()
+    try:
+        return _train(run, ds_raw, ds_source, stages, argv, force)
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def retrain(
