@@ -16,7 +16,7 @@ import torch
 from dive_ds import mining
 from dive_ds.calibrate import Calibration, check_same_model, load_calibration, run_manifest_base
 from dive_ds.eval.perplexity import domain_nll, domain_perplexities, pruned_ffn, routing_report
-from dive_ds.io.atomic import staged_dir, write_json
+from dive_ds.io.atomic import check_free_space, staged_dir, write_json
 from dive_ds.io.atomic import write_text as atomic_write_text
 from dive_ds.io.placement import NodePlacement
 from dive_ds.io.shards import check_shard_out
@@ -246,6 +246,11 @@ def run_reconstruct(
         shards.check(cfg.num_experts)
         check_shard_out(Path(out))
     cal = load_calibration(calib_dir)
+    n_layers, ffn = cal.stats.sum_DLF.shape[1:]
+    if cfg.num_experts > ffn:
+        raise ValueError(
+            f"--experts {cfg.num_experts}: the model's FFN has {ffn} channels; use at most {ffn} experts"
+        )
     groups = None
     if cfg.method == "dive":
         if groups_file is None:
@@ -266,6 +271,12 @@ def run_reconstruct(
         inputs = {"calibration": cal.path, "dense model": model_dir, "groups file": groups_file}
         check_not_input(Path(out), inputs)
     check_same_model(cal, model_dir)
+    hidden = json.loads((model_dir / "config.json").read_text())["hidden_size"]
+    width = ffn // cfg.num_experts if cfg.method == "llama-moe" else n_keep(ffn, cfg.prune_ratio)
+    experts_bytes = 3 * 4 * hidden * n_layers * cfg.num_experts * width  # fp32; a lower bound of the MoE
+    check_free_space(
+        Path(out), experts_bytes // (shards.nodes if shards else 1), "the MoE's experts at --out"
+    )
     plan = plan_experts(cal.stats, cal.domains, groups, cfg)
     identity = reconstruction_identity(plan, cfg, model_dir, cal.fingerprint)
     extra = {"calibration": str(cal.path), "identity": identity}
@@ -345,6 +356,16 @@ def run_fit_router(
         return _fit_router(moe, calib_dir, out, cfg, dense, ranks, torch_dtype)
 
 
+def _moe_source_fingerprint(moe: Path) -> str | None:
+    """The fingerprint of the dense model a dive_moe folder was reconstructed from (None: not recorded)."""
+    try:
+        info = json.loads((moe / "dive_experts.json").read_text())
+    except (OSError, ValueError):
+        return None
+    ident = info.get("identity") if isinstance(info, dict) else None
+    return ident.get("dense_model_fingerprint") if isinstance(ident, dict) else None
+
+
 def _fit_router(moe, calib_dir, out, cfg, dense, ranks: Ranks, torch_dtype: torch.dtype) -> dict:
     from dive_ds.routerfit import MoeLayers, RouterFitConfig, fit_routers, write_fitted
 
@@ -365,6 +386,18 @@ def _fit_router(moe, calib_dir, out, cfg, dense, ranks: Ranks, torch_dtype: torc
         raise ValueError(
             f"{moe} has {c.num_hidden_layers} layers x hidden {c.hidden_size} but the calibration in {cal.path} "
             "is of another model; pass the calibration the MoE was reconstructed from"
+        )
+    made_from = _moe_source_fingerprint(moe)
+    if made_from is not None and made_from != cal.fingerprint:
+        raise ValueError(
+            f"{moe} was reconstructed from another model (fingerprint {made_from}) than the one {cal.path} "
+            f"calibrated ({cal.fingerprint}); pass the calibration the MoE was reconstructed from"
+        )
+    top = max(int(w.max()) for w in cal.calib.values())
+    if top >= c.vocab_size:
+        raise ValueError(
+            f"the calibration in {cal.path} holds token id {top} but {moe} has a vocabulary of {c.vocab_size}: "
+            "another tokenizer; pass a calibration made with this model's tokenizer"
         )
     n_win = sum(min(w.shape[0], cfg.windows_per_domain or w.shape[0]) for w in cal.calib.values())
     ranks.check_items(n_win, "calibration windows (over all domains)")

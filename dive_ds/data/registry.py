@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import glob
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -150,6 +151,12 @@ def load_registry(path: str | Path) -> Registry:
                 _fail(path, f"domain {name!r}: local source needs `files` (paths or globs)")
             files: list[str] = []
             for pat in patterns:
+                if not isinstance(pat, str):
+                    _fail(path, f"domain {name!r}: `files` entries must be paths or globs, got {pat!r}")
+                pat = os.path.expandvars(os.path.expanduser(pat))  # ~ and $HOME, as a shell would
+                if "$" in pat:
+                    _fail(path, f"domain {name!r}: {pat!r} names an unset environment variable; set it or "
+                                "write the path out")  # fmt: skip
                 full = pat if Path(pat).is_absolute() else str(path.parent / pat)
                 hits = sorted(glob.glob(full))
                 if not hits:

@@ -128,12 +128,21 @@ def load_config(model: str | Path) -> PretrainedConfig:
 
 def load_tokenizer(model: str | Path, config: PretrainedConfig | None = None):
     tok = AutoTokenizer.from_pretrained(model)
-    if config is not None and len(tok) > config.vocab_size:
+    if config is not None:
+        check_tokenizer_fits(len(tok), config.vocab_size)
+    return tok
+
+
+def check_tokenizer_fits(n_tokens: int, vocab_size: int) -> None:
+    """Refuse a tokenizer from another model: more tokens than the embedding holds, or far fewer than it
+    (models pad their vocabulary by at most a few hundred rows: Qwen2.5 271, Phi-3 53; a tokenizer that
+    leaves over max(1024, 1%) rows unused is another model's, e.g. Llama-2's 32,000 on SmolLM2's 49,152)."""
+    slack = max(1024, vocab_size // 100)
+    if n_tokens > vocab_size or vocab_size - n_tokens > slack:
         raise ValueError(
-            f"tokenizer has {len(tok)} tokens but the model's vocab_size is {config.vocab_size}: "
+            f"tokenizer has {n_tokens} tokens but the model's vocab_size is {vocab_size}: "
             "the tokenizer does not belong to this model; pass the model's own tokenizer folder"
         )
-    return tok
 
 
 def load_dense_model(model: str | Path, dtype: torch.dtype = torch.float32):

@@ -459,6 +459,14 @@ def validate_run_config(cfg: RunConfig) -> None:
     if not cfg.out_dir:
         raise ValueError("run config: out_dir is empty; name a run folder")
     _check_finite(cfg.to_dict(), "run config")
+    if cfg.model.path:  # a run never writes into its own input, nor holds it inside its folder
+        out, model = Path(cfg.out_dir).resolve(), Path(cfg.model.path).resolve()
+        where = "is" if out == model else "is inside" if model in out.parents else "contains"
+        if out == model or model in out.parents or out in model.parents:
+            raise ValueError(
+                f"run config: out_dir {cfg.out_dir} {where} model.path {cfg.model.path}; "
+                "a run never writes into its input: choose an out_dir outside the model folder"
+            )
     d, t = cfg.data, cfg.train
     if d.seed < 0 or t.seed < 0:
         raise ValueError(f"run config: data.seed={d.seed}, train.seed={t.seed}; use seeds >= 0")
