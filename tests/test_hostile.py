@@ -97,7 +97,9 @@ def test_home_and_variables_in_registry_paths_are_expanded(tmp_path, monkeypatch
     r = load_registry(reg)
     assert [d.source.files for d in r.domains.values()] == [(str(tmp_path / "t.txt"),)] * 2
     os.environ.pop("DIVE_UNSET_VAR", None)
-    reg.write_text(json.dumps({"domains": {"a": {"source": {"type": "local", "files": "$DIVE_UNSET_VAR/t.txt"}}}}))
+    reg.write_text(
+        json.dumps({"domains": {"a": {"source": {"type": "local", "files": "$DIVE_UNSET_VAR/t.txt"}}}})
+    )
     with pytest.raises(ValueError, match="names an unset environment variable"):
         load_registry(reg)
 
