@@ -34,8 +34,17 @@ def world(tmp_path_factory):
     key = next(k for k in samples if k.startswith("calib."))
     samples[key][0, 0] = 10**6
     save_file(samples, big / "samples.safetensors")
+    bad = root / "moe-badrouter"  # a router tensor of the wrong shape (a hand-edited or corrupt folder)
+    bad.mkdir()
+    for f in (root / "moe").iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    shard = bad / "model-layer-00000.safetensors"
+    tensors = load_file(shard)
+    w = tensors["model.layers.0.mlp.gate.weight"]
+    tensors["model.layers.0.mlp.gate.weight"] = torch.zeros(w.shape[0], w.shape[1] + 1)
+    save_file(tensors, shard, metadata={"format": "pt"})
     return {"root": root, "model": model, "calib": calib, "moe": root / "moe", "moe_other": root / "moe-other",
-            "calib_bigvocab": big}  # fmt: skip
+            "calib_bigvocab": big, "moe_badrouter": bad}  # fmt: skip
 
 
 CASES = [
@@ -46,6 +55,8 @@ CASES = [
      2, "was reconstructed from another model", ["{root}/x"]),
     ("fit-router-calibration-of-another-tokenizer", "fit-router --moe {moe} --calib {calib_bigvocab} --out {root}/x",
      2, "holds token id 1000000 but", ["{root}/x"]),
+    ("export-a-router-of-the-wrong-shape", "export {moe_badrouter} --format portable --out {root}/x",
+     2, "holds model.layers.0.mlp.gate.weight of shape", ["{root}/x"]),
     ("mine-into-its-own-calibration", "mine --calib {calib} --experts 2 --out {calib}", 2, "an input of this run", []),
 ]  # fmt: skip
 

@@ -163,7 +163,6 @@ def export_portable(src_dir: str | Path, out_dir: str | Path) -> Path:
     """
     src_dir, out_dir = Path(src_dir), Path(out_dir)
     _check_export_paths(src_dir, out_dir)
-    check_complete(src_dir)  # from the files' headers: a lost shard is refused before anything is written
     source = modeling_source()  # refuses a model module that stopped being self-contained
     config = json.loads((src_dir / "config.json").read_text())
     config["auto_map"] = dict(AUTO_MAP)
@@ -207,6 +206,9 @@ def _check_export_paths(src_dir: Path, out_dir: Path) -> None:
             f"{src_dir} is a {model_type!r} model, not dive_moe: it has no experts to export; pass the "
             "--out of `dive-ds reconstruct` or of retraining"
         )
+    # from the files' headers: a lost shard or a tensor of the wrong shape is refused before anything is
+    # written (an export that cannot load is never made)
+    check_complete(src_dir)
 
 
 @contextlib.contextmanager

@@ -167,6 +167,11 @@ def _missing_message(folder, missing: list[str]) -> str:
 def checkpoint_keys(folder: str | Path) -> set[str]:
     """Names of the tensors a local safetensors folder really holds (read from the files' headers; an
     index entry whose file or tensor is absent does not count)."""
+    return set(checkpoint_shapes(folder))
+
+
+def checkpoint_shapes(folder: str | Path) -> dict[str, tuple[int, ...]]:
+    """{name: shape} of the tensors a local safetensors folder really holds (from the files' headers)."""
     folder = Path(folder)
     index = folder / "model.safetensors.index.json"
     if index.is_file():
@@ -182,39 +187,54 @@ def checkpoint_keys(folder: str | Path) -> set[str]:
             f"{folder} has no model.safetensors(.index.json); "
             "convert the checkpoint to safetensors (save_pretrained(safe_serialization=True))"
         )
-    keys: set[str] = set()
+    shapes: dict[str, tuple[int, ...]] = {}
     for name in files:
         path = folder / name
         if not path.is_file():
             raise ValueError(f"{path} is missing (named by {index.name}); restore it or rebuild {folder}")
         try:
             with safe_open(path, "pt") as f:
-                held = set(f.keys())
+                held = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
         except Exception as e:  # SafetensorError: truncated or not a safetensors file
             raise ValueError(f"{path} is not a readable safetensors file ({e}); restore it") from None
         if weight_map is not None:
-            held &= {k for k, v in weight_map.items() if v == name}
-        keys |= held
-    return keys
+            held = {k: v for k, v in held.items() if weight_map.get(k) == name}
+        shapes |= held
+    return shapes
 
 
 def expected_keys(config: PretrainedConfig) -> set[str]:
     """Names of the tensors a checkpoint of this config must hold (tied copies excluded)."""
+    return set(expected_shapes(config))
+
+
+def expected_shapes(config: PretrainedConfig) -> dict[str, tuple[int, ...]]:
+    """{name: shape} of the tensors a checkpoint of this config must hold (tied copies excluded)."""
     from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
     from transformers.initialization import no_init_weights
 
     with torch.device("meta"), no_init_weights():  # shapes only: no memory, no init, no ZeRO-3 partitioning
         model = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)](config)
     tied = set(getattr(model, "all_tied_weights_keys", None) or {})
-    return set(model.state_dict()) - tied
+    return {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in tied}
 
 
 def check_complete(folder: str | Path) -> None:
-    """Refuse a local model folder that lacks any weight of its model (before anything is loaded)."""
+    """Refuse a local model folder that lacks any weight of its model, or holds one of another shape than
+    its config gives (before anything is loaded or written)."""
     config = AutoConfig.from_pretrained(folder)
-    missing = sorted(expected_keys(config) - checkpoint_keys(folder))
+    want, held = expected_shapes(config), checkpoint_shapes(folder)
+    missing = sorted(set(want) - set(held))
     if missing:
         raise ValueError(_missing_message(folder, missing))
+    wrong = sorted(k for k in want if held[k] != want[k])
+    if wrong:
+        k = wrong[0]
+        raise ValueError(
+            f"{folder} holds {k} of shape {list(held[k])} but its config.json gives {list(want[k])}"
+            f"{f' ({len(wrong) - 1} more of another shape)' if len(wrong) > 1 else ''}; the folder is corrupt "
+            "or its config is another model's: rebuild it"
+        )
 
 
 def load_causal_lm(folder: str | Path, cls=None, precheck: bool = True, **kwargs):
