@@ -838,3 +838,45 @@ def test_resume_after_crash_reproduces_every_loss(zero, crash, resume_reference,
     assert len(ckpts) == 2 and ckpts[-1] == "step_00000006"  # keep = 2
     final, ref_final = load_state(tmp_path / "run" / "model"), load_state(reference / "model")
     assert all(torch.equal(final[k], ref_final[k]) for k in ref_final)
+
+
+@pytest.mark.heavy
+def test_a_stop_during_a_long_step_ends_within_a_micro_batch_and_resumes_exactly(
+    resume_reference, tmp_path, monkeypatch
+):
+    """A stop request (what SIGTERM sets) arriving during the first micro batch of experts step 3 (4 micro a
+    batches a step here): no further micro batch runs, the checkpoint is of step 2 (the last complete one, data
+    stream and RNGs rewound to its end), and the relaunch reproduces the uninterrupted run's every loss."""
+    import dive_ds.train.stage as stage_mod
+    from dive_ds.train.retrain import train
+    from dive_ds.train.stop import Interrupted
+
+    ds, raw, reference = resume_reference("zero2")
+    raw = dict(raw, out_dir=str(tmp_path / "run"))
+    real, calls = stage_mod._forward, {"n": 0, "after": 0}
+    stop_file = tmp_path / "run" / "STOP"
+
+    def forward(engine, ids, *a):
+        calls["n"] += 1
+        if stop_file.exists():
+            calls["after"] += 1
+        # experts stage: 4 router steps x 4 micro batches come first; step 3's first micro batch is call 25
+        if calls["n"] == 4 * 4 + 2 * 4 + 1:
+            stop_file.touch()
+        return real(engine, ids, *a)
+
+    monkeypatch.setattr(stage_mod, "_forward", forward)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pytest.raises(Interrupted, match="stopped during step 3, after 2 complete step"):
+            train(run_config_from_dict(raw), read_mapping(ds), str(ds))
+        assert calls["after"] == 0  # the touch came inside micro batch 1; micro batch 2 never ran
+        ckpt = tmp_path / "run" / "stages" / "experts" / "checkpoints"
+        assert (ckpt / "latest").read_text().strip() == "step_00000002"
+        stop_file.unlink()
+        monkeypatch.setattr(stage_mod, "_forward", real)
+        train(run_config_from_dict(raw), read_mapping(ds), str(ds))
+    finally:
+        torch.set_num_threads(threads)
+    assert step_losses(tmp_path / "run") == step_losses(reference)

@@ -118,6 +118,22 @@ def load_rng_state(path: Path) -> dict:
     return state
 
 
+def snapshot() -> tuple:
+    """This process's RNG states in memory (cheap: taken at every step start of a multi-micro-batch step)."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    return random.getstate(), np.random.get_state(), torch.get_rng_state(), cuda
+
+
+def rewind(snap: tuple) -> None:
+    """Set the RNGs back to a `snapshot`."""
+    py, npy, cpu, cuda = snap
+    random.setstate(py)
+    np.random.set_state(npy)
+    torch.set_rng_state(cpu)
+    if cuda:
+        torch.cuda.set_rng_state_all(cuda)
+
+
 def restore(state: dict) -> None:
     """Set this process's RNGs from `load_rng_state`'s result."""
     random.setstate(state["python"])

@@ -32,9 +32,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from dive_ds.models.moe import DiveMoeBlock, DiveMoeForCausalLM, moe_blocks
 from dive_ds.parallel.distributed import barrier, current_device
+from dive_ds.train import rng
 from dive_ds.train.checkpoint import resume_stage, resume_tag, save_if_due, stage_meta
 from dive_ds.train.config import RunConfig, StageConfig
 from dive_ds.train.data import build_stream
@@ -110,10 +112,16 @@ def run_stage(
         for step in range(start + 1, steps + 1):
             t0 = time.perf_counter()
             lr = scheduler.get_last_lr()[0]
+            before = (
+                (stream.state_dict(), rng.snapshot()) if gas > 1 else None
+            )  # a stop between micro batches
             ids_GS, _domains = stream.next_batch(glob)
             mine = ids_GS[rank * gas * mbs : (rank + 1) * gas * mbs]
             acc = StepAccumulator(blocks)
             for i in range(gas):  # forward, backward, step per micro batch (the optimizer steps on the last)
+                if i and stop_agreed(stop.set):  # a long step stops within one micro batch, not at its end
+                    _stop_mid_step(engine, run, plan, step, tokens_seen, stream, before, last_saved, meta, rank,
+                                   input_dir)  # fmt: skip
                 if run.train.rng_per_micro_batch:
                     torch.manual_seed(_micro_seed(run.train.seed, plan.index, step, rank * gas + i))
                 ids = mine[i * mbs : (i + 1) * mbs].to(device)
@@ -187,6 +195,32 @@ def _seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def stop_agreed(local: bool) -> bool:
+    """Did any rank get a stop request? (one 1-element all-reduce: every rank leaves the step together)"""
+    if not (dist.is_available() and dist.is_initialized()):
+        return local
+    flag = torch.tensor([float(local)], dtype=torch.float64)
+    dist.all_reduce(flag)
+    return flag.item() > 0
+
+
+def _stop_mid_step(engine, run, plan, step, tokens_seen, stream, before, last_saved, meta, rank, input_dir):
+    """Abandon step `step` part-way (its micro batches so far changed no weight: the optimizer steps on the
+    last), checkpoint the last complete step with the data stream and RNGs rewound to where it ended, and
+    stop (Interrupted). The relaunch then runs `step` whole, as an uninterrupted run would."""
+    data, rngs = before
+    stream.load_state_dict(data)
+    rng.rewind(rngs)
+    done = step - 1
+    if done > 0 and last_saved != done:
+        save_if_due(engine, run, plan, done, tokens_seen, stream, True, meta, rank, input_dir)
+    raise Interrupted(
+        f"stage {plan.stage.name}: stopped during step {step}, after {done} complete step(s) (a signal or "
+        f"{Path(run.out_dir) / STOP_FILE}); "
+        + ("checkpoint saved, relaunch the same command to resume" if done > 0 else "relaunch to start it")
+    )
 
 
 def _micro_seed(seed: int, stage_index: int, step: int, micro: int) -> int:
