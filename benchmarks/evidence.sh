@@ -15,4 +15,5 @@ mkdir -p "$OUT"
     --eval-domains demo-unseen --treatments fitted --steps 64 --eval-every 16 --fit-windows 4 \
     --methods dive,nomining,llama-moe,flap,flap-adaptive,flap-eqtrain --grouping-seeds 1,2,3 \
     --data-seeds 1234,5678
+$DIVE compare-report --json "$OUT/compare/compare.json" --readme docs/results.md
 $DIVE compare-report --json "$OUT/compare/compare.json" --readme README.md

@@ -11,7 +11,7 @@ import sys
 from dive_ds.argtypes import OneLineParser, nonneg_int
 
 
-def main(argv=None) -> int:
+def build_parser() -> OneLineParser:
     p = OneLineParser(prog="retrain", description=__doc__.splitlines()[0])
     p.add_argument("--deepspeed", metavar="CONFIG.json", help="DeepSpeed JSON, e.g. ds_configs/zero2.json")
     p.add_argument("--config", metavar="RUN.yaml", help="run config, e.g. configs/demo_retrain.yaml")
@@ -31,7 +31,11 @@ def main(argv=None) -> int:
         help="with --consolidate: replace an --out folder that holds anything but this same consolidation; "
         "else: start afresh in an out_dir that holds another run (its files are moved aside, never deleted)",
     )
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    a = build_parser().parse_args(argv)
     try:
         if a.consolidate:
             from dive_ds.train.export import consolidate_checkpoint

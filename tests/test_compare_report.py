@@ -83,3 +83,20 @@ def test_run_plan_seeds_and_order():
         CompareConfig(steps=16, treatments=("fitted", "random"))
     with pytest.raises(ValueError, match="not a whole number"):
         CompareConfig(methods=("dive", "llama-moe"), experts=5, prune_ratio=0.5)
+
+
+def test_readme_gets_the_headline_and_the_docs_the_full_tables(tmp_path):
+    from dive_ds.compare_report import HEAD_BEGIN, HEAD_END
+
+    res = _results()
+    finish(res, n_boot=20)
+    readme = tmp_path / "R.md"
+    readme.write_text(f"# guide\n{HEAD_BEGIN}\nold\n{HEAD_END}\n## after\n")
+    update_readme(readme, res, "x.json")
+    text = readme.read_text()
+    assert "old" not in text and "| dive-fitted | stronger FLAP |" in text and text.endswith("## after\n")
+    assert "## seen domains" not in text and "commit `abc`" in text  # the headline only
+    docs = tmp_path / "results.md"
+    docs.write_text("<!-- compare:begin -->\n<!-- compare:end -->\n")
+    update_readme(docs, res, "x.json")
+    assert "## seen domains, before any training" in docs.read_text()
