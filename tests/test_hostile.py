@@ -124,3 +124,13 @@ def test_fit_router_reports_no_nan_accuracy_on_few_windows(world):
     cfg = RouterFitConfig(progress=False, windows_per_domain=2, holdout_every=3, max_iter=5)
     rep = run_fit_router(world["moe"], world["calib"], world["root"] / "fitted", cfg)
     assert torch.isfinite(torch.tensor(rep["mean_label_accuracy_heldout"]))
+
+
+def test_a_global_batch_beyond_memory_is_refused(tmp_path):
+    from dive_ds.train.retrain import check_batch_fits
+
+    run = run_config_from_dict({"out_dir": str(tmp_path / "r"), "model": {"path": str(tmp_path / "m")},
+                                "train": {"global_batch_size": 10**9}, "stages": {"experts": {"steps": 1}}})  # fmt: skip
+    with pytest.raises(ValueError, match=r"their ids alone need 8192 GB and this machine has 24 GB"):
+        check_batch_fits(run, memory=24 * 10**9)
+    check_batch_fits(run_config_from_dict({"model": {"path": "m"}, "stages": {"experts": {"steps": 1}}}))

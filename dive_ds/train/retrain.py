@@ -94,6 +94,20 @@ def _record_run(
         f.write(json.dumps(info) + "\n")
 
 
+def check_batch_fits(run: RunConfig, memory: int | None = None) -> None:
+    """Refuse a global batch whose token ids alone (int64, one step) exceed this machine's memory: a typo
+    such as `global_batch_size: 1e9` is a one-line error, not an out-of-memory kill."""
+    if memory is None:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    need = run.train.global_batch_size * run.data.seq_len * 8
+    if need > memory:
+        raise ValueError(
+            f"run config: train.global_batch_size={run.train.global_batch_size} x data.seq_len={run.data.seq_len} "
+            f"tokens per step: their ids alone need {need / 1e9:.0f} GB and this machine has {memory / 1e9:.0f} GB; "
+            "use a smaller global batch (gradient accumulation makes a large one from micro batches)"
+        )
+
+
 def _link_tree(src: Path, dst: Path) -> None:
     """dst becomes a copy of src made of hard links where possible (no second copy of the weights); a dst
     that already is this copy stays, anything else there is moved aside (dive_ds.io.atomic.publish)."""
@@ -131,6 +145,7 @@ def _train(
     ds = resolve_ds_config(ds_raw, run, world, accelerator_name(), ds_source)
     resolve_ep_size(ds_raw, run, ds_source)  # a malformed expert_parallel section fails here, before any file
     plans = plan_stages(run, stages)
+    check_batch_fits(run)
     identity = run_identity(run)
     claim = claim_run_dir(Path(run.out_dir), identity, force)
     barrier()  # every rank has checked the folder before rank 0 writes or moves anything there
