@@ -394,6 +394,16 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
+def rewritten_bytes(moe_dir: str | Path) -> int:
+    """Bytes `write_fitted` writes anew: the safetensors files that hold a router (the rest are linked)."""
+    total = 0
+    for path in Path(moe_dir).rglob("*.safetensors"):
+        with safe_open(path, "pt") as f:
+            if any(".mlp.gate." in k for k in f.keys()):
+                total += path.stat().st_size
+    return total
+
+
 def write_fitted(
     moe_dir: str | Path, out: str | Path, routers: dict[int, dict[str, torch.Tensor]], report: dict
 ) -> Path:

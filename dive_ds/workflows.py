@@ -367,7 +367,7 @@ def _moe_source_fingerprint(moe: Path) -> str | None:
 
 
 def _fit_router(moe, calib_dir, out, cfg, dense, ranks: Ranks, torch_dtype: torch.dtype) -> dict:
-    from dive_ds.routerfit import MoeLayers, RouterFitConfig, fit_routers, write_fitted
+    from dive_ds.routerfit import MoeLayers, RouterFitConfig, fit_routers, rewritten_bytes, write_fitted
 
     cfg = cfg or RouterFitConfig()
     out, moe = Path(out), Path(moe)
@@ -401,6 +401,8 @@ def _fit_router(moe, calib_dir, out, cfg, dense, ranks: Ranks, torch_dtype: torc
         )
     n_win = sum(min(w.shape[0], cfg.windows_per_domain or w.shape[0]) for w in cal.calib.values())
     ranks.check_items(n_win, "calibration windows (over all domains)")
+    if ranks.is_main:  # before the fit, not after it: the files holding a router are written anew
+        check_free_space(out, rewritten_bytes(moe), "the fitted MoE at --out")
     ranks.barrier()  # every rank has checked `out` before rank 0 may write it
     routers, report = fit_routers(moe, dense_dir, cal.calib, cfg, ranks=ranks, dtype=torch_dtype)
     report |= {

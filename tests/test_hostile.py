@@ -134,3 +134,31 @@ def test_a_global_batch_beyond_memory_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"their ids alone need 8192 GB and this machine has 24 GB"):
         check_batch_fits(run, memory=24 * 10**9)
     check_batch_fits(run_config_from_dict({"model": {"path": "m"}, "stages": {"experts": {"steps": 1}}}))
+
+
+def test_a_disk_too_small_is_refused_before_the_work(world, monkeypatch, capsys):
+    """fit-router and reconstruct check the free space before fitting or writing (a full disk mid-write is
+    tests/test_atomic.py's case)."""
+    import dive_ds.io.atomic as atomic
+
+    monkeypatch.setattr(atomic, "free_bytes", lambda path: 1000)
+    out = world["root"] / "x"
+    assert (
+        main(["fit-router", "--moe", str(world["moe"]), "--calib", str(world["calib"]), "--out", str(out)])
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert "the fitted MoE at --out" in err and "only 0.00 GB is free there" in err and not out.exists()
+    args = [
+        "reconstruct",
+        "--calib",
+        str(world["calib"]),
+        "--method",
+        "nomining",
+        "--experts",
+        "2",
+        "--out",
+        str(out),
+    ]
+    assert main(args) == 2
+    assert "the MoE's experts at --out" in capsys.readouterr().err and not out.exists()
