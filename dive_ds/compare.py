@@ -210,14 +210,19 @@ def _same(a: dict, b: dict) -> bool:
 
 
 def _reusable(src: Path, rc_dict: dict, fit: dict | None, calib: Path) -> bool:
-    """Whether `src` (a model folder of an earlier compare) is exactly what this one would build."""
+    """Whether `src` (a model folder of an earlier compare) is exactly what this one would build: the same
+    settings, from this calibration as it is now (its fingerprint, not only its path: a calibration
+    replaced at the same path makes every model built from it stale)."""
+    from dive_ds.io.fingerprint import folder_fingerprint
+
     try:
+        now = folder_fingerprint(calib)
         meta = json.loads((src / "dive_experts.json").read_text())
-        if meta["reconstruction"] != rc_dict or Path(meta["calibration"]).resolve() != calib.resolve():
+        if meta["reconstruction"] != rc_dict or meta.get("calibration_fingerprint") != now:
             return False
         if fit is not None:
             rep = json.loads((src / "router_fit.json").read_text())
-            return _same(rep["config"], fit) and Path(rep["calibration"]).resolve() == calib.resolve()
+            return _same(rep["config"], fit) and rep.get("calibration_fingerprint") == now
         return not (src / "router_fit.json").exists()
     except (OSError, KeyError, ValueError):
         return False

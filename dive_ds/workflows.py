@@ -18,6 +18,7 @@ from dive_ds.calibrate import Calibration, check_same_model, load_calibration, r
 from dive_ds.eval.perplexity import domain_nll, domain_perplexities, pruned_ffn, routing_report
 from dive_ds.io.atomic import check_free_space, staged_dir, write_json
 from dive_ds.io.atomic import write_text as atomic_write_text
+from dive_ds.io.fingerprint import folder_fingerprint
 from dive_ds.io.placement import NodePlacement
 from dive_ds.io.shards import check_shard_out
 from dive_ds.outputs import (
@@ -279,7 +280,12 @@ def run_reconstruct(
     )
     plan = plan_experts(cal.stats, cal.domains, groups, cfg)
     identity = reconstruction_identity(plan, cfg, model_dir, cal.fingerprint)
-    extra = {"calibration": str(cal.path), "identity": identity}
+    # the calibration's own fingerprint too: `compare --reuse-models` reuses a model only if it is unchanged
+    extra = {
+        "calibration": str(cal.path),
+        "calibration_fingerprint": folder_fingerprint(cal.path),
+        "identity": identity,
+    }
     t0 = time.time()
     if shards is not None:
         rec = write_moe_shards(model_dir, plan, cfg, out, shards, extra_info=extra)
@@ -408,6 +414,7 @@ def _fit_router(moe, calib_dir, out, cfg, dense, ranks: Ranks, torch_dtype: torc
     report |= {
         "moe": str(moe.resolve()),
         "calibration": str(cal.path.resolve()),
+        "calibration_fingerprint": folder_fingerprint(cal.path),
         "dense_model": str(Path(dense_dir).resolve()),
     }
     calib_rate = cal.manifest.get("pass", {}).get("tokens_per_s")

@@ -162,3 +162,38 @@ def test_a_disk_too_small_is_refused_before_the_work(world, monkeypatch, capsys)
     ]
     assert main(args) == 2
     assert "the MoE's experts at --out" in capsys.readouterr().err and not out.exists()
+
+
+def test_compare_reuses_a_model_only_from_the_same_calibration_content(world, tmp_path):
+    """`compare --reuse-models` once compared the calibration's path: a calibration replaced at that path
+    kept its stale models. Now its fingerprint decides."""
+    from dive_ds.compare import _reusable
+
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for f in world["calib"].iterdir():
+        (calib / f.name).write_bytes(f.read_bytes())
+    moe = tmp_path / "moe"
+    assert (
+        main(
+            [
+                "reconstruct",
+                "--calib",
+                str(calib),
+                "--method",
+                "nomining",
+                "--experts",
+                "2",
+                "--out",
+                str(moe),
+            ]
+        )
+        == 0
+    )
+    meta = json.loads((moe / "dive_experts.json").read_text())
+    assert _reusable(moe, meta["reconstruction"], None, calib)
+    samples = load_file(calib / "samples.safetensors")  # another calibration at the same path
+    key = next(k for k in samples if k.startswith("calib."))
+    samples[key][0, 0] += 1
+    save_file(samples, calib / "samples.safetensors")
+    assert not _reusable(moe, meta["reconstruction"], None, calib)
