@@ -275,9 +275,6 @@ def run_reconstruct(
     hidden = json.loads((model_dir / "config.json").read_text())["hidden_size"]
     width = ffn // cfg.num_experts if cfg.method == "llama-moe" else n_keep(ffn, cfg.prune_ratio)
     experts_bytes = 3 * 4 * hidden * n_layers * cfg.num_experts * width  # fp32; a lower bound of the MoE
-    check_free_space(
-        Path(out), experts_bytes // (shards.nodes if shards else 1), "the MoE's experts at --out"
-    )
     plan = plan_experts(cal.stats, cal.domains, groups, cfg)
     identity = reconstruction_identity(plan, cfg, model_dir, cal.fingerprint)
     # the calibration's own fingerprint too: `compare --reuse-models` reuses a model only if it is unchanged
@@ -288,6 +285,7 @@ def run_reconstruct(
     }
     t0 = time.time()
     if shards is not None:
+        check_free_space(Path(out), experts_bytes // shards.nodes, "the MoE's experts at --out")
         rec = write_moe_shards(model_dir, plan, cfg, out, shards, extra_info=extra)
         n = f"node {shards.node}/{shards.nodes}"
         if rec["reused"]:
@@ -302,11 +300,13 @@ def run_reconstruct(
             )
         return Path(out)
     if cfg.router_init == "fit":
+        check_free_space(Path(out), experts_bytes, "the MoE's experts at --out")
         return _reconstruct_fitted(model_dir, plan, cfg, out, cal, t0)
     recorded = recorded_reconstruction(Path(out), identity, plan)  # None: out holds no write_moe output
     if claim_output(Path(out), identity, recorded, "dive_experts.json", force):
         print(f"{out} already holds this reconstruction; reusing it (delete it to rebuild)")
         return Path(out)
+    check_free_space(Path(out), experts_bytes, "the MoE's experts at --out")  # after the reuse check
     write_moe(model_dir, plan, cfg, out, extra_files=extra)
     print(
         f"wrote {cfg.method} MoE ({cfg.num_experts} experts x {_width(plan.widths_L)} channels, top-{cfg.top_k}) "
@@ -407,8 +407,9 @@ def _fit_router(moe, calib_dir, out, cfg, dense, ranks: Ranks, torch_dtype: torc
         )
     n_win = sum(min(w.shape[0], cfg.windows_per_domain or w.shape[0]) for w in cal.calib.values())
     ranks.check_items(n_win, "calibration windows (over all domains)")
-    if ranks.is_main:  # before the fit, not after it: the files holding a router are written anew
-        check_free_space(out, rewritten_bytes(moe), "the fitted MoE at --out")
+    # before the fit, not after it (the files holding a router are written anew); on every rank, so that
+    # every rank stops, not rank 0 alone
+    check_free_space(out, rewritten_bytes(moe), "the fitted MoE at --out")
     ranks.barrier()  # every rank has checked `out` before rank 0 may write it
     routers, report = fit_routers(moe, dense_dir, cal.calib, cfg, ranks=ranks, dtype=torch_dtype)
     report |= {
@@ -631,11 +632,13 @@ def _finish_evaluate(res: dict, out: Path | None, identity: dict | None) -> dict
         tb = Path(tempfile.mkdtemp(dir=out, prefix=".tb-new-"))
         try:
             write_tensorboard(tb, res)
+            old = None
             if (out / "tb").exists():  # this evaluation's own earlier scalars (claim_eval_out checked)
-                old = out / f".tb-old-{os.getpid()}"
-                os.replace(out / "tb", old)
-                shutil.rmtree(old)
+                old = Path(tempfile.mkdtemp(dir=out, prefix=".tb-old-"))
+                os.replace(out / "tb", old / "tb")
             os.replace(tb, out / "tb")
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
         finally:
             shutil.rmtree(tb, ignore_errors=True)
         write_json(out / "eval.json", res | {"identity": identity})  # the record last

@@ -86,6 +86,7 @@ def test_a_retrain_never_writes_into_its_input(out, where, tmp_path):
 
 def test_a_tokenizer_of_another_model_is_refused_by_its_size():
     check_tokenizer_fits(151665, 151936)  # Qwen2.5 pads 271 rows
+    check_tokenizer_fits(100015, 102400)  # DeepSeek-LLM-7B pads about 2.4k
     check_tokenizer_fits(49152, 49152)
     with pytest.raises(ValueError, match="does not belong to this model"):
         check_tokenizer_fits(32000, 49152)  # Llama-2's tokenizer on SmolLM2

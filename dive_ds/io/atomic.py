@@ -5,9 +5,9 @@
 - Folders: `staged_dir(out)` yields a hidden temp folder beside `out`; `publish(tmp, out)` renames it
   in. An `out` that already holds something (an earlier output, a file a user put there) is not
   deleted: it is moved whole into `out/superseded-<time>/`, as the trainer has always done.
-- One writer: `OutputLock(out)` holds `<out>.lock` (made with O_EXCL, holding the pid and host, as git's
-  index.lock). A second run on the same output is refused in one line naming the first run's pid; a
-  lock whose process is gone (same host) is taken over, and the run says so.
+- One writer: `OutputLock(out)` holds an `fcntl.flock` on `<out>.lock` (the file names the holder's pid and
+  host). A second run on the same output is refused in one line naming the first run's pid; the kernel
+  drops a dead run's lock, and the next run takes the file over and says so.
 - A full disk ends in one line (which output, how much it needed where known, how much was free),
   never in a traceback, and leaves nothing under the output's name.
 """
@@ -170,7 +170,11 @@ def publish(tmp: Path, out: Path) -> Path | None:
         return None
     old = out.parent / f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     os.replace(out, old)
-    os.replace(tmp, out)
+    try:
+        os.replace(tmp, out)
+    except BaseException:  # interrupted between the two renames: put the old output back
+        os.replace(old, out)
+        raise
     dest = superseded_name(out)
     os.replace(old, dest)
     print(f"the earlier contents of {out} were moved to {dest}", file=sys.stderr)
@@ -190,78 +194,80 @@ def lock_path(out: Path | str, tag: str | None = None) -> Path:
     return out.parent / f"{out.name}{'.' + tag if tag else ''}.lock"
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
-
-
 class OutputLock:
-    """`with OutputLock(out):` one writer for `out` at a time (see the module docstring)."""
+    """`with OutputLock(out):` one writer for `out` at a time (see the module docstring).
+
+    The lock is an `fcntl.flock` on `<out>.lock`, which the kernel drops when its process dies, however it
+    dies (SIGKILL, a requeued SLURM job on another node, a container restart), so a dead run never blocks a
+    new one; the file holds the holder's pid and host for the refusal's message. A file left by a dead run
+    is taken over, and the run says so."""
 
     def __init__(self, out: Path | str, command: str = "dive-ds", tag: str | None = None):
         self.out = Path(out)
         self.path = lock_path(self.out, tag)
         self.command = command
-        self.held = False
+        self.fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self.fd is not None
 
     def _record(self) -> str:
         return json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": self.command,
                            "started": time.strftime("%Y-%m-%d %H:%M:%S")})  # fmt: skip
 
-    def acquire(self) -> OutputLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(3):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                if self._take_over_stale():
-                    continue
-                raise
-            with os.fdopen(fd, "w") as f:
-                f.write(self._record() + "\n")
-            self.held = True
-            return self
-        raise OutputBusy(
-            f"could not lock {self.out} ({self.path} keeps reappearing); is another run starting?"
-        )
-
-    def _take_over_stale(self) -> bool:
-        """True if the existing lock was stale and is gone now; raises OutputBusy if its holder is alive."""
+    @staticmethod
+    def _read(fd: int) -> dict:
         try:
-            rec = json.loads(self.path.read_text() or "{}")
-        except FileNotFoundError:
-            return True  # released meanwhile
+            os.lseek(fd, 0, os.SEEK_SET)
+            rec = json.loads(os.read(fd, 4096).decode() or "{}")
         except (OSError, ValueError):
-            rec = {}
-        pid, host = rec.get("pid"), rec.get("host")
-        if isinstance(pid, int) and host == socket.gethostname() and not _alive(pid):
-            # rename, not unlink: of two runs taking over at once, exactly one moves this file
-            grave = self.path.with_name(f".{self.path.name}.stale-{os.getpid()}")
+            return {}
+        return rec if isinstance(rec, dict) else {}
+
+    def acquire(self) -> OutputLock:
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(5):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                os.replace(self.path, grave)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                rec = self._read(fd)
+                os.close(fd)
+                pid, host = rec.get("pid", "?"), rec.get("host")
+                who = f"pid {pid}" + (f" on {host}" if host and host != socket.gethostname() else "")
+                raise OutputBusy(
+                    f"{self.out} is being written by another run ({who}, {rec.get('command', '?')}, since "
+                    f"{rec.get('started', '?')}); wait for it to end"
+                ) from None
+            try:  # the file may have been released and removed between our open and our lock: retry
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
             except FileNotFoundError:
-                return True
-            grave.unlink(missing_ok=True)
-            print(f"took over the lock on {self.out}: its run (pid {pid}) is gone", file=sys.stderr)
-            return True
-        who = f"pid {pid}" + (f" on {host}" if host and host != socket.gethostname() else "")
-        raise OutputBusy(
-            f"{self.out} is being written by another run ({who}, {rec.get('command', '?')}, since "
-            f"{rec.get('started', '?')}); wait for it to end, or remove {self.path} if that run is gone"
-        )
+                same = False
+            if not same:
+                os.close(fd)
+                continue
+            old = self._read(fd)
+            if old.get("pid") is not None:  # its holder died without releasing it (the kernel did)
+                print(
+                    f"took over the lock on {self.out}: its run (pid {old['pid']}) is gone", file=sys.stderr
+                )
+            os.ftruncate(fd, 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.write(fd, (self._record() + "\n").encode())
+            self.fd = fd
+            return self
+        raise OutputBusy(f"could not lock {self.out} ({self.path} keeps changing); is another run starting?")
 
     def release(self) -> None:
-        if self.held:
-            self.held = False
+        if self.fd is not None:
+            fd, self.fd = self.fd, None
             with contextlib.suppress(OSError):
-                rec = json.loads(self.path.read_text())
-                if rec.get("pid") == os.getpid():
-                    self.path.unlink()
+                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                    self.path.unlink()  # while still locked: a waiting run then makes a fresh file
+            os.close(fd)
 
     def __enter__(self) -> OutputLock:
         return self.acquire()

@@ -135,9 +135,10 @@ def load_tokenizer(model: str | Path, config: PretrainedConfig | None = None):
 
 def check_tokenizer_fits(n_tokens: int, vocab_size: int) -> None:
     """Refuse a tokenizer from another model: more tokens than the embedding holds, or far fewer than it
-    (models pad their vocabulary by at most a few hundred rows: Qwen2.5 271, Phi-3 53; a tokenizer that
-    leaves over max(1024, 1%) rows unused is another model's, e.g. Llama-2's 32,000 on SmolLM2's 49,152)."""
-    slack = max(1024, vocab_size // 100)
+    (models pad their vocabulary: Qwen2.5 by 271 rows, Phi-3 by 53, DeepSeek-LLM by about 2.4k of 102,400; a
+    tokenizer that leaves over max(1024, 5%) rows unused is another model's, e.g. Llama-2's 32,000 on
+    SmolLM2's 49,152)."""
+    slack = max(1024, vocab_size // 20)
     if n_tokens > vocab_size or vocab_size - n_tokens > slack:
         raise ValueError(
             f"tokenizer has {n_tokens} tokens but the model's vocab_size is {vocab_size}: "
