@@ -10,6 +10,7 @@ launcher's entry: configs, process group, train, teardown.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -126,7 +127,21 @@ def _link_tree(src: Path, dst: Path) -> None:
         shutil.copytree(src, tmp, copy_function=link)
 
 
-def _train(
+def _one_run_per_out_dir(fn):
+    """Run `fn(run, ...)` while rank 0 holds the out_dir's lock (a second run on it is refused in one line
+    naming the first one's pid)."""
+
+    @functools.wraps(fn)
+    def locked(run: RunConfig, *args, **kwargs):
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        with OutputLock(run.out_dir, "retrain") if rank == 0 else contextlib.nullcontext():
+            return fn(run, *args, **kwargs)
+
+    return locked
+
+
+@_one_run_per_out_dir
+def train(
     run: RunConfig,
     ds_raw: dict,
     ds_source: str = "DeepSpeed config",
@@ -250,27 +265,6 @@ def _train(
             )
     barrier()
     return results
-
-
-def train(
-    run: RunConfig,
-    ds_raw: dict,
-    ds_source: str = "DeepSpeed config",
-    stages: list[str] | None = None,
-    argv: list[str] | None = None,
-    force: bool = False,
-) -> dict:
-    """`_train` while rank 0 holds the out_dir's lock (one run per out_dir: a second one is refused in one
-    line naming the first one's pid)."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    lock = OutputLock(run.out_dir, "retrain") if rank == 0 else None
-    if lock is not None:
-        lock.acquire()
-    try:
-        return _train(run, ds_raw, ds_source, stages, argv, force)
-    finally:
-        if lock is not None:
-            lock.release()
 
 
 def retrain(
