@@ -869,7 +869,7 @@ def test_a_stop_during_a_long_step_ends_within_a_micro_batch_and_resumes_exactly
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with pytest.raises(Interrupted, match="stopped during step 3, after 2 complete step"):
+        with pytest.raises(Interrupted, match="stopped after step 2, part-way through step 3"):
             train(run_config_from_dict(raw), read_mapping(ds), str(ds))
         assert calls["after"] == 0  # the touch came inside micro batch 1; micro batch 2 never ran
         ckpt = tmp_path / "run" / "stages" / "experts" / "checkpoints"

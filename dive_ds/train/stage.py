@@ -217,7 +217,7 @@ def _stop_mid_step(engine, run, plan, step, tokens_seen, stream, before, last_sa
     if done > 0 and last_saved != done:
         save_if_due(engine, run, plan, done, tokens_seen, stream, True, meta, rank, input_dir)
     raise Interrupted(
-        f"stage {plan.stage.name}: stopped during step {step}, after {done} complete step(s) (a signal or "
+        f"stage {plan.stage.name}: stopped after step {done}, part-way through step {step} (a signal or "
         f"{Path(run.out_dir) / STOP_FILE}); "
         + ("checkpoint saved, relaunch the same command to resume" if done > 0 else "relaunch to start it")
     )
