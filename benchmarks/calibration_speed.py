@@ -16,8 +16,8 @@ import time
 
 import torch
 
-from dive_ds.calibrate import CalibConfig, streaming_stats
-from dive_ds.models.loading import local_snapshot, resolve_model
+from dive_ds.build.calib_pass import CalibConfig, streaming_stats
+from dive_ds.io.loading import local_snapshot, resolve_model
 from dive_ds.parallel.ranks import DTYPES, Ranks, resolve_device, resolve_dtype
 
 

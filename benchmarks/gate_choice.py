@@ -13,7 +13,8 @@ import argparse
 import json
 from pathlib import Path
 
-from dive_ds.compare import CompareConfig, curve, train_run
+from dive_ds.build.compare import curve, train_run
+from dive_ds.build.compare_plan import CompareConfig
 
 GATES = ("renorm", "straight_through", "switch")
 

@@ -15,8 +15,10 @@ import argparse
 import time
 from dataclasses import replace
 
-from dive_ds.calibrate import CalibConfig, load_calibration, streaming_stats
-from dive_ds.routerfit import RouterFitConfig, fit_routers
+from dive_ds.build.calib_pass import CalibConfig, streaming_stats
+from dive_ds.build.router_config import RouterFitConfig
+from dive_ds.build.router_pass import fit_routers
+from dive_ds.io.calibration import load_calibration
 
 
 def main() -> None:

@@ -72,3 +72,18 @@ def ratio(text: str) -> float:
     if not 0 <= value < 1:
         raise argparse.ArgumentTypeError(f"{value:g}: use a ratio 0 <= r < 1")
     return value
+
+
+def error_message(e: BaseException) -> str:
+    """The first line of an error, for `dive-ds: error: ...` (an OSError: the path and what went wrong)."""
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        hint = {
+            "FileNotFoundError": "check the path",
+            "NotADirectoryError": "a folder was expected; choose another path",
+            "IsADirectoryError": "a file was expected; choose another path",
+            "FileExistsError": "choose another path",
+            "PermissionError": "check its permissions",
+        }.get(type(e).__name__, "check the path and the disk")
+        where = f"{e.filename} -> {e.filename2}" if e.filename2 else str(e.filename)
+        return f"{where}: {e.strerror}; {hint}"
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -22,3 +22,14 @@ METHODS = (
     *METHOD_ALIASES,
 )
 ROUTER_INITS = ("random", "centroid", "fit")
+
+
+# The embedded default: small enough for a 2-core laptop (the reference recipe is 1024 x 256).
+DEMO = {
+    "model": "demo",
+    "domains": "demo",
+    "samples_per_domain": 16,  # = `dive-ds demo`; math_problems (32k characters) has ~4.7k calibration-set tokens
+    "seq_len": 256,
+    "eval_windows": 4,  # selection windows; math_problems' selection set holds 5
+    "out": "runs/demo",
+}

@@ -39,6 +39,9 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from dive_ds.argtypes import int_at_least, nonneg_int, positive_float, positive_int, ratio
+from dive_ds.flags import flag
+
 PRESETS = {
     "llama2-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
                        num_key_value_heads=8, vocab_size=32000, tie_word_embeddings=False),
@@ -56,23 +59,23 @@ GB = 1e9
 class PlanConfig:
     """What to plan for."""
 
-    experts: int = 8
+    experts: int = flag(8, "N (default 8)", type=positive_int)
     """N experts per layer."""
-    top_k: int = 1
+    top_k: int = flag(1, "k (default 1)", type=positive_int)
     """Experts per token."""
-    prune_ratio: float = 0.5
+    prune_ratio: float = flag(0.5, "r (default 0.5)", type=ratio)
     """r: each expert keeps round(F * (1 - r)) channels."""
-    nodes: int = 1
-    gpus_per_node: int = 8
-    ep: int = 8
+    nodes: int = flag(1, "nodes (default 1)", type=positive_int)
+    gpus_per_node: int = flag(8, "GPUs per node (default 8)", type=positive_int)
+    ep: int = flag(8, "expert-parallel size (default 8)", type=positive_int)
     """Expert-parallel size P (divides N and the world size)."""
-    zero: int = 3
-    stage: str = "experts"
+    zero: int = flag(3, "ZeRO stage, 2 or 3 (default 3)", type=nonneg_int)
+    stage: str = flag("experts", "trainables (default experts)", choices=["router", "experts"])
     """Trainables: router (routers only) or experts (LoRA + routers + norms)."""
     lora_rank: int = 8
-    micro_batch: int = 1
-    seq_len: int = 1024
-    gpu_mem_gb: float = 80.0
+    micro_batch: int = flag(1, "sequences per GPU per micro step (default 1)", type=positive_int)
+    seq_len: int = flag(1024, "tokens per sequence (default 1024)", type=int_at_least(2))
+    gpu_mem_gb: float = flag(80.0, "GPU memory in GB (default 80)", type=positive_float, name="--gpu-mem")
     headroom: float = 0.10
 
     def __post_init__(self):
@@ -178,19 +181,23 @@ DTYPE_BYTES = {"fp32": 4, "bf16": 2}
 class PassPlanConfig:
     """The streaming passes (calibration, router fit, evaluation) over all GPUs of the cluster."""
 
-    domains: int = 7
+    domains: int = flag(7, "calibration domains (default 7)", type=positive_int)
     """D calibration domains."""
-    windows_per_domain: int = 1024
+    windows_per_domain: int = flag(1024, "calibration windows per domain (default 1024)", type=positive_int)
     """Calibration windows per domain."""
-    seq_len: int = 1024
+    seq_len: int = flag(1024, "tokens per window (default 1024)", type=positive_int, name="--calib-seq-len")
     """S tokens per window."""
-    fit_windows_per_domain: int | None = None
+    fit_windows_per_domain: int | None = flag(None, "windows per domain for the router fit (default: all calibration "
+                                              "windows)", type=positive_int, name="--fit-windows")  # fmt: skip
     """Windows per domain the router fit uses (None: all calibration windows)."""
-    eval_windows_per_domain: int = 16
+    eval_windows_per_domain: int = flag(16, "held-out windows per domain (default 16)", type=positive_int,
+                                        name="--eval-windows")  # fmt: skip
     """Held-out windows per domain the evaluation reads."""
-    dtype: str = "bf16"
+    dtype: str = flag("bf16", "weights and carried hidden states of the passes (default bf16)",
+                      choices=["fp32", "bf16"])  # fmt: skip
     """Weights and carried hidden states of the passes: fp32 or bf16."""
-    tflops: float = 400.0
+    tflops: float = flag(400.0, "sustained TFLOP/s per GPU (default 400: bf16 on an H100-class GPU at ~40%% of "
+                         "peak; ~40 for fp32)", type=positive_float)  # fmt: skip
     """Sustained TFLOP/s of one GPU."""
 
     def __post_init__(self):

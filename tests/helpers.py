@@ -70,9 +70,11 @@ def make_tiny_calibration(
     """A tiny random dense model (Llama unless model_family says otherwise) on disk plus a calibration
     folder for it (random-token domains with different token distributions, so domains differ).
     Returns (model_dir, calib_dir)."""
-    from dive_ds.calibrate import CalibConfig, run_manifest_base, streaming_stats, write_calibration
+    from dive_ds.build.calib_pass import CalibConfig, streaming_stats
+    from dive_ds.build.outputs import run_manifest_base
     from dive_ds.data.sampler import DomainSamples
-    from dive_ds.models.loading import LayerwiseCheckpoint, model_fingerprint
+    from dive_ds.io.calibration import write_calibration
+    from dive_ds.io.loading import LayerwiseCheckpoint, model_fingerprint
 
     model_dir, calib_dir = root / "dense", root / "calib"
     model = save_tiny_dense(model_dir, model_family, seed=seed, **model_kw)

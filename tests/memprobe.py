@@ -11,8 +11,10 @@ import psutil
 import torch
 
 import dive_ds  # noqa: F401  (imports transformers, registers the MoE model)
-from dive_ds.calibrate import CalibConfig, load_calibration, streaming_stats
-from dive_ds.reconstruct import ReconstructConfig, plan_experts, write_moe
+from dive_ds.build.calib_pass import CalibConfig, streaming_stats
+from dive_ds.build.expert_plan import ReconstructConfig, plan_experts
+from dive_ds.build.moe_writer import write_moe
+from dive_ds.io.calibration import load_calibration
 
 
 def _vm_hwm_mb() -> float:

@@ -169,8 +169,8 @@ def test_two_real_mine_runs_race_and_exactly_one_writes(tmp_path):
 def test_evaluate_killed_mid_write_reruns_and_keeps_one_event_file(tmp_path):
     """A run killed after eval.md (eval.json not yet written) does not block the same evaluation; a rerun
     replaces tb/ whole (one event file), and a user's file in --out stays."""
+    from dive_ds.build.outputs import PENDING_EVAL
     from dive_ds.cli import main
-    from dive_ds.outputs import PENDING_EVAL
     from tests.helpers import make_tiny_calibration
 
     model_dir, calib = make_tiny_calibration(tmp_path, n_domains=2)

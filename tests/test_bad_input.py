@@ -93,7 +93,7 @@ def test_launcher_flags_and_run_config_numbers(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def bad(tmp_path_factory):
     """A tiny dense model with a real tokenizer and a calibration of another tiny model, plus broken copies."""
-    from dive_ds.models.loading import demo_model_dir
+    from dive_ds.io.loading import demo_model_dir
     from tests.helpers import save_tiny_llama
 
     root = tmp_path_factory.mktemp("bad")

@@ -7,12 +7,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from dive_ds.calibrate import load_calibration
+from dive_ds.build.expert_plan import ReconstructConfig, plan_experts
+from dive_ds.build.moe_writer import write_moe, write_moe_shards
+from dive_ds.build.stats import adaptive_widths, channel_scores, llama_moe_partition, n_keep
 from dive_ds.eval.perplexity import pruned_ffn
+from dive_ds.io.calibration import load_calibration
 from dive_ds.io.placement import NodePlacement
 from dive_ds.models.moe import DiveExperts, DiveMoeConfig, count_parameters
-from dive_ds.reconstruct import ReconstructConfig, plan_experts, write_moe, write_moe_shards
-from dive_ds.stats import adaptive_widths, channel_scores, llama_moe_partition, n_keep
 from tests.helpers import make_tiny_calibration
 
 F, L = 48, 3  # the tiny model's FFN width and layers (tests/helpers.py)
@@ -116,7 +117,7 @@ def test_per_layer_widths_are_refused_where_unsupported(tiny, tmp_path):
     config = DiveMoeConfig.from_pretrained(out)
     with pytest.raises(ValueError, match="expert parallelism and sharded folders do not support"):
         DiveExperts(config, expert_ids=[0])  # as an expert-parallel block builds them
-    from dive_ds.models.export import mixtral_config
+    from dive_ds.io.export import mixtral_config
 
     with pytest.raises(ValueError, match="different expert widths"):
         mixtral_config(config)

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from dive_ds.calibrate import CalibConfig, streaming_stats
-from dive_ds.stats import ChannelStats, mean_var
+from dive_ds.build.calib_pass import CalibConfig, streaming_stats
+from dive_ds.build.stats import ChannelStats, mean_var
 from tests.helpers import save_tiny_llama
 
 
@@ -79,7 +79,8 @@ def test_merge_equals_union(tmp_path):
 def test_a_calibration_from_before_dtype_is_the_same_fp32_run(tmp_path):
     import json
 
-    from dive_ds.calibrate import MANIFEST, check_out_dir
+    from dive_ds.build.calibrate import check_out_dir
+    from dive_ds.io.calibration import MANIFEST
 
     identity = {"model": "m", "registry": "r", "domains": ["a"], "sampler": {"seed": 1}}
     (tmp_path / MANIFEST).write_text(json.dumps({"identity": identity}))

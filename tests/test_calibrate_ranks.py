@@ -20,7 +20,7 @@ LAUNCHER = str(Path(__file__).resolve().parents[1] / "launchers" / "reconstruct.
 def setup(tmp_path_factory):
     """A 4-layer tiny model with the demo tokenizer, a 2-domain registry (2 x 2 batches of 2 windows),
     and the uninterrupted 1-rank run (checkpointing after every layer into a folder it creates)."""
-    from dive_ds.models.loading import demo_model_dir
+    from dive_ds.io.loading import demo_model_dir
 
     root = tmp_path_factory.mktemp("calib-ranks")
     model = root / "m"

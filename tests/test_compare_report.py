@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from dive_ds.compare_report import finish, markdown, update_readme
+from dive_ds.build.compare_report import finish, markdown, update_readme
 
 TPW = {"x": 9, "y": 9}
 
@@ -66,7 +66,7 @@ def test_readme_block_needs_its_markers(tmp_path):
 
 
 def test_run_plan_seeds_and_order():
-    from dive_ds.compare import CompareConfig, run_names
+    from dive_ds.build.compare_plan import CompareConfig, run_names
 
     cfg = CompareConfig(methods=("dive", "nomining", "flap", "flap-adaptive", "flap-eqtrain"), treatments=("fitted",),
                         grouping_seeds=(1, 2, 3), data_seeds=(7, 8))  # fmt: skip
@@ -86,7 +86,7 @@ def test_run_plan_seeds_and_order():
 
 
 def test_readme_gets_the_headline_and_the_docs_the_full_tables(tmp_path):
-    from dive_ds.compare_report import HEAD_BEGIN, HEAD_END
+    from dive_ds.build.compare_report import HEAD_BEGIN, HEAD_END
 
     res = _results()
     finish(res, n_boot=20)

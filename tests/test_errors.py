@@ -48,7 +48,7 @@ def test_model_without_gated_mlp(tmp_path, capsys):
 
 
 def test_tokenizer_model_mismatch(tmp_path, capsys):
-    from dive_ds.models.loading import demo_model_dir
+    from dive_ds.io.loading import demo_model_dir
 
     save_tiny_llama(tmp_path / "m")  # vocab 97
     for f in ("tokenizer.json", "tokenizer_config.json"):
@@ -72,7 +72,7 @@ def test_tokenizer_model_mismatch(tmp_path, capsys):
 
 
 def test_too_little_text_and_foreign_out_dir(tmp_path, capsys):
-    from dive_ds.models.loading import demo_model_dir
+    from dive_ds.io.loading import demo_model_dir
 
     save_tiny_llama(tmp_path / "m", vocab_size=49152)
     for f in ("tokenizer.json", "tokenizer_config.json"):
@@ -114,10 +114,10 @@ def test_help_documents_flags(argv, capsys):
 def test_evaluate_from_registry_scores_the_evaluation_set(tmp_path, capsys):
     """`evaluate --calib` scores the calibration's selection windows, `evaluate --domains` the evaluation set of
     the same split (`--seed`): other text, never calibrated or selected on."""
+    from dive_ds.build.evaluate import registry_eval_windows
     from dive_ds.data.registry import iter_documents, load_registry
     from dive_ds.data.split import SplitConfig, split_texts
-    from dive_ds.models.loading import demo_model_dir
-    from dive_ds.workflows import registry_eval_windows
+    from dive_ds.io.loading import demo_model_dir
 
     save_tiny_llama(tmp_path / "m", vocab_size=49152)
     for f in ("tokenizer.json", "tokenizer_config.json"):

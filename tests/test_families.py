@@ -16,7 +16,7 @@ import torch
 import transformers
 
 from dive_ds.cli import main
-from dive_ds.models.loading import load_causal_lm
+from dive_ds.io.loading import load_causal_lm
 from dive_ds.models.moe import DiveMoeConfig, moe_blocks
 from dive_ds.train.config import read_mapping, run_config_from_dict
 from tests.helpers import make_tiny_calibration, one_line_error

@@ -67,9 +67,9 @@ def tiny(tmp_path_factory):
 
 STEPS = [  # (command, the function that writes its files, the files compared (None: all), kill points)
     ("reconstruct --calib {calib} --method random-split --experts 2 --out {out}",
-     "dive_ds.reconstruct:save_file", None, 20),
+     "dive_ds.build.moe_writer:save_file", None, 20),
     ("fit-router --moe {moe} --calib {calib} --max-iter 5 --no-progress --out {out}",
-     "dive_ds.routerfit:save_file", ".safetensors", 1),  # router_fit.json records timings; 1 of 3 (time)
+     "dive_ds.build.fit_router:save_file", ".safetensors", 1),  # router_fit.json records timings; 1 of 3 (time)
     ("export {moe} --out {out}", "transformers.modeling_utils:safe_save_file", None, 20),
 ]  # fmt: skip
 

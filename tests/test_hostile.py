@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dive_ds.cli import main
-from dive_ds.models.loading import check_tokenizer_fits
+from dive_ds.io.loading import check_tokenizer_fits
 from dive_ds.train.config import run_config_from_dict
 from tests.helpers import make_tiny_calibration
 
@@ -119,8 +119,8 @@ def test_home_and_variables_in_registry_paths_are_expanded(tmp_path, monkeypatch
 def test_fit_router_reports_no_nan_accuracy_on_few_windows(world):
     """2 windows per domain, held out every 8th: the accuracy is measured on the windows held out over all
     domains, never nan (issue 21's case 10; tests/test_routerfit.py checks the count)."""
-    from dive_ds.routerfit import RouterFitConfig
-    from dive_ds.workflows import run_fit_router
+    from dive_ds.build.fit_router import run_fit_router
+    from dive_ds.build.router_config import RouterFitConfig
 
     cfg = RouterFitConfig(progress=False, windows_per_domain=2, holdout_every=3, max_iter=5)
     rep = run_fit_router(world["moe"], world["calib"], world["root"] / "fitted", cfg)
@@ -168,7 +168,7 @@ def test_a_disk_too_small_is_refused_before_the_work(world, monkeypatch, capsys)
 def test_compare_reuses_a_model_only_from_the_same_calibration_content(world, tmp_path):
     """`compare --reuse-models` once compared the calibration's path: a calibration replaced at that path
     kept its stale models. Now its fingerprint decides."""
-    from dive_ds.compare import _reusable
+    from dive_ds.build.compare import _reusable
 
     calib = tmp_path / "calib"
     calib.mkdir()

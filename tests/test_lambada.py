@@ -187,7 +187,7 @@ def test_scores_agree_with_lm_eval(tmp_path, monkeypatch):
 
     from dive_ds.eval.downstream import hflm, summarise
     from dive_ds.eval.offline_tasks import write_task
-    from dive_ds.models.loading import load_causal_lm, load_tokenizer
+    from dive_ds.io.loading import load_causal_lm, load_tokenizer
     from tests.helpers import save_tiny_llama
     from tests.test_lm_eval import _tiny_tokenizer
 

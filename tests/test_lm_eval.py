@@ -137,7 +137,7 @@ def test_adapter_loglikelihood_equals_the_projects_nll(tmp_path):
     """lm-eval's HFLM around a loaded dive_moe scores a continuation exactly as dive_ds's own window NLL."""
     from lm_eval.api.instance import Instance
 
-    from dive_ds.models.loading import load_causal_lm, load_tokenizer
+    from dive_ds.io.loading import load_causal_lm, load_tokenizer
     from tests.test_moe import random_model, tiny_config
 
     tok = _tiny_tokenizer(tmp_path)

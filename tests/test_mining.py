@@ -1,4 +1,4 @@
-"""Unit tests for dive_ds.mining: exact numbers on small synthetic matrices (CPU, < 1 s each)."""
+"""Unit tests for dive_ds.build.affinity (and the CSV/plot writers of dive_ds.build.mine): exact numbers on small synthetic matrices (CPU, < 1 s each)."""
 
 from fractions import Fraction
 
@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import scipy.cluster.hierarchy as sch
 
-from dive_ds import mining as m
+from dive_ds.build import affinity as m
+from dive_ds.build import mine
 
 TRUTH_9 = np.repeat([0, 1, 2], 3)  # 9 domains in 3 planted blocks
 
@@ -358,11 +359,11 @@ def test_plot_affinity_writes_png(tmp_path):
 
     S = m.pearson_similarity(m.normalise_columns(planted_perplexity()))[:6, :6]
     labels = m.cluster_domains(S, 2)
-    path = m.plot_affinity(S, NAMES, labels, tmp_path / "sub" / "affinity.png", "perplexity affinity")
+    path = mine.plot_affinity(S, NAMES, labels, tmp_path / "sub" / "affinity.png", "perplexity affinity")
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
     img = mpimg.imread(path)
-    side_px = round(m.plot_side_inches(6) * 100)
+    side_px = round(mine.plot_side_inches(6) * 100)
     assert img.shape[:2] == (side_px, side_px) == (600, 600)
     assert img[..., :3].std() > 0.1  # not a blank canvas
     assert [p.name for p in path.parent.iterdir()] == ["affinity.png"]  # no temp file left
@@ -370,10 +371,10 @@ def test_plot_affinity_writes_png(tmp_path):
 
 def test_matrix_csv_round_trip(tmp_path):
     M = np.array([[1.0, 1 / 3, np.nan], [2.5e-300, -7.0, np.inf]])
-    path = m.write_matrix_csv(tmp_path / "ppl.csv", M, ["pruned,wiki", "pruned_code"], ["a", "b", "c"])
-    M2, rows, cols = m.read_matrix_csv(path)
+    path = mine.write_matrix_csv(tmp_path / "ppl.csv", M, ["pruned,wiki", "pruned_code"], ["a", "b", "c"])
+    M2, rows, cols = mine.read_matrix_csv(path)
     np.testing.assert_array_equal(M2, M)  # bit-exact, nan in place
     assert rows == ["pruned,wiki", "pruned_code"] and cols == ["a", "b", "c"]
     with pytest.raises(ValueError, match="does not match"):
-        m.write_matrix_csv(tmp_path / "bad.csv", M, ["x"], ["a", "b", "c"])
+        mine.write_matrix_csv(tmp_path / "bad.csv", M, ["x"], ["a", "b", "c"])
     assert not (tmp_path / "bad.csv").exists()

@@ -12,8 +12,8 @@ from transformers import (
 )
 from transformers.models.llama.modeling_llama import LlamaMLP
 
+from dive_ds.io.export import export_mixtral
 from dive_ds.models import moe
-from dive_ds.models.export import export_mixtral
 from dive_ds.models.moe import (
     DiveMoeBlock,
     DiveMoeConfig,

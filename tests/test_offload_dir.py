@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dive_ds.calibrate import CalibConfig, streaming_stats
+from dive_ds.build.calib_pass import CalibConfig, streaming_stats
 from tests.helpers import cli, one_line_error, save_tiny_llama, snapshot
 
 
@@ -22,7 +22,7 @@ def _user_scratch(root: Path) -> Path:
 
 
 def test_offload_dir_keeps_everything_it_did_not_create(tmp_path, monkeypatch):
-    import dive_ds.calibrate as calibrate
+    import dive_ds.build.calib_pass as calibrate
 
     save_tiny_llama(tmp_path / "m", seed=2)
     windows = {"a": torch.randint(0, 97, (4, 8)), "b": torch.randint(0, 97, (3, 8))}
@@ -47,7 +47,7 @@ def test_offload_dir_keeps_everything_it_did_not_create(tmp_path, monkeypatch):
 
 
 def test_offload_dir_is_cleaned_on_error_too(tmp_path, monkeypatch):
-    import dive_ds.calibrate as calibrate
+    import dive_ds.build.calib_pass as calibrate
 
     save_tiny_llama(tmp_path / "m", seed=2)
     scratch = _user_scratch(tmp_path)

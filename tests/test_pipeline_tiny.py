@@ -6,8 +6,8 @@ import math
 import numpy as np
 import pytest
 
+from dive_ds.build.mine import read_matrix_csv
 from dive_ds.cli import main
-from dive_ds.mining import read_matrix_csv
 from tests.helpers import make_tiny_calibration
 
 

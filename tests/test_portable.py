@@ -15,8 +15,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import dive_ds
+from dive_ds.io.loading import load_causal_lm
 from dive_ds.models import moe
-from dive_ds.models.loading import load_causal_lm
 from dive_ds.models.moe import DiveMoeConfig, DiveMoeForCausalLM, moe_blocks
 from dive_ds.models.portable import AUTO_MAP, MODELING_FILE, check_portable_imports, modeling_source
 from tests.helpers import cli, one_line_error, snapshot
@@ -81,7 +81,7 @@ def test_modeling_file_is_the_package_model_module():
 @pytest.mark.parametrize(
     "line",
     [
-        "from dive_ds.stats import wifv",
+        "from dive_ds.build.stats import wifv",
         "import dive_ds.models.lora",
         "from .lora import LoraConfig",
         "import numpy as np",

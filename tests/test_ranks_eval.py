@@ -14,9 +14,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from dive_ds.mining import read_matrix_csv
-from dive_ds.reconstruct import ReconstructConfig
-from dive_ds.workflows import run_reconstruct
+from dive_ds.build.expert_plan import ReconstructConfig
+from dive_ds.build.mine import read_matrix_csv
+from dive_ds.build.reconstruct import run_reconstruct
 from tests.helpers import cli, make_tiny_calibration, one_line_error, torchrun
 
 WORKER = Path(__file__).with_name("cli_ranks_worker.py")
@@ -154,9 +154,9 @@ def test_cuda_without_a_gpu_is_refused_in_one_line(tiny, tmp_path, capsys, comma
 
 
 def test_fit_too_large_for_host_memory_is_refused_in_one_line(tiny, tmp_path, capsys, monkeypatch):
-    import dive_ds.routerfit
+    import dive_ds.build.router_pass
 
-    monkeypatch.setattr(dive_ds.routerfit, "host_memory_per_rank", lambda: 100_000)  # bytes
+    monkeypatch.setattr(dive_ds.build.router_pass, "host_memory_per_rank", lambda: 100_000)  # bytes
     assert cli(_commands(tiny, tmp_path)["fit-router"], capsys) == 2
     line = one_line_error(capsys)
     assert "gathered on every rank" in line

@@ -7,11 +7,12 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from dive_ds.calibrate import load_calibration
+from dive_ds.build.expert_plan import ReconstructConfig, plan_experts
+from dive_ds.build.moe_writer import write_moe
+from dive_ds.build.reconstruct import run_reconstruct
+from dive_ds.build.stats import channel_scores, kept_channels, mean_var
 from dive_ds.eval.perplexity import PrunedMLP
-from dive_ds.reconstruct import ReconstructConfig, plan_experts, write_moe
-from dive_ds.stats import channel_scores, kept_channels, mean_var
-from dive_ds.workflows import run_reconstruct
+from dive_ds.io.calibration import load_calibration
 from tests.helpers import make_tiny_calibration
 
 
@@ -67,7 +68,7 @@ def test_pruned_expert_is_dense_with_zeroed_channels_plus_bias():
     x = torch.randn(5, 32)
     mean = torch.randn(48, dtype=torch.float64)
     kept = torch.tensor([0, 3, 7, 8, 20, 33, 47])
-    from dive_ds.stats import compensation_bias
+    from dive_ds.build.stats import compensation_bias
 
     bias = compensation_bias(mlp.down_proj.weight, mean, kept)
     y = PrunedMLP(mlp, kept, bias)(x)
@@ -182,7 +183,7 @@ def test_write_moe_is_atomic(tiny, tmp_path, monkeypatch):
     cal = load_calibration(calib_dir)
     cfg = ReconstructConfig(num_experts=2, method="random-halves")
     plan = plan_experts(cal.stats, cal.domains, None, cfg)
-    import dive_ds.reconstruct as rec
+    import dive_ds.build.moe_writer as rec
 
     calls = {"n": 0}
     real = rec.save_file

@@ -10,14 +10,13 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from dive_ds.calibrate import load_calibration
-from dive_ds.models.moe import DiveMoeConfig, DiveRouter, gate_weights, moe_blocks
-from dive_ds.reconstruct import ReconstructConfig
-from dive_ds.routerfit import (
-    RouterFitConfig,
+from dive_ds.build.expert_plan import ReconstructConfig
+from dive_ds.build.fit_router import run_fit_router
+from dive_ds.build.reconstruct import run_reconstruct
+from dive_ds.build.router_config import RouterFitConfig
+from dive_ds.build.router_math import (
     expert_errors,
     fit_linear_router,
-    fit_routers,
     label_accuracy,
     noise_weight_init,
     router_loss_grad,
@@ -25,7 +24,9 @@ from dive_ds.routerfit import (
     sliced_errors,
     soft_targets,
 )
-from dive_ds.workflows import run_fit_router, run_reconstruct
+from dive_ds.build.router_pass import fit_routers
+from dive_ds.io.calibration import load_calibration
+from dive_ds.models.moe import DiveMoeConfig, DiveRouter, gate_weights, moe_blocks
 from tests.helpers import make_tiny_calibration
 
 FIT = RouterFitConfig(progress=False, holdout_every=3, max_iter=100)

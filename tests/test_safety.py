@@ -311,7 +311,7 @@ def test_missing_weights_are_refused_not_randomised(tiny, moe, tmp_path, capsys)
 
 
 def test_demo_replaces_only_its_own_router_fit(tmp_path):
-    from dive_ds.demo import _remove_own_fit
+    from dive_ds.build.demo import _remove_own_fit
 
     source = tmp_path / "moe-dive"
     source.mkdir()

@@ -11,6 +11,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from dive_ds.build.expert_plan import ReconstructConfig
+from dive_ds.build.reconstruct import run_reconstruct
 from dive_ds.cli import main
 from dive_ds.io.placement import (
     NodePlacement,
@@ -22,8 +24,6 @@ from dive_ds.io.placement import (
 )
 from dive_ds.io.shards import ShardedMoe, ShardWriter, consolidate_shards, is_sharded, load_rank_state
 from dive_ds.models.moe import DiveMoeConfig
-from dive_ds.reconstruct import ReconstructConfig
-from dive_ds.workflows import run_reconstruct
 from tests.helpers import make_tiny_calibration
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,9 +10,9 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 import dive_ds  # noqa: F401  (registers dive_moe)
-from dive_ds.models.loading import check_complete, load_causal_lm
-from dive_ds.reconstruct import ReconstructConfig
-from dive_ds.workflows import run_reconstruct
+from dive_ds.build.expert_plan import ReconstructConfig
+from dive_ds.build.reconstruct import run_reconstruct
+from dive_ds.io.loading import check_complete, load_causal_lm
 from tests.helpers import make_tiny_calibration
 
 
@@ -67,7 +67,7 @@ def test_missing_shard_dense_tensor_and_index_entry_are_refused(tiny, tmp_path):
 
 def test_strict_load_also_checks_after_loading(tiny, tmp_path, monkeypatch):
     """Even past the header check (e.g. a hub id), transformers' own missing keys are refused."""
-    import dive_ds.models.loading as loading
+    import dive_ds.io.loading as loading
 
     dropped = tmp_path / "dropped"
     drop_layer(tiny["moe"], dropped, 0, keep_index=False)

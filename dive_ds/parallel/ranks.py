@@ -174,3 +174,9 @@ def start_ranks(device: str = "auto", timeout_s: int = 1800) -> Iterator[Ranks]:
     finally:
         if made:
             dist.destroy_process_group()
+
+
+def compute_dtype(device: str, dtype: str) -> torch.dtype:
+    """--device / --dtype checked before any work (the same verdict on every rank): the compute dtype."""
+    _, _, local = launched_world()
+    return resolve_dtype(dtype, resolve_device(device, local))

@@ -77,7 +77,7 @@ def eval_windows(run: RunConfig, tokenizer, model_vocab: int) -> dict[str, torch
     evaluation sets (data.split)."""
     e = run.eval
     if e.calib_dir:
-        from dive_ds.calibrate import load_calibration
+        from dive_ds.io.calibration import load_calibration
 
         cal = load_calibration(e.calib_dir)
         windows = {n: w[: e.windows_per_domain] for n, w in cal.eval.items()}

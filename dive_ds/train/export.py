@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dive_ds.build.moe_writer import SIDE_FILES
+from dive_ds.build.outputs import check_not_input, claim_output, read_identity
 from dive_ds.io import atomic
 from dive_ds.models.lora import (
     add_expert_lora,
@@ -22,9 +24,7 @@ from dive_ds.models.lora import (
     merged_weight,
 )
 from dive_ds.models.moe import DiveMoeConfig, DiveMoeForCausalLM
-from dive_ds.outputs import check_not_input, claim_output, read_identity
 from dive_ds.parallel.distributed import barrier
-from dive_ds.reconstruct import SIDE_FILES
 from dive_ds.train.checkpoint import (
     EP_TRAINABLE,
     SHARED_TRAINABLE,
@@ -295,7 +295,7 @@ def consolidate_checkpoint(
                     full[f"model.layers.{layer}.mlp.experts.{key}"] = value
             state = {k: v.float() for k, v in full.items()} | state
         else:
-            from dive_ds.models.loading import LayerwiseCheckpoint
+            from dive_ds.io.loading import LayerwiseCheckpoint
 
             base = LayerwiseCheckpoint(source)
             state = {k: base.get(k).float() for k in base.keys()} | state

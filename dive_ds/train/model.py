@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dive_ds.models.loading import check_complete, load_causal_lm
+from dive_ds.io.loading import check_complete, load_causal_lm
 from dive_ds.models.moe import DiveMoeForCausalLM
 
 

@@ -25,82 +25,30 @@ Legend: T tokens, H hidden, E experts, F expert width, W windows, S window lengt
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
-from dive_ds.io.atomic import staged_dir
-from dive_ds.parallel.ranks import Ranks
-from dive_ds.router_math import (  # noqa: F401  (re-exported: the fit's math)
+from dive_ds.build.router_config import RouterFitConfig
+from dive_ds.build.router_math import (
     excess_error,
     expert_errors,
     fit_linear_router,
     label_accuracy,
     noise_weight_init,
-    router_loss_grad,
     sliced_blocks,
     sliced_channels,
     sliced_errors,
     soft_targets,
     soft_temperature,
 )
+from dive_ds.parallel.ranks import Ranks
 
-TARGETS = ("auto", "hard", "soft")
 FIT_FILE = "router_fit.json"
-
-
-@dataclass(frozen=True)
-class RouterFitConfig:
-    """How routers are fitted."""
-
-    target: str = "auto"
-    """hard (arg-min label), soft (softmax of -error / tau) or auto (hard for top-1, soft otherwise)."""
-    l2: float = 1e-4
-    """L2 penalty on the (standardised) router weights, added to the mean cross-entropy."""
-    max_iter: int = 200
-    """L-BFGS iterations per layer (at most)."""
-    tolerance: float = 1e-3
-    """L-BFGS stops once every gradient entry of the mean loss is below this (the fit's data are nearly
-    separable, so the last iterations only grow the weights; benchmarks/router_fit_cost.py measures it)."""
-    windows_per_domain: int | None = None
-    """Calibration windows per domain used for the fit (None: all of them)."""
-    holdout_every: int = 8
-    """Every n-th calibration window, counted over all domains in order, is left out of the fit and reports
-    label accuracy (the same as every n-th of each domain when each has a multiple of n; counted per domain,
-    a fit on fewer than n windows per domain held nothing out and reported nan)."""
-    noise_ratio: float = 0.5
-    """Initial noise std of noisy top-k as a fraction of the median top-1 - top-2 logit margin."""
-    batch_size: int = 8
-    """Windows per forward."""
-    sliced_shortcut: bool = True
-    """When the experts are exact slices of the dense FFN (fresh from reconstruction), their errors come
-    from the dense intermediate alone (one down-projection per expert); else every expert runs."""
-    block_errors: bool = True
-    """Sliced experts' errors from one down-projection per block of channels the same experts removed
-    (sliced_blocks); False: one per expert (the slower original, kept for benchmarks/router_fit_cost.py)."""
-    progress: bool = True
-
-    def __post_init__(self):
-        if self.target not in TARGETS:
-            raise ValueError(f"--target {self.target!r}: choose one of {TARGETS}")
-        if self.l2 < 0:
-            raise ValueError(f"--l2 {self.l2}: use a penalty >= 0")
-        if not self.tolerance > 0:
-            raise ValueError(f"--tolerance {self.tolerance}: use a gradient tolerance > 0")
-        if self.max_iter < 1:
-            raise ValueError(f"--max-iter {self.max_iter}: use at least 1 L-BFGS iteration")
-        if self.holdout_every < 2:
-            raise ValueError(f"holdout_every={self.holdout_every}: use >= 2 (every n-th window held out)")
-        if not 0 <= self.noise_ratio:
-            raise ValueError(f"noise_ratio={self.noise_ratio}: use a ratio >= 0")
 
 
 # --------------------------------------------------------------------------- reading a MoE layer by layer
@@ -121,7 +69,7 @@ class MoeLayers:
             self.shards = ShardedMoe(self.folder)
             self.config = self.shards.config
         else:
-            from dive_ds.models.loading import LayerwiseCheckpoint
+            from dive_ds.io.loading import LayerwiseCheckpoint
 
             self.config = DiveMoeConfig.from_pretrained(self.folder)
             self.ckpt = LayerwiseCheckpoint(self.folder)
@@ -233,7 +181,7 @@ def fit_routers(
     from transformers.activations import ACT2FN
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-    from dive_ds.models.loading import LayerwiseCheckpoint
+    from dive_ds.io.loading import LayerwiseCheckpoint
 
     ranks = ranks or Ranks()
     dev = ranks.device
@@ -382,66 +330,3 @@ def fit_routers(
         "layers": layers_report,
     }
     return routers, report
-
-
-# --------------------------------------------------------------------------- writing the fitted folder
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-
-
-def rewritten_bytes(moe_dir: str | Path) -> int:
-    """Bytes `write_fitted` writes anew: the safetensors files that hold a router (the rest are linked)."""
-    total = 0
-    for path in Path(moe_dir).rglob("*.safetensors"):
-        with safe_open(path, "pt") as f:
-            if any(".mlp.gate." in k for k in f.keys()):
-                total += path.stat().st_size
-    return total
-
-
-def write_fitted(
-    moe_dir: str | Path, out: str | Path, routers: dict[int, dict[str, torch.Tensor]], report: dict
-) -> Path:
-    """A copy of `moe_dir` at `out` whose routers are `routers` (atomic; the input is never modified).
-
-    Files without a router tensor are hard-linked (copied across file systems); files holding one
-    are rewritten as new files. `router_fit.json` records the fit.
-    """
-    src, out = Path(moe_dir), Path(out)
-    updates = {
-        f"model.layers.{layer}.mlp.{k}": v.contiguous() for layer, d in routers.items() for k, v in d.items()
-    }
-    with staged_dir(out) as tmp:
-        found: set[str] = set()
-        for path in sorted(src.rglob("*")):
-            rel = path.relative_to(src)
-            if path.is_dir() or rel.name.startswith(".") or rel.name == FIT_FILE:
-                continue
-            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-            if path.suffix == ".safetensors":
-                with safe_open(path, "pt") as f:
-                    keys = set(f.keys())
-                    meta = f.metadata()
-                hit = keys & updates.keys()
-                if hit:
-                    tensors = load_file(path)
-                    for k in hit:
-                        tensors[k] = updates[k].to(tensors[k].dtype)
-                    save_file(tensors, tmp / rel, metadata=meta)
-                    found |= hit
-                    continue
-            _link_or_copy(path, tmp / rel)
-        missing = sorted(set(updates) - found)
-        if missing:
-            raise ValueError(
-                f"{src} holds no tensor {missing[0]} (and {len(missing) - 1} more); not a dive_moe folder"
-            )
-        (tmp / FIT_FILE).write_text(json.dumps(report, indent=2) + "\n")
-        if out.exists():
-            raise ValueError(f"--out {out} appeared while fitting; choose another --out")
-    return out

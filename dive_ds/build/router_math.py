@@ -1,5 +1,5 @@
 """The router fit's pure math: reconstruction-error labels and targets, the regression, its report
-metrics, and the sliced experts' errors (no I/O, no model loading; dive_ds.routerfit streams the
+metrics, and the sliced experts' errors (no I/O, no model loading; dive_ds.build.router_pass streams the
 layers and calls these).
 
 Legend: T tokens, H hidden, E experts, F FFN width.

@@ -1,45 +1,25 @@
-"""One streaming pass of the dense model over every domain's calibration tokens.
-
-Layer by layer: the hidden states of all calibration windows are carried from layer l to
-l + 1 while only layer l's weights are resident (read lazily from safetensors). A pre-hook
-on `mlp.down_proj` accumulates, per domain, the sufficient statistics of its input
-(count, sum, sum of squares; float64), and a pre-hook on `mlp` the sum of the MLP input
-(for router initialisation). Every window is exactly L tokens of one domain, so there is
-no padding and no sequence crosses a window boundary.
-
-Legend: S windows, L seq len, H hidden, F FFN width, D domains.
-"""
+"""The calibration pass: the dense model streamed layer by layer (one decoder layer resident, hidden
+states carried, windows split over ranks), collecting every layer's down_proj input statistics per domain."""
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from dive_ds.data.sampler import DomainSamples
-from dive_ds.io.atomic import staged_dir
-from dive_ds.models.loading import LayerwiseCheckpoint, check_gated_mlp, model_fingerprint
-from dive_ds.outputs import check_not_input
+from dive_ds.build.stats import ChannelStats
+from dive_ds.io.loading import LayerwiseCheckpoint, check_gated_mlp, model_fingerprint
 from dive_ds.parallel.ranks import DTYPES, Ranks
-from dive_ds.stats import ChannelStats
-
-STATS_FILE = "stats.safetensors"
-SAMPLES_FILE = "samples.safetensors"
-MANIFEST = "manifest.json"
-SPLIT_FILE = "split.json"
-"""Per domain, the span ids (dive_ds.data.split) of the calibration and selection sets used."""
 
 
 @dataclass(frozen=True)
@@ -116,7 +96,7 @@ def checkpoint_identity(
     """What a checkpoint of the pass depends on (not the device nor the world size: the sums are equal)."""
     from transformers import AutoConfig
 
-    from dive_ds.calib_checkpoint import windows_sha
+    from dive_ds.build.calib_checkpoint import windows_sha
 
     config = AutoConfig.from_pretrained(model_dir)
     return {
@@ -203,7 +183,7 @@ def streaming_stats(
     resident on `ranks.device` in `dtype`; the float64 sums are added across ranks at the end, so the
     statistics equal one rank's up to float64 rounding. `stop` (or cfg.stop_file) set at a layer
     boundary: checkpoint, then CalibrationStopped."""
-    from dive_ds.calib_checkpoint import LayerCheckpoint
+    from dive_ds.build.calib_checkpoint import LayerCheckpoint
 
     ranks = ranks or Ranks()  # one rank on the CPU
     ranks.check_items(len(batch_plan(windows, cfg.batch_size)), "batches")
@@ -380,235 +360,3 @@ def _streaming_stats(model_dir, windows, cfg, ranks, dtype, stop, scratch, ckpt,
         "per_rank": per_rank,
     }
     return st, info
-
-
-def _git_rev() -> str | None:
-    import subprocess
-
-    try:
-        return (
-            subprocess.run(
-                ["git", "rev-parse", "--short", "HEAD"],
-                capture_output=True,
-                text=True,
-                cwd=Path(__file__).parent,
-                timeout=5,
-            ).stdout.strip()
-            or None
-        )
-    except Exception:
-        return None
-
-
-def run_manifest_base(kind: str) -> dict:
-    import dive_ds
-
-    return {
-        "kind": kind,
-        "dive_ds_version": dive_ds.__version__,
-        "git_rev": _git_rev(),
-        "torch": torch.__version__,
-    }
-
-
-def check_out_dir(out: Path, identity: dict, force: bool) -> bool:
-    """True if `out` already holds this exact run (reuse it); raise if it holds another run,
-    unless `force` (then it will be replaced)."""
-    man = out / MANIFEST
-    if not out.exists():
-        return False
-    if not out.is_dir():
-        raise ValueError(f"--out {out} exists and is a file, not a folder; choose another --out")
-    if man.exists():
-        old = json.loads(man.read_text()).get("identity")
-        if isinstance(old, dict) and "dtype" not in old:
-            old = old | {"dtype": "fp32"}  # written before --dtype existed: every pass then was fp32
-        if old == identity:
-            return True
-        if old != identity and not force:
-            raise ValueError(
-                f"output folder {out} holds a different run ({man}); choose another --out or pass --force"
-            )
-    elif any(out.iterdir()) and not force:
-        raise ValueError(
-            f"output folder {out} is not empty and holds no {MANIFEST}; choose another --out or pass --force"
-        )
-    return False
-
-
-def write_calibration(
-    out: Path, stats: ChannelStats, samples: dict[str, DomainSamples], manifest: dict, force: bool = False
-) -> Path:
-    """Write stats + samples + manifest atomically (temp folder, then rename)."""
-    with staged_dir(out) as tmp:
-        save_file({k: v.contiguous() for k, v in stats.to_tensors().items()}, tmp / STATS_FILE)
-        tensors = {}
-        for name, s in samples.items():
-            tensors[f"calib.{name}"] = s.calib.contiguous()
-            tensors[f"eval.{name}"] = s.eval.contiguous()
-        save_file(tensors, tmp / SAMPLES_FILE)
-        split = {name: s.split for name, s in samples.items() if s.split is not None}
-        if split:  # the span ids each domain's calibration and selection windows came from
-            (tmp / SPLIT_FILE).write_text(json.dumps(split) + "\n")
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    return out
-
-
-@dataclass
-class Calibration:
-    """A calibration run folder, loaded: statistics, windows and manifest."""
-
-    path: Path
-    stats: ChannelStats
-    domains: list[str]
-    families: dict[str, str | None]
-    calib: dict[str, torch.Tensor]
-    eval: dict[str, torch.Tensor]
-    manifest: dict
-
-    @property
-    def fingerprint(self) -> str:
-        return self.manifest["model"]["fingerprint"]
-
-
-def load_calibration(path: str | Path) -> Calibration:
-    path = Path(path)
-    if not (path / MANIFEST).exists() or not (path / STATS_FILE).exists():
-        raise ValueError(
-            f"{path} is not a calibration folder (no {MANIFEST}/{STATS_FILE}); "
-            "run `dive-ds calibrate --out DIR` first"
-        )
-    man = json.loads((path / MANIFEST).read_text())
-    stats = ChannelStats.from_tensors(load_file(path / STATS_FILE))
-    samples = load_file(path / SAMPLES_FILE)
-    names = [d["name"] for d in man["domains"]]
-    return Calibration(
-        path,
-        stats,
-        names,
-        {d["name"]: d.get("family") for d in man["domains"]},
-        {n: samples[f"calib.{n}"] for n in names},
-        {n: samples[f"eval.{n}"] for n in names},
-        man,
-    )
-
-
-def check_same_model(cal: Calibration, model_dir: str | Path) -> None:
-    """Statistics must come from this very model (shapes and a weight fingerprint)."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(model_dir)
-    ffn = cal.stats.sum_DLF.shape
-    if (ffn[1], ffn[2]) != (config.num_hidden_layers, config.intermediate_size):
-        raise ValueError(
-            f"statistics in {cal.path} are for {ffn[1]} layers x {ffn[2]} FFN channels but {model_dir} "
-            f"has {config.num_hidden_layers} x {config.intermediate_size}: they come from another model; "
-            "re-run `dive-ds calibrate` on this model"
-        )
-    fp = model_fingerprint(config, LayerwiseCheckpoint(model_dir))
-    if fp != cal.fingerprint:
-        raise ValueError(
-            f"statistics in {cal.path} have model fingerprint {cal.fingerprint} but {model_dir} has {fp}: "
-            "they come from another model; re-run `dive-ds calibrate` on this model"
-        )
-
-
-def run_calibration(
-    model: str,
-    registry_path: str,
-    out: str | Path,
-    sampler_cfg,
-    domains: list[str] | None = None,
-    calib_cfg: CalibConfig = CalibConfig(),
-    force: bool = False,
-    device: str = "auto",
-    dtype: str = "fp32",
-    stop: threading.Event | None = None,
-) -> Path:
-    """Registry + model -> calibration folder (validates everything before the heavy pass).
-
-    Launched by torchrun, every rank samples the same windows (deterministic), carries its share of
-    the batches, and rank 0 alone writes `out`. Every refusal happens before the process group is
-    joined, on every rank alike."""
-    from dive_ds.calib_checkpoint import LayerCheckpoint
-    from dive_ds.data.registry import iter_documents, load_registry
-    from dive_ds.data.sampler import sample_domain_text
-    from dive_ds.models.loading import load_config, load_tokenizer, local_snapshot, resolve_model
-    from dive_ds.parallel.ranks import launched_world, resolve_device, resolve_dtype, start_ranks
-
-    rank, world, local_rank = launched_world()
-    compute_dtype = resolve_dtype(dtype, resolve_device(device, local_rank))
-    out = Path(out)
-    model_ref = resolve_model(model)
-    config = load_config(model_ref)
-    registry = load_registry(registry_path)
-    chosen = registry.select(domains)
-    identity = {
-        "model": str(model_ref),
-        "registry": str(registry.path),
-        "domains": [d.name for d in chosen],
-        "sampler": asdict(sampler_cfg),
-        "dtype": dtype,  # bf16 sums differ from fp32 ones; the device and the world size do not change them
-    }
-    inputs = {"model": model_ref if isinstance(model_ref, Path) else None, "registry": registry.path}
-    check_not_input(
-        out,
-        inputs
-        | {
-            "hidden offload folder": calib_cfg.hidden_offload_dir,
-            "checkpoint folder": calib_cfg.checkpoint_dir,
-        },
-    )
-    if check_out_dir(out, identity, force):
-        if rank == 0:
-            print(f"{out} already holds this calibration run; reusing it (delete it to recompute)")
-        return out
-    check_offload_dir(calib_cfg.hidden_offload_dir)
-    model_dir = local_snapshot(model_ref)
-    tok = load_tokenizer(model_dir, config)
-    t0 = time.time()
-    samples: dict[str, DomainSamples] = {}
-    for d in chosen:
-        texts = list(iter_documents(d, max_chars=sampler_cfg.chars_budget()))
-        samples[d.name] = sample_domain_text(d.name, texts, tok, sampler_cfg)
-    t_sample = time.time() - t0
-    windows = {n: s.calib for n, s in samples.items()}
-    Ranks(rank, world).check_items(len(batch_plan(windows, calib_cfg.batch_size)), "calibration batches")
-    ckpt = None
-    if calib_cfg.checkpoint_dir is not None:
-        ident = checkpoint_identity(model_dir, windows, compute_dtype, calib_cfg.batch_size)
-        ckpt = LayerCheckpoint(Path(calib_cfg.checkpoint_dir), ident, world)
-        ckpt.check()
-    with start_ranks(device) as ranks:
-        stats, info = streaming_stats(model_dir, windows, calib_cfg, ranks, compute_dtype, stop)
-        if ranks.is_main:
-            manifest = run_manifest_base("calibration") | {
-                "identity": identity,
-                "model": {
-                    # absolute: mine/reconstruct find it from any directory
-                    "path": str(Path(model_dir).resolve()),
-                    "fingerprint": model_fingerprint(config, LayerwiseCheckpoint(model_dir)),
-                    "model_type": config.model_type,
-                    "num_hidden_layers": config.num_hidden_layers,
-                    "hidden_size": config.hidden_size,
-                    "intermediate_size": config.intermediate_size,
-                },
-                "sampler": asdict(sampler_cfg),
-                "domains": [
-                    {
-                        "name": d.name,
-                        "family": d.family,
-                        "documents": samples[d.name].documents,
-                        "calib_pool_tokens": samples[d.name].calib_pool_tokens,
-                        "calib_tokens": samples[d.name].calib.numel(),
-                        "eval_tokens": samples[d.name].eval.numel(),
-                        "split_spans": {r: v["spans"] for r, v in (samples[d.name].split or {}).items()},
-                    }
-                    for d in chosen
-                ],
-                "pass": info | {"sampling_seconds": round(t_sample, 2)},
-            }
-            write_calibration(out, stats, samples, manifest, force=True)
-            if ckpt is not None:
-                ckpt.remove(made_root=False)  # the state it wrote says whether this run made the folder
-    return out

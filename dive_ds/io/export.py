@@ -21,8 +21,8 @@ import torch
 from transformers import MixtralConfig, MixtralForCausalLM
 
 from dive_ds.io.atomic import staged_dir
+from dive_ds.io.loading import check_complete, load_causal_lm
 from dive_ds.io.shards import is_sharded
-from dive_ds.models.loading import check_complete, load_causal_lm
 from dive_ds.models.moe import DiveMoeConfig, DiveMoeForCausalLM
 from dive_ds.models.portable import AUTO_MAP, MODELING_FILE, modeling_source
 

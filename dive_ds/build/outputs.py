@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 
 def read_identity(record: Path) -> dict | None:
     """The "identity" entry of a JSON record file (None if the file is missing, unreadable or has none)."""
@@ -81,6 +83,8 @@ def claim_output(
 # --------------------------------------------------------------------------- evaluate
 
 EVAL_FILES = ("eval.json", "eval.md", "tb")  # tb/: the TensorBoard scalars
+
+
 PENDING_EVAL = ".eval-pending.json"
 """Written first and removed last by `evaluate`: names the evaluation whose files may be half there."""
 
@@ -134,7 +138,7 @@ def reconstruction_identity(plan, cfg, model_dir: Path, model_fingerprint: str) 
     import torch
     from transformers import AutoConfig
 
-    from dive_ds.reconstruct import moe_config_dict, plan_fingerprint
+    from dive_ds.build.moe_writer import moe_config_dict, plan_fingerprint
 
     moe_config = moe_config_dict(AutoConfig.from_pretrained(model_dir), cfg, plan.widths_L)
     return {
@@ -177,3 +181,37 @@ def _holds_routers(out: Path, plan, layers: int) -> bool:
     except Exception:  # unreadable file or missing tensor: not (any more) write_moe's output
         return False
     return True
+
+
+def git_rev() -> str | None:
+    import subprocess
+
+    try:
+        return (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"],
+                capture_output=True,
+                text=True,
+                cwd=Path(__file__).parent,
+                timeout=5,
+            ).stdout.strip()
+            or None
+        )
+    except Exception:
+        return None
+
+
+def run_manifest_base(kind: str) -> dict:
+    import dive_ds
+
+    return {
+        "kind": kind,
+        "dive_ds_version": dive_ds.__version__,
+        "git_rev": git_rev(),
+        "torch": torch.__version__,
+    }
+
+
+def check_new_out(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"--out {out} exists and is not empty; choose a new --out (nothing was written)")

@@ -19,17 +19,13 @@ Shape legend (suffixes on array names):
 
 from __future__ import annotations
 
-import csv
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
 import scipy.cluster.hierarchy as sch
 from scipy.spatial.distance import squareform
 from scipy.stats import rankdata
-
-from dive_ds.io.atomic import staged_file
 
 # Linkage methods that are valid on an arbitrary (non-Euclidean) distance such as 1 - r.
 # ward / centroid / median assume Euclidean distances and are refused.
@@ -39,7 +35,7 @@ LINKAGE_METHODS = ("average", "complete", "single", "weighted")
 # --------------------------------------------------------------------------- validation
 
 
-def _as_matrix(M, name: str, *, square: bool = True) -> np.ndarray:
+def as_matrix(M, name: str, *, square: bool = True) -> np.ndarray:
     M = np.asarray(M, dtype=np.float64)
     if M.ndim != 2:
         raise ValueError(f"{name} must be a 2-D matrix, got shape {M.shape}")
@@ -55,7 +51,7 @@ def _as_matrix(M, name: str, *, square: bool = True) -> np.ndarray:
     return M
 
 
-def _check_names(names: Sequence[str], what: str = "domain_names") -> list[str]:
+def check_names(names: Sequence[str], what: str = "domain_names") -> list[str]:
     if isinstance(names, str):
         raise ValueError(f"{what} must be a sequence of names, not the single string {names!r}")
     names = [str(n) for n in names]
@@ -77,7 +73,7 @@ def normalise_columns(ppl_DD) -> np.ndarray:
 
     Raises ValueError if the matrix is not square, has non-finite or non-positive entries.
     """
-    P_DD = _as_matrix(ppl_DD, "perplexity matrix")
+    P_DD = as_matrix(ppl_DD, "perplexity matrix")
     bad = np.argwhere(P_DD <= 0)
     if len(bad):
         where = ", ".join(str(tuple(int(i) for i in b)) for b in bad[:5])
@@ -93,7 +89,7 @@ def pearson_similarity(A_DD, axis: str = "rows") -> np.ndarray:
     row and 1 with itself, so the result never contains NaN. "Zero variance" means
     exactly constant (max == min), not numerically small. A need not be square.
     """
-    A = _as_matrix(A_DD, "affinity matrix", square=False)
+    A = as_matrix(A_DD, "affinity matrix", square=False)
     if axis in ("rows", "row", 0):
         X = A
     elif axis in ("columns", "cols", "column", 1):
@@ -132,7 +128,7 @@ def linkage_matrix(S_DD, method: str = "average") -> np.ndarray:
     S is symmetrised, the distance clipped at 0 and its diagonal set to 0. `method` is one
     of LINKAGE_METHODS (those valid for a non-Euclidean distance). Needs D >= 2.
     """
-    S = _as_matrix(S_DD, "similarity matrix")
+    S = as_matrix(S_DD, "similarity matrix")
     if method not in LINKAGE_METHODS:
         raise ValueError(
             f"linkage method {method!r} is not supported on 1 - correlation distances; "
@@ -160,7 +156,7 @@ def cluster_domains(S_DD, n_groups: int, method: str = "average") -> np.ndarray:
     n_groups. Labels are 0 .. n_groups-1 in order of first appearance (canonical and
     deterministic). Returns an int64 array of shape [D].
     """
-    S = _as_matrix(S_DD, "similarity matrix")
+    S = as_matrix(S_DD, "similarity matrix")
     D = S.shape[0]
     if isinstance(n_groups, bool) or not isinstance(n_groups, (int, np.integer)):
         raise ValueError(f"n_groups must be an integer, got {n_groups!r}")
@@ -191,7 +187,7 @@ def groups_from_labels(labels_D, domain_names: Sequence[str]) -> dict[str, list[
     Labels must be integers 0 .. G-1 with every value present; names keep the order of
     `domain_names` within a group.
     """
-    names = _check_names(domain_names)
+    names = check_names(domain_names)
     labels = np.asarray(labels_D)
     if labels.ndim != 1 or len(labels) != len(names):
         raise ValueError(f"labels have shape {labels.shape} but there are {len(names)} domain names")
@@ -217,7 +213,7 @@ def labels_from_groups(groups: Mapping[str, Sequence[str]], domain_names: Sequen
     ValueError. Returns an int64 array of shape [D]; the label is the group's index in the
     mapping's order (expert k = k-th group), not renumbered.
     """
-    names = _check_names(domain_names)
+    names = check_names(domain_names)
     if not isinstance(groups, Mapping) or len(groups) == 0:
         raise ValueError(f"groups must be a non-empty mapping of group name -> domain names, got {groups!r}")
     index = {n: i for i, n in enumerate(names)}
@@ -398,8 +394,8 @@ def compare_affinities(S1_DD, S2_DD, n_groups: int, method: str = "average") -> 
     Correlations are 1.0 when the off-diagonal entries are identical and 0.0 when exactly
     one side is constant (or D < 3 with different entries), never NaN.
     """
-    S1 = _as_matrix(S1_DD, "first similarity matrix")
-    S2 = _as_matrix(S2_DD, "second similarity matrix")
+    S1 = as_matrix(S1_DD, "first similarity matrix")
+    S2 = as_matrix(S2_DD, "second similarity matrix")
     if S1.shape != S2.shape:
         raise ValueError(f"similarity matrices differ in shape: {S1.shape} vs {S2.shape}")
     iu = np.triu_indices(S1.shape[0], k=1)
@@ -418,175 +414,3 @@ def compare_affinities(S1_DD, S2_DD, n_groups: int, method: str = "average") -> 
         "labels_1": labels_1,
         "labels_2": labels_2,
     }
-
-
-# --------------------------------------------------------------------------- plotting
-
-
-def plot_side_inches(n_domains: int) -> float:
-    """Side of the (square) affinity figure in inches: max(6, 3 + 0.4 * D)."""
-    return max(6.0, 3.0 + 0.4 * n_domains)
-
-
-def plot_affinity(
-    S_DD, domain_names: Sequence[str], labels_D, path, title: str, method: str = "average", dpi: int = 100
-) -> Path:
-    """Write a PNG: dendrogram of 1 - S on top of a heatmap of S in dendrogram leaf order.
-
-    The heatmap has a colour bar, domain names as tick labels, a coloured strip with each
-    domain's group (`labels_D`, may be None) and white lines where consecutive leaves
-    change group (groups from another affinity need not be contiguous in this order).
-    The figure is square, plot_side_inches(D) inches at `dpi`. Written atomically (temp
-    file in the same folder, then os.replace). Returns the path.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    S = _as_matrix(S_DD, "similarity matrix")
-    names = _check_names(domain_names)
-    D = S.shape[0]
-    if len(names) != D:
-        raise ValueError(f"{len(names)} domain names for a {D} x {D} matrix")
-    labels = None if labels_D is None else np.asarray(labels_D).reshape(-1)
-    if labels is not None and len(labels) != D:
-        raise ValueError(f"{len(labels)} labels for {D} domains")
-    Z = linkage_matrix(S, method)
-    order = np.asarray(sch.leaves_list(Z))
-
-    side = plot_side_inches(D)
-    fig = Figure(figsize=(side, side), dpi=dpi)
-    FigureCanvasAgg(fig)
-    # Margins sized for the longest name at 8 pt (~0.07 in per character).
-    margin = min(0.4, (0.3 + 0.07 * max(len(n) for n in names)) / side)
-    gs = fig.add_gridspec(
-        2,
-        3,
-        height_ratios=[1.0, 4.0],
-        width_ratios=[4.0, 0.18, 0.15],
-        left=margin,
-        bottom=margin,
-        right=0.9,
-        top=0.92,
-        wspace=0.06,
-        hspace=0.02,
-    )
-    ax_dend = fig.add_subplot(gs[0, 0])
-    ax_heat = fig.add_subplot(gs[1, 0])
-    ax_strip = fig.add_subplot(gs[1, 1], sharey=ax_heat)
-    ax_cbar = fig.add_subplot(gs[1, 2])
-
-    sch.dendrogram(Z, ax=ax_dend, orientation="top", no_labels=True, link_color_func=lambda _: "k")
-    ax_dend.set_xlim(0, 10 * D)  # scipy puts leaf i at x = 10 i + 5
-    ax_dend.set_xticks([])
-    ax_dend.set_ylabel("1 - S", fontsize=8)
-    ax_dend.tick_params(labelsize=7)
-    for spine in ("top", "right"):
-        ax_dend.spines[spine].set_visible(False)
-
-    S_ord = S[np.ix_(order, order)]
-    im = ax_heat.imshow(S_ord, cmap="viridis", aspect="auto", interpolation="nearest")
-    ax_heat.set_xticks(range(D), [names[i] for i in order], rotation=90, fontsize=8)
-    ax_heat.set_yticks(range(D), [names[i] for i in order], fontsize=8)
-    if D <= 16:
-        lo, hi = float(S_ord.min()), float(S_ord.max())
-        mid = 0.5 * (lo + hi)
-        for r in range(D):
-            for c in range(D):
-                ax_heat.text(
-                    c,
-                    r,
-                    f"{S_ord[r, c]:.2f}",
-                    ha="center",
-                    va="center",
-                    fontsize=7,
-                    color="black" if S_ord[r, c] > mid else "white",
-                )
-    fig.colorbar(im, cax=ax_cbar)
-    ax_cbar.tick_params(labelsize=7)
-
-    if labels is not None:
-        _, code_D = np.unique(labels, return_inverse=True)
-        lab_ord = code_D.reshape(-1)[order]  # colour codes; the text shows the caller's label
-        ax_strip.imshow(
-            lab_ord[:, None] % 20, cmap="tab20", vmin=-0.5, vmax=19.5, aspect="auto", interpolation="nearest"
-        )
-        for r, i in enumerate(order):
-            ax_strip.text(0, r, str(labels[i]), ha="center", va="center", fontsize=7)
-        for i in np.flatnonzero(lab_ord[1:] != lab_ord[:-1]) + 1:
-            ax_heat.axhline(i - 0.5, color="white", lw=2)
-            ax_heat.axvline(i - 0.5, color="white", lw=2)
-    ax_strip.set_xticks([0], ["group"], rotation=90, fontsize=8)
-    ax_strip.tick_params(axis="y", left=False, labelleft=False)
-    fig.suptitle(title, fontsize=10)
-
-    path = Path(path)
-    with staged_file(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=dpi)
-    return path
-
-
-# ----------------------------------------------------------------------------- writers
-
-
-def write_matrix_csv(path, M, row_names: Sequence[str], col_names: Sequence[str]) -> Path:
-    """Write a labelled matrix as CSV (atomic): header "", col names; one row per name.
-
-    Values are written with repr (round-trips float64 exactly; nan/inf allowed).
-    """
-    M = np.asarray(M, dtype=np.float64)
-    rows, cols = _check_names(row_names, "row_names"), _check_names(col_names, "col_names")
-    if M.shape != (len(rows), len(cols)):
-        raise ValueError(
-            f"matrix shape {M.shape} does not match {len(rows)} row and {len(cols)} column names"
-        )
-    path = Path(path)
-    with staged_file(path) as tmp, open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["", *cols])
-        for name, row in zip(rows, M):
-            w.writerow([name, *(repr(float(v)) for v in row)])
-    return path
-
-
-def read_matrix_csv(path) -> tuple[np.ndarray, list[str], list[str]]:
-    """Read a CSV written by write_matrix_csv: (M [R, C] float64, row_names, col_names)."""
-    path = Path(path)
-    with open(path, newline="") as f:
-        table = [r for r in csv.reader(f) if r]
-    if not table:
-        raise ValueError(f"{path} is empty")
-    cols = table[0][1:]
-    rows, values = [], []
-    for n, r in enumerate(table[1:], start=2):
-        if len(r) != len(cols) + 1:
-            raise ValueError(f"{path} line {n}: {len(r)} fields, expected {len(cols) + 1}")
-        rows.append(r[0])
-        try:
-            values.append([float(v) for v in r[1:]])
-        except ValueError as e:
-            raise ValueError(f"{path} line {n}: {e}") from None
-    M = np.asarray(values, dtype=np.float64).reshape(len(rows), len(cols))
-    return M, rows, cols
-
-
-__all__ = [
-    "LINKAGE_METHODS",
-    "adjusted_rand_index",
-    "canonical_labels",
-    "cluster_domains",
-    "compare_affinities",
-    "family_recovery",
-    "groups_from_labels",
-    "jaccard_affinity",
-    "keep_count",
-    "kept_sets",
-    "labels_from_groups",
-    "linkage_matrix",
-    "normalise_columns",
-    "pearson_similarity",
-    "plot_affinity",
-    "plot_side_inches",
-    "read_matrix_csv",
-    "score_correlation_affinity",
-    "write_matrix_csv",
-]

@@ -4,7 +4,7 @@ Builds, at the same activated FFN width: DIVE (mined groups), DIVE without minin
 groups), LLaMA-MoE's neuron-independent split (N disjoint experts of F/N channels, top-N/2), the
 independent random halves, FLAP with uniform widths and FLAP with its adaptive structure search.
 The seeded baselines (nomining, llama-moe, random-halves) are built once per `--grouping-seeds`.
-Every MoE gets the router treatments asked for: "fitted" (dive_ds.routerfit, then the experts stage
+Every MoE gets the router treatments asked for: "fitted" (dive_ds.build.fit_router, then the experts stage
 for the whole budget) and/or "random" (the paper's recipe: seeded router, a router stage, then the
 experts stage). FLAP gets the experts stage on its one expert; `flap-eqtrain` is uniform FLAP with
 its LoRA rank raised until it trains at least as many parameters as DIVE. Every run goes through the
@@ -27,181 +27,24 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
-from dive_ds.compare_score import eqtrain_rank, eval_sets, lambada_items, params_of, score_all, widths_of
-from dive_ds.routerfit import RouterFitConfig
+from dive_ds.build.compare_plan import CompareConfig, builds, method_config, run_names
+from dive_ds.build.compare_score import (
+    eqtrain_rank,
+    eval_sets,
+    lambada_items,
+    params_of,
+    score_all,
+    widths_of,
+)
+from dive_ds.build.fit_router import link_or_copy
+from dive_ds.build.outputs import git_rev
 
-SEEDED = ("nomining", "llama-moe", "random-halves")
-MOE_METHODS = ("dive", *SEEDED)
-DENSE_METHODS = ("flap", "flap-adaptive", "flap-eqtrain")
-ALIASES = {"random-split": "random-halves"}
 REPO = Path(__file__).resolve().parents[1]
-
-
-@dataclass(frozen=True)
-class CompareConfig:
-    """What every method gets: the same shape, budget and evaluation."""
-
-    experts: int = 6
-    top_k: int = 1
-    prune_ratio: float = 0.5
-    steps: int = 64
-    """Optimizer steps per method (the whole training budget)."""
-    router_steps: int = 16
-    """Of those, the router stage's steps in the random-router treatment (the rest: experts stage)."""
-    batch: int = 4
-    """Sequences per step."""
-    seq_len: int = 256
-    lr: float = 1e-4
-    eval_every: int = 16
-    """Steps between held-out evaluations (the points of the ppl-vs-tokens curve)."""
-    eval_windows: int = 16
-    """Evaluation windows per seen domain, spread over its evaluation set (all there are, if fewer)."""
-    unseen_windows: int = 16
-    """The same per --eval-domains domain."""
-    curve_windows: int = 4
-    """Windows per domain of the trainer's own eval curve (evaluation set)."""
-    methods: tuple[str, ...] = ("dive", "nomining", "llama-moe", "flap", "flap-adaptive")
-    treatments: tuple[str, ...] = ("fitted", "random")
-    grouping_seeds: tuple[int, ...] = (42,)
-    """Seeds of the seeded baselines' groupings / splits (one model each)."""
-    data_seeds: tuple[int, ...] = (1234,)
-    """Training-data seeds (data.seed): DIVE and the FLAPs are trained once per seed, the seeded baselines
-    and flap-eqtrain with the first (see HEADLINE)."""
-    seed: int = 42
-    """Seed of DIVE's and FLAP's router init and of the LoRA init."""
-    bootstrap: int = 2000
-    """Paired bootstrap resamples per ratio."""
-    lambada: int | None = 0
-    """LAMBADA-style items (dive_ds.eval.lambada, the unseen pack's narrative evaluation set) scored per
-    model and run: 0 = all of them, n = a seeded subsample of n, None = none."""
-    fit: RouterFitConfig = field(default_factory=RouterFitConfig)
-
-    def __post_init__(self):
-        methods = tuple(ALIASES.get(m, m) for m in self.methods)
-        object.__setattr__(self, "methods", methods)
-        bad = [m for m in methods if m not in (*MOE_METHODS, *DENSE_METHODS)]
-        if bad:
-            raise ValueError(f"--methods {bad[0]!r}: choose from {', '.join((*MOE_METHODS, *DENSE_METHODS))}")
-        if "flap-eqtrain" in methods and "dive" not in methods:
-            raise ValueError("--methods flap-eqtrain matches DIVE's trainable parameters: add dive")
-        bad = [t for t in self.treatments if t not in ("fitted", "random")]
-        if bad or not self.treatments:
-            raise ValueError(f"--treatments {','.join(self.treatments)!r}: choose fitted and/or random")
-        if self.steps < 1 or not 0 <= self.router_steps < (
-            self.steps if "random" in self.treatments else 2**31
-        ):
-            raise ValueError(
-                f"--steps {self.steps} --router-steps {self.router_steps}: use steps >= 1 and 0 <= router steps < steps"
-            )
-        if self.eval_every < 1:
-            raise ValueError(f"--eval-every {self.eval_every}: use >= 1")
-        if not self.grouping_seeds or not self.data_seeds:
-            raise ValueError("--grouping-seeds and --data-seeds need at least one seed each")
-        a = self.top_k * (1 - self.prune_ratio)
-        if not 0 < a < 1:
-            raise ValueError(
-                f"--top-k {self.top_k} x (1 - --prune-ratio {self.prune_ratio}) = {a:g} of the FFN is active: "
-                "the dense baselines need a share below 1; lower --top-k or raise --prune-ratio"
-            )
-        if "llama-moe" in methods and abs(self.experts * a - round(self.experts * a)) > 1e-9:
-            raise ValueError(
-                f"--methods llama-moe activates {self.experts} x {a:g} of its {self.experts} experts of "
-                f"F/{self.experts}: not a whole number; choose --experts N with N x k x (1 - r) whole"
-            )
-        if "flap-eqtrain" in methods and "fitted" not in self.treatments:
-            raise ValueError(
-                "--methods flap-eqtrain matches dive-fitted's trainable parameters: add --treatments fitted"
-            )
-
-
-QUICK = dict(steps=2, router_steps=1, batch=2, eval_every=1, eval_windows=2, unseen_windows=2, curve_windows=1,
-             bootstrap=200, lambada=8)  # fmt: skip
-"""`--quick`: the whole command in minutes (tests)."""
-
-
-@dataclass(frozen=True)
-class Build:
-    """One model to build: its folder name, method, treatment and grouping seed."""
-
-    name: str
-    method: str
-    treatment: str
-    seed: int
-
-
-def builds(cfg: CompareConfig) -> list[Build]:
-    """Every model: the dense baselines first, then treatment by treatment (every method's fitted model
-    before any random one), so an interrupted comparison has whole columns to compare."""
-    out = [Build(m, m, "-", cfg.seed) for m in DENSE_METHODS if m in cfg.methods]
-    for t in cfg.treatments:
-        for m in cfg.methods:
-            if m == "dive":
-                out.append(Build(f"dive-{t}", m, t, cfg.seed))
-            elif m in SEEDED:
-                out += [Build(f"{m}-s{s}-{t}", m, t, s) for s in cfg.grouping_seeds]
-    return out
-
-
-RUN_ORDER = ("flap", "dive", "nomining", "flap-eqtrain", "flap-adaptive", "llama-moe", "random-halves")
-"""The order training runs go in, most telling first, so that an interrupted comparison (hours on a CPU)
-has the headline: uniform FLAP and DIVE with every data seed, then the mining ablation, flap-eqtrain
-(after dive-fitted: its LoRA rank comes from DIVE's trainable count), the rest."""
-
-
-def run_names(cfg: CompareConfig) -> list[tuple[str, Build, int]]:
-    """(training run name, model, data seed) of every training run, in RUN_ORDER; the headline pair
-    (flap, dive) goes data seed by data seed."""
-    runs = [(f"{b.name}-d{d}", b, d) for b in builds(cfg) for d in data_seeds_of(b, cfg)]
-
-    def key(r: tuple[str, Build, int]) -> tuple:
-        _, b, d = r
-        pair = b.method in ("flap", "dive")
-        return (not pair, cfg.data_seeds.index(d) if pair else 0, RUN_ORDER.index(b.method),
-                b.treatment != "fitted", b.seed, cfg.data_seeds.index(d))  # fmt: skip
-
-    return sorted(runs, key=key)
-
-
-HEADLINE = ("dive", "flap", "flap-adaptive")
-"""Methods trained once per data seed; the seeded baselines (their spread comes from the grouping seeds)
-and flap-eqtrain are trained with the first data seed only, which keeps the budget to what a machine can run."""
-
-
-def data_seeds_of(b: Build, cfg: CompareConfig) -> tuple[int, ...]:
-    return cfg.data_seeds if b.method in HEADLINE else cfg.data_seeds[:1]
-
-
-# --------------------------------------------------------------------------- building the models
-
-
-def activated_share(cfg: CompareConfig) -> float:
-    """The FFN share every method activates per token: DIVE's top-k experts of (1 - r) F each."""
-    return cfg.top_k * (1 - cfg.prune_ratio)
-
-
-def reconstruct_config(b: Build, cfg: CompareConfig):
-    """The build of one method at DIVE's activated FFN width, k (1 - r) F."""
-    from dive_ds.reconstruct import ReconstructConfig
-
-    a = activated_share(cfg)
-    if b.method in DENSE_METHODS:
-        method = "flap-adaptive" if b.method == "flap-adaptive" else "flap"
-        return ReconstructConfig(num_experts=1, top_k=1, prune_ratio=1 - a, method=method, seed=b.seed)
-    if b.method == "llama-moe":
-        # as published: N disjoint experts of F/N, N a of them active, no bias compensation, and the
-        # expert-output scale k (gates sum to 1; scaled by k, k equal-gated parts add up like the FFN's);
-        # fixed by that argument, not chosen on any evaluated text
-        k = int(round(cfg.experts * a))
-        return ReconstructConfig(num_experts=cfg.experts, top_k=k, prune_ratio=1 - 1 / cfg.experts,
-                                 method="llama-moe", seed=b.seed, bias_compensation=False,
-                                 output_scale=float(k))  # fmt: skip
-    return ReconstructConfig(num_experts=cfg.experts, top_k=cfg.top_k, prune_ratio=cfg.prune_ratio,
-                             method=b.method, seed=b.seed)  # fmt: skip
 
 
 def _same(a: dict, b: dict) -> bool:
@@ -231,19 +74,19 @@ def _reusable(src: Path, rc_dict: dict, fit: dict | None, calib: Path) -> bool:
 def _link_model(src: Path, dst: Path) -> None:
     """Hard-link (or copy) a finished model folder under a temporary name, then rename it into place."""
     from dive_ds.io.atomic import staged_dir
-    from dive_ds.routerfit import _link_or_copy
 
     with staged_dir(dst) as tmp:
         for path in sorted(src.rglob("*")):
             if path.is_file() and not path.name.startswith("."):
                 (tmp / path.relative_to(src)).parent.mkdir(parents=True, exist_ok=True)
-                _link_or_copy(path, tmp / path.relative_to(src))
+                link_or_copy(path, tmp / path.relative_to(src))
 
 
 def _build_models(
     cal, groups_file: Path, out: Path, cfg: CompareConfig, reuse: Path | None = None
 ) -> dict[str, Path]:
-    from dive_ds.workflows import run_fit_router, run_reconstruct
+    from dive_ds.build.fit_router import run_fit_router
+    from dive_ds.build.reconstruct import run_reconstruct
 
     models: dict[str, Path] = {}
     for b in builds(cfg):
@@ -251,7 +94,7 @@ def _build_models(
             models[b.name] = out / "models" / "flap"
             if "flap" in models:
                 continue
-        rc = reconstruct_config(b, cfg)
+        rc = method_config(b, cfg)
         stem = "flap" if b.method == "flap-eqtrain" else b.name.removesuffix(f"-{b.treatment}")
         base = out / "models" / (stem if b.treatment == "-" else f"{stem}-random")
         old = None if reuse is None else reuse / "models" / base.name
@@ -339,10 +182,6 @@ def curve(run_dir: Path, batch: int, seq_len: int) -> tuple[list[dict], float | 
     return points, (float(np.median(rates)) if rates else None), trainable
 
 
-def quick(cfg: CompareConfig) -> CompareConfig:
-    return replace(cfg, **(QUICK | ({"lambada": None} if cfg.lambada is None else {})))
-
-
 # --------------------------------------------------------------------------- the command
 
 
@@ -355,12 +194,12 @@ def run_compare(
     reuse: str | Path | None = None,
     command: list[str] | None = None,
 ) -> dict:
-    from dive_ds.calibrate import load_calibration
-    from dive_ds.compare_report import finish, plot_curves, write_report
+    from dive_ds.build.compare_report import finish, plot_curves, write_report
+    from dive_ds.build.expert_plan import load_groups
     from dive_ds.data.split import SplitConfig
     from dive_ds.io.atomic import write_json
+    from dive_ds.io.calibration import load_calibration
     from dive_ds.io.fingerprint import folder_fingerprint
-    from dive_ds.workflows import load_groups
 
     out = Path(out)
     cal = load_calibration(calib_dir)
@@ -421,7 +260,7 @@ def run_compare(
         first = {}
         clusters["lambada"] = {"lambada": [first.setdefault(it["span_ids"][0], len(first)) for it in items]}
     results: dict = {"runs": {}, "models": {}, "windows": shapes, "split": asdict(split), "clusters": clusters,
-                     "command": command, "commit": _git_rev()}  # fmt: skip
+                     "command": command, "commit": git_rev()}  # fmt: skip
     old = json.loads((out / "compare.json").read_text()) if (out / "compare.json").exists() else {}
     if old.get("windows") == shapes:  # same identity (checked above) and same windows: their numbers stand
         results["runs"], results["models"] = old.get("runs", {}), old.get("models", {})
@@ -479,11 +318,3 @@ def run_compare(
     write()
     print((out / "compare.md").read_text())
     return results
-
-
-def _git_rev() -> str | None:
-    try:
-        return subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()  # fmt: skip
-    except (OSError, subprocess.CalledProcessError):
-        return None

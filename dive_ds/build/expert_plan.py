@@ -2,20 +2,22 @@
 
 `ReconstructConfig` says how experts are cut from the dense FFN (method, width, score, router init);
 `plan_experts` turns calibration statistics (and mined groups) into the plan that
-dive_ds.reconstruct then streams into a MoE checkpoint.
+dive_ds.build.moe_writer then streams into a MoE checkpoint.
 
 Legend: E experts, L layers, K kept channels per expert, F dense FFN width, H hidden, D domains.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from dive_ds.choices import METHOD_ALIASES, METHODS, PRESETS, ROUTER_INITS  # noqa: F401 (re-exported)
-from dive_ds.stats import (
+from dive_ds.build import affinity
+from dive_ds.build.stats import (
     ChannelStats,
     adaptive_widths,
     channel_scores,
@@ -25,6 +27,7 @@ from dive_ds.stats import (
     n_keep,
     random_channel_sets,
 )
+from dive_ds.choices import METHOD_ALIASES, METHODS, PRESETS, ROUTER_INITS  # noqa: F401 (re-exported)
 
 ONE_EXPERT_METHODS = ("flap", "flap-adaptive")
 
@@ -49,7 +52,7 @@ class ReconstructConfig:
     scale (k for k disjoint experts whose gates sum to 1, so that they add up as the FFN's parts do)."""
     router_init: str = "random"
     """random: seeded N(0, router_init_std) (the paper); centroid: from the groups' mean MLP inputs;
-    fit: fitted from the dense model afterwards (dive_ds.routerfit; the plan holds the random init)."""
+    fit: fitted from the dense model afterwards (dive_ds.build.fit_router; the plan holds the random init)."""
     router_init_std: float = 0.02
     """Standard deviation of the random router init."""
     seed: int = 42
@@ -195,3 +198,53 @@ def plan_experts(
         groups = {f"copy_{e}": [] for e in range(cfg.num_experts)}
     means = mean_ELF if cfg.bias_compensation and keep < ffn else None
     return ExpertPlan(kept_L, means, _router_init(stats, idx, cfg), groups, cfg.output_scale)
+
+
+def reconstruct_config(
+    preset: str | None = None,
+    experts: int | None = None,
+    top_k: int | None = None,
+    prune_ratio: float | None = None,
+    method: str = "dive",
+    score: str = "wifv",
+    bias_compensation: bool = True,
+    router_init: str = "random",
+    seed: int = 42,
+):
+    """`dive-ds reconstruct`'s settings: the preset (or N=8, k=1, r=0.5), then the given values, then the method's."""
+
+    base = dict(PRESETS[preset]) if preset else {"num_experts": 8, "top_k": 1, "prune_ratio": 0.5}
+    for value, key in ((experts, "num_experts"), (top_k, "top_k"), (prune_ratio, "prune_ratio")):
+        if value is not None:
+            base[key] = value
+    if method in ("flap", "flap-adaptive"):
+        base.update(num_experts=1, top_k=1)
+    if method == "llama-moe" and prune_ratio is None:  # N disjoint experts of F/N channels
+        base["prune_ratio"] = 1 - 1 / base["num_experts"]
+    if method == "upcycle":
+        base["prune_ratio"] = 0.0
+    return ReconstructConfig(
+        score=score,
+        bias_compensation=bias_compensation,
+        router_init=router_init,
+        seed=seed,
+        method=method,
+        **base,
+    )
+
+
+def load_groups(path: str | Path, domains: list[str]) -> dict[str, list[str]]:
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(
+            f"groups file {path} does not exist; pass a JSON file {{group: [domains]}} or run `dive-ds mine`"
+        )
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"groups file {path} is not valid JSON: {e}") from e
+    groups = raw.get("groups", raw) if isinstance(raw, dict) else None
+    if not isinstance(groups, dict):
+        raise ValueError(f"groups file {path} must map group name -> list of domains")
+    affinity.labels_from_groups(groups, domains)  # validates: unknown / duplicate / missing domains
+    return {str(k): list(v) for k, v in groups.items()}

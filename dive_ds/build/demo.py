@@ -13,7 +13,10 @@ import sys
 import time
 from pathlib import Path
 
-from dive_ds.steps import calibrate, error_message, mine, reconstruct_config
+from dive_ds.argtypes import error_message
+from dive_ds.build.calibrate import calibrate
+from dive_ds.build.expert_plan import reconstruct_config
+from dive_ds.build.mine import mine
 
 
 def _step(title: str) -> float:
@@ -22,9 +25,11 @@ def _step(title: str) -> float:
 
 
 def run_demo(a) -> dict:
-    from dive_ds.calibrate import load_calibration
-    from dive_ds.routerfit import RouterFitConfig
-    from dive_ds.workflows import markdown_table, run_evaluate, run_fit_router, run_reconstruct
+    from dive_ds.build.evaluate import markdown_table, run_evaluate
+    from dive_ds.build.fit_router import run_fit_router
+    from dive_ds.build.reconstruct import run_reconstruct
+    from dive_ds.build.router_config import RouterFitConfig
+    from dive_ds.io.calibration import load_calibration
 
     out = Path(a.out)
     t_all = time.time()

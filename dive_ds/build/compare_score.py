@@ -12,7 +12,7 @@ import torch
 def score_all(model_dir: Path, windows: dict[str, dict[str, torch.Tensor]], items: list[dict] | None,
               oracle: bool = False) -> dict:  # fmt: skip
     """score() of every window set, and the LAMBADA-style items as the set `lambada` (one model load)."""
-    from dive_ds.models.loading import load_causal_lm, load_tokenizer
+    from dive_ds.io.loading import load_causal_lm, load_tokenizer
 
     m = load_causal_lm(model_dir, dtype=torch.float32).eval()
     out = {k: score(m, model_dir, w, oracle=oracle) for k, w in windows.items()}
@@ -35,8 +35,8 @@ def score_lambada(m, tok, items: list[dict]) -> dict:
 
 def score(m, model_dir: Path, windows: dict[str, torch.Tensor], oracle: bool = False) -> dict:
     """Per-window NLL of every domain (router routing, and oracle routing for a MoE with groups), summarised."""
+    from dive_ds.build.evaluate import oracle_map
     from dive_ds.eval.paired import per_window_nll, summarise
-    from dive_ds.workflows import oracle_map
 
     tpw = {d: int(w.shape[1] - 1) for d, w in windows.items()}
     res = {
@@ -59,7 +59,7 @@ def eval_sets(registry: str, model_dir: Path, n: int, seq_len: int, split) -> tu
     """Windows spread over every registry domain's evaluation set, and the span ids they came from."""
     from dive_ds.data.registry import iter_documents, load_registry
     from dive_ds.data.sampler import eval_chars_budget, evaluation_windows
-    from dive_ds.models.loading import load_tokenizer
+    from dive_ds.io.loading import load_tokenizer
 
     tok = load_tokenizer(model_dir)
     windows, ids = {}, {}

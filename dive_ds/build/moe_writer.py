@@ -1,6 +1,6 @@
 """Statistics + groups -> experts -> a saved DIVE MoE checkpoint, streamed layer by layer.
 
-An `ExpertPlan` (dive_ds.expert_plan, re-exported here with ReconstructConfig and plan_experts) says,
+An `ExpertPlan` (dive_ds.build.expert_plan) says,
 for every expert and layer, which FFN channels it keeps and its compensation bias; it is computed from
 statistics alone (pure functions). `write_moe`
 then streams the dense checkpoint one decoder layer at a time and writes one safetensors
@@ -20,21 +20,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from dive_ds.expert_plan import (  # noqa: F401  (re-exported: the planning half of reconstruction)
-    METHOD_ALIASES,
-    METHODS,
-    ONE_EXPERT_METHODS,
-    PRESETS,
-    ROUTER_INITS,
-    ExpertPlan,
-    ReconstructConfig,
-    plan_experts,
-)
+from dive_ds.build.expert_plan import ExpertPlan, ReconstructConfig
+from dive_ds.build.stats import compensation_bias
 from dive_ds.io.atomic import staged_dir
+from dive_ds.io.loading import LayerwiseCheckpoint, check_gated_mlp
 from dive_ds.io.placement import NodePlacement
 from dive_ds.io.shards import ShardWriter, node_file
-from dive_ds.models.loading import LayerwiseCheckpoint, check_gated_mlp
-from dive_ds.stats import compensation_bias
 
 
 def moe_config_dict(dense_config, cfg: ReconstructConfig, keep: int | list[int]) -> dict:

@@ -24,8 +24,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 PREFIX = "calibrate-"
+
+
 STATE = "state.json"
+
+
 _RANK_FILE = re.compile(r"^rank(\d+)-layer(\d+)\.safetensors$")
+
+
 _TEMP_FILE = re.compile(r"^\.(rank\d+-layer\d+\.safetensors|state\.json)\.tmp-\d+$")
 
 
