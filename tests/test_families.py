@@ -18,7 +18,7 @@ import transformers
 from dive_ds.cli import main
 from dive_ds.io.loading import load_causal_lm
 from dive_ds.models.moe import DiveMoeConfig, moe_blocks
-from dive_ds.train.config import read_mapping, run_config_from_dict
+from dive_ds.train.config_load import read_mapping, run_config_from_dict
 from tests.helpers import make_tiny_calibration, one_line_error
 from tests.test_train import ZERO2, base_run, step_losses, world, write_tiny_registry  # noqa: F401 (world)
 

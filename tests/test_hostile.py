@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from dive_ds.cli import main
 from dive_ds.io.loading import check_tokenizer_fits
-from dive_ds.train.config import run_config_from_dict
+from dive_ds.train.config_load import run_config_from_dict
 from tests.helpers import make_tiny_calibration
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import dive_ds  # noqa: F401  (registers dive_moe)
-from dive_ds.train.config import read_mapping, run_config_from_dict
+from dive_ds.train.config_load import read_mapping, run_config_from_dict
 from dive_ds.train.identity import RUN_RECORD, claim_run_dir, run_identity, write_identity
 from tests.helpers import cli, make_tiny_calibration, one_line_error, snapshot
 from tests.test_faults import killed_at

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dive_ds.data import demo_pack
-from dive_ds.data.demo_readers import _read_quartz
+from dive_ds.data.demo_readers import read_quartz
 from dive_ds.eval import offline_tasks
 from dive_ds.eval.downstream import hflm, resolve_tasks, wilson_interval
 from dive_ds.eval.offline_tasks import (
@@ -46,8 +46,8 @@ def test_offline_tasks_share_no_text_with_the_demo_packs(monkeypatch):
 
     # why QuaRTz is not offered: the demo pack holds every one of its items, stated with the answer
     qfile = evals_dir() / quartz
-    statements = set(_read_quartz(qfile))
-    docs = set(demo_pack.collect_documents(_read_quartz(qfile), demo_pack.DEFAULT_MAX_CHARS))
+    statements = set(read_quartz(qfile))
+    docs = set(demo_pack.collect_documents(read_quartz(qfile), demo_pack.DEFAULT_MAX_CHARS))
     assert len(statements) > 3800 and statements <= docs
 
     # and the offered items are nowhere in the pack text read from the same wheel (other packages'

@@ -7,6 +7,7 @@ import pytest
 import scipy.cluster.hierarchy as sch
 
 from dive_ds.build import affinity as m
+from dive_ds.build import fast_affinity as fa
 from dive_ds.build import mine
 
 TRUTH_9 = np.repeat([0, 1, 2], 3)  # 9 domains in 3 planted blocks
@@ -271,19 +272,19 @@ def test_family_recovery():
 
 def test_kept_sets_counts_and_ties():
     scores = np.array([[[3.0, 1.0, 3.0, 2.0, 3.0]]])  # D=1, L=1, F=5
-    kept = m.kept_sets(scores, 0.4)  # round(2.0) = 2 -> ties at 3.0 go to the lowest indices
+    kept = fa.kept_sets(scores, 0.4)  # round(2.0) = 2 -> ties at 3.0 go to the lowest indices
     assert kept.dtype == bool
     assert kept[0, 0].tolist() == [True, False, True, False, False]
-    assert m.kept_sets(scores, 0.5)[0, 0].sum() == 2  # round(2.5) = 2 (half to even)
-    assert m.kept_sets(scores, 1.0).all()
+    assert fa.kept_sets(scores, 0.5)[0, 0].sum() == 2  # round(2.5) = 2 (half to even)
+    assert fa.kept_sets(scores, 1.0).all()
     s = planted_scores()
-    assert (m.kept_sets(s, 0.5).sum(axis=-1) == 100).all()
+    assert (fa.kept_sets(s, 0.5).sum(axis=-1) == 100).all()
     with pytest.raises(ValueError, match="keeps no channel"):
-        m.kept_sets(scores, 0.05)
+        fa.kept_sets(scores, 0.05)
     with pytest.raises(ValueError, match=r"\(0, 1\]"):
-        m.kept_sets(scores, 1.5)
+        fa.kept_sets(scores, 1.5)
     with pytest.raises(ValueError, match=r"\[D, L, F\]"):
-        m.kept_sets(np.ones((2, 3)), 0.5)
+        fa.kept_sets(np.ones((2, 3)), 0.5)
 
 
 def test_jaccard_affinity_exact():
@@ -295,20 +296,20 @@ def test_jaccard_affinity_exact():
         ],
         dtype=bool,
     )  # D=3, L=2, F=4
-    J = m.jaccard_affinity(kept)
+    J = fa.jaccard_affinity(kept)
     # Layer 0: |{0,1} ∩ {0,2}| / |{0,1,2}| = 1/3; layer 1: 1/1 -> mean 2/3.
     assert J[0, 1] == pytest.approx(2 / 3, abs=1e-15)
     assert J[0, 2] == 0.0  # empty vs non-empty
     assert J[2, 2] == 1.0  # empty vs empty counts as identical
     np.testing.assert_array_equal(np.diag(J), 1.0)
     with pytest.raises(ValueError, match="boolean"):
-        m.jaccard_affinity(kept.astype(int))
+        fa.jaccard_affinity(kept.astype(int))
 
 
 def test_fast_affinities_recover_planted_blocks():
     s = planted_scores()
-    J = m.jaccard_affinity(m.kept_sets(s, 0.5))
-    C = m.score_correlation_affinity(s)
+    J = fa.jaccard_affinity(fa.kept_sets(s, 0.5))
+    C = fa.score_correlation_affinity(s)
     for S in (J, C):
         assert m.adjusted_rand_index(m.cluster_domains(S, 3), TRUTH_9) == 1.0
     # Within-block pairs are far more similar than across-block pairs.
@@ -320,8 +321,8 @@ def test_fast_affinities_recover_planted_blocks():
 
 def test_fast_affinities_random_control_does_not_recover():
     s = np.random.default_rng(0).lognormal(0.0, 1.5, size=(9, 4, 200))
-    ari_j = m.adjusted_rand_index(m.cluster_domains(m.jaccard_affinity(m.kept_sets(s, 0.5)), 3), TRUTH_9)
-    ari_c = m.adjusted_rand_index(m.cluster_domains(m.score_correlation_affinity(s), 3), TRUTH_9)
+    ari_j = m.adjusted_rand_index(m.cluster_domains(fa.jaccard_affinity(fa.kept_sets(s, 0.5)), 3), TRUTH_9)
+    ari_c = m.adjusted_rand_index(m.cluster_domains(fa.score_correlation_affinity(s), 3), TRUTH_9)
     assert ari_j == pytest.approx(3 / 14, abs=1e-15)  # the actual value for this seed
     assert ari_j < 0.5 and ari_c < 0.5
 
@@ -330,25 +331,25 @@ def test_score_correlation_scale_invariance_and_validation():
     s = planted_scores()
     c_DL1 = np.random.default_rng(3).uniform(0.01, 100.0, size=(9, 4, 1))
     np.testing.assert_allclose(
-        m.score_correlation_affinity(s * c_DL1), m.score_correlation_affinity(s), atol=1e-12
+        fa.score_correlation_affinity(s * c_DL1), fa.score_correlation_affinity(s), atol=1e-12
     )
     s0 = s.copy()
     s0[2, 1] = 0.0  # a dead (domain, layer): constant -> correlation 0 there, still no NaN
-    assert np.isfinite(m.score_correlation_affinity(s0)).all()
+    assert np.isfinite(fa.score_correlation_affinity(s0)).all()
     with pytest.raises(ValueError, match=">= 0"):
-        m.score_correlation_affinity(-s)
+        fa.score_correlation_affinity(-s)
 
 
 def test_compare_affinities():
-    S = m.jaccard_affinity(m.kept_sets(planted_scores(), 0.5))
-    same = m.compare_affinities(S, S, 3)
+    S = fa.jaccard_affinity(fa.kept_sets(planted_scores(), 0.5))
+    same = fa.compare_affinities(S, S, 3)
     assert same["pearson"] == 1.0 and same["spearman"] == 1.0 and same["ari"] == 1.0
     np.testing.assert_array_equal(same["labels_1"], same["labels_2"])
     P_S = m.pearson_similarity(m.normalise_columns(planted_perplexity()))
-    cross = m.compare_affinities(P_S, S, 3)
+    cross = fa.compare_affinities(P_S, S, 3)
     assert cross["ari"] == 1.0 and cross["pearson"] > 0.9
     with pytest.raises(ValueError, match="shape"):
-        m.compare_affinities(S, S[:3, :3], 2)
+        fa.compare_affinities(S, S[:3, :3], 2)
 
 
 # ------------------------------------------------------------------------ plots and CSV

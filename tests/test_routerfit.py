@@ -257,7 +257,7 @@ def test_gate_weights_pure():
 
 def test_sharded_folder_fits_the_same_and_stays_sharded(tiny, tmp_path):
     from dive_ds.io.placement import NodePlacement
-    from dive_ds.io.shards import ShardedMoe
+    from dive_ds.io.shard_reader import ShardedMoe
 
     model_dir, calib_dir, moe = tiny
     cfg = ReconstructConfig(num_experts=3, method="nomining")

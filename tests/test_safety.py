@@ -182,7 +182,7 @@ def test_crafted_rng_files_never_run_code(tmp_path):
     trainer's resume path refuses both with one line and the code never runs."""
     from dive_ds.train import rng
     from dive_ds.train.checkpoint import load_checkpoint
-    from dive_ds.train.config import read_mapping, run_config_from_dict
+    from dive_ds.train.config_load import read_mapping, run_config_from_dict
     from dive_ds.train.retrain import train
     from tests.test_train import base_run, make_tiny_setup
 

@@ -22,7 +22,8 @@ from dive_ds.io.placement import (
     shard_writer,
     writers,
 )
-from dive_ds.io.shards import ShardedMoe, ShardWriter, consolidate_shards, is_sharded, load_rank_state
+from dive_ds.io.shard_reader import ShardedMoe, consolidate_shards, load_rank_state
+from dive_ds.io.shards import ShardWriter, is_sharded
 from dive_ds.models.moe import DiveMoeConfig
 from tests.helpers import make_tiny_calibration
 

@@ -22,13 +22,8 @@ import dive_ds  # noqa: F401  (registers dive_moe)
 from dive_ds.data.registry import iter_documents
 from dive_ds.data.split import split_texts
 from dive_ds.models.moe import DiveMoeConfig, DiveMoeForCausalLM, moe_blocks
-from dive_ds.train.config import (
-    RunConfig,
-    StageConfig,
-    load_run_config,
-    read_mapping,
-    run_config_from_dict,
-)
+from dive_ds.train.config import RunConfig, StageConfig
+from dive_ds.train.config_load import load_run_config, read_mapping, run_config_from_dict
 from dive_ds.train.data import ByteTokenizer, PackedStream, build_stream, heldout_windows, resolve_domains
 from dive_ds.train.ds_config import launch_ep_size, resolve_ds_config, resolve_ep_size
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dive_ds.train.config import read_mapping, run_config_from_dict
+from dive_ds.train.config_load import read_mapping, run_config_from_dict
 from dive_ds.train.data import ByteTokenizer
 from tests.test_train import (
     REPO,
@@ -178,7 +178,8 @@ def test_zero3_ep2_matches_one_rank_resumes_and_consolidates(reference_ep, tmp_p
     output and the offline consolidation of the last checkpoint give the live engine's held-out loss."""
     from transformers import AutoModelForCausalLM
 
-    from dive_ds.io.shards import consolidate_shards, is_sharded
+    from dive_ds.io.shard_reader import consolidate_shards
+    from dive_ds.io.shards import is_sharded
     from dive_ds.train.evaluation import eval_windows, evaluate, summarise_eval
     from dive_ds.train.export import consolidate_checkpoint
     from dive_ds.train.faults import CRASH_ENV

@@ -16,6 +16,7 @@ import scipy.cluster.hierarchy as sch
 import torch
 
 from dive_ds.build import affinity as aff
+from dive_ds.build import fast_affinity as fast_aff
 from dive_ds.build.affinity import as_matrix, check_names, linkage_matrix
 from dive_ds.build.outputs import (
     check_not_input,
@@ -201,13 +202,13 @@ def _mine_into(out: Path, cal: Calibration, identity: dict, num_groups: int, kee
         "score": score,
         "experts": num_groups,
     }
-    fast = aff.jaccard_affinity(aff.kept_sets(scores.numpy(), keep / scores.shape[2]))
+    fast = fast_aff.jaccard_affinity(fast_aff.kept_sets(scores.numpy(), keep / scores.shape[2]))
     write_matrix_csv(out / "fast_affinity.csv", fast, names, names)
     if not fast_only:
         write_matrix_csv(out / "pruned_ppl.csv", ppl, names, names)
         affinity = aff.pearson_similarity(aff.normalise_columns(ppl))
         write_matrix_csv(out / "affinity.csv", affinity, names, names)
-        cmp = aff.compare_affinities(affinity, fast, num_groups, method=linkage) if n_dom > 1 else {}
+        cmp = fast_aff.compare_affinities(affinity, fast, num_groups, method=linkage) if n_dom > 1 else {}
         report["fast_vs_paper"] = {
             k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in cmp.items()
         }

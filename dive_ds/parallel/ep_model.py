@@ -74,7 +74,8 @@ def rank_state_hf(folder: Path, experts: list[int]) -> dict[str, torch.Tensor]:
 def rank_state(folder: Path, experts: list[int]) -> dict[str, torch.Tensor]:
     """This rank's tensors from an HF folder or a sharded folder (`dive-ds reconstruct --shards`)."""
     try:
-        from dive_ds.io.shards import is_sharded, load_rank_state
+        from dive_ds.io.shard_reader import load_rank_state
+        from dive_ds.io.shards import is_sharded
     except ImportError:  # pragma: no cover - the shard module is part of the package
         is_sharded = None
     if is_sharded is not None and is_sharded(folder):

@@ -11,7 +11,8 @@ consolidation), stop (signals, the stop file), faults (test fault injection), co
 The process group: dive_ds.parallel.distributed.
 """
 
-from dive_ds.train.config import RunConfig, load_run_config
+from dive_ds.train.config import RunConfig
+from dive_ds.train.config_load import load_run_config
 from dive_ds.train.ds_config import resolve_ds_config
 
 __all__ = ["RunConfig", "load_run_config", "resolve_ds_config"]

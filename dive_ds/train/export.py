@@ -137,7 +137,8 @@ def export_sharded(
     every rank at once: rank 0 the shared tensors (`shared`, from gather_state_dict(skip_ep_experts=True)),
     config and tokenizer; each expert by the first rank that holds it. No rank ever holds every
     expert. DONE_FILE is written last, once every rank's marker is there. Collective."""
-    from dive_ds.io.shards import ShardedMoe, ShardWriter
+    from dive_ds.io.shard_reader import ShardedMoe
+    from dive_ds.io.shards import ShardWriter
 
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
@@ -284,7 +285,8 @@ def consolidate_checkpoint(
                 f"{ckpt_dir / tag} was saved without frozen weights, which come from the stage input "
                 f"{meta.get('input')}; that folder is gone: restore it to consolidate"
             )
-        from dive_ds.io.shards import ShardedMoe, is_sharded
+        from dive_ds.io.shard_reader import ShardedMoe
+        from dive_ds.io.shards import is_sharded
 
         if is_sharded(source):
             sharded = ShardedMoe(source)

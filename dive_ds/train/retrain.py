@@ -277,7 +277,7 @@ def retrain(
     force: bool = False,
 ) -> dict:
     """The launcher's entry: read configs, initialise the process group, train, always tear down."""
-    from dive_ds.train.config import load_run_config, read_mapping
+    from dive_ds.train.config_load import load_run_config, read_mapping
 
     run = load_run_config(config_path, overrides)
     ds_raw = read_mapping(ds_path, "DeepSpeed config")
