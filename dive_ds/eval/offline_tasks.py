@@ -42,12 +42,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from dive_ds.data.demo_pack import _PINNED
+from dive_ds.data.demo_pack import PINNED
 
 TASKS_VERSION = 2
 """Bump when a parser or a config changes what a task's items or prompts are."""
 
-EVALS_VERSION = _PINNED["evals"]
+EVALS_VERSION = PINNED["evals"]
 """The `evals` release the parsers were written against (setup.cfg demo-assets pins it)."""
 
 

@@ -28,8 +28,8 @@ from dive_ds.models.moe import (
     EXPERT_IMPLS,
     DiveExperts,
     DiveMoeConfig,
-    _aligned_16,
-    _grouped_mm,
+    aligned_16,
+    grouped_mm_checked,
     grouped_mm_supported,
     moe_blocks,
     permute,
@@ -49,7 +49,7 @@ def _segment_matmul(
 ) -> torch.Tensor:
     """Row segment e of x times w[e].T -> [N, O]; one grouped matmul when offs_E is given, else a loop."""
     if offs_E is not None:
-        return _grouped_mm(x_NI, w_EOI.transpose(-2, -1), offs_E)
+        return grouped_mm_checked(x_NI, w_EOI.transpose(-2, -1), offs_E)
     segments = torch.split(x_NI, counts_E.tolist())
     return torch.cat([F.linear(seg, w_EOI[e]) for e, seg in enumerate(segments)], dim=0)
 
@@ -80,7 +80,7 @@ def lora_expert_mlp(
     can_grouped = (
         len({t.dtype for t in tensors}) == 1
         and grouped_mm_supported(x_NH.device, x_NH.dtype)
-        and all(_aligned_16(t) for t in tensors)
+        and all(aligned_16(t) for t in tensors)
         and all((n * x_NH.element_size()) % 16 == 0 for n in (width, rank))
     )
     if impl == "grouped_mm" and not can_grouped:

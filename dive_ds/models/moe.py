@@ -254,7 +254,7 @@ def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def _probe_grouped_mm(device: torch.device, dtype: torch.dtype) -> bool:
-    if not hasattr(torch, "_grouped_mm"):
+    if not hasattr(torch, "grouped_mm_checked"):
         return False
     try:
         # The probe may run inside a checkpointed forward: identity saved-tensor hooks keep its
@@ -268,7 +268,7 @@ def _probe_grouped_mm(device: torch.device, dtype: torch.dtype) -> bool:
             a = torch.linspace(-1, 1, 96, device=device, dtype=dtype).view(6, 16).requires_grad_()
             b = torch.linspace(1, -1, 256, device=device, dtype=dtype).view(2, 8, 16).requires_grad_()
             offs = torch.tensor([2, 6], device=device, dtype=torch.int32)
-            y = _grouped_mm(a, b.transpose(-2, -1), offs)
+            y = grouped_mm_checked(a, b.transpose(-2, -1), offs)
             # sum() sends an expanded (stride-0) gradient: the case _GradForGroupedMm exists for.
             y.float().sum().backward()
             ref = torch.cat([a[:2] @ b[0].T, a[2:] @ b[1].T]).float()
@@ -290,16 +290,16 @@ class _GradForGroupedMm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        if grad.is_contiguous() and _aligned_16(grad):
+        if grad.is_contiguous() and aligned_16(grad):
             return grad
         return grad.clone(memory_format=torch.contiguous_format)
 
 
-def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+def grouped_mm_checked(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     return _GradForGroupedMm.apply(torch._grouped_mm(a, b, offs=offs))
 
 
-def _aligned_16(t: torch.Tensor) -> bool:
+def aligned_16(t: torch.Tensor) -> bool:
     # torch._grouped_mm needs 16-byte aligned base pointers and strides.
     size = t.element_size()
     return t.data_ptr() % 16 == 0 and all((s * size) % 16 == 0 for s in t.stride() if s != 1)
@@ -312,8 +312,7 @@ def _can_grouped_mm(x_NH: torch.Tensor, gate_up_EFH2: torch.Tensor, down_EHF: to
         return False
     width = down_EHF.shape[-1]
     return (
-        all(_aligned_16(t) for t in (x_NH, gate_up_EFH2, down_EHF))
-        and (width * x_NH.element_size()) % 16 == 0
+        all(aligned_16(t) for t in (x_NH, gate_up_EFH2, down_EHF)) and (width * x_NH.element_size()) % 16 == 0
     )
 
 
@@ -345,9 +344,9 @@ def grouped_expert_mlp(
 
     if use_grouped:
         offs_E = torch.cumsum(counts_E, dim=0, dtype=torch.int32)
-        gate_up_N2F = _grouped_mm(x_NH, gate_up_EFH2.transpose(-2, -1), offs_E)
+        gate_up_N2F = grouped_mm_checked(x_NH, gate_up_EFH2.transpose(-2, -1), offs_E)
         h_NF = act(gate_up_N2F[:, :width]) * gate_up_N2F[:, width:]
-        y_NH = _grouped_mm(h_NF, down_EHF.transpose(-2, -1), offs_E)
+        y_NH = grouped_mm_checked(h_NF, down_EHF.transpose(-2, -1), offs_E)
         if bias_EH is not None:
             expert_N = torch.repeat_interleave(
                 torch.arange(num_experts, device=counts_E.device), counts_E, output_size=x_NH.shape[0]
