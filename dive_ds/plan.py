@@ -242,6 +242,9 @@ def plan_passes(model_cfg: dict, cfg: PlanConfig, p: PassPlanConfig) -> dict:
     )
     fit = one_pass(p.fit_windows, n_layers * (attn + 2 * h * f + e * h * (f - width) + 3 * k * h * width))
     fit["hidden_bytes_per_rank"] = fit["windows_per_rank"] * s * h * nbytes
+    # each rank carries its own tokens' hidden state, residual and MLP input (fp32) and expert errors; across
+    # ranks only sums and two scalars per token travel (dive_ds/build/router_pass.py)
+    fit["rows_bytes_per_rank"] = fit["windows_per_rank"] * s * 4 * (3 * h + e) + 2 * 8 * fit["tokens"]
     evaluation = one_pass(
         p.eval_windows_per_domain, n_layers * (attn + e * h + 3 * k * h * width) + vocab * h
     )
@@ -267,7 +270,8 @@ def format_passes(cfg: PlanConfig, p: PassPlanConfig, r: dict) -> str:
         f"weights read {c['layer_weight_bytes'] / GB:.2f} GB per layer ({c['weight_bytes_read_per_rank'] / GB:.1f} GB "
         f"in all); statistics {c['stats_bytes'] / GB:.3f} GB (float64)\n"
         f"  router fit: {p.fit_windows} windows per domain = {fit['tokens']:,} tokens, {fit['flops']:.3e} FLOPs -> "
-        f"{_duration(fit['seconds'])}; hidden states {fit['hidden_bytes_per_rank'] / GB:.2f} GB per rank\n"
+        f"{_duration(fit['seconds'])}; hidden states {fit['hidden_bytes_per_rank'] / GB:.2f} GB per rank "
+        f"(carried fp32 rows {fit['rows_bytes_per_rank'] / GB:.2f} GB per rank, none gathered)\n"
         f"  evaluation: {p.eval_windows_per_domain} windows per domain = {ev['tokens']:,} tokens, "
         f"{ev['flops']:.3e} FLOPs -> {_duration(ev['seconds'])}"
     )

@@ -49,8 +49,9 @@ SEQ_LEN="${SEQ_LEN:-1024}"
 EVAL_WINDOWS="${EVAL_WINDOWS:-16}"
 CALIB_DEVICE="${CALIB_DEVICE:-auto}"           # calibration and router fit on every GPU of the allocation
 CALIB_DTYPE="${CALIB_DTYPE:-bf16}"             # (plan: ~80 s of calibration FLOPs on 32 GPUs; see README)
-FIT_WINDOWS="${FIT_WINDOWS:-64}"               # router fit: calibration windows per domain (every rank holds the
-                                               # gathered rows: 7 x 64 x 1024 tokens x (H + E) fp32 = 15 GB per layer)
+FIT_WINDOWS="${FIT_WINDOWS:-}"                 # router fit: calibration windows per domain (empty: all of them; each
+                                               # rank holds only its own: 7 x 1024 x 1024 / 32 tokens x (3H + E) fp32
+                                               # = 22.5 GB, on its GPU when there is room)
 CALIB_CKPT_EVERY="${CALIB_CKPT_EVERY:-4}"      # calibration checkpoints every 4 of the 80 layers
 OUT="${OUT:-/shared/runs/dive-70b}"            # on a file system every node sees
 CALIB="${CALIB:-$OUT/calib}"

@@ -199,3 +199,103 @@ def sliced_errors(
             diff += bias_EH[e]
         out.append((diff * diff).sum(-1))
     return torch.stack(out, dim=1)
+
+
+# --------------------------------------------------------------------------- the fit over sharded tokens
+# Each rank holds only its own tokens' rows. `reduce(t)` sums a tensor over ranks in place (and returns it);
+# `gather(t)` concatenates every rank's rows of a per-token tensor. Sums travel in float64; the only rows
+# gathered are one scalar per token (for the medians), so memory per rank is O(own tokens).
+
+
+def router_loss_sums(xs_TH: torch.Tensor, target: torch.Tensor, w_EH: torch.Tensor):
+    """Sum over these tokens of the cross-entropy of softmax(xs @ w.T) against `target` and its gradient
+    (no penalty) -> (loss sum, grad sum [E, H]); zero for no tokens."""
+    logits = xs_TH @ w_EH.T
+    lse = torch.logsumexp(logits, -1)
+    p = torch.softmax(logits, -1)
+    if target.dtype == torch.long:
+        loss = (lse - logits.gather(1, target[:, None])[:, 0]).sum()
+        p[torch.arange(xs_TH.shape[0], device=p.device), target] -= 1
+    else:
+        loss = (lse - (logits * target).sum(-1)).sum()
+        p -= target
+    return loss, p.T @ xs_TH
+
+
+def fit_linear_router_sharded(
+    x_TH: torch.Tensor,
+    target: torch.Tensor,
+    num_experts: int,
+    reduce,
+    l2: float = 1e-4,
+    max_iter: int = 200,
+    tolerance: float = 1e-9,
+) -> torch.Tensor:
+    """fit_linear_router on tokens sharded over ranks (this rank's rows in x_TH and target): the feature
+    scales, the mean loss and its gradient are all-reduced sums, so every rank runs the same L-BFGS and
+    gets the same W [E, H] without any rank holding another's rows."""
+    x = x_TH.to(torch.float32)
+    n = reduce(torch.tensor([float(x.shape[0])], dtype=torch.float64)).item()
+    rms_H = (reduce(x.to(torch.float64).pow(2).sum(0)) / n).sqrt().to(torch.float32)
+    scale_H = rms_H.clamp_min(0.1 * rms_H.median().item() + 1e-12)
+    xs = x / scale_H
+    w = torch.zeros(num_experts, x.shape[1], dtype=torch.float32, device=x.device, requires_grad=True)
+    opt = torch.optim.LBFGS([w], lr=1.0, max_iter=max_iter, history_size=20, tolerance_grad=tolerance,
+                            tolerance_change=1e-12, line_search_fn="strong_wolfe")  # fmt: skip
+
+    def closure():
+        wd = w.detach()
+        loss, grad = router_loss_sums(xs, target, wd)
+        both = reduce(torch.cat([loss.to(torch.float64).reshape(1), grad.to(torch.float64).reshape(-1)]))
+        w.grad = (both[1:].view_as(wd) / n).to(torch.float32) + l2 * wd
+        return (both[0] / n).to(torch.float32) + 0.5 * l2 * (wd * wd).sum()
+
+    opt.step(closure)
+    return (w.detach() / scale_H).contiguous()
+
+
+def soft_temperature_sharded(err_TE: torch.Tensor, gather) -> float:
+    """soft_temperature over all ranks' tokens (the gaps, one scalar per token, are gathered)."""
+    if err_TE.shape[1] < 2:
+        return 1.0
+    two = torch.topk(err_TE, 2, dim=-1, largest=False).values
+    gap = gather(two[:, 1] - two[:, 0]).median().item()
+    return gap if gap > 0 else 1.0
+
+
+def noise_weight_init_sharded(x_TH: torch.Tensor, w_EH: torch.Tensor, ratio: float, reduce, gather):
+    """noise_weight_init over all ranks' tokens: the mean input is an all-reduced sum, the two medians are
+    over gathered per-token scalars."""
+    num_experts = w_EH.shape[0]
+    if num_experts < 2 or ratio <= 0:
+        return torch.zeros_like(w_EH)
+    two = torch.topk(x_TH.to(torch.float32) @ w_EH.T, 2, dim=-1).values
+    target_std = ratio * gather(two[:, 0] - two[:, 1]).median().item()
+    n = reduce(torch.tensor([float(x_TH.shape[0])], dtype=torch.float64)).item()
+    u_H = reduce(x_TH.to(torch.float64).sum(0)) / n
+    if u_H.norm() == 0 or target_std <= 0:
+        return torch.zeros_like(w_EH)
+    u_H = u_H / u_H.norm()
+    m = gather(x_TH.to(torch.float64) @ u_H).median().item()
+    if abs(m) < 1e-6:
+        return torch.zeros_like(w_EH)
+    pre = math.log(math.expm1(target_std)) if target_std < 30 else target_std  # softplus^-1
+    return (u_H * (pre / m)).to(w_EH.dtype).expand(num_experts, -1).contiguous()
+
+
+def routing_sums(x_TH: torch.Tensor, w_EH: torch.Tensor, err_TE: torch.Tensor) -> torch.Tensor:
+    """float64 [4 + E]: tokens, tokens whose router top-1 is the best expert, the error of the chosen expert,
+    the best error, then the count of tokens each expert is best for: label_accuracy, excess_error and the
+    label shares of a sharded fit are ratios of these all-reduced sums."""
+    chosen = (x_TH.to(torch.float32) @ w_EH.T).argmax(-1)
+    best = err_TE.argmin(-1)
+    head = torch.tensor(
+        [
+            float(x_TH.shape[0]),
+            chosen.eq(best).sum().item(),
+            err_TE.gather(1, chosen[:, None]).to(torch.float64).sum().item(),
+            err_TE.min(-1).values.to(torch.float64).sum().item(),
+        ],
+        dtype=torch.float64,
+    )
+    return torch.cat([head, torch.bincount(best, minlength=err_TE.shape[1]).to(torch.float64).cpu()])

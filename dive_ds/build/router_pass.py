@@ -38,13 +38,17 @@ from dive_ds.build.router_math import (
     excess_error,
     expert_errors,
     fit_linear_router,
+    fit_linear_router_sharded,
     label_accuracy,
     noise_weight_init,
+    noise_weight_init_sharded,
+    routing_sums,
     sliced_blocks,
     sliced_channels,
     sliced_errors,
     soft_targets,
     soft_temperature,
+    soft_temperature_sharded,
 )
 from dive_ds.parallel.ranks import Ranks
 
@@ -147,19 +151,84 @@ def check_fit_memory(ranks, need: int, where: torch.device, windows_per_domain: 
     if (ranks or Ranks()).any(too_big):
         fewer = max(1, int(windows_per_domain * (avail or need) / need * 0.8))
         raise ValueError(
-            f"fit-router would hold ~{need / 2**30:.1f} GiB per rank (every window's x and errors of a layer are "
-            f"gathered on every rank) but a rank may use ~{(avail or 0) / 2**30:.1f} GiB here; pass "
+            f"fit-router would hold ~{need / 2**30:.1f} GiB per rank ("
+            + (
+                "its windows' hidden states, x and errors of a layer"
+                if ranks is not None and ranks.distributed
+                else "every window's x and errors of a layer are gathered on every rank"
+            )
+            + f") but a rank may use ~{(avail or 0) / 2**30:.1f} GiB here; pass "
             f"--windows-per-domain {fewer} (or fewer) or start fewer ranks per node"
         )
 
 
-def gather_windows(ranks, mine_W: torch.Tensor, rows_WSX: torch.Tensor) -> torch.Tensor:
-    """Every rank's rows of its windows ([W_r, S, X]) -> all windows' rows in global window order, on every
-    rank ([W, S, X]); `mine_W` are this rank's global window indices."""
-    if ranks is None or not ranks.distributed:
-        return rows_WSX
-    order = ranks.gather_rows(mine_W.to(torch.int64)).argsort()
-    return ranks.gather_rows(rows_WSX)[order]
+def _fit_whole(
+    x, err, fit_on, w_init, num_experts, target_kind, cfg
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """One rank: fit the layer's router on all fit tokens -> (w, noise_weight, the layer's report)."""
+    x_fit, err_fit = x[fit_on], err[fit_on].to(torch.float64)
+    tau = soft_temperature(err_fit)
+    if num_experts == 1:
+        w = torch.zeros(1, x.shape[1], device=x.device)
+    else:
+        tgt = err_fit.argmin(-1) if target_kind == "hard" else soft_targets(err_fit, tau).to(torch.float32)
+        w = fit_linear_router(x_fit, tgt, num_experts, cfg.l2, cfg.max_iter, cfg.tolerance)
+    nw = noise_weight_init(x_fit, w, cfg.noise_ratio)
+    x_held, err_held = x[~fit_on], err[~fit_on]
+    return (
+        w,
+        nw,
+        {
+            "label_accuracy_fit": round(label_accuracy(x_fit, w, err_fit), 4),
+            "label_accuracy_heldout": round(label_accuracy(x_held, w, err_held), 4),
+            "excess_error_heldout": round(excess_error(x_held, w, err_held), 4),
+            "label_accuracy_heldout_init": round(label_accuracy(x_held, w_init, err_held), 4),
+            "excess_error_heldout_init": round(excess_error(x_held, w_init, err_held), 4),
+            "label_share": torch.bincount(err_fit.argmin(-1), minlength=num_experts)
+            .div(len(err_fit))
+            .tolist(),
+            "soft_tau": tau,
+            "max_abs_weight": round(w.abs().max().item(), 3),
+        },
+    )
+
+
+def _fit_sharded(ranks, x, err, fit_on, w_init, num_experts, target_kind, cfg):
+    """Several ranks, each with its own tokens' rows only: the same fit from all-reduced sums (and gathered
+    per-token scalars for the medians) -> (w, noise_weight, the layer's report), equal on every rank."""
+    reduce, gather = ranks.sum_, ranks.gather_rows
+    x_fit, err_fit = x[fit_on], err[fit_on].to(torch.float64)
+    tau = soft_temperature_sharded(err_fit, gather)
+    if num_experts == 1:
+        w = torch.zeros(1, x.shape[1], device=x.device)
+    else:
+        tgt = err_fit.argmin(-1) if target_kind == "hard" else soft_targets(err_fit, tau).to(torch.float32)
+        w = fit_linear_router_sharded(x_fit, tgt, num_experts, reduce, cfg.l2, cfg.max_iter, cfg.tolerance)
+    nw = noise_weight_init_sharded(x_fit, w, cfg.noise_ratio, reduce, gather)
+    x_held, err_held = x[~fit_on], err[~fit_on].to(torch.float64)
+    fit, held, init = (reduce(routing_sums(a, b, c)) for a, b, c in
+                       ((x_fit, w, err_fit), (x_held, w, err_held), (x_held, w_init, err_held)))  # fmt: skip
+
+    def share(t, i):
+        return t[i].item() / t[0].item() if t[0].item() else float("nan")
+
+    def excess(t):
+        return t[2].item() / max(t[3].item(), 1e-30) if t[0].item() else float("nan")
+
+    return (
+        w,
+        nw,
+        {
+            "label_accuracy_fit": round(share(fit, 1), 4),
+            "label_accuracy_heldout": round(share(held, 1), 4),
+            "excess_error_heldout": round(excess(held), 4),
+            "label_accuracy_heldout_init": round(share(init, 1), 4),
+            "excess_error_heldout_init": round(excess(init), 4),
+            "label_share": (fit[4:].to(torch.float32) / fit[0].item()).tolist(),  # as _fit_whole: float32
+            "soft_tau": tau,
+            "max_abs_weight": round(w.abs().max().item(), 3),
+        },
+    )
 
 
 # --------------------------------------------------------------------------- the streaming fit
@@ -205,12 +274,17 @@ def fit_routers(
     fit_tok = held.logical_not().repeat_interleave(seq_len)
     mine_W = torch.tensor(ranks.share(n_win), dtype=torch.long)  # this rank's windows, carried by it
     n_mine = mine_W.numel() * seq_len
-    # carried on this rank: hid, resid, x (T_r x H) and err (T_r x E); gathered: x and err (T x (H + E))
+    # carried on this rank: hid, resid, x (T_r x H) and err (T_r x E). One rank: the fit reads them as they
+    # are. Several: no token rows leave their rank (the fit all-reduces sums; two scalars per token are
+    # gathered for the medians), so a rank holds O(its own tokens)
     n_tok = ids_WS.numel()
-    need = 4 * (n_mine * (3 * hidden + num_experts) + n_tok * (hidden + num_experts))
+    sharded = ranks.distributed
+    gathered = 2 * 8 * n_tok if sharded else 4 * n_tok * (hidden + num_experts)
+    need = 4 * n_mine * (3 * hidden + num_experts) + gathered
     carry = carry_device(dev, need)
     check_fit_memory(ranks, need, carry, max(w.shape[0] for w in windows.values()))
     fit_on = fit_tok.to(carry)
+    fit_mine = held[mine_W].logical_not().repeat_interleave(seq_len).to(carry)
     embed = moe.get("model.embed_tokens.weight").to(torch.float32)
     hid = F.embedding(ids_WS[mine_W], embed).to(carry)
     del embed
@@ -222,7 +296,7 @@ def fit_routers(
                disable=not (cfg.progress and ranks.is_main), desc="fit-router", dynamic_ncols=True)  # fmt: skip
     t0 = time.time()
     sliced_layers = 0
-    gather_s = fit_s = 0.0
+    fit_s = 0.0
     for layer in range(config.num_hidden_layers):
         block = _build_moe_layer(config, layer, moe.layer_state(layer))
         w_gate, w_up, w_down = _dense_mlp(dense, layer)
@@ -252,46 +326,21 @@ def fit_routers(
                 e = expert_errors(F.linear(h, w_down), _each_expert(block.mlp.experts, x))
             err_mine[rows] = e.float().to(carry)
             bar.update(r.shape[0])
-        tg = time.time()
-        x_all = gather_windows(ranks, mine_W, x_mine.view(-1, seq_len, hidden)).view(n_tok, hidden)
-        err = gather_windows(ranks, mine_W, err_mine.view(-1, seq_len, num_experts)).view(n_tok, -1)
-        gather_s += time.time() - tg
-        # the fit and its report where the carried states are (the GPU when there is room, else the host)
-        x_fit, err_fit = x_all[fit_on], err[fit_on].to(torch.float64)
-        tau = soft_temperature(err_fit)
+        w_init = block.mlp.gate.weight.detach().to(carry, torch.float32)
         tf = time.time()
-        if num_experts == 1:
-            w = torch.zeros(1, hidden, device=carry)
-        else:
-            tgt = (
-                err_fit.argmin(-1) if target_kind == "hard" else soft_targets(err_fit, tau).to(torch.float32)
+        if sharded:
+            w, nw, report = _fit_sharded(
+                ranks, x_mine, err_mine, fit_mine, w_init, num_experts, target_kind, cfg
             )
-            w = fit_linear_router(x_fit, tgt, num_experts, cfg.l2, cfg.max_iter, cfg.tolerance)
-        nw = noise_weight_init(x_fit, w, cfg.noise_ratio)
+        else:
+            w, nw, report = _fit_whole(x_mine, err_mine, fit_on, w_init, num_experts, target_kind, cfg)
         fit_s += time.time() - tf
         ranks.broadcast_(w)  # every rank carries its windows on through the very same router
         ranks.broadcast_(nw)
-        w_init = block.mlp.gate.weight.detach().to(carry, torch.float32)
         routers[layer] = {"gate.weight": w.cpu(), "gate.noise_weight": nw.cpu()}
         block.mlp.gate.weight.data = w.to(dev, dtype, copy=True)
         block.mlp.gate.mode = "sparse"
-        x_held, err_held = x_all[~fit_on], err[~fit_on]
-        layers_report.append(
-            {
-                "layer": layer,
-                "label_accuracy_fit": round(label_accuracy(x_fit, w, err_fit), 4),
-                "label_accuracy_heldout": round(label_accuracy(x_held, w, err_held), 4),
-                "excess_error_heldout": round(excess_error(x_held, w, err_held), 4),
-                "label_accuracy_heldout_init": round(label_accuracy(x_held, w_init, err_held), 4),
-                "excess_error_heldout_init": round(excess_error(x_held, w_init, err_held), 4),
-                "label_share": torch.bincount(err_fit.argmin(-1), minlength=num_experts)
-                .div(len(err_fit))
-                .tolist(),
-                "soft_tau": tau,
-                "max_abs_weight": round(w.abs().max().item(), 3),
-            }
-        )
-        del x_all, err, x_fit, err_fit, x_held, err_held
+        layers_report.append({"layer": layer, **report})
         for i in range(0, n_mine, cfg.batch_size * seq_len):
             rows = slice(i, i + cfg.batch_size * seq_len)
             y = block.mlp(x_mine[rows].to(dev, dtype).unsqueeze(0))[0]
@@ -318,8 +367,7 @@ def fit_routers(
         "device": dev.type,
         "dtype": str(dtype).removeprefix("torch."),
         "carried_on": carry.type,
-        "gathered_bytes_per_layer": 4 * n_tok * (hidden + num_experts),
-        "gather_seconds": round(gather_s, 3),
+        "gathered_bytes_per_layer": gathered,
         "fit_seconds": round(fit_s, 3),
         "sliced_layers": sliced_layers,
         "mean_label_accuracy_heldout": round(
