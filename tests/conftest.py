@@ -6,6 +6,10 @@ the whole suite once peaked near 16 GB and filled a CI disk. Here, a passed test
 goes at once (``tmp_path_retention_policy = failed`` in setup.cfg) and a module's
 ``tmp_path_factory`` folders go when the module ends, unless one of its tests failed (kept to
 debug).
+
+Layout: one folder per feature (build/, train/, parallel/, slurm/, cli/, models/, data/, eval/); shared
+builders and helpers, and the scripts tests run as subprocesses, in tests/fixtures/ (no test module imports
+another). Fixtures used by modules of several folders are defined here.
 """
 
 import os
@@ -35,3 +39,19 @@ def _module_temp_budget(request, tmp_path_factory):
         return
     for path in set(base.iterdir()) - before:
         shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def world():
+    """A 1-rank process group for in-process DeepSpeed runs (set up once)."""
+    from dive_ds.parallel.distributed import teardown_distributed
+    from tests.fixtures.train_setup import start_world
+
+    if "RANK" in os.environ and os.environ.get("WORLD_SIZE") != "1":
+        pytest.skip(
+            "the in-process retraining tests need a 1-rank process group, and pytest runs under a "
+            "multi-rank launcher here; run pytest directly (multi-rank runs are tested via torchrun)"
+        )
+    start_world()
+    yield
+    teardown_distributed()
