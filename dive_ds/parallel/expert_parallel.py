@@ -21,7 +21,7 @@ Parameter names are those of the single-rank model (`mlp.gate.weight`, `mlp.expe
 [E_local, 2F, H], ...), so checkpoints map back by expert id.
 
 The DeepSpeed internals used here are pinned by setup.cfg (deepspeed==0.19.8) and checked by
-tests/test_expert_parallel.py::test_deepspeed_autoep_internals.
+tests/parallel/test_expert_parallel.py::test_deepspeed_autoep_internals.
 
 Legend: T tokens, H hidden, E experts (global), El experts on this rank, P ep size, N routed rows.
 """
