@@ -93,7 +93,7 @@ preflight() {
         exit 2
     fi
     "$PYTHON" -c 'import json, sys
-from dive_ds.train.config import load_run_config
+from dive_ds.train.config_load import load_run_config
 from dive_ds.train.ds_config import resolve_ds_config
 cfg, ds, out, ep, world, acc, domains = sys.argv[1:]
 try:

@@ -44,7 +44,7 @@ from dive_ds.build.compare_score import (
 from dive_ds.build.fit_router import link_or_copy
 from dive_ds.build.outputs import git_rev
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _same(a: dict, b: dict) -> bool:

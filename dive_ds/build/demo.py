@@ -195,7 +195,7 @@ def _retrain(out: Path, a) -> Path:
     import subprocess
     import sys
 
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     router_steps, expert_steps = a.retrain_steps
     cmd = [
         sys.executable,

@@ -254,7 +254,7 @@ def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def _probe_grouped_mm(device: torch.device, dtype: torch.dtype) -> bool:
-    if not hasattr(torch, "grouped_mm_checked"):
+    if not hasattr(torch, "_grouped_mm"):
         return False
     try:
         # The probe may run inside a checkpointed forward: identity saved-tensor hooks keep its
