@@ -74,13 +74,15 @@ def main(argv: list[str] | None = None) -> int:
         raise
     command = ["dive-ds", *(sys.argv[1:] if argv is None else argv)]  # what the run records of its command
     mod = command_module(a.command)
+    # OSError: a path that is missing, a file, unwritable; a command may name its own (retrain)
+    one_line = getattr(mod, "ONE_LINE_ERRORS", (ValueError, RuntimeError, OSError))
     try:
         settings = from_namespace(mod.Settings, a)
         with _output_lock(a.command, settings):
             if "argv" in inspect.signature(mod.run).parameters:
                 return mod.run(settings, command)
             return mod.run(settings)
-    except (ValueError, RuntimeError, OSError) as e:  # OSError: a path that is missing, a file, unwritable
+    except one_line as e:
         print(f"dive-ds: error: {error_message(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -21,6 +21,13 @@ def flag(default: Any = None, help: str = "", **kw) -> Any:
     bad = set(kw) - set(_KEYS)
     if bad:
         raise TypeError(f"flag(): unknown option(s) {sorted(bad)}")
+    action = kw.get("action")
+    if action == "store_true" and default is not False or action == "store_false" and default is not True:
+        raise TypeError(f"flag(): action {action} needs the default {action != 'store_true'}")
+    if default is True and action is None and "type" not in kw:
+        raise TypeError("flag(): a bool defaulting to True needs action='store_false' and a --no-... name")
+    if action == "append" and default != []:
+        raise TypeError("flag(): an append flag starts from [] (argparse would append to the default)")
     meta = {"flag": True, "help": help, **kw}
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
@@ -58,7 +65,9 @@ def add_flags(parser, cls: type, prefix: str = "", group=None) -> None:
         elif kw.get("action") not in ("store_true", "store_false"):
             kw["default"] = default
         if m.get("positional"):
-            target.add_argument(f.name, **kw)  # positional: top-level fields only
+            if prefix:
+                raise TypeError(f"flag(): positional {f.name} inside a nested dataclass (top-level fields only)")
+            target.add_argument(f.name, **kw)
             continue
         if m.get("required"):
             kw["required"] = True
@@ -76,5 +85,6 @@ def from_namespace(cls: type, ns, prefix: str = ""):
         if "nested" in f.metadata:
             values[f.name] = from_namespace(f.metadata["nested"], ns, f"{prefix}{f.name}.")
         elif f.metadata.get("flag"):
-            values[f.name] = getattr(ns, prefix + f.name)
+            value = getattr(ns, prefix + f.name)
+            values[f.name] = list(value) if isinstance(value, list) else value  # no list shared between parses
     return cls(**values)

@@ -25,7 +25,7 @@ def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     try:
         return command.run(from_namespace(command.Settings, a), sys.argv)
-    except (ValueError, OSError) as e:
+    except command.ONE_LINE_ERRORS as e:
         print(f"retrain: error: {error_message(e)}", file=sys.stderr)
         return 2
 

@@ -181,7 +181,7 @@ step_fit_router() {
     log "router fitting on $NODES node(s) x $GPUS_PER_NODE rank(s), $CALIB_DEVICE $CALIB_DTYPE -> $MOE_DIR"
     srun_torchrun "" "$((MASTER_PORT + 2))" "$REPO/launchers/reconstruct.py" fit-router --moe "$OUT/moe" \
         --calib "$CALIB" --device "$CALIB_DEVICE" --dtype "$CALIB_DTYPE" \
-        ${FIT_WINDOWS:+--windows-per-domain "$FIT_WINDOWS"} --no-progress --out "$MOE_DIR"
+        ${FIT_WINDOWS:+--fit-windows "$FIT_WINDOWS"} --no-progress --out "$MOE_DIR"
 }
 
 step_retrain() {

@@ -42,7 +42,7 @@ from dive_ds.build.compare_score import (
     widths_of,
 )
 from dive_ds.build.fit_router import link_or_copy
-from dive_ds.build.outputs import git_rev
+from dive_ds.io.fingerprint import git_rev
 
 REPO = Path(__file__).resolve().parents[2]
 

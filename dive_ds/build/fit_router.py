@@ -32,7 +32,7 @@ def run_fit_router(
     """Fit every router of a dive_moe folder (HF or sharded) from the dense model; write the result to `out`.
 
     The resident layer runs on `device` in `dtype`; launched by torchrun, every rank carries its share of
-    the calibration windows and fits on all of them (gathered); rank 0 alone writes `out`."""
+    the calibration windows and the fit runs on all of them from all-reduced sums; rank 0 alone writes `out`."""
     torch_dtype = compute_dtype(device, dtype)
     with start_ranks(device) as ranks:
         return _fit_router(moe, calib_dir, out, cfg, dense, ranks, torch_dtype)

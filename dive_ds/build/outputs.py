@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from dive_ds.io.fingerprint import git_rev
+
 
 def read_identity(record: Path) -> dict | None:
     """The "identity" entry of a JSON record file (None if the file is missing, unreadable or has none)."""
@@ -183,31 +185,13 @@ def _holds_routers(out: Path, plan, layers: int) -> bool:
     return True
 
 
-def git_rev() -> str | None:
-    import subprocess
-
-    try:
-        return (
-            subprocess.run(
-                ["git", "rev-parse", "--short", "HEAD"],
-                capture_output=True,
-                text=True,
-                cwd=Path(__file__).parent,
-                timeout=5,
-            ).stdout.strip()
-            or None
-        )
-    except Exception:
-        return None
-
-
 def run_manifest_base(kind: str) -> dict:
     import dive_ds
 
     return {
         "kind": kind,
         "dive_ds_version": dive_ds.__version__,
-        "git_rev": git_rev(),
+        "git_rev": git_rev(short=True),
         "torch": torch.__version__,
     }
 

@@ -27,6 +27,7 @@ class RouterFitConfig:
     """L-BFGS stops once every gradient entry of the mean loss is below this (the fit's data are nearly
     separable, so the last iterations only grow the weights; benchmarks/router_fit_cost.py measures it)."""
     windows_per_domain: int | None = flag(None, "calibration windows per domain to use (default all)",
+                                          name=("--fit-windows", "--windows-per-domain"),
                                           type=positive_int)  # fmt: skip
     """Calibration windows per domain used for the fit (None: all of them)."""
     holdout_every: int = 8

@@ -11,10 +11,11 @@ device, in the compute dtype), the calibration windows' hidden states carried fr
 (float32; on the GPU when they fit there, else on the host). Works on an HF dive_moe folder and on a
 sharded folder from `reconstruct --shards`; writes a new folder (never touches the input).
 
-On many ranks each rank carries its share of the windows; per layer the (x, err) rows of every
-window are gathered onto every rank in global window order, so every rank fits on exactly the data
-one rank would, and rank 0's fitted weights are broadcast (the fits agree; this makes it certain).
-The gather is T x (H + E) float32 per layer on every rank: cap it with `windows_per_domain`.
+On many ranks each rank carries its share of the windows and keeps its tokens' rows: the feature
+scales, the L-BFGS loss and its E x H gradient are float64 sums all-reduced over ranks, so every rank
+runs the same L-BFGS on all tokens (router_math's *_sharded functions); only two scalars per token are
+gathered (for the medians of the soft-target temperature and the noise init), and rank 0's fitted
+weights are broadcast. Memory per rank is O(its own tokens). One rank fits on its rows as they are.
 
 Targets for top-k > 1: "soft" = softmax(-err / tau) over the experts (tau per layer = the median gap
 between the best and second-best expert's error), so the router's top-k and its weights among
@@ -158,7 +159,7 @@ def check_fit_memory(ranks, need: int, where: torch.device, windows_per_domain: 
                 else "every window's x and errors of a layer are gathered on every rank"
             )
             + f") but a rank may use ~{(avail or 0) / 2**30:.1f} GiB here; pass "
-            f"--windows-per-domain {fewer} (or fewer) or start fewer ranks per node"
+            f"--fit-windows {fewer} (or fewer) or start fewer ranks per node"
         )
 
 

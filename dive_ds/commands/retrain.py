@@ -13,6 +13,9 @@ from dive_ds.flags import flag
 HELP = "retrain a DIVE MoE with DeepSpeed (router, experts, continue stages), or consolidate its checkpoint"
 DESCRIPTION = "DIVE retraining (router -> experts -> continue) with DeepSpeed. Works under every launcher."
 INTERRUPTED = 143  # a signal or the stop file: a checkpoint was saved; relaunch the same command to resume
+ONE_LINE_ERRORS = (ValueError, OSError)
+"""Errors printed as one line (bad input). A RuntimeError in training (CUDA out of memory, NCCL) keeps its
+traceback, in `dive-ds retrain` as in launchers/retrain.py."""
 
 
 @dataclass

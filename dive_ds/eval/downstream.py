@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import fnmatch
 import glob
-import math
 from pathlib import Path
 
 from dive_ds.eval.offline_tasks import EXCLUDED, OFFLINE_TASKS, build_offline_tasks
+from dive_ds.eval.paired import wilson_interval
 
 METRICS = ("acc", "acc_norm")
 
@@ -88,15 +88,6 @@ def hflm(model, tokenizer, batch_size: int = 8, max_length: int | None = None):
 
     return HFLM(pretrained=model.eval(), tokenizer=tokenizer, backend="causal", batch_size=batch_size,
                 max_length=max_length)  # fmt: skip
-
-
-def wilson_interval(p: float, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """95% (z) Wilson score interval of a proportion p observed on n items; stays inside [0, 1]."""
-    if n <= 0:
-        return (0.0, 1.0)
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (max(0.0, centre - half), min(1.0, centre + half))
 
 
 def summarise(results: dict) -> dict[str, dict]:

@@ -294,7 +294,7 @@ def lambada_scores(
     "ids": [item id or index]}. A text longer than `max_length` (default: the model's
     max_position_embeddings) + 1 tokens loses tokens on the left, as in lm-eval. Logits in float32;
     right padding, which a causal model never attends to."""
-    from dive_ds.eval.downstream import wilson_interval
+    from dive_ds.eval.paired import wilson_interval
 
     if not items:
         raise ValueError("lambada_scores: no items")

@@ -123,3 +123,12 @@ def pooled_interval(boots: list[np.ndarray], seed: int = 0, level: float = 0.95)
     pick = b[rng.integers(0, b.shape[0], size=b.shape[1]), np.arange(b.shape[1])]
     lo, hi = np.quantile(pick, [(1 - level) / 2, 1 - (1 - level) / 2])
     return float(lo), float(hi)
+
+
+def wilson_interval(p: float, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% (z) Wilson score interval of a proportion p observed on n items; stays inside [0, 1]."""
+    if n <= 0:
+        return (0.0, 1.0)
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))

@@ -51,3 +51,20 @@ def check_input(record: dict, what: str) -> Path:
                 "another model is at that path; restore the original"
             )
     return path
+
+
+def git_rev(short: bool = False) -> str | None:
+    """The commit of the dive_ds checkout that runs (None outside a git checkout): recorded with outputs."""
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", *(["--short"] if short else []), "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
+        return out.stdout.strip() or None
+    except Exception:
+        return None

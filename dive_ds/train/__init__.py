@@ -1,6 +1,7 @@
 """DIVE phase 3: retraining the reconstructed MoE with DeepSpeed (stages, data stream, metrics).
 
-Entry points: `dive_ds.train.retrain.retrain` (what launchers/retrain.py calls) and
+Entry points: `dive_ds.train.retrain.retrain` (what `dive-ds retrain` and launchers/retrain.py call,
+through dive_ds/commands/retrain.py) and
 `dive_ds.train.retrain.train` (on an already initialised process group, e.g. in tests);
 `dive_ds.train.export.consolidate_checkpoint` turns a ZeRO checkpoint into a plain HF model.
 

@@ -22,6 +22,7 @@ import torch.distributed as dist
 import yaml
 
 from dive_ds.io.atomic import OutputLock, staged_dir
+from dive_ds.io.fingerprint import git_rev
 from dive_ds.models.moe import DiveMoeConfig
 from dive_ds.parallel.distributed import accelerator_name, barrier, setup_distributed, teardown_distributed
 from dive_ds.train import rng
@@ -36,22 +37,6 @@ from dive_ds.train.planning import DONE_FILE, plan_stages, stage_inputs
 from dive_ds.train.stage import run_stage
 from dive_ds.train.stop import STOP_FILE
 from dive_ds.train.trainable import check_ep_stage
-
-
-def _git_rev() -> str | None:
-    import subprocess
-
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            cwd=Path(__file__).resolve().parent,
-        )
-        return out.stdout.strip() or None
-    except Exception:
-        return None
 
 
 def _versions() -> dict:
@@ -81,7 +66,7 @@ def _record_run(
     (out / "ds_config.json").write_text(json.dumps(ds, indent=2) + "\n")
     info = {
         "versions": _versions(),
-        "git_rev": _git_rev(),
+        "git_rev": git_rev(),
         "world_size": world,
         "expert_parallel": expert_parallel,
         "accelerator": accelerator_name(),

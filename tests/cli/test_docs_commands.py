@@ -1,7 +1,9 @@
 """Every command the README and docs/ show parses with the real parser (`dive-ds ...`, the launchers, also
 under torchrun or srun), so a renamed or removed flag breaks the build, not a reader's run."""
 
+import contextlib
 import importlib.util
+import io
 import re
 import shlex
 
@@ -21,14 +23,25 @@ def _retrain_parser():
 
 
 def shown_commands() -> list[tuple[str, str]]:
-    """(file:line, command line) of every shell line in a ```bash block, continuation lines joined."""
+    """(file:line, command line) of every shell line in a ```bash block, and of every `$ ` prompt line in any
+    other fenced block (a recorded session), continuation lines joined."""
     out = []
     for path in FILES:
         text = path.read_text()
-        for block in re.finditer(r"```bash\n(.*?)```", text, re.S):
+        for block in re.finditer(r"```(\w*)\n(.*?)```", text, re.S):
             start = text[: block.start()].count("\n") + 2
+            lines = block.group(2).splitlines()
+            if block.group(1) != "bash":  # a recorded session: its `$ ` lines and their continuations
+                keep, cont = [], False
+                for line in lines:
+                    if line.startswith("$ ") or cont:
+                        keep.append(line.removeprefix("$ "))
+                        cont = line.endswith("\\")
+                    else:
+                        keep.append("")
+                lines = keep
             joined, first = "", None
-            for i, line in enumerate(block.group(1).splitlines()):
+            for i, line in enumerate(lines):
                 first = first if joined else start + i
                 joined += line.rstrip("\\").rstrip() + " " if line.endswith("\\") else line
                 if not line.endswith("\\"):
@@ -65,3 +78,7 @@ def test_a_shown_command_parses(where, line):
         parser.parse_args(argv)
     except SystemExit as e:
         pytest.fail(f"{where}: `{line.strip()}` does not parse (exit {e.code})")
+    helped = [argv[0], "--help"] if kind == "dive-ds" else ["--help"]  # and its --help answers
+    with contextlib.redirect_stdout(io.StringIO()) as shown, pytest.raises(SystemExit) as e:
+        parser.parse_args(helped)
+    assert e.value.code == 0 and "usage:" in shown.getvalue()

@@ -11,7 +11,7 @@ import torch
 from dive_ds.data import demo_pack
 from dive_ds.data.demo_readers import read_quartz
 from dive_ds.eval import offline_tasks
-from dive_ds.eval.downstream import hflm, resolve_tasks, wilson_interval
+from dive_ds.eval.downstream import hflm, resolve_tasks
 from dive_ds.eval.offline_tasks import (
     OFFLINE_TASKS,
     build_offline_tasks,
@@ -19,6 +19,7 @@ from dive_ds.eval.offline_tasks import (
     evals_dir,
     read_items,
 )
+from dive_ds.eval.paired import wilson_interval
 from dive_ds.eval.perplexity import window_nll
 from tests.fixtures.procs import cli, one_line_error
 from tests.fixtures.tiny import bpe_tokenizer, make_tiny_calibration, random_moe, tiny_moe_config

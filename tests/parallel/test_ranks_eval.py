@@ -163,5 +163,5 @@ def test_fit_too_large_for_host_memory_is_refused_in_one_line(tiny, tmp_path, ca
     assert cli(_commands(tiny, tmp_path)["fit-router"], capsys) == 2
     line = one_line_error(capsys)
     assert "gathered on every rank" in line
-    assert re.search(r"pass --windows-per-domain [12] \(or fewer\)", line)
+    assert re.search(r"pass --fit-windows [12] \(or fewer\)", line)
     assert not (tmp_path / "fit").exists()
