@@ -66,7 +66,9 @@ def add_flags(parser, cls: type, prefix: str = "", group=None) -> None:
             kw["default"] = default
         if m.get("positional"):
             if prefix:
-                raise TypeError(f"flag(): positional {f.name} inside a nested dataclass (top-level fields only)")
+                raise TypeError(
+                    f"flag(): positional {f.name} inside a nested dataclass (top-level fields only)"
+                )
             target.add_argument(f.name, **kw)
             continue
         if m.get("required"):
@@ -86,5 +88,7 @@ def from_namespace(cls: type, ns, prefix: str = ""):
             values[f.name] = from_namespace(f.metadata["nested"], ns, f"{prefix}{f.name}.")
         elif f.metadata.get("flag"):
             value = getattr(ns, prefix + f.name)
-            values[f.name] = list(value) if isinstance(value, list) else value  # no list shared between parses
+            values[f.name] = (
+                list(value) if isinstance(value, list) else value
+            )  # no list shared between parses
     return cls(**values)

@@ -183,8 +183,12 @@ class PassPlanConfig:
 
     domains: int = flag(7, "calibration domains (default 7)", type=positive_int)
     """D calibration domains."""
-    windows_per_domain: int = flag(1024, "calibration windows per domain (default 1024)", type=positive_int,
-                                   name=("--samples-per-domain", "--windows-per-domain"))
+    windows_per_domain: int = flag(
+        1024,
+        "calibration windows per domain (default 1024)",
+        type=positive_int,
+        name=("--samples-per-domain", "--windows-per-domain"),
+    )
     """Calibration windows per domain."""
     seq_len: int = flag(1024, "tokens per window (default 1024)", type=positive_int, name="--calib-seq-len")
     """S tokens per window."""

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dive_ds.build.stats import ChannelStats
 from dive_ds.io.loading import LayerwiseCheckpoint, check_gated_mlp, model_fingerprint
 from dive_ds.parallel.ranks import DTYPES, Ranks
+from dive_ds.stats import ChannelStats
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ from dive_ds.build.compare_score import (
     score_all,
     widths_of,
 )
-from dive_ds.build.fit_router import link_or_copy
+from dive_ds.io.atomic import link_or_copy
 from dive_ds.io.fingerprint import git_rev
 
 REPO = Path(__file__).resolve().parents[2]

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from dive_ds.build import affinity
-from dive_ds.build.stats import (
+from dive_ds.choices import METHOD_ALIASES, METHODS, PRESETS, ROUTER_INITS  # noqa: F401 (re-exported)
+from dive_ds.stats import (
     ChannelStats,
     adaptive_widths,
     channel_scores,
@@ -27,7 +28,6 @@ from dive_ds.build.stats import (
     n_keep,
     random_channel_sets,
 )
-from dive_ds.choices import METHOD_ALIASES, METHODS, PRESETS, ROUTER_INITS  # noqa: F401 (re-exported)
 
 ONE_EXPERT_METHODS = ("flap", "flap-adaptive")
 

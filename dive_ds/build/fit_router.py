@@ -4,8 +4,6 @@ fitted MoE as a new folder beside the input, sharing its unchanged files."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -14,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from dive_ds.build.outputs import check_new_out
 from dive_ds.build.router_pass import FIT_FILE
-from dive_ds.io.atomic import check_free_space, staged_dir
+from dive_ds.io.atomic import check_free_space, link_or_copy, staged_dir
 from dive_ds.io.calibration import check_same_model, load_calibration
 from dive_ds.io.fingerprint import folder_fingerprint
 from dive_ds.parallel.ranks import Ranks, compute_dtype, start_ranks
@@ -112,13 +110,6 @@ def _fit_router(moe, calib_dir, out, cfg, dense, ranks: Ranks, torch_dtype: torc
 
 
 # --------------------------------------------------------------------------- writing the fitted folder
-
-
-def link_or_copy(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
 
 
 def rewritten_bytes(moe_dir: str | Path) -> int:

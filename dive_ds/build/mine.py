@@ -24,11 +24,11 @@ from dive_ds.build.outputs import (
     read_identity,
     run_manifest_base,
 )
-from dive_ds.build.stats import channel_scores, kept_channels, mean_var, n_keep
 from dive_ds.eval.perplexity import domain_nll, pruned_ffn
 from dive_ds.io.atomic import staged_dir, staged_file, write_json
 from dive_ds.io.calibration import Calibration, check_same_model, dense_model_path, load_calibration
 from dive_ds.parallel.ranks import Ranks, compute_dtype, start_ranks
+from dive_ds.stats import channel_scores, kept_channels, mean_var, n_keep
 
 
 def mine(

@@ -21,11 +21,11 @@ import torch
 from safetensors.torch import save_file
 
 from dive_ds.build.expert_plan import ExpertPlan, ReconstructConfig
-from dive_ds.build.stats import compensation_bias
 from dive_ds.io.atomic import staged_dir
 from dive_ds.io.loading import LayerwiseCheckpoint, check_gated_mlp
 from dive_ds.io.placement import NodePlacement
 from dive_ds.io.shards import ShardWriter, node_file
+from dive_ds.stats import compensation_bias
 
 
 def moe_config_dict(dense_config, cfg: ReconstructConfig, keep: int | list[int]) -> dict:

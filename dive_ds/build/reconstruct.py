@@ -19,12 +19,12 @@ from dive_ds.build.outputs import (
     reconstruction_identity,
     recorded_reconstruction,
 )
-from dive_ds.build.stats import n_keep
 from dive_ds.io.atomic import check_free_space
 from dive_ds.io.calibration import Calibration, check_same_model, dense_model_path, load_calibration
 from dive_ds.io.fingerprint import folder_fingerprint
 from dive_ds.io.placement import NodePlacement
 from dive_ds.io.shards import check_shard_out
+from dive_ds.stats import n_keep
 
 
 def run_reconstruct(

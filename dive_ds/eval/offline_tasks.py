@@ -343,9 +343,13 @@ def build_offline_tasks(out: Path | None = None) -> Path:
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; a shared cache must stay readable
         if _is_built(out):  # a concurrent build finished first
             return out
-        if out.exists():
-            shutil.rmtree(out)
+        old = None
+        if out.exists():  # an older build of this cache: moved aside first, so `out` is never half there
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
         os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -110,7 +110,7 @@ def pruned_ffn(
     """Temporarily replace every layer's MLP of a dense model by its pruned version (one model in memory).
 
     `kept_LK`: each layer's kept channels, [L, K] or a list of [K_l] (per-layer widths, e.g. flap-adaptive)."""
-    from dive_ds.build.stats import compensation_bias
+    from dive_ds.stats import compensation_bias
 
     layers = model.model.layers
     saved = [layer.mlp for layer in layers]

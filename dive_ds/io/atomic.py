@@ -274,3 +274,11 @@ class OutputLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """A hard link of `src` at `dst` (an unchanged file shared with the input), else a copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)

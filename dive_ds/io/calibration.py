@@ -10,10 +10,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from dive_ds.build.stats import ChannelStats
 from dive_ds.data.sampler import DomainSamples
 from dive_ds.io.atomic import staged_dir
 from dive_ds.io.loading import LayerwiseCheckpoint, model_fingerprint
+from dive_ds.stats import ChannelStats
 
 STATS_FILE = "stats.safetensors"
 

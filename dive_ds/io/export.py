@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from transformers import MixtralConfig, MixtralForCausalLM
 
-from dive_ds.io.atomic import staged_dir
+from dive_ds.io.atomic import link_or_copy, staged_dir
 from dive_ds.io.loading import check_complete, load_causal_lm
 from dive_ds.io.shards import is_sharded
 from dive_ds.models.moe import DiveMoeConfig, DiveMoeForCausalLM
@@ -173,7 +173,7 @@ def export_portable(src_dir: str | Path, out_dir: str | Path) -> Path:
         weights = ["model.safetensors"]
     with _new_folder(out_dir) as tmp_dir:
         for name in weights:
-            _link_or_copy(src_dir / name, tmp_dir / name)
+            link_or_copy(src_dir / name, tmp_dir / name)
         for name in ("generation_config.json", *_SIDE_FILES):
             if (src_dir / name).is_file():
                 shutil.copy2(src_dir / name, tmp_dir / name)
@@ -220,10 +220,3 @@ def _new_folder(out_dir: Path) -> Iterator[Path]:
         os.umask(umask)
         os.chmod(tmp_dir, 0o777 & ~umask)  # mkdtemp's 0700 would hide the export from other users
         yield tmp_dir
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)

@@ -20,8 +20,6 @@ import torch
 from dive_ds.models.moe import DiveMoeConfig, DiveMoeForCausalLM, align_expert_weights
 from dive_ds.parallel.expert_parallel import ep_block_class, ep_group_name, experts_of_ep_rank
 
-EXPERT_KEYS = ("gate_up_proj", "down_proj", "bias")
-
 
 def ensure_ep_groups(ep_size: int) -> tuple[int, object]:
     """Create (or find) DeepSpeed's expert-parallel and expert-data-parallel groups -> (ep_rank, ep_group)."""

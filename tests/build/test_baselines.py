@@ -9,11 +9,11 @@ from transformers import AutoModelForCausalLM
 
 from dive_ds.build.expert_plan import ReconstructConfig, plan_experts
 from dive_ds.build.moe_writer import write_moe, write_moe_shards
-from dive_ds.build.stats import adaptive_widths, channel_scores, llama_moe_partition, n_keep
 from dive_ds.eval.perplexity import pruned_ffn
 from dive_ds.io.calibration import load_calibration
 from dive_ds.io.placement import NodePlacement
 from dive_ds.models.moe import DiveExperts, DiveMoeConfig, count_parameters
+from dive_ds.stats import adaptive_widths, channel_scores, llama_moe_partition, n_keep
 from tests.fixtures.tiny import make_tiny_calibration
 
 F, L = 48, 3  # the tiny model's FFN width and layers (tests/fixtures/tiny.py)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dive_ds.build.calib_pass import CalibConfig, streaming_stats
-from dive_ds.build.stats import ChannelStats, mean_var
+from dive_ds.stats import ChannelStats, mean_var
 from tests.fixtures.tiny import save_tiny_llama
 
 

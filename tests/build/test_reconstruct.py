@@ -10,9 +10,9 @@ from transformers import AutoModelForCausalLM
 from dive_ds.build.expert_plan import ReconstructConfig, plan_experts
 from dive_ds.build.moe_writer import write_moe
 from dive_ds.build.reconstruct import run_reconstruct
-from dive_ds.build.stats import channel_scores, kept_channels, mean_var
 from dive_ds.eval.perplexity import PrunedMLP
 from dive_ds.io.calibration import load_calibration
+from dive_ds.stats import channel_scores, kept_channels, mean_var
 from tests.fixtures.tiny import make_tiny_calibration
 
 
@@ -68,7 +68,7 @@ def test_pruned_expert_is_dense_with_zeroed_channels_plus_bias():
     x = torch.randn(5, 32)
     mean = torch.randn(48, dtype=torch.float64)
     kept = torch.tensor([0, 3, 7, 8, 20, 33, 47])
-    from dive_ds.build.stats import compensation_bias
+    from dive_ds.stats import compensation_bias
 
     bias = compensation_bias(mlp.down_proj.weight, mean, kept)
     y = PrunedMLP(mlp, kept, bias)(x)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from dive_ds.build.stats import (
+from dive_ds.stats import (
     ChannelStats,
     adaptive_widths,
     channel_scores,

@@ -52,7 +52,7 @@ def test_modeling_file_is_the_package_model_module():
 @pytest.mark.parametrize(
     "line",
     [
-        "from dive_ds.build.stats import wifv",
+        "from dive_ds.stats import wifv",
         "import dive_ds.models.lora",
         "from .lora import LoraConfig",
         "import numpy as np",
