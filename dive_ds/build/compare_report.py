@@ -198,7 +198,9 @@ def markdown(results: dict) -> str:
 
 
 def write_report(results: dict, path: Path) -> None:
-    path.write_text(markdown(results))
+    from dive_ds.io.atomic import write_text
+
+    write_text(path, markdown(results))
 
 
 def plot_curves(results: dict, path: Path) -> None:

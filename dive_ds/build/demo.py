@@ -17,6 +17,7 @@ from dive_ds.argtypes import error_message
 from dive_ds.build.calibrate import calibrate
 from dive_ds.build.expert_plan import reconstruct_config
 from dive_ds.build.mine import mine
+from dive_ds.io.atomic import write_json, write_text
 
 
 def _step(title: str) -> float:
@@ -161,8 +162,8 @@ def run_demo(a) -> dict:
         "untrained_mean_ppl": {k: round(v, 2) for k, v in untrained.items()},
         "dive_fitted_vs_flap": round(untrained["dive fitted router"] / untrained["flap (dense pruning)"], 4),
     }
-    (out / "summary.md").write_text(table)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_text(out / "summary.md", table)
+    write_json(out / "summary.json", summary)
     print(
         "\nHeld-out perplexity (oracle = each domain's tokens to its group's expert; `dive | router` is the "
         "paper's random router init, `dive-fitted | router` the fitted one, both before retraining; "
@@ -184,7 +185,7 @@ def _eval_registry(out: Path, cal) -> str:
     its windows from their evaluation set, the split `calibrate` used (dive_ds.data.split)."""
     path = out / "eval_registry.json"
     domains = {n: {"family": cal.families.get(n), "source": {"type": "demo", "name": n}} for n in cal.domains}
-    path.write_text(json.dumps({"version": 1, "domains": domains}, indent=1) + "\n")
+    write_json(path, {"version": 1, "domains": domains}, indent=1)
     return str(path)
 
 

@@ -17,6 +17,7 @@ from torch import nn
 from dive_ds.build.moe_writer import SIDE_FILES
 from dive_ds.build.outputs import check_not_input, claim_output, read_identity
 from dive_ds.io import atomic
+from dive_ds.io.atomic import write_json
 from dive_ds.models.lora import (
     add_expert_lora,
     lora_settings_from_state_dict,
@@ -364,7 +365,7 @@ def write_stage_output(
         else:
             export_hf(state, input_dir, plan.model_dir, meta["lora"], info, router_gate=stage.router_gate)
     if rank == 0:
-        (plan.dir / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
+        write_json(plan.dir / "summary.json", result)
         print(
             f"[{stage.name}] done: held-out loss {result['final_eval']['loss']:.4f}, mean ppl "
             f"{result['final_eval']['ppl_mean']:.2f}; model -> {plan.model_dir}",

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch.distributed as dist
 import yaml
 
-from dive_ds.io.atomic import OutputLock, staged_dir
+from dive_ds.io.atomic import OutputLock, staged_dir, write_json, write_text
 from dive_ds.io.fingerprint import git_rev
 from dive_ds.models.moe import DiveMoeConfig
 from dive_ds.parallel.distributed import accelerator_name, barrier, setup_distributed, teardown_distributed
@@ -62,8 +62,8 @@ def _record_run(
 ) -> None:
     out = Path(run.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "run_config.yaml").write_text(yaml.safe_dump(run.to_dict(), sort_keys=False))
-    (out / "ds_config.json").write_text(json.dumps(ds, indent=2) + "\n")
+    write_text(out / "run_config.yaml", yaml.safe_dump(run.to_dict(), sort_keys=False))
+    write_json(out / "ds_config.json", ds)
     info = {
         "versions": _versions(),
         "git_rev": git_rev(),
@@ -75,7 +75,7 @@ def _record_run(
         "data_recipe": recipe,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    (out / "run_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    write_json(out / "run_info.json", info)
     with open(out / "launches.jsonl", "a") as f:
         f.write(json.dumps(info) + "\n")
 

@@ -23,7 +23,6 @@ Legend: G global batch (sequences), S sequence length, V vocabulary, L layers, E
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import sys
@@ -34,6 +33,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from dive_ds.io.atomic import write_json
 from dive_ds.models.moe import DiveMoeBlock, DiveMoeForCausalLM, moe_blocks
 from dive_ds.parallel.distributed import barrier, current_device
 from dive_ds.train import rng
@@ -73,7 +73,7 @@ def run_stage(
     device = current_device()
     plan.dir.mkdir(parents=True, exist_ok=True)
     if rank == 0:
-        (plan.dir / "ds_config.json").write_text(json.dumps(ds, indent=2) + "\n")
+        write_json(plan.dir / "ds_config.json", ds)
     tag = resume_tag(run, plan, rank)
 
     _seed_all(run.train.seed + plan.index)  # a resumed stage overwrites this with the checkpoint's RNG states
