@@ -26,7 +26,6 @@ Legend: T tokens, H hidden, E experts, F expert width, W windows, S window lengt
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -51,7 +50,7 @@ from dive_ds.build.router_math import (
     soft_temperature,
     soft_temperature_sharded,
 )
-from dive_ds.parallel.ranks import Ranks
+from dive_ds.parallel.ranks import Ranks, host_memory_per_rank
 
 FIT_FILE = "router_fit.json"
 
@@ -132,16 +131,6 @@ def carry_device(device: torch.device, nbytes: int, share: float = 0.5) -> torch
         return torch.device("cpu")
     free, _ = torch.cuda.mem_get_info(device)
     return device if nbytes < share * free else torch.device("cpu")
-
-
-def host_memory_per_rank() -> int | None:
-    """This node's available memory (/proc/meminfo MemAvailable) over its ranks (torchrun's LOCAL_WORLD_SIZE)."""
-    try:
-        with open("/proc/meminfo") as f:
-            kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError):
-        return None
-    return kib * 1024 // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def check_fit_memory(ranks, need: int, where: torch.device, windows_per_domain: int) -> None:

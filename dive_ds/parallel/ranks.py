@@ -180,3 +180,13 @@ def compute_dtype(device: str, dtype: str) -> torch.dtype:
     """--device / --dtype checked before any work (the same verdict on every rank): the compute dtype."""
     _, _, local = launched_world()
     return resolve_dtype(dtype, resolve_device(device, local))
+
+
+def host_memory_per_rank() -> int | None:
+    """This node's available memory (/proc/meminfo MemAvailable) over its ranks (torchrun's LOCAL_WORLD_SIZE)."""
+    try:
+        with open("/proc/meminfo") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+    return kib * 1024 // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))

@@ -1,6 +1,5 @@
-"""A stage's outputs: the full weights gathered from the live engine (LoRA merged) as a plain HF
-folder, or as a sharded folder written by every expert-parallel rank; and the offline
-consolidation of a stage checkpoint into an HF folder."""
+"""A stage's outputs: the full weights gathered from the live engine (LoRA merged) as a plain HF folder, or
+as a sharded folder written by every expert-parallel rank; and the offline consolidation of a checkpoint."""
 
 from __future__ import annotations
 
@@ -243,6 +242,33 @@ def _ep_checkpoint_state(folder: Path, meta: dict) -> dict[str, torch.Tensor]:
     return state
 
 
+CONSOLIDATION_COPIES = 2  # fp32 copies of the whole model at the peak: merged state dict, model
+
+
+def check_consolidation_memory(tag_dir: Path, source: Path | None, avail: int | None = None) -> None:
+    """--consolidate builds the whole fp32 model in one process: refuse up front, in one line, when that
+    cannot fit this node's available memory, naming what it needs and the streamed alternative."""
+    from dive_ds.models.moe import DiveMoeConfig, count_parameters
+    from dive_ds.parallel.ranks import host_memory_per_rank
+
+    config = next((d / "config.json" for d in (tag_dir, source) if d and (d / "config.json").is_file()), None)
+    avail = host_memory_per_rank() if avail is None else avail
+    if config is None or avail is None:
+        return
+    raw = json.loads(config.read_text())
+    if raw.get("model_type") != DiveMoeConfig.model_type:
+        return
+    need = CONSOLIDATION_COPIES * 4 * count_parameters(DiveMoeConfig(**raw))["total"]
+    if need > avail:
+        stage = tag_dir.parent.parent
+        raise ValueError(
+            f"--consolidate {tag_dir} builds the whole model in fp32 in this process: ~{need / 2**30:.1f} GiB, "
+            f"but ~{avail / 2**30:.1f} GiB are available here; run it on a node with more memory, or use the "
+            f"stage's own output {stage / 'model'} (with expert parallelism a sharded folder, which "
+            "`dive-ds consolidate --shards` joins layer by layer)"
+        )
+
+
 def consolidate_checkpoint(
     ckpt_dir: str | Path, out: str | Path, tag: str | None = None, force: bool = False
 ) -> Path:
@@ -276,6 +302,7 @@ def consolidate_checkpoint(
         print(f"{out} already holds this consolidation of {ckpt_dir / tag}; reusing it", flush=True)
         return out
     source = _stage_input(ckpt_dir / tag, meta)  # before the heavy read: another model there is refused
+    check_consolidation_memory(ckpt_dir / tag, source)
     if meta.get("ep_size"):
         state = _ep_checkpoint_state(ckpt_dir / tag, meta)
     else:
