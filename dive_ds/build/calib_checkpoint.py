@@ -17,11 +17,12 @@ import hashlib
 import json
 import os
 import re
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 PREFIX = "calibrate-"
 
@@ -46,6 +47,36 @@ def windows_sha(windows: dict[str, torch.Tensor]) -> str:
 
 def run_key(identity: dict) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL"}  # fmt: skip
+CHUNK_BYTES = 256 << 20
+
+
+def save_streamed(tensors: dict[str, torch.Tensor], path: Path, chunk_bytes: int = CHUNK_BYTES) -> None:
+    """Write `tensors` (on any device) as a safetensors file, copying at most `chunk_bytes` of a tensor to the
+    host at a time: the format's header (8-byte length, JSON of dtype, shape and byte offsets, padded to 8),
+    then every tensor's little-endian bytes in header order. safetensors.torch.load_file reads it."""
+    header, offset = {}, 0
+    for name, t in tensors.items():
+        size = t.numel() * t.element_size()
+        header[name] = {
+            "dtype": _ST_DTYPES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for t in tensors.values():
+            flat = t.detach().reshape(-1)
+            step = max(1, chunk_bytes // t.element_size())
+            for i in range(0, flat.numel(), step):
+                f.write(memoryview(flat[i : i + step].to("cpu").contiguous().view(torch.uint8).numpy()))
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -134,10 +165,10 @@ class LayerCheckpoint:
         return json.loads(path.read_text()) if path.is_file() else None
 
     def save_rank(self, rank: int, layers_done: int, tensors: dict[str, torch.Tensor]) -> None:
-        """This rank's carried hidden states and partial sums after `layers_done` layers."""
+        """This rank's carried hidden states and partial sums after `layers_done` layers, streamed to the file
+        in bounded pieces (a GPU's hidden-state buffer never has a whole copy in host memory)."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-        _atomic_write(self.rank_file(rank, layers_done), lambda p: save_file(cpu, p))
+        _atomic_write(self.rank_file(rank, layers_done), lambda p: save_streamed(tensors, p))
 
     def commit(self, layers_done: int, layers: int, made_root: bool) -> None:
         """Rank 0, after every rank's file is written: the state that makes them the checkpoint."""
