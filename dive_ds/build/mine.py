@@ -47,25 +47,21 @@ def mine(
     dtype: str = "fp32",
 ) -> dict | None:
     """`dive-ds mine`: domain affinity mining, then the groups and how well they recover the families
-    (printed and returned by rank 0; other ranks of a torchrun launch return None)."""
+    (printed and returned by rank 0; other ranks of a torchrun launch return None).
+
+    Domain affinity mining: D x D pruned perplexities (paper) and the fast statistics-only affinity.
+
+    `out` is written whole (built under a temporary name, renamed into place at once); an `out`
+    holding this same mining run is reused, one holding anything else is refused. The pruned models
+    run on `device` in `dtype`; launched by torchrun, every rank evaluates its share of the windows,
+    the sums are all-reduced and rank 0 alone writes `out` and returns the report (others: None)."""
 
     if not 0.0 <= prune_ratio < 1.0:
         raise ValueError(f"--prune-ratio must be in [0, 1) (got {prune_ratio})")
-    rep = run_mine(
-        calib,
-        out,
-        experts,
-        prune_ratio,
-        score,
-        bias_compensation,
-        fast_only,
-        eval_windows,
-        model,
-        batch_size,
-        linkage,
-        device,
-        dtype,
-    )
+    torch_dtype = compute_dtype(device, dtype)
+    with start_ranks(device) as ranks:
+        rep = _mine(calib, out, experts, prune_ratio, score, bias_compensation, fast_only, eval_windows, model,
+                    batch_size, linkage, ranks, torch_dtype)  # fmt: skip
     if rep is not None:
         _print_mining(rep, out)
     return rep
@@ -86,33 +82,6 @@ def _print_mining(rep: dict, out) -> None:
             f"  fast vs paper affinity: Pearson {c['pearson']:.3f}, Spearman {c['spearman']:.3f}, "
             f"ARI of groupings {c['ari']:.3f}"
         )
-
-
-def run_mine(
-    calib_dir: str | Path,
-    out: str | Path,
-    num_groups: int,
-    prune_ratio: float = 0.5,
-    score: str = "wifv",
-    bias_compensation: bool = True,
-    fast_only: bool = False,
-    eval_windows: int | None = None,
-    model: str | None = None,
-    batch_size: int = 8,
-    linkage: str = "average",
-    device: str = "auto",
-    dtype: str = "fp32",
-) -> dict | None:
-    """Domain affinity mining: D x D pruned perplexities (paper) and the fast statistics-only affinity.
-
-    `out` is written whole (a temporary folder, then its files moved in, mining.json last); an `out`
-    holding this same mining run is reused, one holding anything else is refused. The pruned models
-    run on `device` in `dtype`; launched by torchrun, every rank evaluates its share of the windows,
-    the sums are all-reduced and rank 0 alone writes `out` and returns the report (others: None)."""
-    torch_dtype = compute_dtype(device, dtype)
-    with start_ranks(device) as ranks:
-        return _mine(calib_dir, out, num_groups, prune_ratio, score, bias_compensation, fast_only,
-                     eval_windows, model, batch_size, linkage, ranks, torch_dtype)  # fmt: skip
 
 
 def _mine(calib_dir, out, num_groups, prune_ratio, score, bias_compensation, fast_only, eval_windows, model,
