@@ -209,6 +209,24 @@ step_consolidate() {
     fi
 }
 
+step_evaluate() {
+    # Perplexity of the retrained model on the calibration's held-out windows, every rank its share of the
+    # windows (EVALUATE=1); EVAL_TASKS: lm-eval tasks too, on one process. Not streamed: every rank loads the
+    # whole model (fine for the tiny job; at 70B it waits for streamed evaluation, so dive_70b.sh sets 0).
+    [[ "${EVALUATE:-1}" == 1 ]] || { log "evaluation: skipped (EVALUATE=${EVALUATE:-})"; return; }
+    if [[ -f "$OUT/eval/eval.json" ]]; then
+        log "evaluation: reusing $OUT/eval"
+        return
+    fi
+    log "evaluation of $FINAL on $NODES node(s) x $GPUS_PER_NODE rank(s) -> $OUT/eval"
+    srun_torchrun "" "$((MASTER_PORT + 3))" "$REPO/launchers/reconstruct.py" evaluate "$FINAL" --calib "$CALIB" \
+        --device "$CALIB_DEVICE" --out "$OUT/eval"
+    if [[ -n "${EVAL_TASKS:-}" ]]; then
+        run_step "" "$PYTHON" "$REPO/launchers/reconstruct.py" evaluate "$FINAL" --tasks "$EVAL_TASKS" \
+            --out "$OUT/eval-tasks"
+    fi
+}
+
 dive_main() {
     trap on_preempt USR1
     preflight
@@ -220,5 +238,6 @@ dive_main() {
     step_fit_router
     step_retrain
     step_consolidate
+    step_evaluate
     log "done: $FINAL"
 }

@@ -58,6 +58,8 @@ CALIB="${CALIB:-$OUT/calib}"
 GROUPS_JSON="${GROUPS_JSON:-$OUT/mining/groups.json}"
 MOE="${MOE:-}"                                 # provide a reconstructed (and fitted) MoE to skip both steps
 FINAL="${FINAL:-$OUT/final}"
+EVALUATE="${EVALUATE:-0}"                     # 1: evaluate the retrained model on every rank (not streamed yet:
+                                               # each rank would load the whole 238B MoE; see docs/scaling.md)
 MINE_FAST="${MINE_FAST:-1}"                    # fast affinity: the D x D pruned evaluations of a 70B are days
 MASTER_PORT="${MASTER_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 20000))}"
 STOP_GRACE="${STOP_GRACE:-540}"               # s for retraining to finish its step + checkpoint after USR1 (@600)

@@ -5,6 +5,7 @@ requeues itself and ends with the same final loss. The daemons are stopped by th
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
@@ -91,9 +92,9 @@ def test_sbatch_dive_tiny_end_to_end(tiny_run):
     out, log = tiny_run["out"], tiny_run["log"]
     assert tiny_run["state"] == "COMPLETED", explain(log)
     assert "done:" in log
-    # calibration and router fitting ran on every rank of the allocation: one srun task per node, each
-    # starting its node's rank with torchrun (2 nodes x 1 rank)
-    assert log.count("2 srun task(s) x torchrun 1 rank(s) of reconstruct.py") == 2, explain(log)
+    # calibration, router fitting and the final evaluation ran on every rank of the allocation: one srun task
+    # per node, each starting its node's rank with torchrun (2 nodes x 1 rank)
+    assert log.count("2 srun task(s) x torchrun 1 rank(s) of reconstruct.py") == 3, explain(log)
     assert json.loads((out / "calib" / "manifest.json").read_text())["pass"]["world_size"] == 2
     assert json.loads((out / "moe-fitted" / "router_fit.json").read_text())["ranks"] == 2
     # reconstruction ran once per node, and each node wrote only its own experts' shards
@@ -127,6 +128,12 @@ def test_sbatch_dive_tiny_end_to_end(tiny_run):
     assert model.config.num_local_experts == 2
     ids = torch.arange(10, 74).view(1, 64)
     assert torch.isfinite(model(input_ids=ids).logits).all()
+    # the job ends with the retrained model's perplexity on the calibration's held-out windows, on 2 ranks
+    ev = json.loads((out / "eval" / "eval.json").read_text())
+    assert ev["ranks"] == 2 and ev["domains"] == ["wiki_evals", "code_stdlib"]
+    assert sorted(ev["router"]) == ["code_stdlib", "wiki_evals"] and all(
+        map(math.isfinite, ev["router"].values())
+    )
     print(f"dive_tiny.sh on 2 nodes: {tiny_run['seconds']:.0f} s")
 
 
