@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import sys
 import tempfile
 import threading
 import time
@@ -17,6 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from dive_ds.io.layers import build_layer, decoder_classes
 from dive_ds.io.loading import LayerwiseCheckpoint, check_gated_mlp, model_fingerprint
 from dive_ds.parallel.ranks import DTYPES, Ranks
 from dive_ds.stats import ChannelStats
@@ -57,26 +57,6 @@ class CalibrationStopped(Exception):
     def __init__(self, done: int, layers: int):
         self.done, self.layers = done, layers
         super().__init__(f"stopped after layer {done}/{layers}; relaunch the same command to resume")
-
-
-def decoder_classes(config):
-    """(DecoderLayer class, RotaryEmbedding class) of a transformers causal-LM architecture."""
-    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
-
-    module = sys.modules[MODEL_FOR_CAUSAL_LM_MAPPING[type(config)].__module__]
-    layer_cls = next(getattr(module, n) for n in dir(module) if n.endswith("DecoderLayer"))
-    rope_cls = next(getattr(module, n) for n in dir(module) if n.endswith("RotaryEmbedding"))
-    return layer_cls, rope_cls
-
-
-def build_layer(
-    config, layer_cls, idx: int, state: dict[str, torch.Tensor], dtype=torch.float32, device=None
-):
-    with torch.device("meta"):
-        layer = layer_cls(config, idx)
-    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
-    layer.load_state_dict(state, assign=True, strict=True)
-    return layer.eval()
 
 
 def batch_plan(windows: dict[str, torch.Tensor], batch_size: int) -> list[tuple[int, int, int]]:

@@ -99,6 +99,7 @@ def run_evaluate(
     num_fewshot: int | None = None,
     device: str = "auto",
     dtype: str = "fp32",
+    streamed: bool = True,
 ) -> dict:
     """Held-out perplexity per domain (+ oracle routing for a MoE) and/or lm-eval task accuracies;
     writes eval.json, eval.md and TensorBoard scalars (tb/).
@@ -106,15 +107,19 @@ def run_evaluate(
     Windows come from a calibration folder (`calib_dir`) or are drawn from a registry; `tasks` are
     lm-eval task names (`dive_ds.eval.downstream`), checked before the model is loaded. The model sits
     on `device` in `dtype`; launched by torchrun, every rank evaluates its share of the windows, the sums
-    are all-reduced and rank 0 alone writes `out` (every rank returns the same result)."""
+    are all-reduced and rank 0 alone writes `out` (every rank returns the same result).
+
+    `streamed` (perplexity without --tasks, a local folder): one decoder layer resident at a time, the
+    windows' hidden states carried (dive_ds/eval/streamed.py), so no rank holds the whole model; equal to
+    the whole-model evaluation up to float rounding. A sharded MoE folder is always evaluated streamed."""
     torch_dtype = compute_dtype(device, dtype)  # refused here, the same on every rank, before anything starts
     with start_ranks(device) as ranks:
         return _evaluate(model, calib_dir, out, oracle, batch_size, eval_windows, label, router, registry,
-                         seq_len, seed, tasks, limit, num_fewshot, ranks, torch_dtype)  # fmt: skip
+                         seq_len, seed, tasks, limit, num_fewshot, ranks, torch_dtype, streamed)  # fmt: skip
 
 
 def _evaluate(model, calib_dir, out, oracle, batch_size, eval_windows, label, router, registry, seq_len, seed,
-              tasks, limit, num_fewshot, ranks: Ranks, torch_dtype: torch.dtype) -> dict:  # fmt: skip
+              tasks, limit, num_fewshot, ranks: Ranks, torch_dtype: torch.dtype, streamed: bool = True) -> dict:  # fmt: skip
     from dive_ds.io.loading import load_causal_lm, load_tokenizer, resolve_model
     from dive_ds.models.moe import DiveMoeConfig, count_parameters
 
@@ -164,14 +169,18 @@ def _evaluate(model, calib_dir, out, oracle, batch_size, eval_windows, label, ro
         oracle_map(model_dir, domains) if evals and model_dir.is_dir() else None
     )  # checked before loading
     ranks.barrier()  # every rank has checked `out` before rank 0 may write it
+    from dive_ds.io.shards import is_sharded
+
+    sharded = model_dir.is_dir() and is_sharded(model_dir)
+    if sharded and tasks:
+        raise ValueError(f"{model_dir} is a sharded MoE: --tasks needs the whole model; run "
+                         "`dive-ds consolidate --shards` first, or evaluate perplexity alone (streamed)")  # fmt: skip
+    if evals and not tasks and (sharded or (streamed and model_dir.is_dir())):
+        return _evaluate_streamed(model_dir, evals, res_head(model_dir, label, source, domains), mapping, oracle,
+                                  router, batch_size, ranks, torch_dtype, out, identity)  # fmt: skip
     m = load_causal_lm(model_dir, dtype=torch_dtype).eval().to(ranks.device)  # refuses missing weights
     t0 = time.time()
-    res: dict = {
-        "model": str(model_dir),
-        "label": label or model_dir.name,
-        "eval_source": source,
-        "domains": domains,
-    }
+    res = res_head(model_dir, label, source, domains)
     moe = isinstance(m.config, DiveMoeConfig)
     n = None if moe else sum(p.numel() for p in m.parameters())
     res["params"] = count_parameters(m.config) if moe else {"total": n, "activated": n}
@@ -189,17 +198,54 @@ def _evaluate(model, calib_dir, out, oracle, batch_size, eval_windows, label, ro
             res["oracle_map"] = mapping
     else:
         res["router"] = domain_perplexities(m, evals, batch_size, ranks=ranks)
-    for key in ("router", "oracle"):
-        if key in res:
-            res[f"{key}_mean"] = float(np.mean(list(res[key].values())))
-    res["tokens"] = int(sum(w.numel() for w in evals.values())) * (("oracle" in res) + ("router" in res))
-    res["seconds"] = round(time.time() - t0, 1)
-    res["tokens_per_s"] = round(res["tokens"] / max(res["seconds"], 1e-9), 1)
-    res["ranks"] = ranks.world
-    res["device"] = ranks.device.type
-    res["dtype"] = str(torch_dtype).removeprefix("torch.")
+    res |= _tail(res, evals, t0, ranks, torch_dtype, "whole model")
     if tasks:
         res |= _downstream(m, load_tokenizer(model_dir, m.config), tasks, tm, limit, num_fewshot, batch_size)
+    return _finish_evaluate(res, out if ranks.is_main else None, identity)
+
+
+def res_head(model_dir: Path, label: str | None, source: str | None, domains: list[str]) -> dict:
+    return {
+        "model": str(model_dir),
+        "label": label or model_dir.name,
+        "eval_source": source,
+        "domains": domains,
+    }
+
+
+def _tail(res: dict, evals: dict, t0: float, ranks: Ranks, torch_dtype: torch.dtype, how: str) -> dict:
+    """Means, tokens, time and where it ran."""
+    tail = {f"{k}_mean": float(np.mean(list(res[k].values()))) for k in ("router", "oracle") if k in res}
+    tail["tokens"] = int(sum(w.numel() for w in evals.values())) * (("oracle" in res) + ("router" in res))
+    tail["seconds"] = round(time.time() - t0, 1)
+    tail["tokens_per_s"] = round(tail["tokens"] / max(tail["seconds"], 1e-9), 1)
+    return tail | {"ranks": ranks.world, "device": ranks.device.type,
+                   "dtype": str(torch_dtype).removeprefix("torch."), "evaluated": how}  # fmt: skip
+
+
+def _evaluate_streamed(model_dir, evals, res, mapping, oracle, router, batch_size, ranks, torch_dtype, out,
+                       identity) -> dict:  # fmt: skip
+    """Perplexity (router, oracle, expert load) layer by layer: one decoder layer resident per rank."""
+    from dive_ds.eval.streamed import streamed_report
+    from dive_ds.io.layers import ModelLayers
+    from dive_ds.io.loading import checkpoint_shapes
+    from dive_ds.models.moe import count_parameters
+
+    t0 = time.time()
+    layers = ModelLayers(model_dir)
+    if layers.is_moe:
+        res["params"] = count_parameters(layers.config)
+    else:
+        n = sum(math.prod(s) for s in checkpoint_shapes(model_dir).values())
+        res["params"] = {"total": n, "activated": n}
+    found = streamed_report(
+        layers, evals, router=router or not oracle, oracle=mapping if oracle else None,
+        expected=mapping, ranks=ranks, dtype=torch_dtype, batch_size=batch_size,
+    )  # fmt: skip
+    if "oracle" in found:
+        found["oracle_map"] = mapping
+    res |= found
+    res |= _tail(res, evals, t0, ranks, torch_dtype, "streamed")
     return _finish_evaluate(res, out if ranks.is_main else None, identity)
 
 

@@ -48,7 +48,8 @@ def _moe_source_fingerprint(moe: Path) -> str | None:
 
 def _fit_router(moe, calib_dir, out, cfg, dense, ranks: Ranks, torch_dtype: torch.dtype) -> dict:
     from dive_ds.build.router_config import RouterFitConfig
-    from dive_ds.build.router_pass import MoeLayers, fit_routers
+    from dive_ds.build.router_pass import fit_routers
+    from dive_ds.io.layers import MoeLayers
 
     cfg = cfg or RouterFitConfig()
     out, moe = Path(out), Path(moe)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
-import math
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,7 +24,7 @@ from dive_ds.build.outputs import (
     read_identity,
     run_manifest_base,
 )
-from dive_ds.eval.perplexity import domain_nll, pruned_ffn
+from dive_ds.eval.perplexity import PrunedMLP
 from dive_ds.io.atomic import staged_dir, staged_file, write_json
 from dive_ds.io.calibration import Calibration, check_same_model, dense_model_path, load_calibration
 from dive_ds.parallel.ranks import Ranks, compute_dtype, start_ranks
@@ -136,25 +136,43 @@ def _mine(calib_dir, out, num_groups, prune_ratio, score, bias_compensation, fas
 def pruned_perplexities(cal: Calibration, model_dir: Path, evals: dict[str, torch.Tensor], keep: int, score: str,
                         bias_compensation: bool, batch_size: int, ranks: Ranks,
                         torch_dtype: torch.dtype = torch.float32) -> np.ndarray:  # fmt: skip
-    """ppl_DD[i, j]: the dense model pruned with domain i's mask, on domain j's held-out windows (each rank
-    its share of the windows; NLL and token sums all-reduced in float64)."""
-    from dive_ds.io.loading import load_dense_model
+    """ppl_DD[i, j]: the dense model pruned with domain i's mask, on domain j's selection windows.
+
+    Streamed (dive_ds/eval/streamed.py): one dense decoder layer resident; while it is, all D pruned
+    versions of its MLP run, each on its own carried hidden states, so the dense model is read once, not
+    D times, and no rank holds it whole. Each rank evaluates its share of the windows; NLL and token sums
+    are all-reduced in float64."""
+    from dive_ds.eval.streamed import Variant, streamed_nll
+    from dive_ds.stats import compensation_bias
 
     names = cal.domains
     scores = channel_scores(cal.stats, score)  # [D, L, F]
-    dense = load_dense_model(model_dir, dtype=torch_dtype).to(ranks.device)
     mean, _ = mean_var(cal.stats.count_D, cal.stats.sum_DLF, cal.stats.sumsq_DLF)
-    nll_DD = torch.zeros(len(names), len(names), dtype=torch.float64)
-    tok_DD = torch.zeros_like(nll_DD)
-    t0 = time.time()
-    for i, name in enumerate(names):
-        kept = kept_channels(scores[i], keep)
-        with pruned_ffn(dense, kept, mean[i] if bias_compensation else None):
-            nll_DD[i], tok_DD[i] = domain_nll(dense, {n: evals[n] for n in names}, batch_size, ranks=ranks)
-        if ranks.is_main:
-            own = math.exp(nll_DD[i, i].item() / tok_DD[i, i].item())
-            print(f"  pruned on {name:<20} own ppl {own:8.2f}   ({time.time() - t0:.0f}s)", flush=True)
-    return (nll_DD / tok_DD).exp().numpy()
+    kept_DLK = [kept_channels(scores[i], keep) for i in range(len(names))]
+
+    def pruned(i: int):
+        def mlp(layer: int, dense_mlp):
+            w_down = dense_mlp.down_proj.weight
+            kept = kept_DLK[i][layer].to(w_down.device)
+            bias = (
+                compensation_bias(w_down, mean[i, layer].to(w_down.device), kept)
+                if bias_compensation
+                else None
+            )
+            return PrunedMLP(dense_mlp, kept, bias)
+
+        return mlp
+
+    variants = [Variant(f"pruned on {n}", mlp=pruned(i)) for i, n in enumerate(names)]
+    sums = streamed_nll(model_dir, {n: evals[n] for n in names}, variants, ranks, torch_dtype, batch_size,
+                        progress=sys.stderr.isatty(), desc="mine")  # fmt: skip
+    ppl_DD = (sums.nll_VD / sums.tokens_D).exp()
+    if ranks.is_main:
+        for i, name in enumerate(names):
+            print(f"  pruned on {name:<20} own ppl {ppl_DD[i, i].item():8.2f}", flush=True)
+        print(f"  {len(names)} pruned models on {int(sums.tokens_D.sum())} tokens each, one pass over the dense "
+              f"model: {sums.seconds:.0f}s", flush=True)  # fmt: skip
+    return ppl_DD.numpy()
 
 
 def _mine_into(out: Path, cal: Calibration, identity: dict, num_groups: int, keep: int, prune_ratio: float,

@@ -50,61 +50,10 @@ from dive_ds.build.router_math import (
     soft_temperature,
     soft_temperature_sharded,
 )
+from dive_ds.io.layers import MoeLayers, build_moe_layer
 from dive_ds.parallel.ranks import Ranks, host_memory_per_rank
 
 FIT_FILE = "router_fit.json"
-
-
-# --------------------------------------------------------------------------- reading a MoE layer by layer
-
-
-class MoeLayers:
-    """The tensors of a dive_moe folder, HF or sharded, one decoder layer at a time."""
-
-    def __init__(self, folder: str | Path):
-        from dive_ds.io.shard_reader import ShardedMoe
-        from dive_ds.io.shards import is_sharded
-        from dive_ds.models.moe import DiveMoeConfig
-
-        self.folder = Path(folder)
-        if not (self.folder / "config.json").is_file():
-            raise ValueError(f"{self.folder} is not a model folder (no config.json); pass a dive_moe folder")
-        self.sharded = is_sharded(self.folder)
-        if self.sharded:
-            self.shards = ShardedMoe(self.folder)
-            self.config = self.shards.config
-        else:
-            from dive_ds.io.loading import LayerwiseCheckpoint
-
-            self.config = DiveMoeConfig.from_pretrained(self.folder)
-            self.ckpt = LayerwiseCheckpoint(self.folder)
-        if getattr(self.config, "model_type", None) != "dive_moe":
-            raise ValueError(f"{self.folder} is not a dive_moe model; run `dive-ds reconstruct` first")
-
-    def get(self, key: str) -> torch.Tensor:
-        if self.sharded:
-            return self.shards.shared_global()[key]
-        return self.ckpt.get(key)
-
-    def layer_state(self, layer: int) -> dict[str, torch.Tensor]:
-        """Layer-relative names (`self_attn.q_proj.weight`, `mlp.experts.gate_up_proj`, ...)."""
-        head = f"model.layers.{layer}."
-        if not self.sharded:
-            return self.ckpt.layer_state(layer)
-        st = {k[len(head) :]: v for k, v in self.shards.shared_layer(layer).items()}
-        ex = self.shards.expert_tensors(layer, list(range(self.config.num_local_experts)))
-        st.update({f"mlp.experts.{k}": v for k, v in ex.items()})
-        return st
-
-
-def _build_moe_layer(config, layer: int, state: dict[str, torch.Tensor]):
-    """The decoder layer on the host in float32 (sliced_channels compares its bytes); moved by the caller."""
-    from dive_ds.models.moe import DiveMoeDecoderLayer
-
-    with torch.device("meta"):
-        module = DiveMoeDecoderLayer(config, layer)
-    module.load_state_dict({k: v.to(torch.float32) for k, v in state.items()}, assign=True, strict=True)
-    return module.eval()
 
 
 def _dense_mlp(dense, layer: int):
@@ -288,7 +237,7 @@ def fit_routers(
     sliced_layers = 0
     fit_s = 0.0
     for layer in range(config.num_hidden_layers):
-        block = _build_moe_layer(config, layer, moe.layer_state(layer))
+        block = build_moe_layer(config, layer, moe.layer_state(layer))
         w_gate, w_up, w_down = _dense_mlp(dense, layer)
         kept = sliced_channels(block.mlp.experts, w_gate, w_up, w_down) if cfg.sliced_shortcut else None
         sliced_layers += kept is not None

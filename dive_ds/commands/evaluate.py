@@ -38,6 +38,9 @@ class Settings:
     num_fewshot: int | None = flag(
         None, "with --tasks: few-shot examples (default: the task's, 0)", type=nonneg_int
     )
+    whole_model: bool = flag(False, "perplexity with the whole model loaded in each process (default: streamed "
+                             "layer by layer, one decoder layer resident, as calibration; --tasks always loads "
+                             "the whole model)")  # fmt: skip
     batch_size: int = flag(8, "windows (or lm-eval requests) per forward (default 8)", type=positive_int)
     out: str | None = flag(None, "write eval.json, eval.md and TensorBoard scalars (tb/) here")
     run_on: DeviceFlags = nested(DeviceFlags)
@@ -55,7 +58,7 @@ def run(s: Settings) -> int:
     res = run_evaluate(
         s.model, s.calib, s.out, oracle=not s.no_oracle, batch_size=s.batch_size, eval_windows=s.eval_windows,
         registry=s.domains, seq_len=s.seq_len, seed=s.seed, tasks=tasks, limit=s.limit, num_fewshot=s.num_fewshot,
-        device=s.run_on.device, dtype=s.run_on.dtype,
+        device=s.run_on.device, dtype=s.run_on.dtype, streamed=not s.whole_model,
     )  # fmt: skip
     if launched_world()[0] == 0:  # every rank holds the same result; rank 0 prints it
         print(evaluation_markdown(res))
