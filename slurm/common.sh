@@ -143,9 +143,16 @@ step_mine() {
         log "groups: reusing $GROUPS_JSON"
         return
     fi
-    log "mining (once) -> $OUT/mining"
-    run_step "" "$PYTHON" "$REPO/launchers/reconstruct.py" mine --calib "$CALIB" --experts "$EXPERTS" \
-        ${MINE_FAST:+--fast-only} --out "$OUT/mining"
+    if [[ -n "${MINE_FAST:-}" ]]; then  # statistics only: seconds on one process
+        log "mining (fast affinity, once) -> $OUT/mining"
+        run_step "" "$PYTHON" "$REPO/launchers/reconstruct.py" mine --calib "$CALIB" --experts "$EXPERTS" \
+            --fast-only --out "$OUT/mining"
+    else  # the D x D pruned evaluations, streamed layer by layer on every rank (the dense model read once)
+        log "mining on $NODES node(s) x $GPUS_PER_NODE rank(s) -> $OUT/mining"
+        srun_torchrun "" "$((MASTER_PORT + 4))" "$REPO/launchers/reconstruct.py" mine --calib "$CALIB" \
+            --experts "$EXPERTS" ${MINE_WINDOWS:+--eval-windows "$MINE_WINDOWS"} --device "$CALIB_DEVICE" \
+            --dtype "$CALIB_DTYPE" --out "$OUT/mining"
+    fi
     GROUPS_JSON="$OUT/mining/groups.json"
 }
 
@@ -210,9 +217,9 @@ step_consolidate() {
 }
 
 step_evaluate() {
-    # Perplexity of the retrained model on the calibration's held-out windows, every rank its share of the
-    # windows (EVALUATE=1); EVAL_TASKS: lm-eval tasks too, on one process. Not streamed: every rank loads the
-    # whole model (fine for the tiny job; at 70B it waits for streamed evaluation, so dive_70b.sh sets 0).
+    # Perplexity of the retrained model on the calibration's held-out windows (EVALUATE=1), streamed: every
+    # rank its share of the windows, one decoder layer resident (no rank holds the whole MoE); EVAL_DOMAINS:
+    # a registry of other domains too; EVAL_TASKS: lm-eval tasks, on one process that loads the whole model.
     [[ "${EVALUATE:-1}" == 1 ]] || { log "evaluation: skipped (EVALUATE=${EVALUATE:-})"; return; }
     if [[ -f "$OUT/eval/eval.json" ]]; then
         log "evaluation: reusing $OUT/eval"
@@ -220,7 +227,11 @@ step_evaluate() {
     fi
     log "evaluation of $FINAL on $NODES node(s) x $GPUS_PER_NODE rank(s) -> $OUT/eval"
     srun_torchrun "" "$((MASTER_PORT + 3))" "$REPO/launchers/reconstruct.py" evaluate "$FINAL" --calib "$CALIB" \
-        --device "$CALIB_DEVICE" --out "$OUT/eval"
+        --device "$CALIB_DEVICE" --dtype "$CALIB_DTYPE" --out "$OUT/eval"
+    if [[ -n "${EVAL_DOMAINS:-}" ]]; then
+        srun_torchrun "" "$((MASTER_PORT + 5))" "$REPO/launchers/reconstruct.py" evaluate "$FINAL" \
+            --domains "$EVAL_DOMAINS" --device "$CALIB_DEVICE" --dtype "$CALIB_DTYPE" --out "$OUT/eval-domains"
+    fi
     if [[ -n "${EVAL_TASKS:-}" ]]; then
         run_step "" "$PYTHON" "$REPO/launchers/reconstruct.py" evaluate "$FINAL" --tasks "$EVAL_TASKS" \
             --out "$OUT/eval-tasks"

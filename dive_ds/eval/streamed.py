@@ -84,7 +84,9 @@ def streamed_nll(
     dev = ranks.device
     layers = model if isinstance(model, ModelLayers) else ModelLayers(model)
     if any(v.count_experts or v.expert_of_domain is not None for v in variants) and not layers.is_moe:
-        raise ValueError(f"{layers.folder} is a dense model: router and oracle routing need a dive_moe folder")
+        raise ValueError(
+            f"{layers.folder} is a dense model: router and oracle routing need a dive_moe folder"
+        )
     config = layers.config
     n_layers, hidden = config.num_hidden_layers, config.hidden_size
     names = list(windows)

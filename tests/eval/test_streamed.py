@@ -111,7 +111,9 @@ def test_streamed_mining_matrix_equals_whole_model_passes(tiny):
 
 
 def test_a_dense_folder_refuses_routing_variants(tiny):
-    with pytest.raises(ValueError, match="is a dense model: router and oracle routing need a dive_moe folder"):
+    with pytest.raises(
+        ValueError, match="is a dense model: router and oracle routing need a dive_moe folder"
+    ):
         streamed_nll(tiny["dense"], tiny["cal"].eval, [Variant("router", count_experts=True)])
 
 

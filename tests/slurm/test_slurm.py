@@ -82,7 +82,11 @@ def tiny_run(cluster, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("tiny")
     out = root / "out"
     t0 = time.monotonic()
-    job = cluster.sbatch(SCRIPT, job_env(out), ["--chdir", str(root), "--output", str(root / "job-%j.out")])
+    # this job mines the paper's way (the D x D pruned evaluations, streamed on both ranks); the pre-emption
+    # job below keeps the fast affinity
+    job = cluster.sbatch(
+        SCRIPT, job_env(out, MINE_FAST=""), ["--chdir", str(root), "--output", str(root / "job-%j.out")]
+    )
     state = cluster.wait(job, timeout=900)
     log = (root / f"job-{job}.out").read_text()
     return {"out": out, "state": state, "log": log, "seconds": time.monotonic() - t0}
@@ -92,9 +96,15 @@ def test_sbatch_dive_tiny_end_to_end(tiny_run):
     out, log = tiny_run["out"], tiny_run["log"]
     assert tiny_run["state"] == "COMPLETED", explain(log)
     assert "done:" in log
-    # calibration, router fitting and the final evaluation ran on every rank of the allocation: one srun task
-    # per node, each starting its node's rank with torchrun (2 nodes x 1 rank)
-    assert log.count("2 srun task(s) x torchrun 1 rank(s) of reconstruct.py") == 3, explain(log)
+    # calibration, mining, router fitting and the final evaluation ran on every rank of the allocation: one
+    # srun task per node, each starting its node's rank with torchrun (2 nodes x 1 rank)
+    assert log.count("2 srun task(s) x torchrun 1 rank(s) of reconstruct.py") == 4, explain(log)
+    assert "mining on 2 node(s) x 1 rank(s)" in log
+    mining = json.loads((out / "mining" / "mining.json").read_text())
+    assert (
+        mining["affinity_used"] == "paper (pruned perplexity)"
+        and (out / "mining" / "pruned_ppl.csv").is_file()
+    ), mining
     assert json.loads((out / "calib" / "manifest.json").read_text())["pass"]["world_size"] == 2
     assert json.loads((out / "moe-fitted" / "router_fit.json").read_text())["ranks"] == 2
     # reconstruction ran once per node, and each node wrote only its own experts' shards
@@ -130,7 +140,9 @@ def test_sbatch_dive_tiny_end_to_end(tiny_run):
     assert torch.isfinite(model(input_ids=ids).logits).all()
     # the job ends with the retrained model's perplexity on the calibration's held-out windows, on 2 ranks
     ev = json.loads((out / "eval" / "eval.json").read_text())
-    assert ev["ranks"] == 2 and ev["domains"] == ["wiki_evals", "code_stdlib"]
+    assert (
+        ev["ranks"] == 2 and ev["domains"] == ["wiki_evals", "code_stdlib"] and ev["evaluated"] == "streamed"
+    )
     assert sorted(ev["router"]) == ["code_stdlib", "wiki_evals"] and all(
         map(math.isfinite, ev["router"].values())
     )
