@@ -10,8 +10,9 @@ from dive_ds.plan import PassPlanConfig, PlanConfig
 HELP = "parameters and per-GPU memory of a DIVE MoE on a cluster (arithmetic only)"
 DESCRIPTION = (
     "Total / activated / trainable parameters and bytes per GPU for weights, gradients, optimiser states and "
-    "activations under expert parallelism and ZeRO-2/3; says whether it fits --gpu-mem. An estimate for "
-    "choosing settings (see dive_ds/plan.py)."
+    "activations under expert parallelism and ZeRO-2/3; says whether it fits --gpu-mem; the streaming passes' "
+    "FLOPs and time, and the peak memory per rank of every phase. An estimate for choosing settings (see "
+    "dive_ds/plan.py and dive_ds/plan_memory.py)."
 )
 
 
@@ -27,8 +28,10 @@ class Settings:
 
 def run(s: Settings) -> int:
     from dive_ds.plan import format_passes, format_plan, load_model_config, plan, plan_passes
+    from dive_ds.plan_memory import dense_bytes, format_phase_memory, phase_memory
 
     model_cfg = load_model_config(s.model)
     print(format_plan(s.model, s.cluster, plan(model_cfg, s.cluster)))
     print(format_passes(s.cluster, s.passes, plan_passes(model_cfg, s.cluster, s.passes)))
+    print(format_phase_memory(phase_memory(model_cfg, s.cluster, s.passes), dense_bytes(model_cfg, s.passes)))
     return 0

@@ -142,7 +142,11 @@ class ModelLayers:
 
     def layer(self, idx: int, dtype: torch.dtype = torch.float32, device=None):
         if self.moe is not None:
-            return build_moe_layer(self.config, idx, self.moe.layer_state(idx)).to(device, dtype)
+            from dive_ds.models.moe import DiveMoeDecoderLayer
+
+            return build_layer(
+                self.config, DiveMoeDecoderLayer, idx, self.moe.layer_state(idx), dtype, device
+            )
         return build_layer(self.config, self._layer_cls, idx, self.ckpt.layer_state(idx), dtype, device)
 
     def rotary(self, device):

@@ -90,3 +90,41 @@ def test_plan_cli_prints_the_passes(capsys):
     assert "7 domains x 1024 windows x 1024 = 7,340,032 tokens" in out
     assert "per rank: 224 windows, hidden states 3.76 GB" in out
     assert main(["plan", "--model", "llama2-70b", "--dtype", "fp16"]) == 2
+
+
+def test_phase_memory_by_hand(capsys):
+    # TINY (H 32, F 48, L 2, V 97, untied), N 4, k 1, r 0.5 -> F' 24; 4 ranks (2 nodes x 2, EP 2); bf16
+    from dive_ds.plan_memory import PHASES, cpu_rank, phase_memory
+
+    cfg = PlanConfig(experts=4, top_k=1, prune_ratio=0.5, nodes=2, gpus_per_node=2, ep=2)
+    p = PassPlanConfig(domains=3, windows_per_domain=5, seq_len=8, fit_windows_per_domain=2,
+                       eval_windows_per_domain=1, dtype="bf16")  # fmt: skip
+    pm = phase_memory(TINY, cfg, p)
+    assert tuple(pm) == PHASES
+    attn = 3072
+    dense = attn + 3 * 32 * 48 + 2 * 32  # 7744 parameters
+    moe = attn + 2 * 32 + 4 * (3 * 32 * 24 + 32) + 2 * 4 * 32  # 12800
+    act = 8 * 8 * (3 * 48 + 8 * 32) * 4  # 102,400 bytes
+    logits = 3 * 8 * 8 * 97 * 4
+    head = 97 * 32 * 2
+    stats = 8 * (3 + 2 * 3 * 2 * 48 + 3 * 2 * 32 + 2 * 2 * 48)
+    # calibration: ceil(15 / 4) = 4 windows per rank; the layer read (mmap + clone), on the device the layer,
+    # the working set, the carried states and the float64 statistics
+    assert pm["calibration"] == {"host": 2 * dense * 2, "device": dense * 2 + act + 4 * 8 * 32 * 2 + stats}
+    # mining: 3 streams of ceil(3 / 4) = 1 window; the layer + one pruned MLP, or the head and logits
+    assert pm["mining"]["device"] == 3 * 8 * 32 * 2 + max(dense * 2 + 3 * 32 * 24 * 2 + act, head + logits)
+    # evaluation: 2 streams (router, oracle)
+    assert pm["evaluation"] == {
+        "host": 2 * moe * 2,
+        "device": 2 * 8 * 32 * 2 + max(moe * 2 + act, head + logits),
+    }
+    # reconstruction: a node writes the experts of its 2 GPUs' EP ranks: all 4
+    assert pm["reconstruction"]["host"] == max(2 * dense * 2 + 2 * moe * 2, 2 * 97 * 32 * 2 * 2)
+    # router fit: ceil(6 / 4) = 2 windows = 16 tokens per rank, (3H + E) float32 each, 16 bytes per token of all
+    assert pm["router_fit"]["device"] == moe * 2 + 3 * 32 * 48 * 2 + act + 16 * (3 * 32 + 4) * 4 + 16 * 48
+    assert pm["router_fit"]["host"] == moe * (2 * 2 + 4) + 3 * 32 * 48 * (2 * 2 + 4 + 4)
+    assert cpu_rank(pm)["consolidation"] == max(3 * moe * 2, 3 * 97 * 32 * 2 * 2)
+    assert main(["plan", "--model", "llama2-70b", "--nodes", "4", "--ep", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "peak memory per rank, by phase (the whole dense model: 138.0 GB)" in out
+    assert all(f"  {phase:<15}" in out for phase in PHASES)
