@@ -57,6 +57,10 @@ class ReconstructConfig:
     """Standard deviation of the random router init."""
     seed: int = 42
     """Seed for the router init and for the random baselines."""
+    shared_ratio: float = 0.0
+    """s: fraction of the dense FFN's channels in an always-on shared expert (the highest pooled scores); each
+    routed expert then keeps round(F (1 - r)) - round(F s) of the other channels, so a top-1 token still
+    activates round(F (1 - r)) channels. 0: no shared expert (the paper's DIVE). dive and nomining only."""
     method: str = "dive"
     """dive | llama-moe (LLaMA-MoE's disjoint random split into N experts of F/N) | random-halves (N random
     sets of round(F * (1 - r)) channels: disjoint when they fit, else independent; "random-split" is its
@@ -83,6 +87,14 @@ class ReconstructConfig:
             raise ValueError(f"unknown score {self.score!r}; choose wifv, ifv or wifn")
         if self.method in ONE_EXPERT_METHODS and (self.num_experts, self.top_k) != (1, 1):
             raise ValueError(f"method {self.method} builds one dense pruned FFN: use --experts 1 --top-k 1")
+        if self.shared_ratio:
+            if self.method not in ("dive", "nomining"):
+                raise ValueError(f"--shared-ratio is for methods dive and nomining, not {self.method}")
+            if not 0.0 < self.shared_ratio < 1.0 - self.prune_ratio:
+                raise ValueError(
+                    f"--shared-ratio {self.shared_ratio} must be in [0, 1 - r = {1 - self.prune_ratio:g}): the "
+                    "shared expert takes that share of the channels an expert keeps, the routed experts the rest"
+                )
         split = 1 - 1 / self.num_experts
         if self.method == "llama-moe" and not math.isclose(self.prune_ratio, split, abs_tol=1e-3):
             raise ValueError(
@@ -105,6 +117,9 @@ class ExpertPlan:
     """expert name -> domains whose statistics built it (empty for random baselines)."""
     output_scale: float = 1.0
     """ReconstructConfig.output_scale, applied to each expert's down projection and bias when cut."""
+    shared_L: list[torch.Tensor] | None = None
+    """Per layer, [S] channels of the always-on shared expert (ascending), disjoint from every routed
+    expert's; each routed expert's bias compensates what neither it nor the shared expert keeps."""
 
     @property
     def widths_L(self) -> list[int]:
@@ -177,13 +192,24 @@ def plan_experts(
                 f"(got {0 if groups is None else len(groups)}); mine them or pass --groups FILE"
             )
         idx = _group_indices(groups, domains)
+        shared_LS = None
+        if cfg.shared_ratio:  # the pooled statistics' best channels, then each group's best of the rest
+            n_shared = n_keep(ffn, 1.0 - cfg.shared_ratio)
+            shared_LS = kept_channels(channel_scores(pooled, cfg.score)[0], n_shared)
         kept, means = [], []
         for members in idx:
             st = stats.merged(members)
             mean, _ = mean_var(st.count_D, st.sum_DLF, st.sumsq_DLF)
-            kept.append(kept_channels(channel_scores(st, cfg.score)[0], keep))
+            scores_LF = channel_scores(st, cfg.score)[0]
+            if shared_LS is not None:
+                scores_LF = scores_LF.scatter(1, shared_LS, float("-inf"))
+            kept.append(kept_channels(scores_LF, keep - (0 if shared_LS is None else shared_LS.shape[1])))
             means.append(mean[0])
         kept_L, mean_ELF = list(torch.stack(kept).unbind(1)), torch.stack(means)
+        if shared_LS is not None:
+            means = mean_ELF if cfg.bias_compensation else None
+            return ExpertPlan(kept_L, means, _router_init(stats, idx, cfg), groups, cfg.output_scale,
+                              list(shared_LS.unbind(0)))  # fmt: skip
     elif cfg.method == "llama-moe":  # F // N channels each; F % N channels per layer in no expert
         kept_L = list(llama_moe_partition(ffn, cfg.num_experts, n_layers, g).unbind(1))
         keep = kept_L[0].shape[-1]
@@ -210,6 +236,7 @@ def reconstruct_config(
     bias_compensation: bool = True,
     router_init: str = "random",
     seed: int = 42,
+    shared_ratio: float = 0.0,
 ):
     """`dive-ds reconstruct`'s settings: the preset (or N=8, k=1, r=0.5), then the given values, then the method's."""
 
@@ -229,6 +256,7 @@ def reconstruct_config(
         router_init=router_init,
         seed=seed,
         method=method,
+        shared_ratio=shared_ratio,
         **base,
     )
 

@@ -28,7 +28,7 @@ from dive_ds.io.shards import ShardWriter, node_file
 from dive_ds.stats import compensation_bias
 
 
-def moe_config_dict(dense_config, cfg: ReconstructConfig, keep: int | list[int]) -> dict:
+def moe_config_dict(dense_config, cfg: ReconstructConfig, keep: int | list[int], shared: int = 0) -> dict:
     """The DiveMoeConfig fields of the MoE; `keep`: the expert width, or every layer's (plan.widths_L), which
     becomes expert_intermediate_sizes unless the layers' widths are all equal."""
     widths = [keep] if isinstance(keep, int) else list(keep)
@@ -49,6 +49,8 @@ def moe_config_dict(dense_config, cfg: ReconstructConfig, keep: int | list[int])
     )
     if per_layer is not None:
         d["expert_intermediate_sizes"] = per_layer
+    if shared:
+        d["shared_expert_intermediate_size"] = shared
     return d
 
 
@@ -88,9 +90,11 @@ def expert_tensors(
         "gate_up_proj": torch.cat([w_gate_FH[kept], w_up_FH[kept]], dim=1).to(dtype),
         "down_proj": torch.stack([w_down_HF[:, k] for k in kept]).to(dtype),
     }
+    # what the expert and the shared expert (if any) do not keep is what its bias compensates
+    covered = kept if plan.shared_L is None else [torch.cat([plan.shared_L[layer], k]) for k in kept]
     if plan.mean_ELF is not None:
         out["bias"] = torch.stack(
-            [compensation_bias(w_down_HF, plan.mean_ELF[e, layer], kept[i]) for i, e in enumerate(experts)]
+            [compensation_bias(w_down_HF, plan.mean_ELF[e, layer], covered[i]) for i, e in enumerate(experts)]
         ).to(dtype)
     else:
         out["bias"] = torch.zeros(len(experts), w_down_HF.shape[0], dtype=dtype)
@@ -98,6 +102,24 @@ def expert_tensors(
         out["down_proj"] = out["down_proj"] * plan.output_scale
         out["bias"] = out["bias"] * plan.output_scale
     return out
+
+
+def shared_expert_tensors(
+    w_gate_FH: torch.Tensor,
+    w_up_FH: torch.Tensor,
+    w_down_HF: torch.Tensor,
+    plan: ExpertPlan,
+    layer: int,
+    dtype,
+) -> dict[str, torch.Tensor]:
+    """{'gate_up_proj' [1,2S,H], 'down_proj' [1,H,S]} of the layer's shared expert ({} without one)."""
+    if plan.shared_L is None:
+        return {}
+    s = plan.shared_L[layer]
+    return {
+        "gate_up_proj": torch.cat([w_gate_FH[s], w_up_FH[s]]).unsqueeze(0).to(dtype),
+        "down_proj": (w_down_HF[:, s] * plan.output_scale).unsqueeze(0).to(dtype),
+    }
 
 
 def router_tensors(plan: ExpertPlan, layer: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -136,7 +158,7 @@ def plan_fingerprint(plan: ExpertPlan, moe_config: dict, dtype: torch.dtype) -> 
     h.update(json.dumps([moe_config, plan.groups, str(dtype)], sort_keys=True, default=str).encode())
     # one width: the [E, L, K] tensor, as it was hashed before per-layer widths existed
     kept = [plan.kept_ELK] if len(set(plan.widths_L)) == 1 else plan.kept_L
-    for t in (*kept, plan.router_ELH, plan.mean_ELF):
+    for t in (*kept, plan.router_ELH, plan.mean_ELF, *(plan.shared_L or [])):
         if t is not None:
             h.update(str((t.dtype, tuple(t.shape))).encode())
             h.update(t.contiguous().numpy().tobytes())
@@ -150,7 +172,7 @@ def _moe_config(dense_dir: Path, plan: ExpertPlan, cfg: ReconstructConfig):
 
     config = AutoConfig.from_pretrained(dense_dir)
     check_gated_mlp(config)
-    d = moe_config_dict(config, cfg, plan.widths_L)
+    d = moe_config_dict(config, cfg, plan.widths_L, 0 if plan.shared_L is None else len(plan.shared_L[0]))
     return config, d, DiveMoeConfig(**d)
 
 
@@ -184,6 +206,8 @@ def write_moe(
             p = f"model.layers.{layer}.mlp."
             ex = expert_tensors(w_gate, w_up, w_down, plan, layer, everyone, dtype)
             tensors.update({p + "experts." + k: v for k, v in ex.items()})
+            sh = shared_expert_tensors(w_gate, w_up, w_down, plan, layer, dtype)
+            tensors.update({p + "shared_expert." + k: v for k, v in sh.items()})
             tensors.update({p + k: v for k, v in router_tensors(plan, layer, dtype).items()})
             name = f"model-layer-{layer:05d}.safetensors"
             save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / name, metadata={"format": "pt"})
@@ -256,6 +280,10 @@ def write_moe_shards(
             p = f"model.layers.{layer}."
             shared = {p + k: v.to(dtype) for k, v in st.items()}
             shared.update({p + "mlp." + k: v for k, v in router_tensors(plan, layer, dtype).items()})
+            sh = shared_expert_tensors(w_gate, w_up, w_down, plan, layer, dtype)
+            shared.update(
+                {p + "mlp.shared_expert." + k: v for k, v in sh.items()}
+            )  # replicated, like attention
             writer.write_shared_layer(layer, shared)
             del shared
         for e in mine:  # one at a time: the same bits as write_moe's stacked tensors (see expert_tensors)

@@ -240,6 +240,12 @@ def fit_routers(
         block = build_moe_layer(config, layer, moe.layer_state(layer))
         w_gate, w_up, w_down = _dense_mlp(dense, layer)
         kept = sliced_channels(block.mlp.experts, w_gate, w_up, w_down) if cfg.sliced_shortcut else None
+        shared = getattr(
+            block.mlp, "shared_expert", None
+        )  # always on: the labels are the routed part's error
+        if kept is not None and shared is not None:
+            shared_kept = sliced_channels(shared, w_gate, w_up, w_down)
+            kept = None if shared_kept is None else [torch.cat([shared_kept[0], k]) for k in kept]
         sliced_layers += kept is not None
         blocks = sliced_blocks(kept, w_down.shape[1]) if kept is not None and cfg.block_errors else None
         if blocks is not None:  # the intermediate h in block order (only the errors read it)
@@ -262,7 +268,10 @@ def fit_routers(
             if kept is not None:
                 e = sliced_errors(h, w_down, kept, block.mlp.experts.bias, blocks)
             else:
-                e = expert_errors(F.linear(h, w_down), _each_expert(block.mlp.experts, x))
+                target = F.linear(h, w_down)
+                if shared is not None:
+                    target = target - shared.mlp(x, torch.tensor([x.shape[0]], device=x.device))
+                e = expert_errors(target, _each_expert(block.mlp.experts, x))
             err_mine[rows] = e.float().to(carry)
             bar.update(r.shape[0])
         w_init = block.mlp.gate.weight.detach().to(carry, torch.float32)

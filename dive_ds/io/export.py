@@ -59,6 +59,11 @@ def mixtral_config(config: DiveMoeConfig) -> MixtralConfig:
             "expert_intermediate_sizes: this MoE's layers have different expert widths, Mixtral's one "
             "intermediate_size for all. Keep the dive_moe format for it (or --format portable)."
         )
+    if config.shared_expert_intermediate_size:
+        raise ValueError(
+            f"shared_expert_intermediate_size={config.shared_expert_intermediate_size}: Mixtral has no shared "
+            "expert, so the export would drop it. Keep the dive_moe format for it (or --format portable)."
+        )
     if config.router_gate == "switch":
         raise ValueError(
             "router_gate='switch' scales each expert's output by its unnormalised probability; Mixtral "

@@ -105,8 +105,13 @@ class ModelLayers:
                 f"{self.folder} is not a model folder (no config.json); pass a Hugging Face or dive_moe folder"
             )
         self.moe: MoeLayers | None = None
+        sharded = is_sharded(self.folder)
+        if not sharded:  # every weight present, of its shape, before any layer is read (a sharded folder
+            from dive_ds.io.loading import check_complete  # is checked by its reader)
+
+            check_complete(self.folder)
         model_type = _model_type(self.folder)
-        if model_type == "dive_moe" or is_sharded(self.folder):
+        if model_type == "dive_moe" or sharded:
             self.moe = MoeLayers(self.folder)
             self.config = self.moe.config
             self._layer_cls = None

@@ -228,6 +228,9 @@ def add_expert_lora(
             raise ValueError("add_expert_lora: the model already has expert LoRA; merge it first")
         block.experts = LoraDiveExperts(block.experts, r, alpha, dropout, generator)
         new_params += [getattr(block.experts, n) for n in LORA_PARAM_NAMES]
+        if getattr(block, "shared_expert", None) is not None:  # the shared expert adapts too
+            block.shared_expert = LoraDiveExperts(block.shared_expert, r, alpha, dropout, generator)
+            new_params += [getattr(block.shared_expert, n) for n in LORA_PARAM_NAMES]
     return new_params
 
 
@@ -236,6 +239,8 @@ def merge_expert_lora(model: nn.Module) -> nn.Module:
     for block in moe_blocks(model):
         if isinstance(block.experts, LoraDiveExperts):
             block.experts = block.experts.merge()
+        if isinstance(getattr(block, "shared_expert", None), LoraDiveExperts):
+            block.shared_expert = block.shared_expert.merge()
     return model
 
 
@@ -266,7 +271,8 @@ def experts_stage_trainable(
     StageConfig fields and defaults), from the config alone -> {"trainable": n, "by_kind": {kind: n}}, the
     same as dive_ds.train.trainable.prepare_stage_model reports.
 
-    lora: r * (2H + 3F_l) per expert and layer (A and B of gate_up and of down); router: weight [E, H] per
+    lora: r * (2H + 3F_l) per expert and layer (A and B of gate_up and of down), and r * (2H + 3F_s) per layer
+    for a shared expert of width F_s; router: weight [E, H] per
     layer, noise_weight too while noisy top-k is on (stage and model); norm: every RMSNorm (the decoder
     layers', the final one, the attention's own, e.g. Qwen3's q/k norms); expert_bias: [E, H] per layer.
     """
@@ -275,7 +281,12 @@ def experts_stage_trainable(
         attention = DENSE_ATTENTION[config.dense_model_type](config, 0)
     attention_norms = sum(p.numel() for n, p in attention.named_parameters() if "norm" in n)
     kinds = {
-        "lora": n_experts * lora_r * sum(2 * hidden + 3 * w for w in config.expert_widths()),
+        "lora": n_experts * lora_r * sum(2 * hidden + 3 * w for w in config.expert_widths())
+        + (
+            n_layers * lora_r * (2 * hidden + 3 * config.shared_expert_intermediate_size)
+            if config.shared_expert_intermediate_size
+            else 0
+        ),  # fmt: skip
         "router": n_layers * n_experts * hidden if train_router else 0,
         "router_noise": n_layers * n_experts * hidden
         if train_router and router_noise and config.router_noise and config.router_noise_scale > 0

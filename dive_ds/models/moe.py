@@ -87,6 +87,9 @@ class DiveMoeConfig(LlamaConfig):
     """Per-layer expert widths, one per decoder layer (every expert of layer l has width [l]): for
     reconstructions whose layers keep different numbers of channels (FLAP's adaptive structure search).
     None: every layer has expert_intermediate_size. Sharded folders and expert parallelism refuse them."""
+    shared_expert_intermediate_size: int = 0
+    """Width of an always-on shared expert (DeepSeekMoE / Qwen-MoE style) added to the routed experts' output in
+    every layer (`mlp.shared_expert`, a one-expert DiveExperts without bias); 0: none (the paper's DIVE)."""
     expert_bias: bool = True
     """Per-expert output bias [E, H] added to each expert's output before weighting (FLAP bias compensation)."""
     router_mode: str = "sparse"
@@ -143,6 +146,11 @@ def _check_moe_fields(config: DiveMoeConfig) -> None:
         raise ValueError(
             f"num_experts_per_tok={top_k} with num_local_experts={num_experts}: "
             f"choose num_experts_per_tok between 1 and {num_experts}."
+        )
+    if config.shared_expert_intermediate_size < 0:
+        raise ValueError(
+            f"shared_expert_intermediate_size={config.shared_expert_intermediate_size}: use 0 (no shared "
+            "expert) or a positive width."
         )
     if config.expert_intermediate_size < 1:
         raise ValueError(
@@ -434,7 +442,11 @@ class DiveExperts(nn.Module):
     """E gated FFN experts stored as 3-D tensors (Mixtral's fused layout) plus an optional output bias."""
 
     def __init__(
-        self, config: DiveMoeConfig, expert_ids: list[int] | None = None, layer_idx: int | None = None
+        self,
+        config: DiveMoeConfig,
+        expert_ids: list[int] | None = None,
+        layer_idx: int | None = None,
+        shared: bool = False,
     ):
         super().__init__()
         if expert_ids is not None and not all(0 <= e < config.num_local_experts for e in expert_ids):
@@ -444,13 +456,17 @@ class DiveExperts(nn.Module):
             config.hidden_size,
             config.expert_width(layer_idx),
         )
+        if shared:  # the always-on shared expert: one expert of its own width, no output bias
+            num_experts, width, expert_ids = 1, config.shared_expert_intermediate_size, [0]
         self.num_experts = num_experts
         self.expert_ids = list(expert_ids) if expert_ids is not None else list(range(num_experts))
         """Global ids of the experts held here (a subset when an expert-parallel layer owns them)."""
-        self.num_global_experts = config.num_local_experts
+        self.num_global_experts = 1 if shared else config.num_local_experts
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * width, hidden))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, width))
-        self.bias = nn.Parameter(torch.empty(num_experts, hidden)) if config.expert_bias else None
+        self.bias = (
+            nn.Parameter(torch.empty(num_experts, hidden)) if config.expert_bias and not shared else None
+        )
         self.act_fn = ACT2FN[config.hidden_act]
         self.impl = "auto"
         """Dispatch implementation for grouped_expert_mlp: "auto", "grouped_mm" or "loop"."""
@@ -468,6 +484,15 @@ class DiveExperts(nn.Module):
         return unpermute(y_NH, order_N, weights_TK, x_TH.shape[0]), counts_E
 
 
+def add_shared(block: nn.Module, x_TH: torch.Tensor, y_TH: torch.Tensor) -> torch.Tensor:
+    """y + the block's shared expert on every token (weight 1); y itself when the block has none."""
+    shared = getattr(block, "shared_expert", None)
+    if shared is None:
+        return y_TH
+    counts = torch.tensor([x_TH.shape[0]], dtype=torch.long, device=x_TH.device)
+    return y_TH + shared.mlp(x_TH, counts).to(y_TH.dtype)
+
+
 class DiveMoeBlock(nn.Module):
     """Router + experts, a drop-in replacement for a Llama MLP: [B, S, H] -> [B, S, H].
 
@@ -481,6 +506,9 @@ class DiveMoeBlock(nn.Module):
         self.num_experts = config.num_local_experts
         self.gate = DiveRouter(config)
         self.experts = DiveExperts(config, layer_idx=layer_idx)
+        if config.shared_expert_intermediate_size:
+            self.shared_expert = DiveExperts(config, shared=True)
+            """Always on, weight 1, beside the routed experts (shared_expert_intermediate_size > 0 only)."""
         self.forced_expert: int | None = None
         """Oracle routing: when set, every token goes to this expert with weight 1 (router bypassed)."""
         self.last_expert_counts: torch.Tensor | None = None
@@ -493,7 +521,7 @@ class DiveMoeBlock(nn.Module):
         y_TH, counts_E = self.experts(x_TH, top_idx_TK, weights_TK)
         self.last_expert_counts = counts_E.detach()
         self.last_router_entropy = entropy
-        return y_TH.view(shape)
+        return add_shared(self, x_TH, y_TH).view(shape)
 
     def route(self, x_TH: torch.Tensor):
         """-> (top_idx_TK, weights_TK, entropy): the router's choice, or the forced expert (oracle)."""
@@ -665,7 +693,7 @@ def count_parameters(config: DiveMoeConfig) -> dict[str, int]:
         3 * w * hidden + (hidden if config.expert_bias else 0) for w in config.expert_widths()
     )
     shared = vocab * hidden + hidden + (0 if config.tie_word_embeddings else vocab * hidden)
-    per_layer_shared = attention + norms + router
+    per_layer_shared = attention + norms + router + 3 * config.shared_expert_intermediate_size * hidden
     total = shared + layers * per_layer_shared + config.num_local_experts * experts_one_each
     activated = shared + layers * per_layer_shared + config.num_experts_per_tok * experts_one_each
     return {"total": total, "activated": activated}

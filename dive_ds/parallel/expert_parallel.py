@@ -32,7 +32,15 @@ import torch
 from torch import nn
 
 from dive_ds.io.placement import experts_of_ep_rank
-from dive_ds.models.moe import DiveExperts, DiveMoeBlock, DiveMoeConfig, DiveRouter, permute, unpermute
+from dive_ds.models.moe import (
+    DiveExperts,
+    DiveMoeBlock,
+    DiveMoeConfig,
+    DiveRouter,
+    add_shared,
+    permute,
+    unpermute,
+)
 
 EP_FAMILY = "autoep_expert"
 
@@ -97,6 +105,8 @@ def _make_block_class():
             self.comm_backend = "comm"
             self.gate = DiveRouter(config)
             self.experts = DiveExperts(config, expert_ids=self.local_experts)
+            if config.shared_expert_intermediate_size:  # replicated on every rank, like attention
+                self.shared_expert = DiveExperts(config, shared=True)
             self.forced_expert = None
             self.last_expert_counts = None
             self.last_router_entropy = None
@@ -113,7 +123,7 @@ def _make_block_class():
             y_NH = self.exchange_and_compute(x_NH, counts_E)
             self.last_expert_counts = counts_E.detach()
             self.last_router_entropy = entropy
-            return unpermute(y_NH, order_N, weights_TK, x_TH.shape[0]).view(shape)
+            return add_shared(self, x_TH, unpermute(y_NH, order_N, weights_TK, x_TH.shape[0])).view(shape)
 
         def exchange_and_compute(self, x_NH: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
             """Rows sorted by global expert (this rank's tokens) -> their expert outputs, same order."""
@@ -196,4 +206,7 @@ def ep_block_from(block: DiveMoeBlock, config: DiveMoeConfig, ep_size: int, ep_r
         block.gate.gate_kind,
     )
     ep.experts.impl = block.experts.impl
+    if getattr(block, "shared_expert", None) is not None:
+        ep.shared_expert.load_state_dict(block.shared_expert.state_dict())
+        ep.shared_expert.impl = block.shared_expert.impl
     return ep
