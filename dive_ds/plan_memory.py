@@ -13,14 +13,17 @@ w = this rank's windows = ceil(D x windows per domain / world)):
 - logits: B S V x 4 bytes, three times (logits, log-softmax, per-token NLL);
 - carried hidden states: w S H b per stream (evaluation of a MoE: 2 streams, router and oracle routing;
   mining: D streams, one per pruned model; the router fit carries hidden, residual and MLP input in float32
-  and E errors per token: w S (3 H + E) x 4, plus 16 bytes per token of all ranks gathered for the medians);
+  and E errors per token, and copies the fit tokens' inputs once: w S (4 H + E) x 4, plus 16 bytes per token
+  of all ranks gathered for the medians);
+- the retrained model that evaluation and consolidation read is stored in float32 (the trainer's export);
 - calibration's float64 statistics: 8 (D + 2 D L F + D L H + 2 L F);
 - writers (reconstruction, consolidation): a layer's output tensors plus their serialised copy (2 x).
 
 "device" is what sits on the compute device of a GPU rank (the resident layer, the working set, the carried
-states when they fit); "host" is what the reads and writers need beside it. On a CPU-only rank both are host
-memory: `cpu_rank` adds them. Not counted: the interpreter and libraries (~0.5 GB after imports) and the
-allocator's slack; tests/parallel/test_phase_memory.py measures every phase on 2 ranks against this.
+states when they fit); "host" is what the reads and writers need beside it. "cpu" is a CPU-only rank's peak
+(`cpu_rank`): there the resident layer is the host copy itself, and the read, the layer's compute and the
+head come one after the other. Not counted: the interpreter and libraries (~0.5 GB after imports) and the
+allocator's slack; tests/parallel/test_memory.py measures every phase on 2 ranks against this.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ BATCH = 8
 
 
 def phase_memory(model_cfg: dict, cfg: PlanConfig, p: PassPlanConfig) -> dict[str, dict[str, int]]:
-    """{phase: {"host": bytes, "device": bytes}} at the peak of one rank (formulas: module docstring)."""
+    """{phase: {"host", "device", "cpu": bytes}} at the peak of one rank (formulas: module docstring)."""
     h, f, n_layers = model_cfg["hidden_size"], model_cfg["intermediate_size"], model_cfg["num_hidden_layers"]
     heads = model_cfg["num_attention_heads"]
     kv = model_cfg.get("num_key_value_heads", heads)
@@ -77,14 +80,27 @@ def phase_memory(model_cfg: dict, cfg: PlanConfig, p: PassPlanConfig) -> dict[st
     router_fit = {  # the MoE layer and the dense MLP built in float32 on the host (the MLP permuted too)
         "host": moe * (2 * b + fp32_build) + 3 * h * f * (2 * b + fp32_build + 4),
         "device": moe * b + 3 * h * f * b + act
-        + fit_tokens * (3 * h + e) * 4 + 16 * d * p.fit_windows * s,
+        + fit_tokens * (4 * h + e) * 4 + 16 * d * p.fit_windows * s,
     }  # fmt: skip
     streams = 2  # router and oracle routing
+    # the retrained model is written in float32 (the trainer's export): evaluation and consolidation read that
     evaluation = {
-        "host": 2 * moe * b,
+        "host": 2 * moe * 4,
         "device": carried(p.eval_windows_per_domain, streams) + max(moe * b + act, head + logits),
     }
-    consolidation = {"host": max(3 * moe * b, 3 * embed_out), "device": 0}
+    consolidation = {"host": max(3 * moe * 4, 3 * embed_out // b * 4), "device": 0}
+    # a CPU-only rank (the pass in float32): the resident layer is the host copy itself, and the reads, the
+    # layer's compute and the head's come one after the other
+    rows = fit_tokens * (4 * h + e) * 4 + 16 * d * p.fit_windows * s
+    calibration["cpu"] = carried(p.windows_per_domain) + stats + max(2 * dense * b, dense * b + act)
+    mining["cpu"] = carried(p.eval_windows_per_domain, d) + max(
+        2 * dense * b, dense * b + 3 * h * width * b + act, head + logits
+    )
+    router_fit["cpu"] = rows + max(2 * moe * b + 2 * 3 * h * f * b, moe * b + 3 * h * f * (b + 4) + act)
+    evaluation["cpu"] = carried(p.eval_windows_per_domain, streams) + max(
+        2 * moe * 4, moe * 4 + act, head + logits
+    )
+    reconstruction["cpu"], consolidation["cpu"] = reconstruction["host"], consolidation["host"]
     return {
         "calibration": calibration,
         "mining": mining,
@@ -108,8 +124,8 @@ def dense_bytes(model_cfg: dict, p: PassPlanConfig) -> int:
 
 
 def cpu_rank(pm: dict[str, dict[str, int]]) -> dict[str, int]:
-    """Per phase, the host memory of a rank that computes on its CPU (device and host are one memory)."""
-    return {phase: m["host"] + m["device"] for phase, m in pm.items()}
+    """Per phase, the memory of a rank that computes on its CPU (device and host are one memory)."""
+    return {phase: m["cpu"] for phase, m in pm.items()}
 
 
 def format_phase_memory(pm: dict[str, dict[str, int]], model_bytes: int) -> str:
@@ -120,6 +136,6 @@ def format_phase_memory(pm: dict[str, dict[str, int]], model_bytes: int) -> str:
     for phase, m in pm.items():
         lines.append(
             f"  {phase:<15} {m['device'] / gb:>14.2f} GB {m['host'] / gb:>6.2f} GB   "
-            f"{(m['host'] + m['device']) / gb:>10.2f} GB"
+            f"{m['cpu'] / gb:>10.2f} GB"
         )
     return "\n".join(lines)

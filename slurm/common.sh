@@ -146,11 +146,12 @@ step_mine() {
     if [[ -n "${MINE_FAST:-}" ]]; then  # statistics only: seconds on one process
         log "mining (fast affinity, once) -> $OUT/mining"
         run_step "" "$PYTHON" "$REPO/launchers/reconstruct.py" mine --calib "$CALIB" --experts "$EXPERTS" \
-            --fast-only --out "$OUT/mining"
+            --prune-ratio "$PRUNE_RATIO" --fast-only --out "$OUT/mining"
     else  # the D x D pruned evaluations, streamed layer by layer on every rank (the dense model read once)
         log "mining on $NODES node(s) x $GPUS_PER_NODE rank(s) -> $OUT/mining"
         srun_torchrun "" "$((MASTER_PORT + 4))" "$REPO/launchers/reconstruct.py" mine --calib "$CALIB" \
-            --experts "$EXPERTS" ${MINE_WINDOWS:+--eval-windows "$MINE_WINDOWS"} --device "$CALIB_DEVICE" \
+            --experts "$EXPERTS" --prune-ratio "$PRUNE_RATIO" ${MINE_WINDOWS:+--eval-windows "$MINE_WINDOWS"} \
+            --device "$CALIB_DEVICE" \
             --dtype "$CALIB_DTYPE" --out "$OUT/mining"
     fi
     GROUPS_JSON="$OUT/mining/groups.json"
@@ -217,24 +218,29 @@ step_consolidate() {
 }
 
 step_evaluate() {
-    # Perplexity of the retrained model on the calibration's held-out windows (EVALUATE=1), streamed: every
-    # rank its share of the windows, one decoder layer resident (no rank holds the whole MoE); EVAL_DOMAINS:
-    # a registry of other domains too; EVAL_TASKS: lm-eval tasks, on one process that loads the whole model.
+    # Perplexity of the retrained model, streamed: every rank its share of the windows, one decoder layer
+    # resident (no rank holds the whole MoE). On the calibration's held-out windows (EVALUATE=1; mining chose
+    # the groups on them: a check of the run, not a clean score) and, with EVAL_DOMAINS, on a registry's
+    # evaluation split (never calibrated, selected or trained on); EVAL_TASKS: lm-eval tasks, on one process
+    # that loads the whole model. Each output is reused when complete, so a requeue runs only what is missing.
     [[ "${EVALUATE:-1}" == 1 ]] || { log "evaluation: skipped (EVALUATE=${EVALUATE:-})"; return; }
     if [[ -f "$OUT/eval/eval.json" ]]; then
         log "evaluation: reusing $OUT/eval"
-        return
+    else
+        log "evaluation of $FINAL on $NODES node(s) x $GPUS_PER_NODE rank(s) -> $OUT/eval"
+        srun_torchrun "" "$((MASTER_PORT + 3))" "$REPO/launchers/reconstruct.py" evaluate "$FINAL" \
+            --calib "$CALIB" --device "$CALIB_DEVICE" --dtype "$CALIB_DTYPE" --out "$OUT/eval"
     fi
-    log "evaluation of $FINAL on $NODES node(s) x $GPUS_PER_NODE rank(s) -> $OUT/eval"
-    srun_torchrun "" "$((MASTER_PORT + 3))" "$REPO/launchers/reconstruct.py" evaluate "$FINAL" --calib "$CALIB" \
-        --device "$CALIB_DEVICE" --dtype "$CALIB_DTYPE" --out "$OUT/eval"
-    if [[ -n "${EVAL_DOMAINS:-}" ]]; then
+    if [[ -n "${EVAL_DOMAINS:-}" && ! -f "$OUT/eval-domains/eval.json" ]]; then
+        log "evaluation on $EVAL_DOMAINS's evaluation split -> $OUT/eval-domains"
         srun_torchrun "" "$((MASTER_PORT + 5))" "$REPO/launchers/reconstruct.py" evaluate "$FINAL" \
-            --domains "$EVAL_DOMAINS" --device "$CALIB_DEVICE" --dtype "$CALIB_DTYPE" --out "$OUT/eval-domains"
+            --domains "$EVAL_DOMAINS" --seq-len "$SEQ_LEN" --device "$CALIB_DEVICE" --dtype "$CALIB_DTYPE" \
+            --out "$OUT/eval-domains"
     fi
-    if [[ -n "${EVAL_TASKS:-}" ]]; then
+    if [[ -n "${EVAL_TASKS:-}" && ! -f "$OUT/eval-tasks/eval.json" ]]; then
+        log "lm-eval tasks $EVAL_TASKS (one process, the whole model) -> $OUT/eval-tasks"
         run_step "" "$PYTHON" "$REPO/launchers/reconstruct.py" evaluate "$FINAL" --tasks "$EVAL_TASKS" \
-            --out "$OUT/eval-tasks"
+            --device "$CALIB_DEVICE" --dtype "$CALIB_DTYPE" --out "$OUT/eval-tasks"
     fi
 }
 

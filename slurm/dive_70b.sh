@@ -61,7 +61,7 @@ FINAL="${FINAL:-$OUT/final}"
 EVALUATE="${EVALUATE:-1}"                     # evaluate the retrained model, streamed on every rank (one layer
                                                # resident per rank); EVAL_DOMAINS: a registry of unseen domains
 MINE_FAST="${MINE_FAST:-}"                     # empty: the paper's D x D pruned evaluations, streamed on every rank
-MINE_WINDOWS="${MINE_WINDOWS:-4}"              # selection windows per domain for them (D x D x 4 x 2048 tokens)
+MINE_WINDOWS="${MINE_WINDOWS:-4}"              # selection windows per domain for them (D x D x 4 x SEQ_LEN tokens)
 MASTER_PORT="${MASTER_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 20000))}"
 STOP_GRACE="${STOP_GRACE:-540}"               # s for retraining to finish its step + checkpoint after USR1 (@600)
 

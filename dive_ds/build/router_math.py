@@ -222,6 +222,10 @@ def router_loss_sums(xs_TH: torch.Tensor, target: torch.Tensor, w_EH: torch.Tens
     return loss, p.T @ xs_TH
 
 
+SUM_CHUNK = 65536
+"""Rows per float64 chunk when a token-sized sum is taken (no float64 copy of all rows at once)."""
+
+
 def fit_linear_router_sharded(
     x_TH: torch.Tensor,
     target: torch.Tensor,
@@ -233,21 +237,26 @@ def fit_linear_router_sharded(
 ) -> torch.Tensor:
     """fit_linear_router on tokens sharded over ranks (this rank's rows in x_TH and target): the feature
     scales, the mean loss and its gradient are all-reduced sums, so every rank runs the same L-BFGS and
-    gets the same W [E, H] without any rank holding another's rows."""
-    x = x_TH.to(torch.float32)
+    gets the same W [E, H] without any rank holding another's rows.
+
+    No token-sized copy is made: the squares are summed in chunks, and the feature scales are folded into
+    the weights (x / s @ w.T == x @ (w / s).T; the gradient in w is the one in w / s, divided by s)."""
+    x = x_TH if x_TH.dtype == torch.float32 else x_TH.to(torch.float32)
     n = reduce(torch.tensor([float(x.shape[0])], dtype=torch.float64)).item()
-    rms_H = (reduce(x.to(torch.float64).pow(2).sum(0)) / n).sqrt().to(torch.float32)
+    sq_H = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
+    for i in range(0, x.shape[0], SUM_CHUNK):
+        sq_H += x[i : i + SUM_CHUNK].to(torch.float64).pow(2).sum(0)
+    rms_H = (reduce(sq_H) / n).sqrt().to(torch.float32)
     scale_H = rms_H.clamp_min(0.1 * rms_H.median().item() + 1e-12)
-    xs = x / scale_H
     w = torch.zeros(num_experts, x.shape[1], dtype=torch.float32, device=x.device, requires_grad=True)
     opt = torch.optim.LBFGS([w], lr=1.0, max_iter=max_iter, history_size=20, tolerance_grad=tolerance,
                             tolerance_change=1e-12, line_search_fn="strong_wolfe")  # fmt: skip
 
     def closure():
         wd = w.detach()
-        loss, grad = router_loss_sums(xs, target, wd)
+        loss, grad = router_loss_sums(x, target, wd / scale_H)
         both = reduce(torch.cat([loss.to(torch.float64).reshape(1), grad.to(torch.float64).reshape(-1)]))
-        w.grad = (both[1:].view_as(wd) / n).to(torch.float32) + l2 * wd
+        w.grad = (both[1:].view_as(wd) / n).to(torch.float32) / scale_H + l2 * wd
         return (both[0] / n).to(torch.float32) + 0.5 * l2 * (wd * wd).sum()
 
     opt.step(closure)

@@ -219,7 +219,7 @@ def fit_routers(
     n_tok = ids_WS.numel()
     sharded = ranks.distributed
     gathered = 2 * 8 * n_tok if sharded else 4 * n_tok * (hidden + num_experts)
-    need = 4 * n_mine * (3 * hidden + num_experts) + gathered
+    need = 4 * n_mine * (4 * hidden + num_experts) + gathered  # + the fit rows' inputs, copied once
     carry = carry_device(dev, need)
     check_fit_memory(ranks, need, carry, max(w.shape[0] for w in windows.values()))
     fit_on = fit_tok.to(carry)

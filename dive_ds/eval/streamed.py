@@ -1,5 +1,6 @@
 """Perplexity layer by layer, like the calibration pass: one decoder layer resident, the windows' hidden
-states carried from layer to layer, the windows shared out over ranks. No process ever holds the whole
+states carried from layer to layer (on the GPU when they fit beside the layer, else on the host), the
+windows shared out over ranks. No process ever holds the whole
 model, so a 70B MoE is evaluated with one layer's weights per rank.
 
 Several variants of the model run in one pass over its weights: each carries its own hidden states
@@ -56,6 +57,15 @@ class StreamedSums:
         return (self.nll_VD[v] / self.tokens_D).exp()
 
 
+def _carry_device(dev: torch.device, nbytes: int) -> torch.device:
+    """Where the carried hidden states live: on the GPU when they take under half its free memory (the rest
+    is for the resident layer and its working set), else offloaded to the host."""
+    if dev.type != "cuda":
+        return torch.device("cpu")
+    free, _ = torch.cuda.mem_get_info(dev)
+    return dev if nbytes < 0.5 * free else torch.device("cpu")
+
+
 def _rms_norm(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """The families' RMSNorm: normalised in float32, cast back to the input dtype, then scaled."""
     x = h.float()
@@ -105,16 +115,12 @@ def streamed_nll(
         else None
         for v in variants
     ]
-    if any(v.count_experts or v.expert_of_domain is not None for v in variants) and not layers.is_moe:
-        raise ValueError(
-            f"{layers.folder} is a dense model: router and oracle routing need a dive_moe folder"
-        )
 
     t0 = time.time()
     embed = layers.get("model.embed_tokens.weight").to(dev, dtype)
     first = F.embedding(ids.to(dev), embed)
     del embed
-    carry = torch.device("cpu") if dev.type != "cuda" else dev
+    carry = _carry_device(dev, len(variants) * first.numel() * first.element_size())
     hid = [first.to(carry, copy=True) for _ in variants]  # the carried states, in the compute dtype
     del first
     pos = torch.arange(seq_len, device=dev).unsqueeze(0)
@@ -188,6 +194,8 @@ def streamed_report(
         variants.append(Variant("router", count_experts=layers.is_moe))
     if oracle is not None and layers.is_moe:
         variants.append(Variant("oracle", expert_of_domain=[oracle[n] for n in names]))
+    if not variants:  # nothing asked (no router, no oracle map): no pass over the weights
+        return {}
     sums = streamed_nll(layers, windows, variants, ranks, dtype, batch_size, progress)
     res: dict = {}
     for v, variant in enumerate(variants):

@@ -55,20 +55,27 @@ class MoeLayers:
             self.ckpt = LayerwiseCheckpoint(self.folder)
         if getattr(self.config, "model_type", None) != "dive_moe":
             raise ValueError(f"{self.folder} is not a dive_moe model; run `dive-ds reconstruct` first")
-        self._globals: dict[str, torch.Tensor] | None = None
 
     def get(self, key: str) -> torch.Tensor:
+        """One tensor outside the decoder layers, read alone (nothing else of the file stays in memory)."""
         if self.sharded:
-            if self._globals is None:
-                self._globals = self.shards.shared_global()
-            return self._globals[key]
+            from dive_ds.io.shards import read_tensors, shared_file
+
+            if not self.has(key):
+                raise ValueError(
+                    f"{self.folder} has no tensor {key}: the folder is incomplete or of another model"
+                )
+            return read_tensors(self.folder / shared_file(), [key])[key]
         return self.ckpt.get(key)
 
     def has(self, key: str) -> bool:
         if self.sharded:
-            if self._globals is None:
-                self._globals = self.shards.shared_global()
-            return key in self._globals
+            from safetensors import safe_open
+
+            from dive_ds.io.shards import shared_file
+
+            with safe_open(self.folder / shared_file(), "pt") as f:
+                return key in f.keys()
         return self.ckpt.has(key)
 
     def layer_state(self, layer: int) -> dict[str, torch.Tensor]:

@@ -44,7 +44,9 @@ def test_zero_shared_ratio_is_todays_dive_bit_for_bit(tiny):
     cal, groups = tiny["cal"], json.loads(tiny["groups"].read_text())
     base = ReconstructConfig(num_experts=2, top_k=1)
     a = plan_experts(cal.stats, cal.domains, groups, base)
-    b = plan_experts(cal.stats, cal.domains, groups, ReconstructConfig(num_experts=2, top_k=1, shared_ratio=0.0))
+    b = plan_experts(
+        cal.stats, cal.domains, groups, ReconstructConfig(num_experts=2, top_k=1, shared_ratio=0.0)
+    )
     assert b.shared_L is None and all(torch.equal(x, y) for x, y in zip(a.kept_L, b.kept_L))
     out_a = run_reconstruct(tiny["calib"], tiny["groups"], tiny["root"] / "s0a", base)
     out_b = run_reconstruct(tiny["calib"], tiny["groups"], tiny["root"] / "s0b",
@@ -74,7 +76,10 @@ def test_each_token_gets_the_shared_expert_plus_its_routed_experts():
     n = count_parameters(config)
     assert n["total"] == sum(p.numel() for p in model.parameters())
     # the shared expert's parameters count in the activated ones too
-    assert n["activated"] - count_parameters(tiny_moe_config(num_experts_per_tok=2))["activated"] == config.num_hidden_layers * 3 * 8 * config.hidden_size
+    assert (
+        n["activated"] - count_parameters(tiny_moe_config(num_experts_per_tok=2))["activated"]
+        == config.num_hidden_layers * 3 * 8 * config.hidden_size
+    )
 
 
 def test_shared_and_two_routed_experts_partitioning_the_channels_give_the_dense_logits(tiny):
@@ -102,10 +107,16 @@ def test_shared_and_two_routed_experts_partitioning_the_channels_give_the_dense_
         state[p + "gate.noise_weight"] = torch.zeros(2, cfg.hidden_size)
     moe.load_state_dict(state, strict=not cfg.tie_word_embeddings)
     for block in moe_blocks(moe):  # both routed experts, weight 1 each
-        block.route = lambda x: (torch.tensor([[0, 1]]).expand(x.shape[0], 2), torch.ones(x.shape[0], 2), None)
+        block.route = lambda x: (
+            torch.tensor([[0, 1]]).expand(x.shape[0], 2),
+            torch.ones(x.shape[0], 2),
+            None,
+        )
     ids = torch.randint(0, cfg.vocab_size, (2, 16))
     with torch.no_grad():
-        torch.testing.assert_close(moe(input_ids=ids).logits, dense(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            moe(input_ids=ids).logits, dense(input_ids=ids).logits, atol=1e-5, rtol=1e-5
+        )
 
 
 def test_reconstruct_fit_evaluate_lora_ep_and_exports_with_a_shared_expert(tiny, tmp_path, capsys):
@@ -117,7 +128,10 @@ def test_reconstruct_fit_evaluate_lora_ep_and_exports_with_a_shared_expert(tiny,
     cfg = ReconstructConfig(num_experts=2, top_k=1, prune_ratio=0.5, shared_ratio=0.25)
     moe_dir = run_reconstruct(tiny["calib"], tiny["groups"], tmp_path / "moe", cfg)
     config = json.loads((moe_dir / "config.json").read_text())
-    assert (config["shared_expert_intermediate_size"], config["expert_intermediate_size"]) == (12, 12)  # 48 x .25
+    assert (config["shared_expert_intermediate_size"], config["expert_intermediate_size"]) == (
+        12,
+        12,
+    )  # 48 x .25
     plan = plan_experts(cal.stats, cal.domains, json.loads(tiny["groups"].read_text()), cfg)
     dense = load_file(tiny["dense"] / "model.safetensors")
     mean, _ = mean_var(cal.stats.merged([0, 1]).count_D, cal.stats.merged([0, 1]).sum_DLF,
@@ -131,7 +145,9 @@ def test_reconstruct_fit_evaluate_lora_ep_and_exports_with_a_shared_expert(tiny,
         removed = torch.ones(48, dtype=torch.bool)
         removed[shared] = removed[kept[0]] = False
         bias = w_down[:, removed].double() @ mean[0, layer, removed].double()
-        got = load_file(moe_dir / f"model-layer-{layer:05d}.safetensors")[f"model.layers.{layer}.mlp.experts.bias"]
+        got = load_file(moe_dir / f"model-layer-{layer:05d}.safetensors")[
+            f"model.layers.{layer}.mlp.experts.bias"
+        ]
         torch.testing.assert_close(got[0], bias.float(), atol=1e-6, rtol=1e-6)
     # the router fit labels tokens by the routed part's error, with the sliced shortcut on every layer
     fitted = tmp_path / "fitted"
@@ -165,7 +181,10 @@ def test_reconstruct_fit_evaluate_lora_ep_and_exports_with_a_shared_expert(tiny,
         torch.testing.assert_close(ep(h), block(h))
     # exports: the portable format keeps it, Mixtral refuses it in one line
     export_model(fitted, tmp_path / "portable", "portable")
-    assert json.loads((tmp_path / "portable" / "config.json").read_text())["shared_expert_intermediate_size"] == 12
+    assert (
+        json.loads((tmp_path / "portable" / "config.json").read_text())["shared_expert_intermediate_size"]
+        == 12
+    )
     with pytest.raises(ValueError, match="Mixtral has no shared expert"):
         export_model(fitted, tmp_path / "mixtral", "mixtral")
 

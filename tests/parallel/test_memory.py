@@ -64,9 +64,20 @@ MARGIN = 1.25  # measured <= MARGIN x the plan's prediction + RUNTIME_MB
 RUNTIME_MB = 64  # what the plan does not count: first-use imports and kernels, allocator slack, gloo buffers
 
 
+@pytest.fixture(scope="module")
+def big_with_tokens(tmp_path_factory):
+    """BIG with a 4096-token vocabulary and 2 x (16 + 8) windows of 64 tokens: enough tokens and logits that the
+    plan's per-token terms (carried states, fit rows, the head) weigh beside the layers."""
+    root = tmp_path_factory.mktemp("phases")
+    model_dir, calib_dir = make_tiny_calibration(root, n_domains=2, windows=16, seq_len=64, n_eval=8,
+                                                 **BIG | {"vocab_size": 4096})  # fmt: skip
+    warm = make_tiny_calibration(root / "warm", n_domains=2, windows=4, seq_len=16, n_eval=2)
+    return root, model_dir, calib_dir, warm
+
+
 @pytest.mark.dist
 @pytest.mark.heavy
-def test_every_phase_on_two_ranks_stays_within_the_plan(big, tmp_path):
+def test_every_phase_on_two_ranks_stays_within_the_plan(big_with_tokens, tmp_path):
     """Issue 23, item 4: calibration, mining, reconstruction (2 nodes), router fit, evaluation (2 ranks each)
     and consolidation (1 process) of a model ~30 layers' budget large; each rank's peak RSS growth per phase
     stays within `dive-ds plan`'s per-phase prediction for a CPU-only rank and far below the model's size."""
@@ -76,10 +87,10 @@ def test_every_phase_on_two_ranks_stays_within_the_plan(big, tmp_path):
     from tests.fixtures import REPO
     from tests.fixtures.procs import torchrun
 
-    _, model_dir, calib_dir = big
+    _, model_dir, calib_dir, warm = big_with_tokens
     cal = load_calibration(calib_dir)
     run = torchrun([str(REPO / "tests/fixtures/phase_memory_worker.py"), str(model_dir), str(calib_dir),
-                    str(tmp_path)], nproc=2, timeout=600)  # fmt: skip
+                    str(tmp_path), *map(str, warm)], nproc=2, timeout=600)  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     found = [json.loads((tmp_path / f"memory{r}.json").read_text()) for r in (0, 1)]
     model_mb = sum(f.stat().st_size for f in model_dir.glob("*.safetensors")) / 2**20
