@@ -45,10 +45,13 @@ def _close(a: dict, b: dict) -> float:
     return max(abs(a[k] / b[k] - 1) for k in a)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_streamed_dense_equals_whole_model(tmp_path, family):
+@pytest.mark.parametrize(
+    "family,tied", [("llama", True), ("qwen3", True), ("qwen2", False), ("mistral", False)]
+)
+def test_streamed_dense_equals_whole_model(tmp_path, family, tied):
+    """Each family's own decoder layer and rotary embedding; untied models read their own lm_head."""
     model, calib = make_tiny_calibration(tmp_path, n_domains=2, windows=3, seq_len=16, n_eval=3,
-                                         model_family=family)  # fmt: skip
+                                         model_family=family, tie_word_embeddings=tied)  # fmt: skip
     evals = load_calibration(calib).eval
     whole = domain_perplexities(load_causal_lm(model).eval(), evals, batch_size=2)
     streamed = streamed_report(model, evals, batch_size=2)["router"]
