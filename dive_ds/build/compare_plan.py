@@ -18,6 +18,27 @@ DENSE_METHODS = ("flap", "flap-adaptive", "flap-eqtrain")
 
 ALIASES = {"random-split": "random-halves"}
 
+SHARED_PREFIX = "dive-shared"
+"""`dive-shared<s>` (e.g. dive-shared0.25): DIVE with an always-on shared expert of s x F (reconstruct
+--shared-ratio s), the routed experts (1 - r - s) F each: the same activated width as DIVE."""
+
+
+def shared_ratio_of(method: str) -> float | None:
+    """s of a `dive-shared<s>` method (None for any other method)."""
+    if not method.startswith(SHARED_PREFIX):
+        return None
+    try:
+        return float(method[len(SHARED_PREFIX) :])
+    except ValueError:
+        raise ValueError(
+            f"--methods {method!r}: write the shared ratio after it, e.g. dive-shared0.25"
+        ) from None
+
+
+def is_dive(method: str) -> bool:
+    """DIVE itself or a DIVE variant built on the mined groups (the shared-expert ones)."""
+    return method == "dive" or shared_ratio_of(method) is not None
+
 
 @dataclass(frozen=True)
 class CompareConfig:
@@ -61,9 +82,16 @@ class CompareConfig:
     def __post_init__(self):
         methods = tuple(ALIASES.get(m, m) for m in self.methods)
         object.__setattr__(self, "methods", methods)
-        bad = [m for m in methods if m not in (*MOE_METHODS, *DENSE_METHODS)]
+        bad = [m for m in methods if m not in (*MOE_METHODS, *DENSE_METHODS) and shared_ratio_of(m) is None]
         if bad:
-            raise ValueError(f"--methods {bad[0]!r}: choose from {', '.join((*MOE_METHODS, *DENSE_METHODS))}")
+            raise ValueError(f"--methods {bad[0]!r}: choose from {', '.join((*MOE_METHODS, *DENSE_METHODS))} "
+                             f"or {SHARED_PREFIX}<s>")  # fmt: skip
+        for m in methods:
+            s = shared_ratio_of(m)
+            if s is not None and not 0 < s < 1 - self.prune_ratio:
+                raise ValueError(
+                    f"--methods {m}: the shared ratio must be in (0, 1 - r = {1 - self.prune_ratio:g})"
+                )
         if "flap-eqtrain" in methods and "dive" not in methods:
             raise ValueError("--methods flap-eqtrain matches DIVE's trainable parameters: add dive")
         bad = [t for t in self.treatments if t not in ("fitted", "random")]
@@ -117,14 +145,15 @@ def builds(cfg: CompareConfig) -> list[Build]:
     out = [Build(m, m, "-", cfg.seed) for m in DENSE_METHODS if m in cfg.methods]
     for t in cfg.treatments:
         for m in cfg.methods:
-            if m == "dive":
-                out.append(Build(f"dive-{t}", m, t, cfg.seed))
+            if is_dive(m):
+                out.append(Build(f"{m}-{t}", m, t, cfg.seed))
             elif m in SEEDED:
                 out += [Build(f"{m}-s{s}-{t}", m, t, s) for s in cfg.grouping_seeds]
     return out
 
 
-RUN_ORDER = ("flap", "dive", "nomining", "flap-eqtrain", "flap-adaptive", "llama-moe", "random-halves")
+RUN_ORDER = ("flap", "dive", "nomining", "flap-eqtrain", "flap-adaptive", SHARED_PREFIX, "llama-moe",
+             "random-halves")  # fmt: skip
 """The order training runs go in, most telling first, so that an interrupted comparison (hours on a CPU)
 has the headline: uniform FLAP and DIVE with every data seed, then the mining ablation, flap-eqtrain
 (after dive-fitted: its LoRA rank comes from DIVE's trainable count), the rest."""
@@ -138,7 +167,8 @@ def run_names(cfg: CompareConfig) -> list[tuple[str, Build, int]]:
     def key(r: tuple[str, Build, int]) -> tuple:
         _, b, d = r
         pair = b.method in ("flap", "dive")
-        return (not pair, cfg.data_seeds.index(d) if pair else 0, RUN_ORDER.index(b.method),
+        order = RUN_ORDER.index(SHARED_PREFIX if shared_ratio_of(b.method) is not None else b.method)
+        return (not pair, cfg.data_seeds.index(d) if pair else 0, order,
                 b.treatment != "fitted", b.seed, cfg.data_seeds.index(d))  # fmt: skip
 
     return sorted(runs, key=key)
@@ -177,6 +207,10 @@ def method_config(b: Build, cfg: CompareConfig):
         return ReconstructConfig(num_experts=cfg.experts, top_k=k, prune_ratio=1 - 1 / cfg.experts,
                                  method="llama-moe", seed=b.seed, bias_compensation=False,
                                  output_scale=float(k))  # fmt: skip
+    shared = shared_ratio_of(b.method)
+    if shared is not None:
+        return ReconstructConfig(num_experts=cfg.experts, top_k=cfg.top_k, prune_ratio=cfg.prune_ratio,
+                                 method="dive", seed=b.seed, shared_ratio=shared)  # fmt: skip
     return ReconstructConfig(num_experts=cfg.experts, top_k=cfg.top_k, prune_ratio=cfg.prune_ratio,
                              method=b.method, seed=b.seed)  # fmt: skip
 

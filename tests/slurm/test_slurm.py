@@ -159,6 +159,7 @@ def test_preempted_job_checkpoints_requeues_and_finishes_the_same(cluster, tiny_
         CALIB=str(ref / "calib"),
         GROUPS_JSON=str(ref / "mining" / "groups.json"),
         MOE=str(ref / "moe-fitted"),
+        EVALUATE="0",  # the first job tested the evaluation step
     )
     job = cluster.sbatch(SCRIPT, env, ["--chdir", str(tmp_path), "--output", str(tmp_path / "job-%j.out")])
     metrics = out / "retrain" / "metrics.jsonl"
