@@ -124,6 +124,23 @@ def local_expert_state(module: nn.Module, lora: dict | None) -> dict[int, dict[i
     return out
 
 
+def merge_shared_lora(state: dict[str, torch.Tensor], lora: dict | None) -> dict[str, torch.Tensor]:
+    """Fold the shared experts' LoRA (replicated like attention, so in the gathered shared state) into their
+    weights, in place: a sharded export's shared files hold plain weights, as its expert files do."""
+    if lora is None:
+        return state
+    scale = float(lora["alpha"]) / int(lora["r"])
+    for head in [
+        k.removesuffix("lora_gate_up_A") for k in state if k.endswith(".shared_expert.lora_gate_up_A")
+    ]:
+        for w, b, a in (
+            ("gate_up_proj", "lora_gate_up_B", "lora_gate_up_A"),
+            ("down_proj", "lora_down_B", "lora_down_A"),
+        ):
+            state[head + w] = merged_weight(state[head + w], state.pop(head + b), state.pop(head + a), scale)
+    return state
+
+
 def export_sharded(
     shared: dict[str, torch.Tensor] | None,
     experts: dict[int, dict[int, dict[str, torch.Tensor]]],
@@ -387,6 +404,8 @@ def write_stage_output(
             "run_config": run.to_dict(),
         }
         if ep_size:  # every rank writes its experts: no rank gathers the whole MoE
+            if state is not None:
+                merge_shared_lora(state, meta["lora"])
             export_sharded(state, local_experts, input_dir, plan.model_dir, ep_size, info | {"sharded": True},
                            router_gate=stage.router_gate)  # fmt: skip
         else:

@@ -194,3 +194,27 @@ def test_bad_shared_ratios_are_refused():
         ReconstructConfig(num_experts=2, prune_ratio=0.5, shared_ratio=0.5)
     with pytest.raises(ValueError, match="--shared-ratio is for methods dive and nomining, not llama-moe"):
         ReconstructConfig(num_experts=2, prune_ratio=0.5, shared_ratio=0.25, method="llama-moe")
+
+
+def test_a_sharded_exports_shared_state_has_the_shared_lora_merged():
+    """Expert-parallel retraining exports the shared expert (replicated) from the gathered shared state: its
+    LoRA is folded in there as merge_expert_lora folds it; the trainer trains it as LoRA."""
+    from dive_ds.train.export import merge_shared_lora
+    from dive_ds.train.trainable import param_kind
+
+    model = random_moe(tiny_moe_config(shared_expert_intermediate_size=8), seed=1)
+    add_expert_lora(model, r=2, alpha=4, seed=0)
+    with torch.no_grad():
+        for block in moe_blocks(model):
+            block.shared_expert.lora_gate_up_B.normal_()
+            block.shared_expert.lora_down_B.normal_()
+    state = {k: v.clone() for k, v in model.state_dict().items() if ".mlp.experts." not in k}
+    assert param_kind("model.layers.0.mlp.shared_expert.lora_down_A") == "lora"
+    assert param_kind("model.layers.0.mlp.shared_expert.gate_up_proj") == "other"  # frozen, like attention
+    merge_shared_lora(state, {"r": 2, "alpha": 4})
+    merge_expert_lora(model)
+    want = {k: v for k, v in model.state_dict().items() if ".mlp.experts." not in k}
+    assert sorted(state) == sorted(want)
+    for k in want:
+        torch.testing.assert_close(state[k], want[k], atol=1e-6, rtol=1e-6)
+    assert merge_shared_lora(dict(want), None).keys() == want.keys()
