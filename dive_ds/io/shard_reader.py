@@ -125,13 +125,22 @@ class ShardedMoe:
         """{'gate_up_proj' [k,2F,H], 'down_proj' [k,H,F], 'bias' [k,H]} of `experts`, stacked in that order."""
         self._check_layer(layer)
         experts = self._check_experts(experts)
-        parts = [read_tensors(self.folder / expert_file(layer, e)) for e in experts]
-        keys = [k for k in EXPERT_KEYS if k in parts[0]]
-        if any(sorted(p) != sorted(keys) for p in parts):
-            raise ValueError(
-                f"{self.folder}: expert files of layer {layer} hold different tensors; rerun the writers"
-            )
-        return {k: torch.stack([p[k] for p in parts]) for k in keys}
+        out: dict[str, torch.Tensor] = {}
+        for i, e in enumerate(
+            experts
+        ):  # one file at a time into the stacked tensors: no second copy of them all
+            part = read_tensors(self.folder / expert_file(layer, e))
+            if not out:
+                keys = [k for k in EXPERT_KEYS if k in part]
+                out = {k: torch.empty((len(experts), *part[k].shape), dtype=part[k].dtype) for k in keys}
+            if sorted(part) != sorted(out) or any(part[k].shape != out[k].shape[1:] for k in out):
+                raise ValueError(
+                    f"{self.folder}: expert files of layer {layer} hold different tensors; rerun the writers"
+                )
+            for k, v in part.items():
+                out[k][i].copy_(v)
+            del part
+        return out
 
     def _check_layer(self, layer: int) -> None:
         if not 0 <= layer < self.num_layers:

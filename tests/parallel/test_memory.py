@@ -1,12 +1,8 @@
-"""Streaming keeps about one decoder layer resident: peak RSS against the model's size.
-
-Each step runs in a fresh subprocess (tests/fixtures/memprobe.py) and reports its peak RSS growth
-over the RSS right after imports.
-"""
+"""Streaming keeps about one decoder layer resident: every phase's peak RSS on 2 ranks against `dive-ds plan`'s
+prediction and against the model's size (tests/fixtures/phase_memory_worker.py measures each phase in one
+torchrun launch)."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 
@@ -24,44 +20,13 @@ BIG = dict(
 )
 
 
-def _probe(*args) -> dict:
-    out = subprocess.run(
-        [sys.executable, "-m", "tests.fixtures.memprobe", *map(str, args)],
-        capture_output=True,
-        text=True,
-        check=True,
-        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu"},
-    )
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-@pytest.fixture(scope="module")
-def big(tmp_path_factory):
-    root = tmp_path_factory.mktemp("big")
-    model_dir, calib_dir = make_tiny_calibration(root, n_domains=2, windows=2, seq_len=16, n_eval=1, **BIG)
-    return root, model_dir, calib_dir
-
-
-@pytest.mark.heavy
-def test_streaming_peak_memory(big):
-    root, model_dir, calib_dir = big
-    model_mb = sum(f.stat().st_size for f in model_dir.glob("*.safetensors")) / 2**20
-    full = _probe("full-load", model_dir)
-    cal = _probe("calibrate", model_dir)
-    rec = _probe("reconstruct", model_dir, calib_dir, root / "moe")
-    moe_mb = sum(f.stat().st_size for f in (root / "moe").glob("*.safetensors")) / 2**20
-    print(
-        f"\nmodel {model_mb:.0f} MB, moe {moe_mb:.0f} MB; peak RSS growth: full load {full['delta_mb']} MB, "
-        f"streaming calibration {cal['delta_mb']} MB, streaming reconstruction {rec['delta_mb']} MB"
-    )
-    assert model_mb > 500
-    assert full["delta_mb"] > 0.9 * model_mb  # the probe does see a whole model when one is loaded
-    assert cal["delta_mb"] < 0.25 * model_mb
-    assert rec["delta_mb"] < 0.25 * (model_mb + moe_mb)
-
-
+MMAP_THRESHOLD = 128 * 1024
+"""glibc's malloc serves blocks above this from mmap and returns them to the system when freed. Its default
+threshold grows (up to 32 MB) as large blocks are freed, after which this model's layer-sized tensors (17 MB)
+come from the heap and their freed memory stays in RSS; a 70B layer's tensors (hundreds of MB) are always
+above the ceiling. Pinned here, the small model's RSS follows its live tensors as a 70B one's does."""
 MARGIN = 1.25  # measured <= MARGIN x the plan's prediction + RUNTIME_MB
-RUNTIME_MB = 64  # what the plan does not count: first-use imports and kernels, allocator slack, gloo buffers
+RUNTIME_MB = 16  # what the plan does not count: allocator slack, gloo buffers, small Python objects
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +55,8 @@ def test_every_phase_on_two_ranks_stays_within_the_plan(big_with_tokens, tmp_pat
     _, model_dir, calib_dir, warm = big_with_tokens
     cal = load_calibration(calib_dir)
     run = torchrun([str(REPO / "tests/fixtures/phase_memory_worker.py"), str(model_dir), str(calib_dir),
-                    str(tmp_path), *map(str, warm)], nproc=2, timeout=600)  # fmt: skip
+                    str(tmp_path), *map(str, warm)], nproc=2, timeout=600,
+                   env={"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)})  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     found = [json.loads((tmp_path / f"memory{r}.json").read_text()) for r in (0, 1)]
     model_mb = sum(f.stat().st_size for f in model_dir.glob("*.safetensors")) / 2**20
@@ -104,6 +70,13 @@ def test_every_phase_on_two_ranks_stays_within_the_plan(big_with_tokens, tmp_pat
     table = "\n".join(f"  {p:<15} predicted {predicted[p]:6.1f} MB, measured {found[0][p]['delta_mb']:6.1f} / "
                       f"{found[1][p]['delta_mb']:6.1f} MB (rank 0 / 1)" for p in PHASES)  # fmt: skip
     print(f"\nmodel {model_mb:.0f} MB; peak RSS growth per phase:\n{table}")
+    full = found[0]["full_load"]["delta_mb"]
+    moe_mb = sum(f.stat().st_size for f in (tmp_path / "final").glob("*.safetensors")) / 2**20
+    print(f"whole dense model loaded on rank 0: {full} MB; consolidated MoE {moe_mb:.0f} MB")
+    assert model_mb > 500 and full > 0.9 * model_mb  # the probe does see a whole model when one is loaded
+    for rank in (0, 1):  # calibration and reconstruction hold about a layer, not a model
+        assert found[rank]["calibration"]["delta_mb"] < 0.25 * model_mb
+        assert found[rank]["reconstruction"]["delta_mb"] < 0.25 * (model_mb + moe_mb)
     for phase in PHASES:
         assert predicted[phase] < 0.3 * model_mb, phase  # the plan itself says: a fraction of the model
         for rank in (0, 1):
@@ -111,6 +84,7 @@ def test_every_phase_on_two_ranks_stays_within_the_plan(big_with_tokens, tmp_pat
                 continue  # one process joins the shards
             got = found[rank][phase]["delta_mb"]
             assert got <= MARGIN * predicted[phase] + RUNTIME_MB, (phase, rank, got, predicted[phase])
+            assert got >= predicted[phase] / 3, (phase, rank, got, predicted[phase])  # not a loose bound either
             assert got < 0.35 * model_mb, (phase, rank, got)
     assert (tmp_path / "final" / "model.safetensors.index.json").is_file()
     assert json.loads((tmp_path / "eval" / "eval.json").read_text())["evaluated"] == "streamed"
