@@ -21,7 +21,7 @@ class ChannelStats:
     """Statistics for a set of domains (or one merged group)."""
 
     count_D: torch.Tensor
-    """[D] float64 tokens per domain (same for every layer)."""
+    """[D] float64 tokens per domain (same for every layer); for token clusters [C, L] (each layer's own)."""
     sum_DLF: torch.Tensor
     """[D, L, F] float64 per-channel sum of the down_proj input."""
     sumsq_DLF: torch.Tensor
@@ -84,7 +84,7 @@ def channel_scores(stats: ChannelStats, method: str = "wifv") -> torch.Tensor:
         return var * stats.down_colsq_LF
     if method == "ifv":
         return var
-    n = stats.count_D.to(torch.float64).view(-1, 1, 1)
+    n = stats.count_D.to(torch.float64).reshape(stats.count_D.shape[0], -1, 1)  # [D] or per layer [C, L]
     return (stats.sumsq_DLF / n).sqrt() * stats.down_colabs_LF
 
 

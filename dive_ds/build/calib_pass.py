@@ -39,8 +39,19 @@ class CalibConfig:
     """Layers between two checkpoints (with checkpoint_dir)."""
     stop_file: str | None = None
     """When this file exists at a layer boundary: write the checkpoint and stop (needs checkpoint_dir)."""
+    token_clusters: int = 0
+    """C > 0: also cluster every layer's MLP inputs into C clusters (k-means, dive_ds/build/token_clusters.py)
+    and keep FLAP statistics per cluster, for `reconstruct --groups-from clusters`."""
+    cluster_iters: int = 10
+    """Lloyd steps of the k-means at most."""
+    cluster_seed: int = 0
+    """Seed of the k-means' initial centroids (layer l uses seed + l)."""
 
     def __post_init__(self):
+        if self.token_clusters < 0 or self.cluster_iters < 0:
+            raise ValueError(
+                f"--token-clusters {self.token_clusters}: use 0 (off) or a number of clusters >= 1"
+            )
         if self.batch_size < 1:
             raise ValueError(f"batch size must be at least 1 (got {self.batch_size})")
         if self.checkpoint_every < 1:
@@ -71,7 +82,13 @@ def batch_plan(windows: dict[str, torch.Tensor], batch_size: int) -> list[tuple[
 
 
 def checkpoint_identity(
-    model_dir: str | Path, windows: dict[str, torch.Tensor], dtype, batch_size: int
+    model_dir: str | Path,
+    windows: dict[str, torch.Tensor],
+    dtype,
+    batch_size: int,
+    token_clusters: int = 0,
+    cluster_iters: int = 10,
+    cluster_seed: int = 0,
 ) -> dict:
     """What a checkpoint of the pass depends on (not the device nor the world size: the sums are equal)."""
     from transformers import AutoConfig
@@ -79,12 +96,15 @@ def checkpoint_identity(
     from dive_ds.build.calib_checkpoint import windows_sha
 
     config = AutoConfig.from_pretrained(model_dir)
-    return {
+    identity = {
         "model_fingerprint": model_fingerprint(config, LayerwiseCheckpoint(model_dir)),
         "windows_sha256": windows_sha(windows),
         "dtype": dtype_name(dtype),
         "batch_size": batch_size,
     }
+    if token_clusters:  # the per-cluster sums depend on them
+        identity["token_clusters"] = [token_clusters, cluster_iters, cluster_seed]
+    return identity
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -169,7 +189,8 @@ def streaming_stats(
     ranks.check_items(len(batch_plan(windows, cfg.batch_size)), "batches")
     ckpt, start, made_root = None, 0, False
     if cfg.checkpoint_dir is not None:
-        identity = checkpoint_identity(model_dir, windows, dtype, cfg.batch_size)
+        identity = checkpoint_identity(model_dir, windows, dtype, cfg.batch_size, cfg.token_clusters,
+                                       cfg.cluster_iters, cfg.cluster_seed)  # fmt: skip
         ckpt = LayerCheckpoint(Path(cfg.checkpoint_dir), identity, ranks.world)
         start = ckpt.check()
         made_root = not Path(cfg.checkpoint_dir).exists()
@@ -212,6 +233,14 @@ def _streaming_stats(model_dir, windows, cfg, ranks, dtype, stop, scratch, ckpt,
     down_colabs_LF = torch.zeros(n_layers, ffn, **f64)
     partial = {"sum_DLF": sum_DLF, "sumsq_DLF": sumsq_DLF, "mlp_in_sum_DLH": mlp_in_sum_DLH,
                "down_colsq_LF": down_colsq_LF, "down_colabs_LF": down_colabs_LF}  # fmt: skip
+    n_cl = cfg.token_clusters
+    clusters = {}  # this rank's per-cluster sums: token count [C, L], MLP input [C, L, H], down_proj input [C, L, F]
+    if n_cl:
+        clusters = {"cl_count": torch.zeros(n_cl, n_layers, **f64), "cl_mlp_in": torch.zeros(n_cl, n_layers, hidden, **f64),
+                    "cl_sum": torch.zeros(n_cl, n_layers, ffn, **f64), "cl_sumsq": torch.zeros(n_cl, n_layers, ffn, **f64)}  # fmt: skip
+        # this rank's tokens' places in the global token order (the k-means' seeded draw reads it)
+        global_T = torch.cat([torch.arange(a * seq_len, b * seq_len) for _, a, b in mine]).to(dev)
+        mlp_in_TH = torch.empty(my_ids.numel(), hidden, dtype=torch.float32, device=dev)
 
     elem = torch.empty((), dtype=dtype).element_size()
     layer_bytes = (4 * hidden * hidden + 3 * hidden * ffn) * elem
@@ -226,14 +255,14 @@ def _streaming_stats(model_dir, windows, cfg, ranks, dtype, stop, scratch, ckpt,
     else:
         saved = ckpt.load_rank(ranks.rank, start)
         hid.copy_(saved.pop("hidden"))
-        for k, t in partial.items():
+        for k, t in (partial | clusters).items():
             t.copy_(saved[k])
         del saved
     rope = rope_cls(config=config).to(dev)
     pos = torch.arange(seq_len, device=dev).unsqueeze(0)
     position_embeddings = rope(torch.zeros(1, seq_len, hidden, dtype=dtype, device=dev), pos)
 
-    current = {"d": 0, "l": start}
+    current = {"d": 0, "l": start, "rows": slice(0, 0)}
 
     def down_hook(_mod, args):
         x = args[0].reshape(-1, ffn).float()  # [tokens, F], summed in fp32 on the device, added in float64
@@ -242,6 +271,8 @@ def _streaming_stats(model_dir, windows, cfg, ranks, dtype, stop, scratch, ckpt,
 
     def mlp_hook(_mod, args):
         mlp_in_sum_DLH[current["d"], current["l"]] += args[0].reshape(-1, hidden).float().sum(0)
+        if n_cl:  # kept for the layer's clustering
+            mlp_in_TH[current["rows"]] = args[0].reshape(-1, hidden).float()
 
     bar = tqdm(
         total=(n_layers - start) * total_tokens,
@@ -267,16 +298,18 @@ def _streaming_stats(model_dir, windows, cfg, ranks, dtype, stop, scratch, ckpt,
         h1 = layer.mlp.down_proj.register_forward_pre_hook(down_hook)
         h2 = layer.mlp.register_forward_pre_hook(mlp_hook)
         for d, a, b in local:
-            current["d"] = d
+            current["d"], current["rows"] = d, slice(a * seq_len, b * seq_len)
             x = hid[a:b].to(dev, dtype, non_blocking=True)
             out = layer(x, attention_mask=None, position_ids=pos, position_embeddings=position_embeddings)
             hid[a:b] = out[0] if isinstance(out, tuple) else out
             bar.update((b - a) * seq_len * ranks.world)  # rank 0's share, scaled to the whole world
+        h1.remove()
+        h2.remove()
+        if n_cl:
+            _cluster_layer(layer, layer_idx, mlp_in_TH, global_T, total_tokens, cfg, clusters, ranks, dtype)
         _sync(dev)
         t_compute += time.perf_counter() - t
         t = time.perf_counter()
-        h1.remove()
-        h2.remove()
         # decoder layers hold reference cycles: move the weights off before dropping the module, so they
         # are freed now, without a full gc.collect() (about a second per layer in a large Python process)
         layer.to("meta")
@@ -295,7 +328,7 @@ def _streaming_stats(model_dir, windows, cfg, ranks, dtype, stop, scratch, ckpt,
             or (cfg.stop_file is not None and os.path.exists(cfg.stop_file))
         )
         if ckpt is not None and (stopping or done % cfg.checkpoint_every == 0):
-            ckpt.save_rank(ranks.rank, done, {"hidden": hid, **partial})
+            ckpt.save_rank(ranks.rank, done, {"hidden": hid, **partial, **clusters})
             ranks.barrier()
             if ranks.is_main:
                 ckpt.commit(done, n_layers, made_root)
@@ -309,6 +342,12 @@ def _streaming_stats(model_dir, windows, cfg, ranks, dtype, stop, scratch, ckpt,
     for t in (sum_DLF, sumsq_DLF, mlp_in_sum_DLH):
         ranks.sum_(t)  # exact float64 sums of every rank's partial sums
     st = ChannelStats(counts, *(t.cpu() for t in partial.values()))
+    cluster_stats = None
+    if n_cl:
+        for t in clusters.values():
+            ranks.sum_(t)
+        cluster_stats = ChannelStats(*(clusters[k].cpu() for k in ("cl_count", "cl_sum", "cl_sumsq", "cl_mlp_in")),
+                                     st.down_colsq_LF, st.down_colabs_LF)  # fmt: skip
     layers_run = n_layers - start
     row = torch.tensor([[my_tokens, elapsed, t_load, t_compute]], dtype=torch.float64)
     rows = ranks.gather_rows(row).tolist()
@@ -339,4 +378,24 @@ def _streaming_stats(model_dir, windows, cfg, ranks, dtype, stop, scratch, ckpt,
         "compute_seconds": round(t_compute, 2),
         "per_rank": per_rank,
     }
+    if cluster_stats is not None:  # taken out by the caller (dive_ds.build.calibrate writes it beside stats)
+        info["token_clusters"] = {"clusters": n_cl, "iters": cfg.cluster_iters, "seed": cfg.cluster_seed}
+        info["cluster_stats"] = cluster_stats
     return st, info
+
+
+def _cluster_layer(layer, layer_idx, mlp_in_TH, global_T, total, cfg, clusters, ranks, dtype) -> None:
+    """Cluster this layer's MLP inputs over every rank's tokens and add each cluster's sums (this rank's
+    tokens) to `clusters`; the down_proj inputs are computed again from the kept MLP inputs, in chunks."""
+    from dive_ds.build.token_clusters import CHUNK, cluster_sums, kmeans
+
+    n_cl = cfg.token_clusters
+    _, labels = kmeans(mlp_in_TH, global_T, total, n_cl, cfg.cluster_iters, cfg.cluster_seed + layer_idx,
+                       ranks.sum_, ranks.gather_rows)  # fmt: skip
+    mlp = layer.mlp
+    for i in range(0, mlp_in_TH.shape[0], CHUNK):
+        x = mlp_in_TH[i : i + CHUNK]
+        xd = x.to(dtype)
+        h = mlp.act_fn(mlp.gate_proj(xd)) * mlp.up_proj(xd)
+        for k, v in cluster_sums(labels[i : i + CHUNK], x, h.float(), n_cl).items():
+            clusters[f"cl_{k}"][:, layer_idx] += v

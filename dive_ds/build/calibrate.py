@@ -44,6 +44,7 @@ def calibrate(
     checkpoint_every: int | None = None,
     stop_file: str | None = None,
     stop=None,
+    token_clusters: int = 0,
 ):
     """`dive-ds calibrate`: one streaming pass, then the summary table (rank 0). With `demo`, DEMO fills
     what is not given. `stop`: a threading.Event that stops the pass at the next layer boundary."""
@@ -81,6 +82,7 @@ def calibrate(
         checkpoint_dir=checkpoint_dir,
         checkpoint_every=given(checkpoint_every, 1),
         stop_file=stop_file,
+        token_clusters=token_clusters,
     )
     out = run_calibration(
         model, domains, out, sampler, only, calib_cfg, force=force, device=device, dtype=dtype, stop=stop
@@ -178,6 +180,12 @@ def run_calibration(
         "sampler": asdict(sampler_cfg),
         "dtype": dtype,  # bf16 sums differ from fp32 ones; the device and the world size do not change them
     }
+    if calib_cfg.token_clusters:
+        identity["token_clusters"] = [
+            calib_cfg.token_clusters,
+            calib_cfg.cluster_iters,
+            calib_cfg.cluster_seed,
+        ]
     inputs = {"model": model_ref if isinstance(model_ref, Path) else None, "registry": registry.path}
     check_not_input(
         out,
@@ -204,11 +212,13 @@ def run_calibration(
     Ranks(rank, world).check_items(len(batch_plan(windows, calib_cfg.batch_size)), "calibration batches")
     ckpt = None
     if calib_cfg.checkpoint_dir is not None:
-        ident = checkpoint_identity(model_dir, windows, compute_dtype, calib_cfg.batch_size)
+        ident = checkpoint_identity(model_dir, windows, compute_dtype, calib_cfg.batch_size,
+                                    calib_cfg.token_clusters, calib_cfg.cluster_iters, calib_cfg.cluster_seed)  # fmt: skip
         ckpt = LayerCheckpoint(Path(calib_cfg.checkpoint_dir), ident, world)
         ckpt.check()
     with start_ranks(device) as ranks:
         stats, info = streaming_stats(model_dir, windows, calib_cfg, ranks, compute_dtype, stop)
+        cluster_stats = info.pop("cluster_stats", None)
         if ranks.is_main:
             manifest = run_manifest_base("calibration") | {
                 "identity": identity,
@@ -236,7 +246,7 @@ def run_calibration(
                 ],
                 "pass": info | {"sampling_seconds": round(t_sample, 2)},
             }
-            write_calibration(out, stats, samples, manifest, force=True)
+            write_calibration(out, stats, samples, manifest, force=True, clusters=cluster_stats)
             if ckpt is not None:
                 ckpt.remove(made_root=False)  # the state it wrote says whether this run made the folder
     return out

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dive_ds.build.compare_plan import CompareConfig, builds, is_dive, method_config, run_names
+from dive_ds.build.compare_plan import CompareConfig, builds, method_config, run_names, uses_groups
 from dive_ds.build.compare_score import (
     eqtrain_rank,
     eval_sets,
@@ -103,7 +103,7 @@ def _build_models(
                 print(f"[compare] reusing {old}", flush=True)
                 _link_model(old, base)
             else:
-                run_reconstruct(cal.path, groups_file if is_dive(b.method) else None, base, rc)
+                run_reconstruct(cal.path, groups_file if uses_groups(b.method) else None, base, rc)
         path = base
         if b.treatment == "fitted":
             path = out / "models" / b.name

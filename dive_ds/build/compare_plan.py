@@ -35,8 +35,18 @@ def shared_ratio_of(method: str) -> float | None:
         ) from None
 
 
+CLUSTERS = "dive-clusters"
+"""DIVE's experts cut from each layer's token clusters instead of domain groups (needs a calibration made with
+`--token-clusters` = --experts)."""
+
+
 def is_dive(method: str) -> bool:
-    """DIVE itself or a DIVE variant built on the mined groups (the shared-expert ones)."""
+    """DIVE itself or a DIVE variant (the shared-expert ones, the token-cluster one)."""
+    return method in ("dive", CLUSTERS) or shared_ratio_of(method) is not None
+
+
+def uses_groups(method: str) -> bool:
+    """Built on the mined domain groups (--groups)."""
     return method == "dive" or shared_ratio_of(method) is not None
 
 
@@ -82,10 +92,14 @@ class CompareConfig:
     def __post_init__(self):
         methods = tuple(ALIASES.get(m, m) for m in self.methods)
         object.__setattr__(self, "methods", methods)
-        bad = [m for m in methods if m not in (*MOE_METHODS, *DENSE_METHODS) and shared_ratio_of(m) is None]
+        bad = [
+            m
+            for m in methods
+            if m not in (*MOE_METHODS, *DENSE_METHODS, CLUSTERS) and shared_ratio_of(m) is None
+        ]
         if bad:
             raise ValueError(f"--methods {bad[0]!r}: choose from {', '.join((*MOE_METHODS, *DENSE_METHODS))} "
-                             f"or {SHARED_PREFIX}<s>")  # fmt: skip
+                             f"{CLUSTERS} or {SHARED_PREFIX}<s>")  # fmt: skip
         for m in methods:
             s = shared_ratio_of(m)
             if s is not None and not 0 < s < 1 - self.prune_ratio:
@@ -167,7 +181,7 @@ def run_names(cfg: CompareConfig) -> list[tuple[str, Build, int]]:
     def key(r: tuple[str, Build, int]) -> tuple:
         _, b, d = r
         pair = b.method in ("flap", "dive")
-        order = RUN_ORDER.index(SHARED_PREFIX if shared_ratio_of(b.method) is not None else b.method)
+        order = RUN_ORDER.index(SHARED_PREFIX if is_dive(b.method) and b.method != "dive" else b.method)
         return (not pair, cfg.data_seeds.index(d) if pair else 0, order,
                 b.treatment != "fitted", b.seed, cfg.data_seeds.index(d))  # fmt: skip
 
@@ -207,6 +221,9 @@ def method_config(b: Build, cfg: CompareConfig):
         return ReconstructConfig(num_experts=cfg.experts, top_k=k, prune_ratio=1 - 1 / cfg.experts,
                                  method="llama-moe", seed=b.seed, bias_compensation=False,
                                  output_scale=float(k))  # fmt: skip
+    if b.method == CLUSTERS:
+        return ReconstructConfig(num_experts=cfg.experts, top_k=cfg.top_k, prune_ratio=cfg.prune_ratio,
+                                 method="dive", seed=b.seed, groups_from="clusters")  # fmt: skip
     shared = shared_ratio_of(b.method)
     if shared is not None:
         return ReconstructConfig(num_experts=cfg.experts, top_k=cfg.top_k, prune_ratio=cfg.prune_ratio,

@@ -61,6 +61,9 @@ class ReconstructConfig:
     """s: fraction of the dense FFN's channels in an always-on shared expert (the highest pooled scores); each
     routed expert then keeps round(F (1 - r)) - round(F s) of the other channels, so a top-1 token still
     activates round(F (1 - r)) channels. 0: no shared expert (the paper's DIVE). dive and nomining only."""
+    groups_from: str = "domains"
+    """domains: experts from domain groups (mined or given); clusters: expert c of layer l from that layer's
+    token cluster c (`calibrate --token-clusters N`, N = the number of experts; dive only)."""
     method: str = "dive"
     """dive | llama-moe (LLaMA-MoE's disjoint random split into N experts of F/N) | random-halves (N random
     sets of round(F * (1 - r)) channels: disjoint when they fit, else independent; "random-split" is its
@@ -95,6 +98,12 @@ class ReconstructConfig:
                     f"--shared-ratio {self.shared_ratio} must be in [0, 1 - r = {1 - self.prune_ratio:g}): the "
                     "shared expert takes that share of the channels an expert keeps, the routed experts the rest"
                 )
+        if self.groups_from not in ("domains", "clusters"):
+            raise ValueError(f"--groups-from {self.groups_from!r}: use domains or clusters")
+        if self.groups_from == "clusters" and self.method != "dive":
+            raise ValueError(
+                f"--groups-from clusters cuts DIVE's experts from token clusters: not for {self.method}"
+            )
         split = 1 - 1 / self.num_experts
         if self.method == "llama-moe" and not math.isclose(self.prune_ratio, split, abs_tol=1e-3):
             raise ValueError(
@@ -148,12 +157,14 @@ def _router_init(
         return torch.randn(cfg.num_experts, n_layers, hidden, generator=g) * cfg.router_init_std
     # centroid: logits = x . (mu_e - mu_all) / |mu_e - mu_all|, scaled so that a token at the
     # centroid of its group leads the others by a few units before any training
-    counts = stats.count_D.view(-1, 1, 1)
-    mu_all = stats.mlp_in_sum_DLH.sum(0) / stats.count_D.sum()
+    counts = stats.count_D.reshape(
+        stats.count_D.shape[0], -1, 1
+    )  # [D, 1, 1], or [C, L, 1] for token clusters
+    mu_all = stats.mlp_in_sum_DLH.sum(0) / counts.sum(0)
     w = torch.empty(cfg.num_experts, n_layers, hidden, dtype=torch.float64)
     for e, idx in enumerate(idx_per_expert):
         ix = torch.as_tensor(idx)
-        mu_e = stats.mlp_in_sum_DLH[ix].sum(0) / counts[ix].sum()
+        mu_e = stats.mlp_in_sum_DLH[ix].sum(0) / counts[ix].sum(0)
         w[e] = mu_e - mu_all
     w = w / w.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     scale = 8.0 / mu_all.norm(dim=-1, keepdim=True).clamp_min(1e-6)
@@ -237,6 +248,7 @@ def reconstruct_config(
     router_init: str = "random",
     seed: int = 42,
     shared_ratio: float = 0.0,
+    groups_from: str = "domains",
 ):
     """`dive-ds reconstruct`'s settings: the preset (or N=8, k=1, r=0.5), then the given values, then the method's."""
 
@@ -257,8 +269,19 @@ def reconstruct_config(
         seed=seed,
         method=method,
         shared_ratio=shared_ratio,
+        groups_from=groups_from,
         **base,
     )
+
+
+def cluster_groups(clusters: ChannelStats, num_experts: int) -> tuple[list[str], dict[str, list[str]]]:
+    """(names, groups) that make plan_experts cut expert c of every layer from that layer's token cluster c."""
+    n = clusters.count_D.shape[0]
+    if n != num_experts:
+        raise ValueError(f"the calibration has {n} token clusters per layer but --experts {num_experts}: make them "
+                         f"equal (calibrate --token-clusters {num_experts})")  # fmt: skip
+    names = [f"cluster{c}" for c in range(n)]
+    return names, {f"cluster_{c}": [name] for c, name in enumerate(names)}
 
 
 def load_groups(path: str | Path, domains: list[str]) -> dict[str, list[str]]:

@@ -9,7 +9,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from dive_ds.build.expert_plan import ReconstructConfig, load_groups, plan_experts
+from dive_ds.build.expert_plan import ReconstructConfig, cluster_groups, load_groups, plan_experts
 from dive_ds.build.fit_router import run_fit_router
 from dive_ds.build.moe_writer import write_moe, write_moe_shards
 from dive_ds.build.outputs import (
@@ -57,7 +57,19 @@ def run_reconstruct(
             f"--experts {cfg.num_experts}: the model's FFN has {ffn} channels; use at most {ffn} experts"
         )
     groups = None
-    if cfg.method == "dive":
+    stats, names = cal.stats, cal.domains
+    if cfg.groups_from == "clusters":  # per-layer token clusters instead of domain groups
+        if cal.clusters is None:
+            raise ValueError(
+                f"{cal.path} has no token clusters; calibrate with --token-clusters {cfg.num_experts}"
+            )
+        if groups_file is not None:
+            raise ValueError(
+                "--groups-from clusters takes its groups from the calibration: leave out --groups"
+            )
+        stats = cal.clusters
+        names, groups = cluster_groups(stats, cfg.num_experts)
+    elif cfg.method == "dive":
         if groups_file is None:
             raise ValueError("dive reconstruction needs --groups FILE (from `dive-ds mine`, or your own)")
         groups = load_groups(groups_file, cal.domains)
@@ -79,7 +91,7 @@ def run_reconstruct(
     hidden = json.loads((model_dir / "config.json").read_text())["hidden_size"]
     width = ffn // cfg.num_experts if cfg.method == "llama-moe" else n_keep(ffn, cfg.prune_ratio)
     experts_bytes = 3 * 4 * hidden * n_layers * cfg.num_experts * width  # fp32; a lower bound of the MoE
-    plan = plan_experts(cal.stats, cal.domains, groups, cfg)
+    plan = plan_experts(stats, names, groups, cfg)
     identity = reconstruction_identity(plan, cfg, model_dir, cal.fingerprint)
     # the calibration's own fingerprint too: `compare --reuse-models` reuses a model only if it is unchanged
     extra = {

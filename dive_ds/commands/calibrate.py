@@ -45,6 +45,9 @@ class Settings:
                                         type=positive_int)  # fmt: skip
     stop_file: str | None = flag(None, "when this file exists at a layer boundary (or on SIGUSR1): checkpoint, "
                                  "stop, exit status 3 (needs --checkpoint-dir)")  # fmt: skip
+    token_clusters: int = flag(0, "also cluster every layer's MLP inputs into N token clusters (k-means, one "
+                               "streaming pass) and keep FLAP statistics per cluster, for `reconstruct "
+                               "--groups-from clusters` (default 0: off)", type=nonneg_int)  # fmt: skip
     out: str | None = flag(None, "output folder (written atomically)")
     force: bool = flag(False, "replace an output folder that holds another run (the same run is always reused; "
                        "delete the folder to recompute)")  # fmt: skip
@@ -70,7 +73,7 @@ def run(s: Settings) -> int:
                   only=s.only, batch_size=s.batch_size, hidden_offload_dir=s.hidden_offload_dir,
                   progress=s.progress, force=s.force, demo=s.demo, device=s.device, dtype=s.dtype,
                   checkpoint_dir=s.checkpoint_dir, checkpoint_every=s.checkpoint_every, stop_file=s.stop_file,
-                  stop=stop)  # fmt: skip
+                  stop=stop, token_clusters=s.token_clusters)  # fmt: skip
     except CalibrationStopped as e:
         if os.environ.get("RANK", "0") == "0":
             print(e, flush=True)

@@ -44,7 +44,8 @@ class Settings:
                                    type=positive_int)  # fmt: skip
     methods: str = flag("dive,nomining,llama-moe,flap,flap-adaptive", "comma-separated: dive, nomining, llama-moe, "
                         "random-halves, flap, flap-adaptive, flap-eqtrain, dive-shared<s> (DIVE with a shared expert of s x F, "
-                        "e.g. dive-shared0.25)")  # fmt: skip
+                        "e.g. dive-shared0.25), dive-clusters (experts from token clusters: calibrate "
+                        "--token-clusters N)")  # fmt: skip
     treatments: str = flag("fitted,random", "router treatments of the MoEs (default both)")
     grouping_seeds: str = flag("42", "seeds of the seeded baselines (default 42)")
     data_seeds: str = flag("1234", "training-data seeds, one run each (default 1234)")

@@ -31,6 +31,9 @@ class Settings:
     )
     score: str = flag("wifv", "channel score (default wifv)", choices=["wifv", "ifv", "wifn"])
     no_bias_compensation: bool = flag(False, "experts without the FLAP bias")
+    groups_from: str = flag("domains", "domains (default): experts from domain groups (--groups, or random ones "
+                            "for nomining); clusters: expert c of each layer from that layer's token cluster c "
+                            "(`calibrate --token-clusters N`)", choices=["domains", "clusters"])  # fmt: skip
     shared_ratio: float = flag(0.0, "s: an always-on shared expert of that fraction of the FFN (the pooled "
                                "statistics' best channels); routed experts keep (1 - r - s) of it each, so top-1 "
                                "activates as many channels as without (default 0: none, the paper's DIVE)",
@@ -105,7 +108,8 @@ def run(s: Settings) -> int:
     from dive_ds.build.reconstruct import run_reconstruct
 
     cfg = reconstruct_config(s.preset, s.experts, s.top_k, s.prune_ratio, s.method, s.score,
-                             not s.no_bias_compensation, s.router_init, s.seed, s.shared_ratio)  # fmt: skip
+                             not s.no_bias_compensation, s.router_init, s.seed, s.shared_ratio,
+                             s.groups_from)  # fmt: skip
     where = placement(s)
     if where is not None:
         where.check(cfg.num_experts)

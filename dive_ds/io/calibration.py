@@ -24,16 +24,26 @@ SAMPLES_FILE = "samples.safetensors"
 MANIFEST = "manifest.json"
 
 
+CLUSTERS_FILE = "clusters.safetensors"
+"""With `calibrate --token-clusters C`: the FLAP statistics of each layer's C token clusters (a ChannelStats
+whose count is [C, L])."""
 SPLIT_FILE = "split.json"
 """Per domain, the span ids (dive_ds.data.split) of the calibration and selection sets used."""
 
 
 def write_calibration(
-    out: Path, stats: ChannelStats, samples: dict[str, DomainSamples], manifest: dict, force: bool = False
+    out: Path,
+    stats: ChannelStats,
+    samples: dict[str, DomainSamples],
+    manifest: dict,
+    force: bool = False,
+    clusters: ChannelStats | None = None,
 ) -> Path:
-    """Write stats + samples + manifest atomically (temp folder, then rename)."""
+    """Write stats + samples + manifest (+ the token clusters' statistics) atomically (temp folder, then rename)."""
     with staged_dir(out) as tmp:
         save_file({k: v.contiguous() for k, v in stats.to_tensors().items()}, tmp / STATS_FILE)
+        if clusters is not None:  # count [C, L]: clusters differ by layer
+            save_file({k: v.contiguous() for k, v in clusters.to_tensors().items()}, tmp / CLUSTERS_FILE)
         tensors = {}
         for name, s in samples.items():
             tensors[f"calib.{name}"] = s.calib.contiguous()
@@ -57,6 +67,8 @@ class Calibration:
     calib: dict[str, torch.Tensor]
     eval: dict[str, torch.Tensor]
     manifest: dict
+    clusters: ChannelStats | None = None
+    """The token clusters' statistics (calibrate --token-clusters), else None."""
 
     @property
     def fingerprint(self) -> str:
@@ -82,6 +94,9 @@ def load_calibration(path: str | Path) -> Calibration:
         {n: samples[f"calib.{n}"] for n in names},
         {n: samples[f"eval.{n}"] for n in names},
         man,
+        ChannelStats.from_tensors(load_file(path / CLUSTERS_FILE))
+        if (path / CLUSTERS_FILE).is_file()
+        else None,
     )
 
 

@@ -85,17 +85,18 @@ def test_run_plan_seeds_and_order():
         CompareConfig(methods=("dive", "llama-moe"), experts=5, prune_ratio=0.5)
 
 
-def test_shared_expert_methods_in_the_plan():
+def test_beyond_dive_methods_in_the_plan():
+    """The shared-expert and token-cluster variants (issue 25): built like DIVE, trained after the headline."""
     from dive_ds.build.compare_plan import CompareConfig, builds, method_config, run_names
 
-    cfg = CompareConfig(
-        methods=("dive", "flap", "dive-shared0.125", "dive-shared0.25"), treatments=("fitted",)
-    )
+    cfg = CompareConfig(methods=("dive", "flap", "dive-shared0.125", "dive-shared0.25", "dive-clusters"),
+                        treatments=("fitted",))  # fmt: skip
     assert [n for n, _, _ in run_names(cfg)] == ["flap-d1234", "dive-fitted-d1234", "dive-shared0.125-fitted-d1234",
-                                                 "dive-shared0.25-fitted-d1234"]  # fmt: skip
+                                                 "dive-shared0.25-fitted-d1234", "dive-clusters-fitted-d1234"]  # fmt: skip
     rc = {b.name: method_config(b, cfg) for b in builds(cfg)}
     assert (rc["dive-shared0.25-fitted"].method, rc["dive-shared0.25-fitted"].shared_ratio) == ("dive", 0.25)
     assert rc["dive-fitted"].shared_ratio == 0.0 and rc["dive-shared0.125-fitted"].prune_ratio == 0.5
+    assert (rc["dive-clusters-fitted"].groups_from, rc["dive-fitted"].groups_from) == ("clusters", "domains")
     with pytest.raises(ValueError, match=r"the shared ratio must be in \(0, 1 - r = 0.5\)"):
         CompareConfig(methods=("dive", "dive-shared0.5"))
     with pytest.raises(ValueError, match="write the shared ratio after it"):

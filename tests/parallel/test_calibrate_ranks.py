@@ -36,8 +36,24 @@ def setup(tmp_path_factory):
         )
         domains[name] = {"source": {"type": "local", "files": f"{name}.jsonl"}}
     (root / "reg.json").write_text(json.dumps({"domains": domains}))
-    args = ["calibrate", "--model", str(model), "--domains", str(root / "reg.json"), "--seq-len", "16",
-            "--samples-per-domain", "4", "--eval-windows", "1", "--batch-size", "2", "--no-progress"]  # fmt: skip
+    args = [
+        "calibrate",
+        "--model",
+        str(model),
+        "--domains",
+        str(root / "reg.json"),
+        "--seq-len",
+        "16",
+        "--samples-per-domain",
+        "4",
+        "--eval-windows",
+        "1",
+        "--batch-size",
+        "2",
+        "--no-progress",
+        "--token-clusters",
+        "3",
+    ]  # fmt: skip  (the clusters' k-means and sums go over the ranks and resume too)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each torchrun rank: the same kernels, so the sums compare tightly
     try:
@@ -52,7 +68,10 @@ def setup(tmp_path_factory):
 
 
 def _stats(folder: Path) -> dict[str, torch.Tensor]:
-    return load_file(folder / "stats.safetensors")
+    """The domain statistics and the token clusters' (`clusters.` keys)."""
+    return load_file(folder / "stats.safetensors") | {
+        f"clusters.{k}": v for k, v in load_file(folder / "clusters.safetensors").items()
+    }
 
 
 def _manifest(folder: Path) -> dict:

@@ -84,7 +84,12 @@ def test_every_phase_on_two_ranks_stays_within_the_plan(big_with_tokens, tmp_pat
                 continue  # one process joins the shards
             got = found[rank][phase]["delta_mb"]
             assert got <= MARGIN * predicted[phase] + RUNTIME_MB, (phase, rank, got, predicted[phase])
-            assert got >= predicted[phase] / 3, (phase, rank, got, predicted[phase])  # not a loose bound either
+            assert got >= predicted[phase] / 3, (
+                phase,
+                rank,
+                got,
+                predicted[phase],
+            )  # not a loose bound either
             assert got < 0.35 * model_mb, (phase, rank, got)
     assert (tmp_path / "final" / "model.safetensors.index.json").is_file()
     assert json.loads((tmp_path / "eval" / "eval.json").read_text())["evaluated"] == "streamed"
