@@ -239,14 +239,19 @@ def _streaming_stats(model_dir, windows, cfg, ranks, dtype, stop, scratch, ckpt,
         clusters = {"cl_count": torch.zeros(n_cl, n_layers, **f64), "cl_mlp_in": torch.zeros(n_cl, n_layers, hidden, **f64),
                     "cl_sum": torch.zeros(n_cl, n_layers, ffn, **f64), "cl_sumsq": torch.zeros(n_cl, n_layers, ffn, **f64)}  # fmt: skip
         # this rank's tokens' places in the global token order (the k-means' seeded draw reads it)
-        global_T = torch.cat([torch.arange(a * seq_len, b * seq_len) for _, a, b in mine]).to(dev)
-        mlp_in_TH = torch.empty(my_ids.numel(), hidden, dtype=torch.float32, device=dev)
+        global_T = torch.cat([torch.arange(a * seq_len, b * seq_len) for _, a, b in mine])
+        mlp_in_TH = None  # allocated beside the carried states, once they have their place
 
     elem = torch.empty((), dtype=dtype).element_size()
     layer_bytes = (4 * hidden * hidden + 3 * hidden * ffn) * elem
     act_bytes = cfg.batch_size * seq_len * (3 * ffn + 8 * hidden) * 4
     reserve = 3 * layer_bytes + 2 * act_bytes + (2 << 30)
+    if n_cl:  # a layer's MLP inputs (float32) are kept for its clustering: reserve room for them
+        reserve += my_ids.numel() * hidden * 4
     hid, where = _carry_buffer((my_ids.shape[0], seq_len, hidden), dtype, dev, scratch, reserve)
+    if n_cl:  # on the device when the carried states are, else on the host (clustered where they sit)
+        keep_on = dev if where == "device" else torch.device("cpu")
+        mlp_in_TH = torch.empty(my_ids.numel(), hidden, dtype=torch.float32, device=keep_on)
     if start == 0:
         emb = reader.get("model.embed_tokens.weight").to(dev, dtype)
         for _, a, b in local:
@@ -272,7 +277,7 @@ def _streaming_stats(model_dir, windows, cfg, ranks, dtype, stop, scratch, ckpt,
     def mlp_hook(_mod, args):
         mlp_in_sum_DLH[current["d"], current["l"]] += args[0].reshape(-1, hidden).float().sum(0)
         if n_cl:  # kept for the layer's clustering
-            mlp_in_TH[current["rows"]] = args[0].reshape(-1, hidden).float()
+            mlp_in_TH[current["rows"]] = args[0].reshape(-1, hidden).float().to(mlp_in_TH.device)
 
     bar = tqdm(
         total=(n_layers - start) * total_tokens,
@@ -379,7 +384,8 @@ def _streaming_stats(model_dir, windows, cfg, ranks, dtype, stop, scratch, ckpt,
         "per_rank": per_rank,
     }
     if cluster_stats is not None:  # taken out by the caller (dive_ds.build.calibrate writes it beside stats)
-        info["token_clusters"] = {"clusters": n_cl, "iters": cfg.cluster_iters, "seed": cfg.cluster_seed}
+        info["token_clusters"] = {"clusters": n_cl, "iters": cfg.cluster_iters, "seed": cfg.cluster_seed,
+                                  "smallest_per_layer": [int(n) for n in cluster_stats.count_D.min(0).values]}  # fmt: skip
         info["cluster_stats"] = cluster_stats
     return st, info
 
@@ -390,12 +396,13 @@ def _cluster_layer(layer, layer_idx, mlp_in_TH, global_T, total, cfg, clusters, 
     from dive_ds.build.token_clusters import CHUNK, cluster_sums, kmeans
 
     n_cl = cfg.token_clusters
-    _, labels = kmeans(mlp_in_TH, global_T, total, n_cl, cfg.cluster_iters, cfg.cluster_seed + layer_idx,
+    _, labels = kmeans(mlp_in_TH, global_T.to(mlp_in_TH.device), total, n_cl, cfg.cluster_iters, cfg.cluster_seed + layer_idx,
                        ranks.sum_, ranks.gather_rows)  # fmt: skip
     mlp = layer.mlp
+    dev = mlp.gate_proj.weight.device
     for i in range(0, mlp_in_TH.shape[0], CHUNK):
-        x = mlp_in_TH[i : i + CHUNK]
+        x = mlp_in_TH[i : i + CHUNK].to(dev)
         xd = x.to(dtype)
         h = mlp.act_fn(mlp.gate_proj(xd)) * mlp.up_proj(xd)
-        for k, v in cluster_sums(labels[i : i + CHUNK], x, h.float(), n_cl).items():
+        for k, v in cluster_sums(labels[i : i + CHUNK].to(dev), x, h.float(), n_cl).items():
             clusters[f"cl_{k}"][:, layer_idx] += v

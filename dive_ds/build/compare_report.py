@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dive_ds.build.compare_plan import is_dive
+
 SPLITS = ("seen", "unseen", "lambada")
 """Window sets; `lambada` is the LAMBADA-style task, one item per 'window' (target-word NLL)."""
 DENSE = ("flap", "flap-adaptive", "flap-eqtrain")
@@ -53,8 +55,10 @@ def pair_rows(results: dict, n_boot: int) -> list[dict]:
         for split in SPLITS:
             sides = _sides(results, when, split)
             cl = results.get("clusters", {}).get(split)
-            for a in (s for s in sides if s[1] == "dive"):
-                others = [b for b in sides if b[1] != "dive" and b[3] == a[3]]
+            for a in (s for s in sides if is_dive(s[1])):  # DIVE and its variants, each against the baselines
+                others = [b for b in sides if not is_dive(b[1]) and b[3] == a[3]]
+                if a[1] != "dive":  # a variant against DIVE itself (same data seed and router treatment)
+                    others += [b for b in sides if b[1] == "dive" and b[3] == a[3] and b[2] == a[2]]
                 flaps = [b for b in others if b[1] in ("flap", "flap-adaptive")]
                 for b in others:
                     if b[1] not in DENSE and b[2] != a[2]:
@@ -70,7 +74,7 @@ def pair_rows(results: dict, n_boot: int) -> list[dict]:
 
 
 def _row(a, b, label, when, split, res) -> dict:
-    return {"when": when, "split": split, "a": a[0], "a_treatment": a[2], "b": b[0], "vs": label,
+    return {"when": when, "split": split, "a": a[0], "a_method": a[1], "a_treatment": a[2], "b": b[0], "vs": label,
             "data_seed": a[3]} | res  # fmt: skip
 
 
@@ -81,12 +85,13 @@ def summary_rows(rows: list[dict]) -> list[dict]:
 
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["a_treatment"], r["vs"], r["when"], r["split"]), []).append(r)
+        key = (r.get("a_method", "dive"), r["a_treatment"], r["vs"], r["when"], r["split"])
+        groups.setdefault(key, []).append(r)
     out = []
-    for (treat, vs, when, split), rs in groups.items():
+    for (method, treat, vs, when, split), rs in groups.items():
         ratios = [r["ratio"] for r in rs]
         lo, hi = pooled_interval([r["boot"] for r in rs]) if len(rs) > 1 else (rs[0]["lo"], rs[0]["hi"])
-        out.append({"a": f"dive-{treat}", "vs": vs, "when": when, "split": split, "pairs": len(rs),
+        out.append({"a": f"{method}-{treat}", "vs": vs, "when": when, "split": split, "pairs": len(rs),
                     "ratio": float(np.exp(np.mean(np.log(ratios)))), "min": min(ratios), "max": max(ratios),
                     "lo": lo, "hi": hi})  # fmt: skip
     return out

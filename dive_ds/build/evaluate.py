@@ -33,7 +33,10 @@ def oracle_map(model_dir: Path, domains: list[str]) -> dict[str, int] | None:
     if not meta.exists():
         return None
     try:
-        groups = json.loads(meta.read_text())["groups"]
+        info = json.loads(meta.read_text())
+        if (info.get("reconstruction") or {}).get("groups_from") == "clusters":
+            return None  # expert c is layer l's token cluster c: no domain goes to one expert in every layer
+        groups = info["groups"]
         experts = int(json.loads((model_dir / "config.json").read_text())["num_local_experts"])
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{meta} or its config.json is unreadable or lacks {e}; restore the file") from None

@@ -91,6 +91,10 @@ class ReconstructConfig:
         if self.method in ONE_EXPERT_METHODS and (self.num_experts, self.top_k) != (1, 1):
             raise ValueError(f"method {self.method} builds one dense pruned FFN: use --experts 1 --top-k 1")
         if self.shared_ratio:
+            if self.top_k != 1:  # k routed experts + 1 shared would activate k (1 - r) - (k - 1) s of the FFN
+                raise ValueError(
+                    "--shared-ratio works with --top-k 1 (the activated width stays round(F (1 - r)))"
+                )
             if self.method not in ("dive", "nomining"):
                 raise ValueError(f"--shared-ratio is for methods dive and nomining, not {self.method}")
             if not 0.0 < self.shared_ratio < 1.0 - self.prune_ratio:
@@ -280,6 +284,11 @@ def cluster_groups(clusters: ChannelStats, num_experts: int) -> tuple[list[str],
     if n != num_experts:
         raise ValueError(f"the calibration has {n} token clusters per layer but --experts {num_experts}: make them "
                          f"equal (calibrate --token-clusters {num_experts})")  # fmt: skip
+    counts_CL = clusters.count_D
+    c, layer = divmod(int(counts_CL.argmin()), counts_CL.shape[1])
+    if counts_CL[c, layer] < 2:  # no variance to score its channels by, no mean to compensate with
+        raise ValueError(f"token cluster {c} of layer {layer} holds {int(counts_CL[c, layer])} token(s): its expert "
+                         "has nothing to be cut from; calibrate with fewer --token-clusters or more windows")  # fmt: skip
     names = [f"cluster{c}" for c in range(n)]
     return names, {f"cluster_{c}": [name] for c, name in enumerate(names)}
 

@@ -49,7 +49,8 @@ def initial_centroids(
             row = x_TH[here[0, 0]].to(torch.float64)
         c_CH[k] = reduce(row)
 
-    take(0, int(torch.randint(total, (1,), generator=g)))
+    chosen = [int(torch.randint(total, (1,), generator=g))]
+    take(0, chosen[0])
     d2_T = torch.full((x_TH.shape[0],), float("inf"), dtype=torch.float64, device=x_TH.device)
     for k in range(1, clusters):
         for i in range(0, x_TH.shape[0], CHUNK):
@@ -59,14 +60,14 @@ def initial_centroids(
         order = rows[:, 0].argsort()
         ids, d2 = rows[order, 0].long(), rows[order, 1]
         cum = d2.cumsum(0)
-        if cum[-1].item() <= 0:  # every token sits on a seed already: take the lowest unused id
-            take(k, int(ids[k]))
-            continue
-        u = torch.rand(1, generator=g, dtype=torch.float64).item() * cum[-1].item()
-        take(
-            k,
-            int(ids[min(int(torch.searchsorted(cum, torch.tensor([u], dtype=torch.float64))), len(ids) - 1)]),
-        )
+        if cum[-1].item() <= 0:  # every token sits on a seed already: the lowest id not taken yet
+            gid = next(int(i) for i in ids.tolist() if int(i) not in chosen)
+        else:
+            u = torch.rand(1, generator=g, dtype=torch.float64).item() * cum[-1].item()
+            at = min(int(torch.searchsorted(cum, torch.tensor([u], dtype=torch.float64))), len(ids) - 1)
+            gid = int(ids[at])
+        chosen.append(gid)
+        take(k, gid)
     return c_CH
 
 
@@ -99,7 +100,9 @@ def kmeans(
     c_CH = initial_centroids(x_TH, global_ids_T, total, clusters, seed, reduce, gather)
     labels = assign(x_TH, c_CH)
     for _ in range(iters):
-        sums_CH = torch.zeros_like(c_CH).index_add_(0, labels, x_TH.to(torch.float64))
+        sums_CH = torch.zeros_like(c_CH)
+        for i in range(0, x_TH.shape[0], CHUNK):  # float64 a chunk at a time (no float64 copy of all rows)
+            sums_CH.index_add_(0, labels[i : i + CHUNK], x_TH[i : i + CHUNK].to(torch.float64))
         counts_C = torch.zeros(clusters, dtype=torch.float64, device=x_TH.device).index_add_(
             0, labels, torch.ones_like(labels, dtype=torch.float64)
         )

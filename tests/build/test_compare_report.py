@@ -56,6 +56,21 @@ def test_pairs_stronger_flap_and_seed_spread():
     assert "| dive-fitted | stronger FLAP |" in md and "n=2" in md and "commit `abc`" in md
 
 
+def test_a_dive_variant_is_paired_with_dive_and_with_the_baselines():
+    """A variant (here a shared expert, 1 nat less than DIVE on each window) gets its own rows: against DIVE of
+    the same seed and treatment, and against every baseline; DIVE's own rows stay as they were."""
+    res = _results()
+    res["models"]["dive-shared0.25-fitted"] = res["models"]["dive-fitted"] | {
+        "method": "dive-shared0.25", "before": {"seen": _scored(-4.0)}}  # fmt: skip
+    finish(res, n_boot=50)
+    rows = {(r["a"], r["vs"]): r for r in res["ratios"] if r["when"] == "before"}
+    assert rows[("dive-shared0.25-fitted", "dive")]["ratio"] == pytest.approx(math.exp(-5 / 45))
+    assert rows[("dive-shared0.25-fitted", "flap")]["ratio"] == pytest.approx(math.exp(-4 * 5 / 45))
+    assert ("dive-fitted", "dive-shared0.25") not in rows  # a variant is never DIVE's baseline
+    summ = {(x["a"], x["vs"], x["when"]) for x in res["ratio_summary"]}
+    assert ("dive-shared0.25-fitted", "dive", "before") in summ and ("dive-fitted", "flap", "before") in summ
+
+
 def test_readme_block_needs_its_markers(tmp_path):
     res = _results()
     finish(res, n_boot=20)

@@ -192,6 +192,8 @@ def test_reconstruct_fit_evaluate_lora_ep_and_exports_with_a_shared_expert(tiny,
 def test_bad_shared_ratios_are_refused():
     with pytest.raises(ValueError, match=r"must be in \[0, 1 - r = 0.5\)"):
         ReconstructConfig(num_experts=2, prune_ratio=0.5, shared_ratio=0.5)
+    with pytest.raises(ValueError, match="--shared-ratio works with --top-k 1"):
+        ReconstructConfig(num_experts=4, top_k=2, prune_ratio=0.75, shared_ratio=0.125)
     with pytest.raises(ValueError, match="--shared-ratio is for methods dive and nomining, not llama-moe"):
         ReconstructConfig(num_experts=2, prune_ratio=0.5, shared_ratio=0.25, method="llama-moe")
 
