@@ -93,4 +93,8 @@ def test_ep2_layer_equals_single_rank_layer(tmp_path):
             assert {"y", "dx", "d_gate_up_proj", "d_down_proj", "d_bias", "d_gate.weight"} <= names
             if case["case"] == "top2_lora":
                 assert {"d_lora_gate_up_A", "d_lora_down_B"} <= names
-    assert len(seen) == 6
+            if (
+                case["case"] == "top1_shared_lora"
+            ):  # the shared expert and its adapters, through the all-to-all
+                assert {"d_shared.gate_up_proj", "d_shared.down_proj", "d_shared.lora_down_B"} <= names
+    assert len(seen) == 7
