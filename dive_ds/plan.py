@@ -65,6 +65,9 @@ class PlanConfig:
     """Experts per token."""
     prune_ratio: float = flag(0.5, "r (default 0.5)", type=ratio)
     """r: each expert keeps round(F * (1 - r)) channels."""
+    shared_ratio: float = flag(0.0, "s: a shared expert of round(F s) channels (reconstruct --shared-ratio; the "
+                               "routed experts keep round(F (1 - r)) - round(F s)); default 0", type=ratio)  # fmt: skip
+    """s: an always-on shared expert of round(F * s) channels, replicated like attention (0: none)."""
     nodes: int = flag(1, "nodes (default 1)", type=positive_int)
     gpus_per_node: int = flag(8, "GPUs per node (default 8)", type=positive_int)
     ep: int = flag(8, "expert-parallel size (default 8)", type=positive_int)
@@ -90,6 +93,8 @@ class PlanConfig:
             raise ValueError(f"--top-k {self.top_k} must be between 1 and --experts {self.experts}")
         if not 0.0 <= self.prune_ratio < 1.0:
             raise ValueError(f"--prune-ratio must be in [0, 1) (got {self.prune_ratio})")
+        if self.shared_ratio and not (self.top_k == 1 and self.shared_ratio < 1 - self.prune_ratio):
+            raise ValueError(f"--shared-ratio {self.shared_ratio} needs --top-k 1 and s < 1 - r")
         if self.stage not in ("router", "experts"):
             raise ValueError(f"--stage must be router or experts (got {self.stage})")
 
@@ -114,22 +119,27 @@ def plan(model_cfg: dict, cfg: PlanConfig) -> dict:
     )
     head_dim = model_cfg.get("head_dim") or h // heads
     vocab, tied = model_cfg["vocab_size"], model_cfg.get("tie_word_embeddings", False)
-    width = max(1, round(f * (1 - cfg.prune_ratio)))
+    shared_w = round(f * cfg.shared_ratio) if cfg.shared_ratio else 0  # reconstruct's n_keep(F, 1 - s)
+    width = max(1, round(f * (1 - cfg.prune_ratio))) - shared_w
     e = cfg.experts
     attn = 2 * h * heads * head_dim + 2 * h * kv * head_dim
     norms = 2 * h
     router = 2 * e * h  # weight + noise_weight
     expert = 3 * width * h + h  # gate, up, down + bias
     shared = vocab * h * (1 if tied else 2) + h
-    non_expert = shared + n_layers * (attn + norms + router)
+    non_expert = shared + n_layers * (
+        attn + norms + router + 3 * shared_w * h
+    )  # the shared expert: replicated
     experts_total = n_layers * e * expert
     total = non_expert + experts_total
     activated = non_expert + n_layers * cfg.top_k * expert
     lora_per_expert = cfg.lora_rank * (h + 2 * width) + cfg.lora_rank * (width + h)
+    lora_shared = cfg.lora_rank * (2 * h + 3 * shared_w) if shared_w else 0
     if cfg.stage == "router":
         train_non_expert, train_expert = n_layers * e * h, 0
     else:
-        train_non_expert, train_expert = n_layers * (router + norms) + h, n_layers * e * lora_per_expert
+        train_non_expert = n_layers * (router + norms + lora_shared) + h
+        train_expert = n_layers * e * lora_per_expert
     trainable = train_non_expert + train_expert
 
     world = cfg.nodes * cfg.gpus_per_node
@@ -137,13 +147,13 @@ def plan(model_cfg: dict, cfg: PlanConfig) -> dict:
     w_non = non_expert / (world if cfg.zero == 3 else 1)
     w_exp = experts_total / cfg.ep / (edp if cfg.zero == 3 else 1)
     # ZeRO-3 gathers one layer at a time for compute: add one full layer (non-expert + local experts)
-    gathered = (attn + norms + router + e // cfg.ep * expert) if cfg.zero == 3 else 0
+    gathered = (attn + norms + router + 3 * shared_w * h + e // cfg.ep * expert) if cfg.zero == 3 else 0
     weights = 2 * (w_non + w_exp + gathered)
     lora_local = train_expert / cfg.ep  # LoRA tensors live with their experts
     grads = 2 * (train_non_expert / world + lora_local / edp)
     optim = 12 * (train_non_expert / world + lora_local / edp)
     b, s = cfg.micro_batch, cfg.seq_len
-    moe_scale = cfg.top_k * width / f
+    moe_scale = (cfg.top_k * width + shared_w) / f
     layer_act = b * s * h * (34 + 5 * heads * s / h)
     layer_act *= 0.5 + 0.5 * moe_scale  # roughly half of the 34 h terms are the FFN's
     activations = n_layers * b * s * h * 2 + layer_act + b * s * vocab * 4  # + fp32 logits

@@ -24,6 +24,26 @@ def test_param_counts_match_the_model():
     assert p["params"]["trainable"] == 4 * 32 * 2
 
 
+def test_param_counts_with_a_shared_expert_match_the_model():
+    """--shared-ratio 0.25 at r = 0.5: a shared expert of 12 channels, routed experts of 24 - 12; total, activated
+    and experts-stage trainable (LoRA r = 8 on the shared expert too) equal the model's own counts."""
+    from dive_ds.models.lora import experts_stage_trainable
+    from dive_ds.models.moe import count_parameters
+
+    p = plan(TINY, PlanConfig(experts=4, top_k=1, prune_ratio=0.5, shared_ratio=0.25, nodes=1, gpus_per_node=4,
+                              ep=2))  # fmt: skip
+    config = DiveMoeConfig(**TINY, num_local_experts=4, num_experts_per_tok=1, expert_intermediate_size=12,
+                           shared_expert_intermediate_size=12, expert_bias=True)  # fmt: skip
+    torch.manual_seed(0)
+    model = DiveMoeForCausalLM(config)
+    assert p["params"]["expert_width"] == 12
+    assert p["params"]["total"] == sum(x.numel() for x in model.parameters())
+    assert p["params"]["activated"] == count_parameters(config)["activated"]
+    assert p["params"]["trainable"] == experts_stage_trainable(config, lora_r=8)["trainable"]
+    with pytest.raises(ValueError, match="--shared-ratio 0.5 needs --top-k 1 and s < 1 - r"):
+        PlanConfig(experts=4, prune_ratio=0.5, shared_ratio=0.5, ep=4)
+
+
 def test_bytes_by_hand():
     cfg = PlanConfig(experts=4, top_k=1, prune_ratio=0.5, nodes=1, gpus_per_node=4, ep=2, zero=2, stage="experts",
                      lora_rank=2, micro_batch=1, seq_len=8)  # fmt: skip
