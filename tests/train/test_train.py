@@ -642,8 +642,8 @@ def test_resume_after_crash_reproduces_every_loss(zero, crash, resume_reference,
         while time.monotonic() < end and first.poll() is None:
             metrics = tmp_path / "run" / "metrics.jsonl"
             if metrics.is_file() and any(
-                st == "experts" and n >= 3 for st, n in step_losses(tmp_path / "run")
-            ):
+                st == "experts" and n >= 1 for st, n in step_losses(tmp_path / "run")
+            ):  # at the stage's first step: touched at step 3, a quiet machine once finished first (exit 0)
                 (tmp_path / "run" / "STOP").touch()
                 break
             time.sleep(0.2)
@@ -651,7 +651,7 @@ def test_resume_after_crash_reproduces_every_loss(zero, crash, resume_reference,
         assert first.returncode == 143, stderr[-3000:]
         assert "stopped after step" in stderr
         stopped = max(n for st, n in step_losses(tmp_path / "run") if st == "experts")
-        assert 3 <= stopped < 6
+        assert 1 <= stopped < 6
         resume_at = f"step_{stopped:08d}"  # the stop checkpoints the step it stopped at
         assert (ckpt_dir / "latest").read_text().strip() == resume_at
         refused = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
