@@ -111,18 +111,22 @@ def load_model_config(model: str) -> dict:
     return json.loads(p.read_text())
 
 
+def attention_params(model_cfg: dict) -> int:
+    """A = 2*H*heads*head_dim + 2*H*kv*head_dim: one layer's q/o and k/v projections."""
+    h, heads = model_cfg["hidden_size"], model_cfg["num_attention_heads"]
+    kv = model_cfg.get("num_key_value_heads", heads)
+    head_dim = model_cfg.get("head_dim") or h // heads
+    return 2 * h * heads * head_dim + 2 * h * kv * head_dim
+
+
 def plan(model_cfg: dict, cfg: PlanConfig) -> dict:
     h, f, n_layers = model_cfg["hidden_size"], model_cfg["intermediate_size"], model_cfg["num_hidden_layers"]
-    heads, kv = (
-        model_cfg["num_attention_heads"],
-        model_cfg.get("num_key_value_heads", model_cfg["num_attention_heads"]),
-    )
-    head_dim = model_cfg.get("head_dim") or h // heads
+    heads = model_cfg["num_attention_heads"]
     vocab, tied = model_cfg["vocab_size"], model_cfg.get("tie_word_embeddings", False)
     shared_w = round(f * cfg.shared_ratio) if cfg.shared_ratio else 0  # reconstruct's n_keep(F, 1 - s)
     width = max(1, round(f * (1 - cfg.prune_ratio))) - shared_w
     e = cfg.experts
-    attn = 2 * h * heads * head_dim + 2 * h * kv * head_dim
+    attn = attention_params(model_cfg)
     norms = 2 * h
     router = 2 * e * h  # weight + noise_weight
     expert = 3 * width * h + h  # gate, up, down + bias
@@ -229,13 +233,10 @@ class PassPlanConfig:
 def plan_passes(model_cfg: dict, cfg: PlanConfig, p: PassPlanConfig) -> dict:
     """FLOPs, bytes and wall time of calibration, router fit and evaluation (formulas: module docstring)."""
     h, f, n_layers = model_cfg["hidden_size"], model_cfg["intermediate_size"], model_cfg["num_hidden_layers"]
-    heads = model_cfg["num_attention_heads"]
-    kv = model_cfg.get("num_key_value_heads", heads)
-    head_dim = model_cfg.get("head_dim") or h // heads
     vocab = model_cfg["vocab_size"]
     width = max(1, round(f * (1 - cfg.prune_ratio)))
     e, k, s = cfg.experts, cfg.top_k, p.seq_len
-    attn = 2 * h * heads * head_dim + 2 * h * kv * head_dim
+    attn = attention_params(model_cfg)
     attn_core = 4 * n_layers * s * h  # per token
     world = cfg.nodes * cfg.gpus_per_node
     rate = world * p.tflops * 1e12

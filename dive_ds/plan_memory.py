@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 
-from dive_ds.plan import DTYPE_BYTES, PassPlanConfig, PlanConfig
+from dive_ds.plan import DTYPE_BYTES, PassPlanConfig, PlanConfig, attention_params
 
 PHASES = ("calibration", "mining", "reconstruction", "router_fit", "evaluation", "consolidation")
 BATCH = 8
@@ -39,15 +39,12 @@ BATCH = 8
 def phase_memory(model_cfg: dict, cfg: PlanConfig, p: PassPlanConfig) -> dict[str, dict[str, int]]:
     """{phase: {"host", "device", "cpu": bytes}} at the peak of one rank (formulas: module docstring)."""
     h, f, n_layers = model_cfg["hidden_size"], model_cfg["intermediate_size"], model_cfg["num_hidden_layers"]
-    heads = model_cfg["num_attention_heads"]
-    kv = model_cfg.get("num_key_value_heads", heads)
-    head_dim = model_cfg.get("head_dim") or h // heads
     vocab, tied = model_cfg["vocab_size"], model_cfg.get("tie_word_embeddings", False)
     width = max(1, round(f * (1 - cfg.prune_ratio)))
     e, s, d = cfg.experts, p.seq_len, p.domains
     b = DTYPE_BYTES[p.dtype]
     world = cfg.nodes * cfg.gpus_per_node
-    attn = 2 * h * heads * head_dim + 2 * h * kv * head_dim
+    attn = attention_params(model_cfg)
     dense = attn + 3 * h * f + 2 * h
     moe = attn + 2 * h + e * (3 * h * width + h) + 2 * e * h
     fp32_build = 4 if b < 4 else 0  # a MoE layer is built in float32 before it moves to the pass dtype
@@ -114,10 +111,7 @@ def phase_memory(model_cfg: dict, cfg: PlanConfig, p: PassPlanConfig) -> dict[st
 def dense_bytes(model_cfg: dict, p: PassPlanConfig) -> int:
     """The whole dense model's weights in the pass dtype."""
     h, f = model_cfg["hidden_size"], model_cfg["intermediate_size"]
-    heads = model_cfg["num_attention_heads"]
-    kv = model_cfg.get("num_key_value_heads", heads)
-    head_dim = model_cfg.get("head_dim") or h // heads
-    layer = 2 * h * heads * head_dim + 2 * h * kv * head_dim + 3 * h * f + 2 * h
+    layer = attention_params(model_cfg) + 3 * h * f + 2 * h
     tied = model_cfg.get("tie_word_embeddings", False)
     params = model_cfg["num_hidden_layers"] * layer + model_cfg["vocab_size"] * h * (1 if tied else 2) + h
     return params * DTYPE_BYTES[p.dtype]

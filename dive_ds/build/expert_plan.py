@@ -196,6 +196,7 @@ def plan_experts(
             f"random_{e}": [domains[i] for i in perm[e :: cfg.num_experts]] for e in range(cfg.num_experts)
         }
     mean_ELF = pooled_mean.expand(cfg.num_experts, -1, -1)
+    shared_LS = None  # the shared expert's channels (dive / nomining with --shared-ratio)
     if cfg.method == "flap-adaptive":  # FLAP's "AL": the uniform total, each layer's width what it won
         idx = [list(range(len(domains)))]
         _, kept = adaptive_widths(channel_scores(pooled, cfg.score)[0], n_layers * keep)
@@ -207,7 +208,6 @@ def plan_experts(
                 f"(got {0 if groups is None else len(groups)}); mine them or pass --groups FILE"
             )
         idx = _group_indices(groups, domains)
-        shared_LS = None
         if cfg.shared_ratio:  # the pooled statistics' best channels, then each group's best of the rest
             n_shared = n_keep(ffn, 1.0 - cfg.shared_ratio)
             shared_LS = kept_channels(channel_scores(pooled, cfg.score)[0], n_shared)
@@ -221,10 +221,6 @@ def plan_experts(
             kept.append(kept_channels(scores_LF, keep - (0 if shared_LS is None else shared_LS.shape[1])))
             means.append(mean[0])
         kept_L, mean_ELF = list(torch.stack(kept).unbind(1)), torch.stack(means)
-        if shared_LS is not None:
-            means = mean_ELF if cfg.bias_compensation else None
-            return ExpertPlan(kept_L, means, _router_init(stats, idx, cfg), groups, cfg.output_scale,
-                              list(shared_LS.unbind(0)))  # fmt: skip
     elif cfg.method == "llama-moe":  # F // N channels each; F % N channels per layer in no expert
         kept_L = list(llama_moe_partition(ffn, cfg.num_experts, n_layers, g).unbind(1))
         keep = kept_L[0].shape[-1]
@@ -238,7 +234,8 @@ def plan_experts(
         kept_L = [torch.arange(ffn).expand(cfg.num_experts, ffn).clone() for _ in range(n_layers)]
         groups = {f"copy_{e}": [] for e in range(cfg.num_experts)}
     means = mean_ELF if cfg.bias_compensation and keep < ffn else None
-    return ExpertPlan(kept_L, means, _router_init(stats, idx, cfg), groups, cfg.output_scale)
+    shared_L = None if shared_LS is None else list(shared_LS.unbind(0))
+    return ExpertPlan(kept_L, means, _router_init(stats, idx, cfg), groups, cfg.output_scale, shared_L)
 
 
 def reconstruct_config(

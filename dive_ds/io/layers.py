@@ -59,13 +59,16 @@ class MoeLayers:
     def get(self, key: str) -> torch.Tensor:
         """One tensor outside the decoder layers, read alone (nothing else of the file stays in memory)."""
         if self.sharded:
-            from dive_ds.io.shards import read_tensors, shared_file
+            from safetensors import safe_open
 
-            if not self.has(key):
-                raise ValueError(
-                    f"{self.folder} has no tensor {key}: the folder is incomplete or of another model"
-                )
-            return read_tensors(self.folder / shared_file(), [key])[key]
+            from dive_ds.io.shards import shared_file
+
+            with safe_open(self.folder / shared_file(), "pt") as f:  # one open: the key checked, then read
+                if key not in f.keys():
+                    raise ValueError(
+                        f"{self.folder} has no tensor {key}: the folder is incomplete or of another model"
+                    )
+                return f.get_tensor(key).clone()
         return self.ckpt.get(key)
 
     def has(self, key: str) -> bool:

@@ -37,6 +37,11 @@ from dive_ds.models.moe import (
 )
 
 LORA_PARAM_NAMES = ("lora_gate_up_A", "lora_gate_up_B", "lora_down_A", "lora_down_B")
+LORA_MERGES = (
+    ("gate_up_proj", "lora_gate_up_B", "lora_gate_up_A"),
+    ("down_proj", "lora_down_B", "lora_down_A"),
+)
+"""(weight, its B, its A) of each adapted projection."""
 
 
 def _shape(p: torch.Tensor) -> torch.Size:
@@ -184,11 +189,10 @@ class LoraDiveExperts(nn.Module):
                 "merge_expert_lora: parameters are ZeRO-3 partitioned; gather a full state dict "
                 "first (dive_ds.train.export.consolidate_*), then merge on a plain model"
             )
-        for w, b, a in (
-            (self.gate_up_proj, self.lora_gate_up_B, self.lora_gate_up_A),
-            (self.down_proj, self.lora_down_B, self.lora_down_A),
-        ):
-            w.copy_(merged_weight(w, b, a, self.scale))
+        for w, b, a in LORA_MERGES:
+            getattr(self, w).copy_(
+                merged_weight(getattr(self, w), getattr(self, b), getattr(self, a), self.scale)
+            )
         base = self.base
         base.impl = self.impl
         return base
@@ -202,6 +206,12 @@ def merged_weight(
 ) -> torch.Tensor:
     """W + scale * B @ A per expert, computed in fp32, in W's dtype (the LoRA merge of one projection)."""
     return (w_EOI.float() + torch.bmm(b_EOR.float(), a_ERI.float()) * scale).to(w_EOI.dtype)
+
+
+def merge_lora_tensors(t: dict[str, torch.Tensor], scale: float, prefix: str = "") -> None:
+    """Fold the LoRA tensors `prefix`lora_* of a state dict into `prefix`gate_up_proj / down_proj, in place."""
+    for w, b, a in LORA_MERGES:
+        t[prefix + w] = merged_weight(t[prefix + w], t.pop(prefix + b), t.pop(prefix + a), scale)
 
 
 def add_expert_lora(

@@ -21,7 +21,7 @@ from dive_ds.models.lora import (
     add_expert_lora,
     lora_settings_from_state_dict,
     merge_expert_lora,
-    merged_weight,
+    merge_lora_tensors,
 )
 from dive_ds.models.moe import DiveMoeConfig, DiveMoeForCausalLM
 from dive_ds.parallel.distributed import barrier
@@ -113,12 +113,7 @@ def local_expert_state(module: nn.Module, lora: dict | None) -> dict[int, dict[i
             with ctx:
                 tensors[pname] = p.data.detach().to("cpu", torch.float32).clone()
         if lora is not None:
-            scale = float(lora["alpha"]) / int(lora["r"])
-            for w, b, a in (
-                ("gate_up_proj", "lora_gate_up_B", "lora_gate_up_A"),
-                ("down_proj", "lora_down_B", "lora_down_A"),
-            ):
-                tensors[w] = merged_weight(tensors[w], tensors.pop(b), tensors.pop(a), scale)
+            merge_lora_tensors(tensors, float(lora["alpha"]) / int(lora["r"]))
         ids = m.experts.expert_ids
         out[layer] = {e: {k: v[i].contiguous() for k, v in tensors.items()} for i, e in enumerate(ids)}
     return out
@@ -133,11 +128,7 @@ def merge_shared_lora(state: dict[str, torch.Tensor], lora: dict | None) -> dict
     for head in [
         k.removesuffix("lora_gate_up_A") for k in state if k.endswith(".shared_expert.lora_gate_up_A")
     ]:
-        for w, b, a in (
-            ("gate_up_proj", "lora_gate_up_B", "lora_gate_up_A"),
-            ("down_proj", "lora_down_B", "lora_down_A"),
-        ):
-            state[head + w] = merged_weight(state[head + w], state.pop(head + b), state.pop(head + a), scale)
+        merge_lora_tensors(state, scale, head)
     return state
 
 
