@@ -45,6 +45,7 @@ from dive_ds.io.atomic import link_or_copy
 from dive_ds.io.fingerprint import git_rev
 
 REPO = Path(__file__).resolve().parents[2]
+RUN_SET = ("methods", "grouping_seeds", "data_seeds")
 
 
 def _same(a: dict, b: dict) -> bool:
@@ -220,10 +221,9 @@ def run_compare(
             raise ValueError(
                 f"--eval-domains names calibrated domains ({sorted(overlap)[0]}); pass domains never calibrated on"
             )
-    settings = asdict(cfg) | {
-        "methods": sorted(cfg.methods),
-        "treatments": sorted(cfg.treatments),
-    }  # order: free
+    # What every run's numbers depend on; the set of runs (methods, grouping and data seeds) is not part of
+    # it: a finished comparison takes more methods or seeds and runs only what is new.
+    settings = {k: v for k, v in asdict(cfg).items() if k not in RUN_SET} | {"treatments": sorted(cfg.treatments)}
     identity = {"calibration": str(cal.path.resolve()), "calibration_fingerprint": folder_fingerprint(cal.path),
                 "groups": str(Path(groups_file).resolve()), "groups_digest": hashlib.sha256(Path(groups_file).read_bytes()).hexdigest()[:16],
                 "config": settings, "eval_domains": eval_domains}  # fmt: skip
@@ -271,7 +271,7 @@ def run_compare(
     def write() -> (
         None
     ):  # after every run (complete: false until the last), so a long comparison shows as it goes
-        results.update(complete=len(results["runs"]) == len(names), config=asdict(cfg), calibration=str(cal.path),
+        results.update(complete={n for n, _, _ in names} <= set(results["runs"]), config=asdict(cfg), calibration=str(cal.path),
                        eval_domains=eval_domains, build_seconds=round(build_s, 1),
                        total_seconds=round(time.time() - t_all, 1))  # fmt: skip
         finish(results, cfg.bootstrap)

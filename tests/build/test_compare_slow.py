@@ -31,7 +31,7 @@ def demo_calib(tmp_path_factory):
     return root, calib, groups
 
 
-def test_compare_quick_fitted_dive_beats_flap_on_the_same_windows(demo_calib):
+def test_compare_quick_fitted_dive_beats_flap_on_the_same_windows(demo_calib, capsys):
     """DIVE with a fitted router, DIVE with the paper's random router (+ router stage) and FLAP, through
     the whole command (the other methods take the same code path with another --methods)."""
     root, calib, groups = demo_calib
@@ -88,6 +88,14 @@ def test_compare_quick_fitted_dive_beats_flap_on_the_same_windows(demo_calib):
     md = (out / "compare.md").read_text()
     assert "unseen domains" in md and "stronger FLAP" in md and "[0." in md
     assert (out / "ppl_vs_tokens.png").stat().st_size > 10_000
+    # the set of runs is not part of a comparison's identity: asking again for a subset (or, the same way,
+    # for more methods or seeds) keeps every finished run and trains nothing; another budget is refused
+    again = [a if a != "dive,flap" else "flap" for a in args]
+    assert main(again) == 0
+    res2 = json.loads((out / "compare.json").read_text())
+    assert res2["runs"] == runs and res2["models"] == models and res2["complete"]
+    assert main([*again, "--steps", "3"]) == 2
+    assert "holds another run" in capsys.readouterr().err
     # the README block is generated from the JSON by a command
     readme = root / "README.md"
     readme.write_text("# x\n<!-- compare:begin -->\nSTALE-BLOCK\n<!-- compare:end -->\ntail\n")
