@@ -223,7 +223,9 @@ def run_compare(
             )
     # What every run's numbers depend on; the set of runs (methods, grouping and data seeds) is not part of
     # it: a finished comparison takes more methods or seeds and runs only what is new.
-    settings = {k: v for k, v in asdict(cfg).items() if k not in RUN_SET} | {"treatments": sorted(cfg.treatments)}
+    settings = {k: v for k, v in asdict(cfg).items() if k not in RUN_SET} | {
+        "treatments": sorted(cfg.treatments)
+    }
     identity = {"calibration": str(cal.path.resolve()), "calibration_fingerprint": folder_fingerprint(cal.path),
                 "groups": str(Path(groups_file).resolve()), "groups_digest": hashlib.sha256(Path(groups_file).read_bytes()).hexdigest()[:16],
                 "config": settings, "eval_domains": eval_domains}  # fmt: skip
