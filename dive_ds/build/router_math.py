@@ -152,53 +152,30 @@ def sliced_channels(experts, w_gate_FH, w_up_FH, w_down_HF) -> list[torch.Tensor
     return kept
 
 
-def sliced_blocks(
-    kept: list[torch.Tensor], ffn: int
-) -> tuple[torch.Tensor, list[tuple[int, int]], list[list[int]]]:
-    """The dense FFN's channels grouped by which experts keep them -> (order [F], blocks, removed):
-    `order` lists the channels block by block, `blocks` are (start, end) ranges of `order`, and
-    `removed[e]` the blocks expert e does not keep. Each block's down-projection is computed once and
-    shared by every expert that removed it (sliced_errors)."""
-    member_EF = torch.zeros(len(kept), ffn, dtype=torch.bool)
-    for e, k in enumerate(kept):
-        member_EF[e, k] = True
-    # one block per distinct column of member_EF (which experts keep the channel)
-    patterns_BE, block_F, counts = torch.unique(member_EF.T, dim=0, return_inverse=True, return_counts=True)
-    order = torch.argsort(block_F, stable=True)
-    ends = counts.cumsum(0).tolist()
-    blocks = list(zip([0, *ends[:-1]], ends))
-    removed = [torch.nonzero(~patterns_BE[:, e]).flatten().tolist() for e in range(len(kept))]
-    return order, blocks, removed
+def removed_channels(kept: list[torch.Tensor], ffn: int) -> list[torch.Tensor]:
+    """The channels of the dense FFN that each sliced expert removed (sorted indices, one tensor per expert)."""
+    out = []
+    for k in kept:
+        gone = torch.ones(ffn, dtype=torch.bool)
+        gone[k] = False
+        out.append(torch.nonzero(gone).flatten())
+    return out
 
 
 def sliced_errors(
-    h_TF: torch.Tensor, w_down_HF: torch.Tensor, kept: list[torch.Tensor], bias_EH, blocks=None
+    h_TF: torch.Tensor, w_down_HF: torch.Tensor, removed: list[torch.Tensor], bias_EH
 ) -> torch.Tensor:
     """err_TE of sliced experts from the dense FFN's intermediate h alone: y_e - y = b_e - W_down[:, R_e] h[R_e],
-    R_e the channels expert e removed. With `blocks` (sliced_blocks; h's and w_down_HF's channels in its
-    order) the down-projection runs once per block of channels that the same experts removed, and each
-    expert adds up its blocks: about one dense down-projection in all, instead of one per expert."""
-    out = []
-    if blocks is None:
-        ffn = h_TF.shape[1]
-        for e, k in enumerate(kept):
-            removed = torch.ones(ffn, dtype=torch.bool, device=h_TF.device)
-            removed[k.to(h_TF.device)] = False
-            diff = -F.linear(h_TF[:, removed], w_down_HF[:, removed])
-            if bias_EH is not None:
-                diff = diff + bias_EH[e]
-            out.append((diff * diff).sum(-1))
-        return torch.stack(out, dim=1)
-    _, spans, removed = blocks
-    z = [F.linear(h_TF[:, a:b], w_down_HF[:, a:b]) for a, b in spans]
+    R_e = removed[e] the channels expert e removed (removed_channels, on h's device). One gather and one
+    matmul per expert: E/2 dense down-projections in all at r = 0.5, as large matmuls. (Blocks of channels
+    shared by experts cost fewer multiply-adds but, at six experts, 64 small blocks and a T x H sum per block
+    and expert: twice the time on the demo; docs/speed.md.)"""
+    out = torch.empty(h_TF.shape[0], len(removed), dtype=h_TF.dtype, device=h_TF.device)
     for e, rem in enumerate(removed):
-        diff = torch.zeros(h_TF.shape[0], w_down_HF.shape[0], dtype=h_TF.dtype, device=h_TF.device)
-        for b in rem:
-            diff -= z[b]
-        if bias_EH is not None:
-            diff += bias_EH[e]
-        out.append((diff * diff).sum(-1))
-    return torch.stack(out, dim=1)
+        h, w = h_TF.index_select(1, rem), w_down_HF.index_select(1, rem)
+        diff = -F.linear(h, w) if bias_EH is None else torch.addmm(bias_EH[e], h, w.T, alpha=-1)
+        out[:, e] = (diff * diff).sum(-1)
+    return out
 
 
 # --------------------------------------------------------------------------- the fit over sharded tokens

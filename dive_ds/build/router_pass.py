@@ -42,8 +42,8 @@ from dive_ds.build.router_math import (
     label_accuracy,
     noise_weight_init,
     noise_weight_init_sharded,
+    removed_channels,
     routing_sums,
-    sliced_blocks,
     sliced_channels,
     sliced_errors,
     soft_targets,
@@ -247,11 +247,9 @@ def fit_routers(
             shared_kept = sliced_channels(shared, w_gate, w_up, w_down)
             kept = None if shared_kept is None else [torch.cat([shared_kept[0], k]) for k in kept]
         sliced_layers += kept is not None
-        blocks = sliced_blocks(kept, w_down.shape[1]) if kept is not None and cfg.block_errors else None
-        if blocks is not None:  # the intermediate h in block order (only the errors read it)
-            w_gate, w_up, w_down = w_gate[blocks[0]], w_up[blocks[0]], w_down[:, blocks[0]]
         block = block.to(dev, dtype)
         w_gate, w_up, w_down = (w.to(dev, dtype) for w in (w_gate, w_up, w_down))
+        removed = None if kept is None else [r.to(dev) for r in removed_channels(kept, w_down.shape[1])]
         resid = torch.empty(n_mine, hidden, device=carry)
         x_mine = torch.empty(n_mine, hidden, device=carry)
         err_mine = torch.empty(n_mine, num_experts, device=carry)
@@ -266,7 +264,7 @@ def fit_routers(
             rows = slice(i * seq_len, i * seq_len + r.shape[0])
             resid[rows], x_mine[rows] = r.float().to(carry), x.float().to(carry)
             if kept is not None:
-                e = sliced_errors(h, w_down, kept, block.mlp.experts.bias, blocks)
+                e = sliced_errors(h, w_down, removed, block.mlp.experts.bias)
             else:
                 target = F.linear(h, w_down)
                 if shared is not None:

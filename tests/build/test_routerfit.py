@@ -19,8 +19,8 @@ from dive_ds.build.router_math import (
     fit_linear_router,
     label_accuracy,
     noise_weight_init,
+    removed_channels,
     router_loss_grad,
-    sliced_blocks,
     sliced_errors,
     soft_targets,
 )
@@ -80,25 +80,25 @@ def test_fit_stops_at_its_gradient_tolerance():
     assert grad.abs().max().item() > 1e-5  # it did stop early, not at the optimum
 
 
-def test_block_errors_equal_per_expert_errors_and_blocks_partition_the_channels():
+def test_sliced_errors_equal_running_each_sliced_expert():
     g = torch.Generator().manual_seed(5)
     ffn, hidden, t = 40, 6, 9
     kept = [torch.randperm(ffn, generator=g)[:20].sort().values for _ in range(4)]
-    order, spans, removed = sliced_blocks(kept, ffn)
-    assert sorted(order.tolist()) == list(range(ffn)) and spans[0][0] == 0 and spans[-1][1] == ffn
-    assert all(a < b for a, b in spans) and all(spans[i][1] == spans[i + 1][0] for i in range(len(spans) - 1))
-    for e, k in enumerate(kept):  # expert e removed exactly the channels of its removed blocks
-        gone = sorted(order[a:b].tolist() for a, b in (spans[i] for i in removed[e]))
-        assert sorted(sum(gone, [])) == sorted(set(range(ffn)) - set(k.tolist()))
+    removed = removed_channels(kept, ffn)
+    for k, r in zip(kept, removed):  # the removed channels are exactly the complement of the kept ones
+        assert sorted(k.tolist() + r.tolist()) == list(range(ffn)) and r.tolist() == sorted(r.tolist())
     h = torch.randn(t, ffn, generator=g, dtype=torch.float64)
     w_down = torch.randn(hidden, ffn, generator=g, dtype=torch.float64)
     bias = torch.randn(4, hidden, generator=g, dtype=torch.float64)
-    want = sliced_errors(h, w_down, kept, bias)
-    got = sliced_errors(h[:, order], w_down[:, order], kept, bias, (order, spans, removed))
-    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-    y = h @ w_down.T  # and both equal running each sliced expert
+    y = h @ w_down.T
     y_e = torch.stack([h[:, k] @ w_down[:, k].T + bias[e] for e, k in enumerate(kept)])
-    torch.testing.assert_close(want, expert_errors(y, y_e), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(
+        sliced_errors(h, w_down, removed, bias), expert_errors(y, y_e), rtol=1e-10, atol=1e-10
+    )
+    y_e = torch.stack([h[:, k] @ w_down[:, k].T for k in kept])  # and without biases
+    torch.testing.assert_close(
+        sliced_errors(h, w_down, removed, None), expert_errors(y, y_e), rtol=1e-10, atol=1e-10
+    )
 
 
 def test_soft_targets_and_errors():
