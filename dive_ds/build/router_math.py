@@ -93,6 +93,11 @@ def fit_linear_router(
     return (w.detach() / scale_H).contiguous()
 
 
+def _project64(x_TH: torch.Tensor, u_H: torch.Tensor, rows: int = 4096) -> torch.Tensor:
+    """x @ u in float64, a few thousand rows at a time (no float64 copy of all of x)."""
+    return torch.cat([x_TH[i : i + rows].to(torch.float64) @ u_H for i in range(0, x_TH.shape[0], rows)])
+
+
 def noise_weight_init(x_TH: torch.Tensor, w_EH: torch.Tensor, ratio: float) -> torch.Tensor:
     """noise_weight [E, H] whose softplus(x . nw) is about `ratio` x the median top-1 - top-2 margin.
 
@@ -105,11 +110,11 @@ def noise_weight_init(x_TH: torch.Tensor, w_EH: torch.Tensor, ratio: float) -> t
     logits = x_TH.to(torch.float32) @ w_EH.T
     two = torch.topk(logits, 2, dim=-1).values
     target_std = ratio * (two[:, 0] - two[:, 1]).median().item()
-    u_H = x_TH.to(torch.float64).mean(0)
+    u_H = x_TH.mean(0, dtype=torch.float64)
     if u_H.norm() == 0 or target_std <= 0:
         return torch.zeros_like(w_EH)
     u_H = u_H / u_H.norm()
-    m = (x_TH.to(torch.float64) @ u_H).median().item()
+    m = _project64(x_TH, u_H).median().item()
     if abs(m) < 1e-6:
         return torch.zeros_like(w_EH)
     pre = math.log(math.expm1(target_std)) if target_std < 30 else target_std  # softplus^-1
@@ -152,28 +157,32 @@ def sliced_channels(experts, w_gate_FH, w_up_FH, w_down_HF) -> list[torch.Tensor
     return kept
 
 
-def removed_channels(kept: list[torch.Tensor], ffn: int) -> list[torch.Tensor]:
-    """The channels of the dense FFN that each sliced expert removed (sorted indices, one tensor per expert)."""
-    out = []
-    for k in kept:
-        gone = torch.ones(ffn, dtype=torch.bool)
-        gone[k] = False
-        out.append(torch.nonzero(gone).flatten())
-    return out
+def removed_channels(kept: list[torch.Tensor], ffn: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The dense FFN's channels that the sliced experts removed -> (common, own): `common` the ones no expert
+    keeps, `own[e]` the others expert e removed (sorted indices). R_e = common + own[e]."""
+    kept_by_EF = torch.zeros(len(kept), ffn, dtype=torch.bool)
+    for e, k in enumerate(kept):
+        kept_by_EF[e, k] = True
+    common = torch.nonzero(~kept_by_EF.any(0)).flatten()
+    own = [torch.nonzero(~row & kept_by_EF.any(0)).flatten() for row in kept_by_EF]
+    return common, own
 
 
 def sliced_errors(
-    h_TF: torch.Tensor, w_down_HF: torch.Tensor, removed: list[torch.Tensor], bias_EH
+    h_TF: torch.Tensor, w_down_HF: torch.Tensor, removed: tuple[torch.Tensor, list[torch.Tensor]], bias_EH
 ) -> torch.Tensor:
     """err_TE of sliced experts from the dense FFN's intermediate h alone: y_e - y = b_e - W_down[:, R_e] h[R_e],
-    R_e = removed[e] the channels expert e removed (removed_channels, on h's device). One gather and one
-    matmul per expert: E/2 dense down-projections in all at r = 0.5, as large matmuls. (Blocks of channels
-    shared by experts cost fewer multiply-adds but, at six experts, 64 small blocks and a T x H sum per block
-    and expert: twice the time on the demo; docs/speed.md.)"""
-    out = torch.empty(h_TF.shape[0], len(removed), dtype=h_TF.dtype, device=h_TF.device)
-    for e, rem in enumerate(removed):
-        h, w = h_TF.index_select(1, rem), w_down_HF.index_select(1, rem)
-        diff = -F.linear(h, w) if bias_EH is None else torch.addmm(bias_EH[e], h, w.T, alpha=-1)
+    R_e the channels expert e removed, given as removed_channels' (common, own) on h's device. The common
+    channels' down-projection runs once; then one gather and one matmul per expert over its own ones: under
+    E/2 dense down-projections in all at r = 0.5, as large matmuls. (Blocks of channels shared by subsets of
+    experts cost fewer multiply-adds but, at six experts, 64 small blocks and a T x H sum per block and
+    expert: twice the time on the demo; docs/speed.md.)"""
+    common, own = removed
+    base = -F.linear(h_TF.index_select(1, common), w_down_HF.index_select(1, common))
+    out = torch.empty(h_TF.shape[0], len(own), dtype=h_TF.dtype, device=h_TF.device)
+    for e, rem in enumerate(own):
+        start = base if bias_EH is None else base + bias_EH[e]
+        diff = torch.addmm(start, h_TF.index_select(1, rem), w_down_HF.index_select(1, rem).T, alpha=-1)
         out[:, e] = (diff * diff).sum(-1)
     return out
 
@@ -258,11 +267,11 @@ def noise_weight_init_sharded(x_TH: torch.Tensor, w_EH: torch.Tensor, ratio: flo
     two = torch.topk(x_TH.to(torch.float32) @ w_EH.T, 2, dim=-1).values
     target_std = ratio * gather(two[:, 0] - two[:, 1]).median().item()
     n = reduce(torch.tensor([float(x_TH.shape[0])], dtype=torch.float64)).item()
-    u_H = reduce(x_TH.to(torch.float64).sum(0)) / n
+    u_H = reduce(x_TH.sum(0, dtype=torch.float64)) / n
     if u_H.norm() == 0 or target_std <= 0:
         return torch.zeros_like(w_EH)
     u_H = u_H / u_H.norm()
-    m = gather(x_TH.to(torch.float64) @ u_H).median().item()
+    m = gather(_project64(x_TH, u_H)).median().item()
     if abs(m) < 1e-6:
         return torch.zeros_like(w_EH)
     pre = math.log(math.expm1(target_std)) if target_std < 30 else target_std  # softplus^-1

@@ -249,7 +249,10 @@ def fit_routers(
         sliced_layers += kept is not None
         block = block.to(dev, dtype)
         w_gate, w_up, w_down = (w.to(dev, dtype) for w in (w_gate, w_up, w_down))
-        removed = None if kept is None else [r.to(dev) for r in removed_channels(kept, w_down.shape[1])]
+        removed = None
+        if kept is not None:
+            common, own = removed_channels(kept, w_down.shape[1])
+            removed = common.to(dev), [r.to(dev) for r in own]
         resid = torch.empty(n_mine, hidden, device=carry)
         x_mine = torch.empty(n_mine, hidden, device=carry)
         err_mine = torch.empty(n_mine, num_experts, device=carry)

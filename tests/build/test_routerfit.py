@@ -84,9 +84,15 @@ def test_sliced_errors_equal_running_each_sliced_expert():
     g = torch.Generator().manual_seed(5)
     ffn, hidden, t = 40, 6, 9
     kept = [torch.randperm(ffn, generator=g)[:20].sort().values for _ in range(4)]
+    kept[1] = torch.cat([kept[1][:10], kept[0][:3]]).unique()  # some channels kept by two experts
     removed = removed_channels(kept, ffn)
-    for k, r in zip(kept, removed):  # the removed channels are exactly the complement of the kept ones
-        assert sorted(k.tolist() + r.tolist()) == list(range(ffn)) and r.tolist() == sorted(r.tolist())
+    common, own = removed
+    everyone = set(range(ffn)) - set(torch.cat(kept).tolist())
+    assert common.tolist() == sorted(everyone) and len(everyone) > 0
+    for k, r in zip(kept, own):  # common + own: exactly the complement of the kept channels
+        assert sorted(k.tolist() + r.tolist() + common.tolist()) == list(range(ffn)) and r.tolist() == sorted(
+            r.tolist()
+        )
     h = torch.randn(t, ffn, generator=g, dtype=torch.float64)
     w_down = torch.randn(hidden, ffn, generator=g, dtype=torch.float64)
     bias = torch.randn(4, hidden, generator=g, dtype=torch.float64)
