@@ -22,7 +22,7 @@ class RouterFitConfig:
     """L2 penalty on the (standardised) router weights, added to the mean cross-entropy."""
     max_iter: int = flag(200, "L-BFGS iterations per layer, at most (default 200)", type=positive_int)
     """L-BFGS iterations per layer (at most)."""
-    tolerance: float = flag(3e-3, "L-BFGS stops once every gradient entry is below this (default 3e-3)",
+    tolerance: float = flag(1e-3, "L-BFGS stops once every gradient entry is below this (default 1e-3)",
                             type=positive_float)  # fmt: skip
     """L-BFGS stops once every gradient entry of the mean loss is below this (the fit's data are nearly
     separable, so the last iterations only grow the weights; benchmarks/router_fit_cost.py measures it)."""
