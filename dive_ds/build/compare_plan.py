@@ -189,12 +189,13 @@ def run_names(cfg: CompareConfig) -> list[tuple[str, Build, int]]:
 
 
 HEADLINE = ("dive", "flap", "flap-adaptive")
-"""Methods trained once per data seed; the seeded baselines (their spread comes from the grouping seeds)
+"""Methods trained once per data seed, with every DIVE variant (shared expert, token clusters: each is
+judged against DIVE, seed by seed); the seeded baselines (their spread comes from the grouping seeds)
 and flap-eqtrain are trained with the first data seed only, which keeps the budget to what a machine can run."""
 
 
 def data_seeds_of(b: Build, cfg: CompareConfig) -> tuple[int, ...]:
-    return cfg.data_seeds if b.method in HEADLINE else cfg.data_seeds[:1]
+    return cfg.data_seeds if b.method in HEADLINE or is_dive(b.method) else cfg.data_seeds[:1]
 
 
 # --------------------------------------------------------------------------- building the models

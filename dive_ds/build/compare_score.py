@@ -90,10 +90,13 @@ def lambada_items(n: int | None, split, calibrated: list[str]) -> list[dict] | N
     return load_items(lc)
 
 
-def widths_of(model_dir: Path) -> list[int] | int:
-    """The expert width (per layer, for adaptive FLAP) the model was built with."""
+def widths_of(model_dir: Path) -> list[int] | int | dict:
+    """The expert width (per layer, for adaptive FLAP) the model was built with; with a shared expert
+    {"routed": w, "shared": s} (a top-1 token runs both)."""
     cfg = json.loads((model_dir / "config.json").read_text())
-    return cfg.get("expert_intermediate_sizes") or cfg["expert_intermediate_size"]
+    routed = cfg.get("expert_intermediate_sizes") or cfg["expert_intermediate_size"]
+    shared = cfg.get("shared_expert_intermediate_size") or 0
+    return {"routed": routed, "shared": shared} if shared else routed
 
 
 def params_of(model_dir: Path) -> dict:

@@ -108,6 +108,10 @@ def test_beyond_dive_methods_in_the_plan():
                         treatments=("fitted",))  # fmt: skip
     assert [n for n, _, _ in run_names(cfg)] == ["flap-d1234", "dive-fitted-d1234", "dive-shared0.125-fitted-d1234",
                                                  "dive-shared0.25-fitted-d1234", "dive-clusters-fitted-d1234"]  # fmt: skip
+    two = CompareConfig(methods=("dive", "flap", "dive-clusters"), treatments=("fitted",), data_seeds=(7, 8))
+    # every variant on every data seed, like DIVE (each is judged against DIVE seed by seed)
+    assert [n for n, _, _ in run_names(two)] == ["flap-d7", "dive-fitted-d7", "flap-d8", "dive-fitted-d8",
+                                                 "dive-clusters-fitted-d7", "dive-clusters-fitted-d8"]  # fmt: skip
     rc = {b.name: method_config(b, cfg) for b in builds(cfg)}
     assert (rc["dive-shared0.25-fitted"].method, rc["dive-shared0.25-fitted"].shared_ratio) == ("dive", 0.25)
     assert rc["dive-fitted"].shared_ratio == 0.0 and rc["dive-shared0.125-fitted"].prune_ratio == 0.5

@@ -132,6 +132,9 @@ def test_reconstruct_fit_evaluate_lora_ep_and_exports_with_a_shared_expert(tiny,
         12,
         12,
     )  # 48 x .25
+    from dive_ds.build.compare_score import widths_of
+
+    assert widths_of(moe_dir) == {"routed": 12, "shared": 12}  # what compare records: a token runs both
     plan = plan_experts(cal.stats, cal.domains, json.loads(tiny["groups"].read_text()), cfg)
     dense = load_file(tiny["dense"] / "model.safetensors")
     mean, _ = mean_var(cal.stats.merged([0, 1]).count_D, cal.stats.merged([0, 1]).sum_DLF,
