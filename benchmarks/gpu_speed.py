@@ -27,12 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from calibration_speed import plain_forward  # noqa: E402
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from calibration_speed import _sync, plain_forward  # noqa: E402
 
 
 def _timed(fn, device, reps: int = 10, warm: int = 3) -> float:
@@ -170,10 +165,7 @@ def main() -> None:
         windows[f"dom{d}"] = torch.randint(lo, lo + a.vocab // 2, (a.windows, a.seq_len), generator=g)
     ids = torch.cat(list(windows.values()))
     tokens = ids.numel()
-    params = (
-        sum(n * m for n, m in ((config.hidden_size, config.intermediate_size),) * 3)
-        * config.num_hidden_layers
-    )
+    params = 3 * config.hidden_size * config.intermediate_size * config.num_hidden_layers
     print(f"dense: {config.num_hidden_layers} layers, H {config.hidden_size}, F {config.intermediate_size}; "
           f"{tokens} tokens ({a.domains} domains x {a.windows} x {a.seq_len})", flush=True)  # fmt: skip
 

@@ -163,8 +163,9 @@ def removed_channels(kept: list[torch.Tensor], ffn: int) -> tuple[torch.Tensor, 
     kept_by_EF = torch.zeros(len(kept), ffn, dtype=torch.bool)
     for e, k in enumerate(kept):
         kept_by_EF[e, k] = True
-    common = torch.nonzero(~kept_by_EF.any(0)).flatten()
-    own = [torch.nonzero(~row & kept_by_EF.any(0)).flatten() for row in kept_by_EF]
+    kept_by_any_F = kept_by_EF.any(0)
+    common = torch.nonzero(~kept_by_any_F).flatten()
+    own = [torch.nonzero(~row & kept_by_any_F).flatten() for row in kept_by_EF]
     return common, own
 
 
