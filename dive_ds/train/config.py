@@ -213,6 +213,9 @@ class EvalConfig:
     """Windows per forward."""
     at_start: bool = True
     """Also evaluate before a stage's first step (the baseline of its curve)."""
+    at_end: bool = True
+    """Evaluate after a stage's last step (its summary's final_eval); false when the caller scores the
+    output itself (the demo evaluates the retrained model on its own windows)."""
 
 
 @dataclass(frozen=True)

@@ -403,8 +403,6 @@ def write_stage_output(
             export_hf(state, input_dir, plan.model_dir, meta["lora"], info, router_gate=stage.router_gate)
     if rank == 0:
         write_json(plan.dir / "summary.json", result)
-        print(
-            f"[{stage.name}] done: held-out loss {result['final_eval']['loss']:.4f}, mean ppl "
-            f"{result['final_eval']['ppl_mean']:.2f}; model -> {plan.model_dir}",
-            flush=True,
-        )
+        final = result["final_eval"]
+        scored = f"held-out loss {final['loss']:.4f}, mean ppl {final['ppl_mean']:.2f}; " if final else ""
+        print(f"[{stage.name}] done: {scored}model -> {plan.model_dir}", flush=True)

@@ -207,7 +207,8 @@ def train(
             check_resume_ep_size(plan.ckpt_dir, tag, ep_size)
     tokenizer = load_tokenizer(run.data.tokenizer, ref, vocab) if todo else None
     domains, probs = resolve_domains(run.data)
-    windows = eval_windows(run, tokenizer, vocab) if todo else {}
+    evaluates = run.eval.at_start or run.eval.at_end or run.eval.every > 0
+    windows = eval_windows(run, tokenizer, vocab) if todo and evaluates else {}
     recipe = data_recipe(run.data, domains, probs, tokenizer) if todo else {}
     if rank == 0:
         write_identity(Path(run.out_dir), identity)

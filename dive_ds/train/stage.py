@@ -158,8 +158,12 @@ def run_stage(
                     "checkpoint saved, relaunch the same command to resume"
                 )
         bar.close()
-        final = summarise_eval(
-            log_eval(engine, module, windows, run, device, log, plan.step_offset + steps, stage.name, steps)
+        final = (
+            summarise_eval(
+                log_eval(engine, module, windows, run, device, log, plan.step_offset + steps, stage.name, steps)
+            )
+            if run.eval.at_end
+            else None
         )
         log.heatmap(heat_counts, plan.step_offset + steps, f"{stage.name} end: expert load share")
         state = gather_state_dict(module, skip_ep_experts=bool(ep_size))

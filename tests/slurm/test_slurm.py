@@ -58,7 +58,11 @@ def cluster(tmp_path_factory):
 
 
 def job_env(out: Path, **extra) -> dict:
-    return {"REPO": str(REPO), "OUT": str(out), "MINE_FAST": "1", "PYTHON": sys.executable} | extra
+    # The two "nodes" share this machine's cores: one thread per rank, as slurm/dive_tiny.sh defaults to
+    # (`make test` exports OMP_NUM_THREADS=2 for its in-process tests, which sbatch would pass on, and two
+    # ranks of two threads each on two cores run the job about a third slower)
+    return {"REPO": str(REPO), "OUT": str(out), "MINE_FAST": "1", "PYTHON": sys.executable,
+            "OMP_NUM_THREADS": "1"} | extra  # fmt: skip
 
 
 def rows(out: Path) -> list[dict]:

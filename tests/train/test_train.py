@@ -521,6 +521,26 @@ def test_saved_model_keeps_the_gate_the_stage_trained_with(world, tiny, tmp_path
     assert hf["loss"] == pytest.approx(live["loss"], abs=1e-6)
 
 
+def test_a_run_without_evaluation_scores_nothing(world, tiny, tmp_path, monkeypatch, capsys):
+    """eval.at_start / every / at_end all off (the demo, which scores the retrained model itself): no
+    held-out windows are built, no eval rows, final_eval is null, and the model is written as ever."""
+    import dive_ds.train.retrain as retrain_mod
+    from dive_ds.train.retrain import train
+
+    built = []
+    monkeypatch.setattr(retrain_mod, "eval_windows", lambda *a: built.append(a) or {})
+    out = tmp_path / "run"
+    raw = base_run(tiny, out, data={"overfit_sequences": 4}, eval={"every": 0, "at_start": False, "at_end": False},
+                   stages={"router": {"enabled": False}, "experts": {"steps": 2}})  # fmt: skip
+    results = train(run_config_from_dict(raw), read_mapping(ZERO2), str(ZERO2))
+    assert built == [] and results["experts"]["final_eval"] is None
+    rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
+    assert not [r for r in rows if r.get("event") == "eval"] and [r["step"] for r in rows if "loss" in r] == [1, 2]
+    assert json.loads((out / "stages" / "experts" / "summary.json").read_text())["final_eval"] is None
+    assert f"[experts] done: model -> {out / 'stages' / 'experts' / 'model'}" in capsys.readouterr().out
+    assert (out / "model" / "config.json").is_file()
+
+
 def test_run_folder_records_and_tensorboard(memorise_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
