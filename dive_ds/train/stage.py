@@ -160,7 +160,9 @@ def run_stage(
         bar.close()
         final = (
             summarise_eval(
-                log_eval(engine, module, windows, run, device, log, plan.step_offset + steps, stage.name, steps)
+                log_eval(
+                    engine, module, windows, run, device, log, plan.step_offset + steps, stage.name, steps
+                )
             )
             if run.eval.at_end
             else None

@@ -535,7 +535,10 @@ def test_a_run_without_evaluation_scores_nothing(world, tiny, tmp_path, monkeypa
     results = train(run_config_from_dict(raw), read_mapping(ZERO2), str(ZERO2))
     assert built == [] and results["experts"]["final_eval"] is None
     rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
-    assert not [r for r in rows if r.get("event") == "eval"] and [r["step"] for r in rows if "loss" in r] == [1, 2]
+    assert not [r for r in rows if r.get("event") == "eval"] and [r["step"] for r in rows if "loss" in r] == [
+        1,
+        2,
+    ]
     assert json.loads((out / "stages" / "experts" / "summary.json").read_text())["final_eval"] is None
     assert f"[experts] done: model -> {out / 'stages' / 'experts' / 'model'}" in capsys.readouterr().out
     assert (out / "model" / "config.json").is_file()
