@@ -58,8 +58,8 @@ def test_demo_pipeline_end_to_end(tmp_path):
                 "3",
                 "--mining-eval-windows",
                 "2",
-                "--retrain-steps",
-                "2",
+                "--retrain-steps",  # the demo's own shape (no router stage: the router is fitted)
+                "0",
                 "2",
                 "--retrain-batch",
                 "2",
