@@ -1,9 +1,11 @@
 """`make demo`: the whole recipe on the embedded default, on a laptop.
 
-calibrate (one pass) -> mine (D x D pruned evaluations + fast affinity) -> reconstruct
-(DIVE and the baselines, same code path) -> fit DIVE's routers -> evaluate -> retrain the
-fitted MoE (experts stage), then one table. Sample counts are
-far below the reference recipe (1024 x 256 per domain) so it fits a 2-core machine.
+calibrate (one pass, with each layer's token clusters) -> mine (D x D pruned evaluations + fast affinity) ->
+reconstruct (DIVE, the token-cluster MoE and the baselines, same code path) -> fit the recommended MoE's
+routers -> evaluate -> retrain the fitted MoE (experts stage), then one table. The recommended MoE is cut
+from token clusters (docs/beyond.md: better than DIVE's domain groups on seen and unseen text, two training
+seeds); `--groups-from domains` makes it DIVE's. Sample counts are far below the reference recipe
+(1024 x 256 per domain) so it fits a 2-core machine.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ def run_demo(a) -> dict:
 
     out = Path(a.out)
     t_all = time.time()
+    pick = "clusters" if a.groups_from == "clusters" else "dive"  # the MoE that is fitted and retrained
     print(
         f"DIVE demo: SmolLM2-135M-Instruct, built-in demo pack, {a.samples_per_domain} x {a.seq_len} calibration "
         f"tokens per domain (the reference recipe uses 1024 x 256; smaller here so the demo fits a 2-core machine), "
@@ -52,6 +55,7 @@ def run_demo(a) -> dict:
         only=a.only or None,
         force=True,  # the demo owns its run folder: new settings replace the old calibration
         demo=True,
+        token_clusters=a.experts if pick == "clusters" else 0,
     )
     times["calibrate"] = time.time() - t
     t = _step("2/5 mine: domain affinity and groups")
@@ -72,6 +76,10 @@ def run_demo(a) -> dict:
         "nomining": (None, reconstruct_config(method="nomining", **moe)),
         "flap": (None, reconstruct_config(method="flap", prune_ratio=a.prune_ratio)),
     }
+    if (
+        pick == "clusters"
+    ):  # DIVE's experts cut from each layer's token clusters (no domain labels, no mining)
+        builds["clusters"] = (None, reconstruct_config(method="dive", groups_from="clusters", **moe))
     for name, (groups, cfg) in builds.items():
         # force: the demo owns these folders (the same build is reused, another one replaced)
         _run(
@@ -85,14 +93,14 @@ def run_demo(a) -> dict:
             force=True,
         )
     times["reconstruct"] = time.time() - t
-    t = _step("3b/5 fit-router: DIVE's routers from the dense model (reconstruction-error labels)")
-    fitted = out / "moe-dive-fitted"
+    t = _step(f"3b/5 fit-router: the {pick} MoE's routers from the dense model (reconstruction-error labels)")
+    fitted = out / f"moe-{pick}-fitted"
     if fitted.exists():  # a rerun refits from the new reconstruction, replacing only the demo's own fit
-        _remove_own_fit(fitted, out / "moe-dive")
+        _remove_own_fit(fitted, out / f"moe-{pick}")
     _run(
         # 8 of the 16 windows per domain: half the cost, and measured no worse (calib held-out mean 127.0
         # against 126.8 with all 16; README "Router fitting")
-        run_fit_router, str(out / "moe-dive"), str(out / "calib"), str(fitted),
+        run_fit_router, str(out / f"moe-{pick}"), str(out / "calib"), str(fitted),
         RouterFitConfig(windows_per_domain=8), dense=None,
     )  # fmt: skip
     times["fit_router"] = time.time() - t
@@ -106,6 +114,8 @@ def run_demo(a) -> dict:
     )
     results = [run_evaluate("demo", None, out / "eval-dense", label="dense", **ev)]
     for name in builds:
+        if name == "clusters":  # no domain -> expert map (an oracle), and its random router is DIVE's
+            continue
         # an untrained random router is only informative for DIVE itself; baselines are compared by oracle
         results.append(
             run_evaluate(
@@ -119,19 +129,21 @@ def run_demo(a) -> dict:
             )
         )
     results.append(
-        run_evaluate(str(fitted), None, out / "eval-dive-fitted", oracle=False, label="dive-fitted", **ev)
+        run_evaluate(
+            str(fitted), None, out / f"eval-{pick}-fitted", oracle=False, label=f"{pick}-fitted", **ev
+        )
     )
     times["evaluate"] = time.time() - t
     if any(a.retrain_steps):
         t = _step("5/5 retrain the fitted DIVE MoE: LoRA experts stage (DeepSpeed ZeRO-2, 1 process)")
-        retrained = _retrain(out, a)
+        retrained = _retrain(out, a, fitted)
         results.append(
             run_evaluate(
                 str(retrained),
                 None,
-                out / "eval-dive-retrained",
+                out / f"eval-{pick}-retrained",
                 oracle=False,
-                label="dive-retrained",
+                label=f"{pick}-retrained",
                 **ev,
             )
         )
@@ -139,7 +151,7 @@ def run_demo(a) -> dict:
     table = markdown_table(results, cal.domains)
     means = {r["label"]: r for r in results}
     untrained = {
-        "dive fitted router": means["dive-fitted"]["router_mean"],
+        f"{pick} fitted router": means[f"{pick}-fitted"]["router_mean"],
         "dive random router (paper init)": means["dive"]["router_mean"],
         "dive oracle routing": means["dive"]["oracle_mean"],
         "flap (dense pruning)": means["flap"]["router_mean"],
@@ -160,20 +172,27 @@ def run_demo(a) -> dict:
         },
         "groups": mining_rep["groups"],
         "untrained_mean_ppl": {k: round(v, 2) for k, v in untrained.items()},
-        "dive_fitted_vs_flap": round(untrained["dive fitted router"] / untrained["flap (dense pruning)"], 4),
+        "fitted": pick,
+        "fitted_vs_flap": round(untrained[f"{pick} fitted router"] / untrained["flap (dense pruning)"], 4),
     }
     write_text(out / "summary.md", table)
     write_json(out / "summary.json", summary)
     print(
         "\nHeld-out perplexity (oracle = each domain's tokens to its group's expert; `dive | router` is the "
-        "paper's random router init, `dive-fitted | router` the fitted one, both before retraining; "
-        "`dive-retrained | router` is the fitted MoE after the experts stage):\n"
+        f"paper's random router init, `{pick}-fitted | router` the {pick} MoE's fitted one, both before "
+        f"retraining; `{pick}-retrained | router` is that MoE after the experts stage"
+        + (
+            "; `clusters` = experts cut from each layer's token clusters, docs/beyond.md"
+            if pick == "clusters"
+            else ""
+        )
+        + "):\n"
     )
     print(table)
     print("Before any retraining, mean held-out perplexity at the same activated FFN width:")
     for k, v in untrained.items():
         print(f"  {k:<34} {v:8.1f}")
-    print(f"  dive fitted / flap = {summary['dive_fitted_vs_flap']:.3f}")
+    print(f"  {pick} fitted / flap = {summary['fitted_vs_flap']:.3f}")
     print(f"family recovery of the mined groups (ARI): {summary['family_recovery_ari']}")
     print(f"fast vs paper affinity: {summary['fast_vs_paper']}")
     print(f"step times (s): {summary['times_s']}; total {summary['total_s']}s; outputs in {out}/")
@@ -189,7 +208,7 @@ def _eval_registry(out: Path, cal) -> str:
     return str(path)
 
 
-def _retrain(out: Path, a) -> Path:
+def _retrain(out: Path, a, fitted: Path) -> Path:
     """A short run of configs/demo_retrain.yaml on the demo's DIVE MoE, in its own process
     (DeepSpeed sets up a process group; the demo itself stays free of one)."""
     import os
@@ -208,7 +227,7 @@ def _retrain(out: Path, a) -> Path:
         "--set",
         f"out_dir={out / 'retrain'}",
         "--set",
-        f"model.path={out / 'moe-dive-fitted'}",
+        f"model.path={fitted}",
         "--set",
         f"train.global_batch_size={a.retrain_batch}",
         "--set",

@@ -9,8 +9,8 @@ from dive_ds.flags import flag
 
 HELP = "the whole pipeline on the embedded default (SmolLM2 + demo pack)"
 DESCRIPTION = (
-    "calibrate -> mine -> reconstruct (DIVE and baselines) -> evaluate, on SmolLM2-135M-Instruct and the "
-    "built-in demo pack, with small sample counts."
+    "calibrate -> mine -> reconstruct (DIVE, token clusters and baselines) -> fit the routers -> evaluate -> "
+    "retrain, on SmolLM2-135M-Instruct and the built-in demo pack, with small sample counts."
 )
 
 
@@ -26,6 +26,9 @@ class Settings:
     mining_eval_windows: int = flag(2, "held-out windows per domain for the D x D pruned evaluations (default 2)",
                                     type=positive_int)  # fmt: skip
     only: list[str] | None = flag(None, "use only these demo domains", nargs="+", metavar="DOMAIN")
+    groups_from: str = flag("clusters", "the fitted and retrained MoE's experts: cut from each layer's token "
+                            "clusters (default; docs/beyond.md) or from DIVE's mined domain groups",
+                            choices=("clusters", "domains"))  # fmt: skip
     retrain_steps: list[int] = flag([0, 12], "steps of the router and experts stages of the fitted MoE (default 0 "
                                     "12: the fitted router needs no router stage; 0 0 skips retraining)",
                                     type=nonneg_int, nargs=2, metavar=("ROUTER", "EXPERTS"))  # fmt: skip

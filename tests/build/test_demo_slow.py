@@ -70,8 +70,21 @@ def test_demo_pipeline_end_to_end(tmp_path):
     s = json.loads((out / "summary.json").read_text())
     m = s["mean_ppl"]
     print(json.dumps(s, indent=1))
-    for v in (m["dense"]["router"], m["dive"]["oracle"], m["flap"]["router"], m["dive-retrained"]["router"]):
+    for v in (
+        m["dense"]["router"],
+        m["dive"]["oracle"],
+        m["flap"]["router"],
+        m["clusters-retrained"]["router"],
+    ):
         assert math.isfinite(v)
+    # the recommended MoE (the default): experts cut from each layer's token clusters, routers fitted from the
+    # dense model; before any retraining it beats FLAP at the same activated width
+    assert s["fitted"] == "clusters" and m["clusters-fitted"]["router"] < m["flap"]["router"]
+    rec = json.loads((out / "moe-clusters-fitted" / "dive_experts.json").read_text())["reconstruction"]
+    assert rec["groups_from"] == "clusters"
+    assert (
+        json.loads((out / "calib" / "manifest.json").read_text())["pass"]["token_clusters"]["clusters"] == 4
+    )
     assert m["dense"]["router"] < m["dive"]["oracle"]  # pruning half the FFN costs, before retraining
     # the paper's claim on expert quality: diverse domain experts beat a random split and one pooled FLAP
     assert m["dive"]["oracle"] < m["random-split"]["oracle"]
