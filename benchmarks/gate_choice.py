@@ -5,6 +5,7 @@ softmax over the one chosen logit, i.e. weight 1 and no router gradient; straigh
 runs the same experts stage (LoRA + routers + norms, noisy top-k) for the same steps through the
 trainer and prints the held-out perplexity before and after, and each gate's ratio to renorm.
 
+    # runs/demo/moe-dive-fitted: from `dive-ds demo --groups-from domains` (the default demo fits moe-clusters)
     python benchmarks/gate_choice.py --fitted runs/demo/moe-dive-fitted --random runs/demo/moe-dive \
         --registry demo --steps 16 --out runs/gate_choice
 """

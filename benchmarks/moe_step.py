@@ -1,6 +1,8 @@
 """The experts-stage training step, MoE against FLAP at equal activated width, measured in one run.
 
-    .venv/bin/python benchmarks/moe_step.py --moe runs/demo/moe-dive-fitted --flap runs/demo/moe-flap [--steps 6]
+    .venv/bin/python benchmarks/moe_step.py --moe runs/demo/moe-clusters-fitted --flap runs/demo/moe-flap [--steps 6]
+
+(stop 29 measured it on the DIVE MoE: `moe-dive-fitted` of `dive-ds demo --groups-from domains`)
 
 Both models go through the trainer's own stage preparation (`prepare_stage_model` with the experts
 stage of configs/demo_retrain.yaml: sparse noisy top-k routing, LoRA on the experts, routers and

@@ -68,7 +68,7 @@ def run_demo(a) -> dict:
         eval_windows=a.mining_eval_windows,
     )
     times["mine"] = time.time() - t
-    t = _step("3/5 reconstruct: DIVE and baselines")
+    t = _step("3/5 reconstruct: DIVE, the recommended MoE and baselines")
     moe = {"experts": a.experts, "top_k": a.top_k, "prune_ratio": a.prune_ratio}
     builds = {  # method: (groups file, settings)
         "dive": (str(out / "mining" / "groups.json"), reconstruct_config(method="dive", **moe)),
@@ -135,7 +135,7 @@ def run_demo(a) -> dict:
     )
     times["evaluate"] = time.time() - t
     if any(a.retrain_steps):
-        t = _step("5/5 retrain the fitted DIVE MoE: LoRA experts stage (DeepSpeed ZeRO-2, 1 process)")
+        t = _step(f"5/5 retrain the fitted {pick} MoE: LoRA experts stage (DeepSpeed ZeRO-2, 1 process)")
         retrained = _retrain(out, a, fitted)
         results.append(
             run_evaluate(
@@ -209,7 +209,7 @@ def _eval_registry(out: Path, cal) -> str:
 
 
 def _retrain(out: Path, a, fitted: Path) -> Path:
-    """A short run of configs/demo_retrain.yaml on the demo's DIVE MoE, in its own process
+    """A short run of configs/demo_retrain.yaml on the demo's fitted MoE, in its own process
     (DeepSpeed sets up a process group; the demo itself stays free of one)."""
     import os
     import subprocess
@@ -224,6 +224,9 @@ def _retrain(out: Path, a, fitted: Path) -> Path:
         str(repo / "ds_configs" / "zero2.json"),
         "--config",
         str(repo / "configs" / "demo_retrain.yaml"),
+        # the demo owns OUT/retrain: a rerun (a new fit, another --groups-from) moves the earlier run's files
+        # into OUT/retrain/superseded-*/ instead of refusing the folder (nothing is deleted)
+        "--force",
         "--set",
         f"out_dir={out / 'retrain'}",
         "--set",
