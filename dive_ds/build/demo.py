@@ -66,6 +66,7 @@ def run_demo(a) -> dict:
         a.experts,
         a.prune_ratio,
         eval_windows=a.mining_eval_windows,
+        force=True,  # the demo owns its run folder: mining of another calibration replaces the old one
     )
     times["mine"] = time.time() - t
     t = _step("3/5 reconstruct: DIVE, the recommended MoE and baselines")
@@ -95,14 +96,15 @@ def run_demo(a) -> dict:
     times["reconstruct"] = time.time() - t
     t = _step(f"3b/5 fit-router: the {pick} MoE's routers from the dense model (reconstruction-error labels)")
     fitted = out / f"moe-{pick}-fitted"
-    if fitted.exists():  # a rerun refits from the new reconstruction, replacing only the demo's own fit
-        _remove_own_fit(fitted, out / f"moe-{pick}")
-    _run(
-        # 8 of the 16 windows per domain: half the cost, and measured no worse (calib held-out mean 127.0
-        # against 126.8 with all 16; README "Router fitting")
-        run_fit_router, str(out / f"moe-{pick}"), str(out / "calib"), str(fitted),
-        RouterFitConfig(windows_per_domain=8), dense=None,
-    )  # fmt: skip
+    # 8 of the 16 windows per domain: half the cost, and measured no worse (calib held-out mean 127.0
+    # against 126.8 with all 16; README "Router fitting")
+    fit_cfg = RouterFitConfig(windows_per_domain=8)
+    if fitted.exists() and _fit_is_current(fitted, out / f"moe-{pick}", out / "calib", fit_cfg):
+        print(f"{fitted} already holds this fit; reusing it (delete it to refit)", flush=True)
+    else:
+        if fitted.exists():  # a rerun refits from the new reconstruction, replacing only the demo's own fit
+            _remove_own_fit(fitted, out / f"moe-{pick}")
+        _run(run_fit_router, str(out / f"moe-{pick}"), str(out / "calib"), str(fitted), fit_cfg, dense=None)
     times["fit_router"] = time.time() - t
     t = _step(
         "4/5 evaluate: perplexity per domain on the evaluation set (never calibrated, mined or trained on)"
@@ -112,6 +114,7 @@ def run_demo(a) -> dict:
     ev = dict(
         registry=reg, eval_windows=a.eval_windows, seq_len=a.seq_len, seed=cal.manifest["sampler"]["seed"]
     )
+    _clear_stale_evals(out, ["dense", *(n for n in builds if n != "clusters"), f"{pick}-fitted"], ev)
     results = [run_evaluate("demo", None, out / "eval-dense", label="dense", **ev)]
     for name in builds:
         if name == "clusters":  # no domain -> expert map (an oracle), and its random router is DIVE's
@@ -137,6 +140,7 @@ def run_demo(a) -> dict:
     if any(a.retrain_steps):
         t = _step(f"5/5 retrain the fitted {pick} MoE: LoRA experts stage (DeepSpeed ZeRO-2, 1 process)")
         retrained = _retrain(out, a, fitted)
+        _clear_stale_evals(out, [f"{pick}-retrained"], ev)
         results.append(
             run_evaluate(
                 str(retrained),
@@ -282,6 +286,54 @@ def _run(step, *args, **kwargs) -> None:
 def _check(rc: int) -> None:
     if rc != 0:
         raise RuntimeError(f"demo step failed (exit {rc}); see the message above")
+
+
+def _fit_is_current(fitted: Path, source: Path, calib: Path, cfg) -> bool:
+    """Is `fitted` this demo's fit of `source` from `calib` with `cfg` (a rerun that changed nothing reuses it;
+    a refit would only change its recorded time, and with it every later step's identity)?"""
+    from dataclasses import asdict
+
+    from dive_ds.io.fingerprint import folder_fingerprint
+
+    try:
+        rec = json.loads((fitted / "router_fit.json").read_text())
+        same_moe = (fitted / "dive_experts.json").read_bytes() == (source / "dive_experts.json").read_bytes()
+    except (OSError, ValueError):
+        return False
+    return (
+        same_moe
+        and rec.get("moe") == str(source.resolve())
+        and rec.get("calibration_fingerprint") == folder_fingerprint(calib)
+        and rec.get("config") == json.loads(json.dumps(asdict(cfg)))
+    )
+
+
+def _clear_stale_evals(out: Path, labels: list[str], ev: dict) -> None:
+    """The demo owns its eval-<label>/ folders: one holding an evaluation of another model or other windows
+    (a rerun with other settings) is moved into a superseded-<time>/ folder beside it, never deleted; one
+    holding this very evaluation is left for `evaluate` to rewrite."""
+    from dive_ds.build.outputs import evaluation_identity, read_identity
+    from dive_ds.io.atomic import move_aside
+    from dive_ds.io.loading import resolve_model
+
+    for label in labels:
+        folder = out / f"eval-{label}"
+        recorded = read_identity(folder / "eval.json")
+        if recorded is None:
+            continue
+        if label == "dense":
+            model, oracle, router = Path(resolve_model("demo")), True, True
+        elif label.endswith(("-fitted", "-retrained")):
+            suffix = "-fitted" if label.endswith("-fitted") else "-retrained"
+            model = out / f"moe-{label}" if suffix == "-fitted" else out / "retrain" / "model"
+            oracle, router = False, True
+        else:
+            model, oracle, router = out / f"moe-{label}", label != "flap", label in ("dive", "flap")
+        want = evaluation_identity(model, None, ev["registry"], ev["eval_windows"], ev["seq_len"], ev["seed"],
+                                   oracle, router)  # fmt: skip
+        if recorded != json.loads(json.dumps(want)):
+            moved = move_aside(folder)
+            print(f"{folder} held another evaluation; moved it to {moved}", flush=True)
 
 
 def _remove_own_fit(fitted: Path, source: Path) -> None:

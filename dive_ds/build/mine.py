@@ -45,6 +45,7 @@ def mine(
     linkage: str = "average",
     device: str = "auto",
     dtype: str = "fp32",
+    force: bool = False,
 ) -> dict | None:
     """`dive-ds mine`: domain affinity mining, then the groups and how well they recover the families
     (printed and returned by rank 0; other ranks of a torchrun launch return None).
@@ -54,14 +55,16 @@ def mine(
     `out` is written whole (built under a temporary name, renamed into place at once); an `out`
     holding this same mining run is reused, one holding anything else is refused. The pruned models
     run on `device` in `dtype`; launched by torchrun, every rank evaluates its share of the windows,
-    the sums are all-reduced and rank 0 alone writes `out` and returns the report (others: None)."""
+    the sums are all-reduced and rank 0 alone writes `out` and returns the report (others: None). `force`
+    (the demo, which owns its run folder): an `out` holding another mining run is replaced, the old one moved
+    into `out/superseded-<time>/`."""
 
     if not 0.0 <= prune_ratio < 1.0:
         raise ValueError(f"--prune-ratio must be in [0, 1) (got {prune_ratio})")
     torch_dtype = compute_dtype(device, dtype)
     with start_ranks(device) as ranks:
         rep = _mine(calib, out, experts, prune_ratio, score, bias_compensation, fast_only, eval_windows, model,
-                    batch_size, linkage, ranks, torch_dtype)  # fmt: skip
+                    batch_size, linkage, ranks, torch_dtype, force)  # fmt: skip
     if rep is not None:
         _print_mining(rep, out)
     return rep
@@ -85,7 +88,7 @@ def _print_mining(rep: dict, out) -> None:
 
 
 def _mine(calib_dir, out, num_groups, prune_ratio, score, bias_compensation, fast_only, eval_windows, model,
-          batch_size, linkage, ranks: Ranks, torch_dtype: torch.dtype) -> dict | None:  # fmt: skip
+          batch_size, linkage, ranks: Ranks, torch_dtype: torch.dtype, force: bool = False) -> dict | None:  # fmt: skip
     cal = load_calibration(calib_dir)
     n_dom = len(cal.domains)
     if num_groups > n_dom:
@@ -109,7 +112,7 @@ def _mine(calib_dir, out, num_groups, prune_ratio, score, bias_compensation, fas
         identity["dtype"] = str(torch_dtype).removeprefix("torch.")
     check_not_input(final, {"calibration": cal.path})
     recorded = read_identity(final / "mining.json")
-    if claim_output(final, identity, recorded, "mining.json", force=False, has_force=False):
+    if claim_output(final, identity, recorded, "mining.json", force=force, has_force=False):
         if ranks.is_main:
             print(f"{final} already holds this mining run; reusing it (delete it to recompute)")
         return json.loads((final / "mining.json").read_text()) if ranks.is_main else None

@@ -331,3 +331,51 @@ def test_demo_replaces_only_its_own_router_fit(tmp_path):
     (own / "router_fit.json").write_text(json.dumps({"moe": str(source.resolve())}))
     _remove_own_fit(own, source)
     assert not own.exists() and (foreign / "notes.txt").read_text() == "mine"
+
+
+def test_demo_rerun_reuses_a_current_fit_and_moves_stale_evaluations_aside(tmp_path):
+    """A rerun of the demo in its own folder: the router fit is reused only when it is of the same MoE,
+    calibration and settings; an evaluation folder of another model or other windows is moved aside (never
+    deleted), one of this very evaluation stays."""
+    from dataclasses import asdict
+
+    from dive_ds.build.demo import _clear_stale_evals, _fit_is_current
+    from dive_ds.build.outputs import evaluation_identity
+    from dive_ds.build.router_config import RouterFitConfig
+    from dive_ds.io.fingerprint import folder_fingerprint
+
+    calib, source, fitted = tmp_path / "calib", tmp_path / "moe-dive", tmp_path / "moe-dive-fitted"
+    for d in (calib, source, fitted):
+        d.mkdir()
+    (calib / "stats.safetensors").write_bytes(b"stats")
+    (source / "dive_experts.json").write_text('{"groups": {"a": ["x"]}}')
+    (fitted / "dive_experts.json").write_text('{"groups": {"a": ["x"]}}')
+    cfg = RouterFitConfig(windows_per_domain=8)
+    record = {
+        "moe": str(source.resolve()),
+        "calibration_fingerprint": folder_fingerprint(calib),
+        "config": asdict(cfg),
+    }
+    (fitted / "router_fit.json").write_text(json.dumps(record))
+    assert _fit_is_current(fitted, source, calib, cfg)
+    assert not _fit_is_current(fitted, source, calib, RouterFitConfig(windows_per_domain=4))  # other settings
+    (source / "dive_experts.json").write_text('{"groups": {"b": ["x"]}}')  # another reconstruction
+    assert not _fit_is_current(fitted, source, calib, cfg)
+    (source / "dive_experts.json").write_text('{"groups": {"a": ["x"]}}')
+    (calib / "stats.safetensors").write_bytes(b"other stats")  # another calibration
+    assert not _fit_is_current(fitted, source, calib, cfg)
+
+    ev = {"registry": str(tmp_path / "eval_registry.json"), "eval_windows": 4, "seq_len": 256, "seed": 42}
+    (tmp_path / "eval_registry.json").write_text("{}")
+    flap = tmp_path / "moe-flap"
+    flap.mkdir()
+    (flap / "config.json").write_text("{}")
+    current = evaluation_identity(flap, None, ev["registry"], 4, 256, 42, False, True)
+    (tmp_path / "eval-flap").mkdir()
+    (tmp_path / "eval-flap" / "eval.json").write_text(json.dumps({"identity": current}))
+    (tmp_path / "eval-nomining").mkdir()
+    (tmp_path / "eval-nomining" / "eval.json").write_text(json.dumps({"identity": current}))  # not its model
+    _clear_stale_evals(tmp_path, ["flap", "nomining", "random-split"], ev)
+    assert (tmp_path / "eval-flap" / "eval.json").is_file() and not (tmp_path / "eval-nomining").exists()
+    moved = list(tmp_path.glob("superseded-*/eval-nomining/eval.json"))
+    assert len(moved) == 1 and json.loads(moved[0].read_text())["identity"] == current
