@@ -28,11 +28,12 @@ def _step(title: str) -> float:
 
 
 def run_demo(a) -> dict:
-    from dive_ds.build.evaluate import markdown_table, run_evaluate
+    from dive_ds.build.evaluate import markdown_table
     from dive_ds.build.fit_router import run_fit_router
     from dive_ds.build.reconstruct import run_reconstruct
     from dive_ds.build.router_config import RouterFitConfig
     from dive_ds.io.calibration import load_calibration
+    from dive_ds.io.loading import resolve_model
 
     out = Path(a.out)
     t_all = time.time()
@@ -114,43 +115,17 @@ def run_demo(a) -> dict:
     ev = dict(
         registry=reg, eval_windows=a.eval_windows, seq_len=a.seq_len, seed=cal.manifest["sampler"]["seed"]
     )
-    _clear_stale_evals(out, ["dense", *(n for n in builds if n != "clusters"), f"{pick}-fitted"], ev)
-    results = [run_evaluate("demo", None, out / "eval-dense", label="dense", **ev)]
-    for name in builds:
-        if name == "clusters":  # no domain -> expert map (an oracle), and its random router is DIVE's
-            continue
-        # an untrained random router is only informative for DIVE itself; baselines are compared by oracle
-        results.append(
-            run_evaluate(
-                str(out / f"moe-{name}"),
-                None,
-                out / f"eval-{name}",
-                oracle=name != "flap",
-                router=name in ("dive", "flap"),
-                label=name,
-                **ev,
-            )
-        )
-    results.append(
-        run_evaluate(
-            str(fitted), None, out / f"eval-{pick}-fitted", oracle=False, label=f"{pick}-fitted", **ev
-        )
-    )
+    # (label, model, oracle, router): an untrained random router is only informative for DIVE itself, the
+    # baselines are compared by oracle; the token-cluster MoE has no domain -> expert map and is scored fitted
+    plan = [("dense", Path(resolve_model("demo")), True, True)]
+    plan += [(n, out / f"moe-{n}", n != "flap", n in ("dive", "flap")) for n in builds if n != "clusters"]
+    plan.append((f"{pick}-fitted", fitted, False, True))
+    results = [_evaluate_owned(out, *e, ev) for e in plan]
     times["evaluate"] = time.time() - t
     if any(a.retrain_steps):
         t = _step(f"5/5 retrain the fitted {pick} MoE: LoRA experts stage (DeepSpeed ZeRO-2, 1 process)")
         retrained = _retrain(out, a, fitted)
-        _clear_stale_evals(out, [f"{pick}-retrained"], ev)
-        results.append(
-            run_evaluate(
-                str(retrained),
-                None,
-                out / f"eval-{pick}-retrained",
-                oracle=False,
-                label=f"{pick}-retrained",
-                **ev,
-            )
-        )
+        results.append(_evaluate_owned(out, f"{pick}-retrained", retrained, False, True, ev))
         times["retrain"] = time.time() - t
     table = markdown_table(results, cal.domains)
     means = {r["label"]: r for r in results}
@@ -308,32 +283,30 @@ def _fit_is_current(fitted: Path, source: Path, calib: Path, cfg) -> bool:
     )
 
 
-def _clear_stale_evals(out: Path, labels: list[str], ev: dict) -> None:
-    """The demo owns its eval-<label>/ folders: one holding an evaluation of another model or other windows
-    (a rerun with other settings) is moved into a superseded-<time>/ folder beside it, never deleted; one
-    holding this very evaluation is left for `evaluate` to rewrite."""
+def _evaluate_owned(out: Path, label: str, model: Path, oracle: bool, router: bool, ev: dict) -> dict:
+    """`evaluate` of `model` into OUT/eval-<label>, a folder the demo owns (_clear_stale_eval first)."""
+    from dive_ds.build.evaluate import run_evaluate
+
+    _clear_stale_eval(out, label, model, oracle, router, ev)
+    return run_evaluate(
+        str(model), None, out / f"eval-{label}", oracle=oracle, router=router, label=label, **ev
+    )
+
+
+def _clear_stale_eval(out: Path, label: str, model: Path, oracle: bool, router: bool, ev: dict) -> None:
+    """OUT/eval-<label> holding an evaluation of another model or other windows (a rerun with other settings)
+    is moved into a superseded-<time>/ folder beside it, never deleted; one holding this very evaluation is
+    left for `evaluate` to rewrite."""
     from dive_ds.build.outputs import evaluation_identity, read_identity
     from dive_ds.io.atomic import move_aside
-    from dive_ds.io.loading import resolve_model
 
-    for label in labels:
-        folder = out / f"eval-{label}"
-        recorded = read_identity(folder / "eval.json")
-        if recorded is None:
-            continue
-        if label == "dense":
-            model, oracle, router = Path(resolve_model("demo")), True, True
-        elif label.endswith(("-fitted", "-retrained")):
-            suffix = "-fitted" if label.endswith("-fitted") else "-retrained"
-            model = out / f"moe-{label}" if suffix == "-fitted" else out / "retrain" / "model"
-            oracle, router = False, True
-        else:
-            model, oracle, router = out / f"moe-{label}", label != "flap", label in ("dive", "flap")
-        want = evaluation_identity(model, None, ev["registry"], ev["eval_windows"], ev["seq_len"], ev["seed"],
-                                   oracle, router)  # fmt: skip
-        if recorded != json.loads(json.dumps(want)):
-            moved = move_aside(folder)
-            print(f"{folder} held another evaluation; moved it to {moved}", flush=True)
+    folder = out / f"eval-{label}"
+    recorded = read_identity(folder / "eval.json")
+    want = evaluation_identity(model, None, ev["registry"], ev["eval_windows"], ev["seq_len"], ev["seed"],
+                               oracle, router)  # fmt: skip
+    if recorded is not None and recorded != json.loads(json.dumps(want)):
+        moved = move_aside(folder)
+        print(f"{folder} held another evaluation; moved it to {moved}", flush=True)
 
 
 def _remove_own_fit(fitted: Path, source: Path) -> None:

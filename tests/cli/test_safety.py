@@ -339,7 +339,7 @@ def test_demo_rerun_reuses_a_current_fit_and_moves_stale_evaluations_aside(tmp_p
     deleted), one of this very evaluation stays."""
     from dataclasses import asdict
 
-    from dive_ds.build.demo import _clear_stale_evals, _fit_is_current
+    from dive_ds.build.demo import _clear_stale_eval, _fit_is_current
     from dive_ds.build.outputs import evaluation_identity
     from dive_ds.build.router_config import RouterFitConfig
     from dive_ds.io.fingerprint import folder_fingerprint
@@ -375,7 +375,8 @@ def test_demo_rerun_reuses_a_current_fit_and_moves_stale_evaluations_aside(tmp_p
     (tmp_path / "eval-flap" / "eval.json").write_text(json.dumps({"identity": current}))
     (tmp_path / "eval-nomining").mkdir()
     (tmp_path / "eval-nomining" / "eval.json").write_text(json.dumps({"identity": current}))  # not its model
-    _clear_stale_evals(tmp_path, ["flap", "nomining", "random-split"], ev)
+    for label in ("flap", "nomining", "random-split"):
+        _clear_stale_eval(tmp_path, label, tmp_path / f"moe-{label}", False, True, ev)
     assert (tmp_path / "eval-flap" / "eval.json").is_file() and not (tmp_path / "eval-nomining").exists()
     moved = list(tmp_path.glob("superseded-*/eval-nomining/eval.json"))
     assert len(moved) == 1 and json.loads(moved[0].read_text())["identity"] == current
