@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from dive_ds.io.layers import build_layer, decoder_classes
 from dive_ds.io.loading import LayerwiseCheckpoint, check_gated_mlp, model_fingerprint
-from dive_ds.parallel.ranks import DTYPES, Ranks
+from dive_ds.parallel.ranks import DTYPES, Ranks, host_memory_per_rank
 from dive_ds.stats import ChannelStats
 
 
@@ -249,9 +249,12 @@ def _streaming_stats(model_dir, windows, cfg, ranks, dtype, stop, scratch, ckpt,
     if n_cl:  # a layer's MLP inputs (float32) are kept for its clustering: reserve room for them
         reserve += my_ids.numel() * hidden * 4
     hid, where = _carry_buffer((my_ids.shape[0], seq_len, hidden), dtype, dev, scratch, reserve)
+    h_TF = None  # a layer's down_proj inputs, kept for its cluster sums when they fit (else computed again)
     if n_cl:  # on the device when the carried states are, else on the host (clustered where they sit)
         keep_on = dev if where == "device" else torch.device("cpu")
         mlp_in_TH = torch.empty(my_ids.numel(), hidden, dtype=torch.float32, device=keep_on)
+        if keep_down_inputs(my_ids.numel() * ffn * 4, keep_on):
+            h_TF = torch.empty(my_ids.numel(), ffn, dtype=torch.float32, device=keep_on)
     if start == 0:
         emb = reader.get("model.embed_tokens.weight").to(dev, dtype)
         for _, a, b in local:
@@ -273,6 +276,8 @@ def _streaming_stats(model_dir, windows, cfg, ranks, dtype, stop, scratch, ckpt,
         x = args[0].reshape(-1, ffn).float()  # [tokens, F], summed in fp32 on the device, added in float64
         sum_DLF[current["d"], current["l"]] += x.sum(0)
         sumsq_DLF[current["d"], current["l"]] += (x * x).sum(0)
+        if h_TF is not None:  # kept for the layer's cluster sums
+            h_TF[current["rows"]] = x.to(h_TF.device)
 
     def mlp_hook(_mod, args):
         mlp_in_sum_DLH[current["d"], current["l"]] += args[0].reshape(-1, hidden).float().sum(0)
@@ -311,7 +316,8 @@ def _streaming_stats(model_dir, windows, cfg, ranks, dtype, stop, scratch, ckpt,
         h1.remove()
         h2.remove()
         if n_cl:
-            _cluster_layer(layer, layer_idx, mlp_in_TH, global_T, total_tokens, cfg, clusters, ranks, dtype)
+            rows = [slice(a * seq_len, b * seq_len) for _, a, b in local]
+            _cluster_layer(layer, layer_idx, mlp_in_TH, h_TF, rows, global_T, total_tokens, cfg, clusters, ranks, dtype)
         _sync(dev)
         t_compute += time.perf_counter() - t
         t = time.perf_counter()
@@ -390,19 +396,34 @@ def _streaming_stats(model_dir, windows, cfg, ranks, dtype, stop, scratch, ckpt,
     return st, info
 
 
-def _cluster_layer(layer, layer_idx, mlp_in_TH, global_T, total, cfg, clusters, ranks, dtype) -> None:
+def keep_down_inputs(nbytes: int, where: torch.device) -> bool:
+    """Keep a layer's down_proj inputs for its cluster sums (`nbytes`, float32, this rank's tokens) when they take
+    under a quarter of the memory free there; else they are computed again from the kept MLP inputs (the
+    gate and up projections a second time: about 40% of a layer's forward on the demo)."""
+    if where.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(where)
+    else:
+        free = host_memory_per_rank()
+    return free is not None and nbytes < free // 4
+
+
+def _cluster_layer(layer, layer_idx, mlp_in_TH, h_TF, batch_rows, global_T, total, cfg, clusters, ranks, dtype):
     """Cluster this layer's MLP inputs over every rank's tokens and add each cluster's sums (this rank's
-    tokens) to `clusters`; the down_proj inputs are computed again from the kept MLP inputs, in chunks."""
-    from dive_ds.build.token_clusters import CHUNK, cluster_sums, kmeans
+    tokens, a batch at a time) to `clusters`; the down_proj inputs are `h_TF` as the forward kept them, or
+    (None) computed again from the kept MLP inputs."""
+    from dive_ds.build.token_clusters import cluster_sums, kmeans
 
     n_cl = cfg.token_clusters
     _, labels = kmeans(mlp_in_TH, global_T.to(mlp_in_TH.device), total, n_cl, cfg.cluster_iters, cfg.cluster_seed + layer_idx,
                        ranks.sum_, ranks.gather_rows)  # fmt: skip
     mlp = layer.mlp
     dev = mlp.gate_proj.weight.device
-    for i in range(0, mlp_in_TH.shape[0], CHUNK):
-        x = mlp_in_TH[i : i + CHUNK].to(dev)
-        xd = x.to(dtype)
-        h = mlp.act_fn(mlp.gate_proj(xd)) * mlp.up_proj(xd)
-        for k, v in cluster_sums(labels[i : i + CHUNK].to(dev), x, h.float(), n_cl).items():
+    for rows in batch_rows:
+        x = mlp_in_TH[rows].to(dev)
+        if h_TF is not None:
+            h = h_TF[rows].to(dev)
+        else:
+            xd = x.to(dtype)
+            h = (mlp.act_fn(mlp.gate_proj(xd)) * mlp.up_proj(xd)).float()
+        for k, v in cluster_sums(labels[rows].to(dev), x, h, n_cl).items():
             clusters[f"cl_{k}"][:, layer_idx] += v

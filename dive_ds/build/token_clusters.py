@@ -53,9 +53,10 @@ def initial_centroids(
     take(0, chosen[0])
     d2_T = torch.full((x_TH.shape[0],), float("inf"), dtype=torch.float64, device=x_TH.device)
     for k in range(1, clusters):
+        last = c_CH[k - 1].to(x_TH.dtype)  # a token's row: exact in the rows' own dtype
         for i in range(0, x_TH.shape[0], CHUNK):
-            diff = x_TH[i : i + CHUNK].to(torch.float64) - c_CH[k - 1]
-            d2_T[i : i + CHUNK] = torch.minimum(d2_T[i : i + CHUNK], (diff * diff).sum(-1))
+            diff = x_TH[i : i + CHUNK] - last  # squares summed in float64, no float64 copy of the rows
+            d2_T[i : i + CHUNK] = torch.minimum(d2_T[i : i + CHUNK], (diff * diff).sum(-1, dtype=torch.float64))
         rows = gather(torch.stack([global_ids_T.to(torch.float64), d2_T], dim=1))  # [total, 2], rank order
         order = rows[:, 0].argsort()
         ids, d2 = rows[order, 0].long(), rows[order, 1]
@@ -122,19 +123,17 @@ def kmeans(
 def cluster_sums(
     labels_T: torch.Tensor, x_TH: torch.Tensor, h_TF: torch.Tensor, clusters: int
 ) -> dict[str, torch.Tensor]:
-    """This rank's float64 sums per cluster: token count [C], MLP-input sum [C, H], down_proj-input sum and
-    sum of squares [C, F] (one layer's row of the cluster statistics)."""
-    h = h_TF.to(torch.float64)
-    dev = h.device
+    """These rows' sums per cluster -> float64 token count [C], MLP-input sum [C, H], down_proj-input sum and
+    sum of squares [C, F]. Summed in float32 (a one-hot [C, T] matmul), as the domain statistics sum each
+    batch; the pass calls this once per batch of windows and adds the results in float64, so the sums do
+    not depend on how the batches are shared out over ranks."""
+    dev = h_TF.device
+    one_CT = torch.zeros(clusters, labels_T.shape[0], dtype=torch.float32, device=dev)
+    one_CT[labels_T, torch.arange(labels_T.shape[0], device=dev)] = 1.0
+    h = h_TF.to(torch.float32)
     return {
-        "count": torch.zeros(clusters, dtype=torch.float64, device=dev).index_add_(
-            0, labels_T, torch.ones_like(labels_T, dtype=torch.float64)
-        ),
-        "mlp_in": torch.zeros(clusters, x_TH.shape[1], dtype=torch.float64, device=dev).index_add_(
-            0, labels_T, x_TH.to(torch.float64)
-        ),
-        "sum": torch.zeros(clusters, h.shape[1], dtype=torch.float64, device=dev).index_add_(0, labels_T, h),
-        "sumsq": torch.zeros(clusters, h.shape[1], dtype=torch.float64, device=dev).index_add_(
-            0, labels_T, h * h
-        ),
+        "count": torch.bincount(labels_T, minlength=clusters).to(torch.float64),
+        "mlp_in": (one_CT @ x_TH.to(device=dev, dtype=torch.float32)).to(torch.float64),
+        "sum": (one_CT @ h).to(torch.float64),
+        "sumsq": (one_CT @ (h * h)).to(torch.float64),
     }

@@ -128,3 +128,19 @@ def test_reconstruct_from_clusters_cuts_each_layers_experts_from_its_clusters(ti
         cluster_groups(thin, 2)
     with pytest.raises(ValueError, match="has no token clusters; calibrate with --token-clusters 3"):
         run_reconstruct(tiny["root"] / "calib", None, tmp_path / "moe3", cfg)
+
+
+def test_cluster_sums_are_the_same_when_the_down_proj_inputs_are_computed_again(tiny, monkeypatch):
+    """Where a layer's down_proj inputs would not fit in memory, the pass computes them again from the kept
+    MLP inputs instead of keeping them from the forward: the same clusters and sums."""
+    import dive_ds.build.calib_pass as cp
+
+    assert not cp.keep_down_inputs(10**18, torch.device("cpu"))  # more than any host has: computed again
+    assert cp.keep_down_inputs(1 << 20, torch.device("cpu"))
+    monkeypatch.setattr(cp, "keep_down_inputs", lambda nbytes, where: False)
+    cal = tiny["cal"]
+    _, info = streaming_stats(tiny["model"], cal.calib, CalibConfig(progress=False, token_clusters=3, batch_size=5))
+    again, kept = info["cluster_stats"], tiny["clusters"]
+    assert torch.equal(again.count_D, kept.count_D)
+    for name in ("sum_DLF", "sumsq_DLF", "mlp_in_sum_DLH"):
+        torch.testing.assert_close(getattr(again, name), getattr(kept, name), rtol=1e-6, atol=1e-6)
