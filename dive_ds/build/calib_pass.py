@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from dive_ds.io.layers import build_layer, decoder_classes
 from dive_ds.io.loading import LayerwiseCheckpoint, check_gated_mlp, model_fingerprint
-from dive_ds.parallel.ranks import DTYPES, Ranks, host_memory_per_rank
+from dive_ds.parallel.ranks import DTYPES, Ranks, fits_beside
 from dive_ds.stats import ChannelStats
 
 
@@ -253,7 +253,9 @@ def _streaming_stats(model_dir, windows, cfg, ranks, dtype, stop, scratch, ckpt,
     if n_cl:  # on the device when the carried states are, else on the host (clustered where they sit)
         keep_on = dev if where == "device" else torch.device("cpu")
         mlp_in_TH = torch.empty(my_ids.numel(), hidden, dtype=torch.float32, device=keep_on)
-        if keep_down_inputs(my_ids.numel() * ffn * 4, keep_on):
+        # kept when they take under a quarter of the free memory, else computed again from the MLP inputs (the
+        # gate and up projections a second time: about 40% of a layer's forward on the demo)
+        if fits_beside(my_ids.numel() * ffn * 4, keep_on):
             h_TF = torch.empty(my_ids.numel(), ffn, dtype=torch.float32, device=keep_on)
     if start == 0:
         emb = reader.get("model.embed_tokens.weight").to(dev, dtype)
@@ -317,7 +319,9 @@ def _streaming_stats(model_dir, windows, cfg, ranks, dtype, stop, scratch, ckpt,
         h2.remove()
         if n_cl:
             rows = [slice(a * seq_len, b * seq_len) for _, a, b in local]
-            _cluster_layer(layer, layer_idx, mlp_in_TH, h_TF, rows, global_T, total_tokens, cfg, clusters, ranks, dtype)
+            _cluster_layer(
+                layer, layer_idx, mlp_in_TH, h_TF, rows, global_T, total_tokens, cfg, clusters, ranks, dtype
+            )
         _sync(dev)
         t_compute += time.perf_counter() - t
         t = time.perf_counter()
@@ -396,18 +400,9 @@ def _streaming_stats(model_dir, windows, cfg, ranks, dtype, stop, scratch, ckpt,
     return st, info
 
 
-def keep_down_inputs(nbytes: int, where: torch.device) -> bool:
-    """Keep a layer's down_proj inputs for its cluster sums (`nbytes`, float32, this rank's tokens) when they take
-    under a quarter of the memory free there; else they are computed again from the kept MLP inputs (the
-    gate and up projections a second time: about 40% of a layer's forward on the demo)."""
-    if where.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(where)
-    else:
-        free = host_memory_per_rank()
-    return free is not None and nbytes < free // 4
-
-
-def _cluster_layer(layer, layer_idx, mlp_in_TH, h_TF, batch_rows, global_T, total, cfg, clusters, ranks, dtype):
+def _cluster_layer(
+    layer, layer_idx, mlp_in_TH, h_TF, batch_rows, global_T, total, cfg, clusters, ranks, dtype
+):
     """Cluster this layer's MLP inputs over every rank's tokens and add each cluster's sums (this rank's
     tokens, a batch at a time) to `clusters`; the down_proj inputs are `h_TF` as the forward kept them, or
     (None) computed again from the kept MLP inputs."""

@@ -37,8 +37,8 @@ def router_loss_grad(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The router fit's objective and its gradient in closed form (no autograd):
     mean cross-entropy of softmax(xs @ w.T) against `target` (labels [T] or distributions [T, E])
-    + 0.5 * l2 * |w|^2 -> (loss, dloss/dw [E, H]). Both are sums over tokens divided by T, so shards
-    of the tokens can add theirs up."""
+    + 0.5 * l2 * |w|^2 -> (loss, dloss/dw [E, H]). The reference the fit's blocked sums (router_loss_sums)
+    are tested against."""
     t = xs_TH.shape[0]
     logits = xs_TH @ w_EH.T
     lse = torch.logsumexp(logits, -1)
@@ -53,6 +53,51 @@ def router_loss_grad(
     return loss + 0.5 * l2 * (w_EH * w_EH).sum(), grad
 
 
+BLOCK = 256
+"""Rows per float32 partial sum in the fit (router_pass passes the calibration window length)."""
+
+WHITEN_RIDGE = 1e-3
+"""Ridge added to the feature covariance before it is whitened, as a share of its mean diagonal."""
+
+
+def whitener(gram_HH: torch.Tensor, n: float) -> torch.Tensor:
+    """A [H, H] float32 with A^T C A = I for C = gram / n + ridge: the fit runs on weights w' with w = w' A^T,
+    in which coordinates the features are uncorrelated and of unit variance, so L-BFGS converges in a
+    fraction of the iterations (the objective, penalty included, is the same function of w)."""
+    c = gram_HH.to(torch.float64) / max(n, 1.0)
+    c = c + WHITEN_RIDGE * (c.diagonal().mean().item() or 1.0) * torch.eye(
+        c.shape[0], dtype=c.dtype, device=c.device
+    )
+    low = torch.linalg.cholesky(c)  # C = L L^T, so A = L^-T
+    eye = torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
+    return torch.linalg.solve_triangular(low, eye, upper=False).T.to(torch.float32).contiguous()
+
+
+def lbfgs_to_tolerance(w_EH: torch.Tensor, closure, grad_max, max_iter: int, tolerance: float) -> None:
+    """Minimise with L-BFGS over the whitened weights `w_EH` (a leaf; `closure` sets its .grad) until
+    `grad_max()`, the largest entry of the gradient in the weights' own coordinates, is at most `tolerance`,
+    or `max_iter` iterations in all. L-BFGS itself stops on the whitened gradient: when that stop leaves the
+    own gradient above `tolerance`, it goes on from where it was (its history kept) with a smaller whitened
+    tolerance (usually once)."""
+    opt = torch.optim.LBFGS([w_EH], lr=1.0, max_iter=max_iter, history_size=20, tolerance_grad=tolerance,
+                            tolerance_change=1e-12, line_search_fn="strong_wolfe")  # fmt: skip
+    opt.step(closure)
+    state = opt.state[w_EH]
+    for _ in range(20):
+        done = state.get("n_iter", 0)
+        now = grad_max()
+        if now <= tolerance or done >= max_iter:
+            return
+        group = opt.param_groups[0]
+        group["tolerance_grad"] *= min(0.9 * tolerance / now, 0.9)
+        group["max_iter"] = max_iter - done
+        opt.step(closure)
+        if (
+            state.get("n_iter", 0) == done
+        ):  # no step was taken (a flat or exhausted line search): as good as it gets
+            return
+
+
 def fit_linear_router(
     x_TH: torch.Tensor,
     target: torch.Tensor,
@@ -60,37 +105,19 @@ def fit_linear_router(
     l2: float = 1e-4,
     max_iter: int = 200,
     tolerance: float = 1e-9,
+    block: int = BLOCK,
 ) -> torch.Tensor:
     """Multinomial logistic regression without bias: logits = x @ W.T -> W [E, H] (float32).
 
     `target` is a LongTensor [T] of labels or a float [T, E] of target distributions. Features are
     scaled by their root mean square, floored at a tenth of the median one (the penalty acts on the
-    scaled problem, so no weight blows up on a near-silent feature), the weights start at
-    zero and L-BFGS is deterministic, so the fit is a pure function of its inputs. L-BFGS stops after
-    `max_iter` iterations or once every gradient entry is below `tolerance`.
-    """
-    x = x_TH.to(torch.float32)
-    rms_H = x.pow(2).mean(0).sqrt()
-    # near-silent features (an RMSNorm weight of 1e-5) would get huge weights: floor their scale
-    scale_H = rms_H.clamp_min(0.1 * rms_H.median().item() + 1e-12)
-    xs = x / scale_H
-    w = torch.zeros(num_experts, x.shape[1], dtype=torch.float32, device=x.device, requires_grad=True)
-    opt = torch.optim.LBFGS(
-        [w],
-        lr=1.0,
-        max_iter=max_iter,
-        history_size=20,
-        tolerance_grad=tolerance,
-        tolerance_change=1e-12,
-        line_search_fn="strong_wolfe",
-    )
-
-    def closure():
-        loss, w.grad = router_loss_grad(xs, target, w.detach(), l2)
-        return loss
-
-    opt.step(closure)
-    return (w.detach() / scale_H).contiguous()
+    scaled problem, so no weight blows up on a near-silent feature), the weights start at zero and
+    L-BFGS (on whitened weights, `whitener`) is deterministic, so the fit is a pure function of its inputs.
+    It stops after `max_iter` iterations or once every entry of the scaled problem's gradient is below
+    `tolerance`. The one-process case of fit_linear_router_sharded (the same code, nothing to all-reduce):
+    with `block` the calibration window length, one rank and many fit the same router up to float64
+    rounding."""
+    return fit_linear_router_sharded(x_TH, target, num_experts, lambda t: t, l2, max_iter, tolerance, block)
 
 
 def _project64(x_TH: torch.Tensor, u_H: torch.Tensor, rows: int = 4096) -> torch.Tensor:
@@ -169,21 +196,34 @@ def removed_channels(kept: list[torch.Tensor], ffn: int) -> tuple[torch.Tensor, 
     return common, own
 
 
+def removed_down_columns(w_down_HF: torch.Tensor, removed) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """W_down's columns of removed_channels' (common, own) -> (W[:, common], [W[:, own_e]]): gathered once a
+    layer for sliced_errors."""
+    common, own = removed
+    return w_down_HF.index_select(1, common), [w_down_HF.index_select(1, r) for r in own]
+
+
 def sliced_errors(
-    h_TF: torch.Tensor, w_down_HF: torch.Tensor, removed: tuple[torch.Tensor, list[torch.Tensor]], bias_EH
+    h_TF: torch.Tensor,
+    w_down_HF: torch.Tensor,
+    removed: tuple[torch.Tensor, list[torch.Tensor]],
+    bias_EH,
+    down_removed: tuple[torch.Tensor, list[torch.Tensor]] | None = None,
 ) -> torch.Tensor:
     """err_TE of sliced experts from the dense FFN's intermediate h alone: y_e - y = b_e - W_down[:, R_e] h[R_e],
-    R_e the channels expert e removed, given as removed_channels' (common, own) on h's device. The common
-    channels' down-projection runs once; then one gather and one matmul per expert over its own ones: under
-    E/2 dense down-projections in all at r = 0.5, as large matmuls. (Blocks of channels shared by subsets of
-    experts cost fewer multiply-adds but, at six experts, 64 small blocks and a T x H sum per block and
-    expert: twice the time on the demo; docs/speed.md.)"""
+    R_e the channels expert e removed, given as removed_channels' (common, own) on h's device (and, optional,
+    removed_down_columns' of them, else gathered here). The common channels' down-projection runs once; then
+    one gather and one matmul per expert over its own ones: under E/2 dense down-projections in all at
+    r = 0.5, as large matmuls. (Blocks of channels shared by subsets of experts cost fewer multiply-adds but,
+    at six experts, 64 small blocks and a T x H sum per block and expert: twice the time on the demo;
+    docs/speed.md.)"""
     common, own = removed
-    base = -F.linear(h_TF.index_select(1, common), w_down_HF.index_select(1, common))
+    w_common, w_own = down_removed if down_removed is not None else removed_down_columns(w_down_HF, removed)
+    base = -F.linear(h_TF.index_select(1, common), w_common)
     out = torch.empty(h_TF.shape[0], len(own), dtype=h_TF.dtype, device=h_TF.device)
     for e, rem in enumerate(own):
         start = base if bias_EH is None else base + bias_EH[e]
-        diff = torch.addmm(start, h_TF.index_select(1, rem), w_down_HF.index_select(1, rem).T, alpha=-1)
+        diff = torch.addmm(start, h_TF.index_select(1, rem), w_own[e].T, alpha=-1)
         out[:, e] = (diff * diff).sum(-1)
     return out
 
@@ -194,19 +234,38 @@ def sliced_errors(
 # gathered are one scalar per token (for the medians), so memory per rank is O(own tokens).
 
 
-def router_loss_sums(xs_TH: torch.Tensor, target: torch.Tensor, w_EH: torch.Tensor):
-    """Sum over these tokens of the cross-entropy of softmax(xs @ w.T) against `target` and its gradient
-    (no penalty) -> (loss sum, grad sum [E, H]); zero for no tokens."""
-    logits = xs_TH @ w_EH.T
+def _blocked_sum(a_TX: torch.Tensor, b_TY: torch.Tensor, block: int) -> torch.Tensor:
+    """sum over t of a[t]^T b[t] -> [X, Y] float64: each block of `block` consecutive rows in float32 (one
+    batched matmul), the blocks added in float64. Rows shared out over ranks in whole blocks give the same
+    block sums on any number of ranks, so their all-reduced total differs only by float64 rounding."""
+    t, n = a_TX.shape[0], (a_TX.shape[0] // block) * block
+    out = torch.zeros(a_TX.shape[1], b_TY.shape[1], dtype=torch.float64, device=a_TX.device)
+    for i in range(0, n, 16 * block):  # 16 blocks per batched matmul: [16, X, Y] float32 at a time
+        k = min(n, i + 16 * block)
+        a = a_TX[i:k].reshape(-1, block, a_TX.shape[1]).transpose(1, 2)
+        for part in torch.bmm(a, b_TY[i:k].reshape(-1, block, b_TY.shape[1])):
+            out.add_(part)  # float32 into float64, a block at a time (a float64 sum over dim 0 is 10x slower)
+    if n < t:
+        out += (a_TX[n:].T @ b_TY[n:]).to(torch.float64)
+    return out
+
+
+def router_loss_sums(x_TH: torch.Tensor, target: torch.Tensor, w_EH: torch.Tensor, block: int = BLOCK):
+    """Sum over these tokens of the cross-entropy of softmax(x @ w.T) against `target` and its gradient (no
+    penalty) -> (loss sum, grad sum [E, H]), float64, summed a block of rows at a time (`_blocked_sum`);
+    zero for no tokens."""
+    logits = x_TH @ w_EH.T
     lse = torch.logsumexp(logits, -1)
     p = torch.softmax(logits, -1)
     if target.dtype == torch.long:
-        loss = (lse - logits.gather(1, target[:, None])[:, 0]).sum()
-        p[torch.arange(xs_TH.shape[0], device=p.device), target] -= 1
+        nll = lse - logits.gather(1, target[:, None])[:, 0]
+        p[torch.arange(x_TH.shape[0], device=p.device), target] -= 1
     else:
-        loss = (lse - (logits * target).sum(-1)).sum()
+        nll = lse - (logits * target).sum(-1)
         p -= target
-    return loss, p.T @ xs_TH
+    n = (nll.shape[0] // block) * block
+    loss = nll[:n].view(-1, block).sum(1).to(torch.float64).sum() + nll[n:].sum().to(torch.float64)
+    return loss, _blocked_sum(p, x_TH, block)
 
 
 SUM_CHUNK = 65536
@@ -221,33 +280,41 @@ def fit_linear_router_sharded(
     l2: float = 1e-4,
     max_iter: int = 200,
     tolerance: float = 1e-9,
+    block: int = BLOCK,
 ) -> torch.Tensor:
     """fit_linear_router on tokens sharded over ranks (this rank's rows in x_TH and target): the feature
-    scales, the mean loss and its gradient are all-reduced sums, so every rank runs the same L-BFGS and
-    gets the same W [E, H] without any rank holding another's rows.
+    scales and covariance, the mean loss and its gradient are all-reduced float64 sums, so every rank runs the
+    same L-BFGS and gets the same W [E, H] without any rank holding another's rows. Each rank's rows are
+    whole blocks of `block` rows (the calibration windows), so the sums equal one rank's up to float64 rounding.
 
-    No token-sized copy is made: the squares are summed in chunks, and the feature scales are folded into
-    the weights (x / s @ w.T == x @ (w / s).T; the gradient in w is the one in w / s, divided by s)."""
+    No token-sized copy is made: the squares are summed in chunks, and the feature scales are folded into the
+    weights (x / s @ w.T == x @ (w / s).T; the gradient in w is the one in w / s, divided by s)."""
     x = x_TH if x_TH.dtype == torch.float32 else x_TH.to(torch.float32)
-    n = reduce(torch.tensor([float(x.shape[0])], dtype=torch.float64)).item()
+    n = reduce(torch.tensor([float(x.shape[0])], dtype=torch.float64, device=x.device)).item()
     sq_H = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
     for i in range(0, x.shape[0], SUM_CHUNK):
         sq_H += x[i : i + SUM_CHUNK].to(torch.float64).pow(2).sum(0)
     rms_H = (reduce(sq_H) / n).sqrt().to(torch.float32)
     scale_H = rms_H.clamp_min(0.1 * rms_H.median().item() + 1e-12)
-    w = torch.zeros(num_experts, x.shape[1], dtype=torch.float32, device=x.device, requires_grad=True)
-    opt = torch.optim.LBFGS([w], lr=1.0, max_iter=max_iter, history_size=20, tolerance_grad=tolerance,
-                            tolerance_change=1e-12, line_search_fn="strong_wolfe")  # fmt: skip
+    s64 = scale_H.to(torch.float64)
+    gram = reduce(_blocked_sum(x, x, block)) / s64[:, None] / s64[None, :]  # of the scaled features
+    a_HH = whitener(gram, n)
+    wp = torch.zeros(num_experts, x.shape[1], dtype=torch.float32, device=x.device, requires_grad=True)
+
+    def loss_grad():
+        w = wp.detach() @ a_HH.T  # the scaled problem's weights
+        loss, grad = router_loss_sums(x, target, w / scale_H, block)
+        both = reduce(torch.cat([loss.reshape(1), grad.reshape(-1)]))
+        g = (both[1:].view_as(w) / n).to(torch.float32) / scale_H + l2 * w
+        return (both[0] / n).to(torch.float32) + 0.5 * l2 * (w * w).sum(), g
 
     def closure():
-        wd = w.detach()
-        loss, grad = router_loss_sums(x, target, wd / scale_H)
-        both = reduce(torch.cat([loss.to(torch.float64).reshape(1), grad.to(torch.float64).reshape(-1)]))
-        w.grad = (both[1:].view_as(wd) / n).to(torch.float32) / scale_H + l2 * wd
-        return (both[0] / n).to(torch.float32) + 0.5 * l2 * (wd * wd).sum()
+        loss, g = loss_grad()
+        wp.grad = g @ a_HH
+        return loss
 
-    opt.step(closure)
-    return (w.detach() / scale_H).contiguous()
+    lbfgs_to_tolerance(wp, closure, lambda: loss_grad()[1].abs().max().item(), max_iter, tolerance)
+    return ((wp.detach() @ a_HH.T) / scale_H).contiguous()
 
 
 def soft_temperature_sharded(err_TE: torch.Tensor, gather) -> float:

@@ -43,6 +43,7 @@ from dive_ds.build.router_math import (
     noise_weight_init,
     noise_weight_init_sharded,
     removed_channels,
+    removed_down_columns,
     routing_sums,
     sliced_channels,
     sliced_errors,
@@ -51,7 +52,7 @@ from dive_ds.build.router_math import (
     soft_temperature_sharded,
 )
 from dive_ds.io.layers import MoeLayers, build_moe_layer
-from dive_ds.parallel.ranks import Ranks, host_memory_per_rank
+from dive_ds.parallel.ranks import Ranks, fits_beside, host_memory_per_rank
 
 FIT_FILE = "router_fit.json"
 
@@ -71,6 +72,30 @@ def _each_expert(experts, x_TH: torch.Tensor) -> torch.Tensor:
             for e in range(experts.num_experts)
         ]
     )
+
+
+def sliced_block_output(
+    mlp, x_TH: torch.Tensor, h_TF: torch.Tensor, kept: list[torch.Tensor]
+) -> torch.Tensor:
+    """The MoE block's output on x when its routed experts are exact slices of the dense FFN (channels
+    `kept[e]`), from the dense intermediate h = act(x W_gate^T) * (x W_up^T) already computed: the block's own
+    routing, weights and shared expert, and each expert's output W_down[:, kept] h[kept] + b_e (its own
+    down_proj), so no expert runs its gate and up projections again. Equal to `mlp(x)` up to float rounding."""
+    from dive_ds.models.moe import add_shared, permute, unpermute
+
+    experts = mlp.experts
+    top_idx_TK, weights_TK, _ = mlp.route(x_TH)
+    h_NF, order_N, counts_E = permute(h_TF, top_idx_TK, experts.num_experts)
+    y_NH = torch.empty(h_NF.shape[0], x_TH.shape[1], dtype=x_TH.dtype, device=x_TH.device)
+    at = 0
+    for e, n in enumerate(counts_E.tolist()):
+        if n:
+            bias = None if experts.bias is None else experts.bias[e]
+            y_NH[at : at + n] = F.linear(
+                h_NF[at : at + n].index_select(1, kept[e].to(h_NF.device)), experts.down_proj[e], bias
+            )
+        at += n
+    return add_shared(mlp, x_TH, unpermute(y_NH, order_N, weights_TK, x_TH.shape[0]))
 
 
 def carry_device(device: torch.device, nbytes: int, share: float = 0.5) -> torch.device:
@@ -102,7 +127,7 @@ def check_fit_memory(ranks, need: int, where: torch.device, windows_per_domain: 
 
 
 def _fit_whole(
-    x, err, fit_on, w_init, num_experts, target_kind, cfg
+    x, err, fit_on, w_init, num_experts, target_kind, cfg, block
 ) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """One rank: fit the layer's router on all fit tokens -> (w, noise_weight, the layer's report)."""
     x_fit, err_fit = x[fit_on], err[fit_on].to(torch.float64)
@@ -111,7 +136,7 @@ def _fit_whole(
         w = torch.zeros(1, x.shape[1], device=x.device)
     else:
         tgt = err_fit.argmin(-1) if target_kind == "hard" else soft_targets(err_fit, tau).to(torch.float32)
-        w = fit_linear_router(x_fit, tgt, num_experts, cfg.l2, cfg.max_iter, cfg.tolerance)
+        w = fit_linear_router(x_fit, tgt, num_experts, cfg.l2, cfg.max_iter, cfg.tolerance, block)
     nw = noise_weight_init(x_fit, w, cfg.noise_ratio)
     x_held, err_held = x[~fit_on], err[~fit_on]
     return (
@@ -132,7 +157,7 @@ def _fit_whole(
     )
 
 
-def _fit_sharded(ranks, x, err, fit_on, w_init, num_experts, target_kind, cfg):
+def _fit_sharded(ranks, x, err, fit_on, w_init, num_experts, target_kind, cfg, block):
     """Several ranks, each with its own tokens' rows only: the same fit from all-reduced sums (and gathered
     per-token scalars for the medians) -> (w, noise_weight, the layer's report), equal on every rank."""
     reduce, gather = ranks.sum_, ranks.gather_rows
@@ -142,7 +167,9 @@ def _fit_sharded(ranks, x, err, fit_on, w_init, num_experts, target_kind, cfg):
         w = torch.zeros(1, x.shape[1], device=x.device)
     else:
         tgt = err_fit.argmin(-1) if target_kind == "hard" else soft_targets(err_fit, tau).to(torch.float32)
-        w = fit_linear_router_sharded(x_fit, tgt, num_experts, reduce, cfg.l2, cfg.max_iter, cfg.tolerance)
+        w = fit_linear_router_sharded(
+            x_fit, tgt, num_experts, reduce, cfg.l2, cfg.max_iter, cfg.tolerance, block
+        )
     nw = noise_weight_init_sharded(x_fit, w, cfg.noise_ratio, reduce, gather)
     x_held, err_held = x[~fit_on], err[~fit_on].to(torch.float64)
     fit, held, init = (reduce(routing_sums(a, b, c)) for a, b, c in
@@ -240,6 +267,7 @@ def fit_routers(
         block = build_moe_layer(config, layer, moe.layer_state(layer))
         w_gate, w_up, w_down = _dense_mlp(dense, layer)
         kept = sliced_channels(block.mlp.experts, w_gate, w_up, w_down) if cfg.sliced_shortcut else None
+        routed_kept = kept
         shared = getattr(
             block.mlp, "shared_expert", None
         )  # always on: the labels are the routed part's error
@@ -249,10 +277,15 @@ def fit_routers(
         sliced_layers += kept is not None
         block = block.to(dev, dtype)
         w_gate, w_up, w_down = (w.to(dev, dtype) for w in (w_gate, w_up, w_down))
-        removed = None
+        removed = down_removed = h_mine = None
         if kept is not None:
             common, own = removed_channels(kept, w_down.shape[1])
             removed = common.to(dev), [r.to(dev) for r in own]
+            down_removed = removed_down_columns(w_down, removed)  # gathered once a layer, not per batch
+            # the dense intermediate, kept when it fits: the carry then runs each token's expert from its
+            # slice of it (one down-projection) instead of the expert's gate and up projections again
+            if fits_beside(4 * n_mine * w_down.shape[1], carry):
+                h_mine = torch.empty(n_mine, w_down.shape[1], device=carry)
         resid = torch.empty(n_mine, hidden, device=carry)
         x_mine = torch.empty(n_mine, hidden, device=carry)
         err_mine = torch.empty(n_mine, num_experts, device=carry)
@@ -266,8 +299,10 @@ def fit_routers(
             h = act(F.linear(x, w_gate)) * F.linear(x, w_up)
             rows = slice(i * seq_len, i * seq_len + r.shape[0])
             resid[rows], x_mine[rows] = r.float().to(carry), x.float().to(carry)
+            if h_mine is not None:
+                h_mine[rows] = h.float().to(carry)
             if kept is not None:
-                e = sliced_errors(h, w_down, removed, block.mlp.experts.bias)
+                e = sliced_errors(h, w_down, removed, block.mlp.experts.bias, down_removed)
             else:
                 target = F.linear(h, w_down)
                 if shared is not None:
@@ -279,10 +314,12 @@ def fit_routers(
         tf = time.time()
         if sharded:
             w, nw, report = _fit_sharded(
-                ranks, x_mine, err_mine, fit_mine, w_init, num_experts, target_kind, cfg
+                ranks, x_mine, err_mine, fit_mine, w_init, num_experts, target_kind, cfg, seq_len
             )
         else:
-            w, nw, report = _fit_whole(x_mine, err_mine, fit_on, w_init, num_experts, target_kind, cfg)
+            w, nw, report = _fit_whole(
+                x_mine, err_mine, fit_on, w_init, num_experts, target_kind, cfg, seq_len
+            )
         fit_s += time.time() - tf
         ranks.broadcast_(w)  # every rank carries its windows on through the very same router
         ranks.broadcast_(nw)
@@ -292,12 +329,16 @@ def fit_routers(
         layers_report.append({"layer": layer, **report})
         for i in range(0, n_mine, cfg.batch_size * seq_len):
             rows = slice(i, i + cfg.batch_size * seq_len)
-            y = block.mlp(x_mine[rows].to(dev, dtype).unsqueeze(0))[0]
+            x = x_mine[rows].to(dev, dtype)
+            if h_mine is None:
+                y = block.mlp(x.unsqueeze(0))[0]
+            else:
+                y = sliced_block_output(block.mlp, x, h_mine[rows].to(dev, dtype), routed_kept)
             hid.view(-1, hidden)[rows] = resid[rows] + y.float().to(carry)
         # a decoder layer holds reference cycles: move its weights off so they are freed now, without a
         # gc.collect() per layer (about a second each in a large Python process, as in calibrate)
         block.to("meta")
-        del block, w_gate, w_up, w_down, resid, x_mine, err_mine
+        del block, w_gate, w_up, w_down, resid, x_mine, err_mine, h_mine, down_removed
         bar.set_postfix(layer=f"{layer + 1}/{config.num_hidden_layers}",
                         acc=f"{layers_report[-1]['label_accuracy_heldout']:.2f}")  # fmt: skip
     bar.close()

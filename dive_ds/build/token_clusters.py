@@ -56,7 +56,9 @@ def initial_centroids(
         last = c_CH[k - 1].to(x_TH.dtype)  # a token's row: exact in the rows' own dtype
         for i in range(0, x_TH.shape[0], CHUNK):
             diff = x_TH[i : i + CHUNK] - last  # squares summed in float64, no float64 copy of the rows
-            d2_T[i : i + CHUNK] = torch.minimum(d2_T[i : i + CHUNK], (diff * diff).sum(-1, dtype=torch.float64))
+            d2_T[i : i + CHUNK] = torch.minimum(
+                d2_T[i : i + CHUNK], (diff * diff).sum(-1, dtype=torch.float64)
+            )
         rows = gather(torch.stack([global_ids_T.to(torch.float64), d2_T], dim=1))  # [total, 2], rank order
         order = rows[:, 0].argsort()
         ids, d2 = rows[order, 0].long(), rows[order, 1]

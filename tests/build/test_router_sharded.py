@@ -109,3 +109,26 @@ def test_sharded_medians_and_sums_equal_the_whole_token_ones():
     assert tok == 900 and hit / tok == pytest.approx(label_accuracy(x, w, err), rel=1e-6)
     assert chosen / best == pytest.approx(excess_error(x, w, err), rel=1e-6)
     assert share == torch.bincount(err.argmin(-1), minlength=4).double().tolist()
+
+
+@pytest.mark.parametrize("target", ["hard", "soft"])
+def test_blocked_loss_sums_equal_the_reference_and_do_not_depend_on_the_split(target):
+    """router_loss_sums == router_loss_grad's mean loss and gradient times T (no penalty); summed by blocks, the
+    sums of two shards cut at a block boundary add up to the whole one's up to float64 rounding (the fit on
+    one rank and on many then follows the same L-BFGS path)."""
+    from dive_ds.build.router_math import router_loss_grad, router_loss_sums
+
+    x, err = problem(seed=2)  # 900 rows
+    w = torch.randn(4, x.shape[1], generator=torch.Generator().manual_seed(9)) * 0.3
+    tgt = err.argmin(-1) if target == "hard" else torch.softmax(-err * 3, -1).float()
+    loss, grad = router_loss_sums(x, tgt, w, block=100)
+    ref_loss, ref_grad = router_loss_grad(x, tgt, w, 0.0)
+    assert loss.dtype == grad.dtype == torch.float64
+    torch.testing.assert_close(loss.float(), ref_loss * 900, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(grad.float(), ref_grad * 900, rtol=1e-5, atol=1e-4)
+    halves = [router_loss_sums(x[s], tgt[s], w, block=100) for s in (slice(0, 300), slice(300, None))]
+    assert abs((halves[0][0] + halves[1][0]).item() - loss.item()) <= 1e-12 * abs(loss.item())
+    torch.testing.assert_close(halves[0][1] + halves[1][1], grad, rtol=1e-13, atol=1e-13)
+    # a cut inside a block sums other float32 partial sums: equal only to float32 rounding
+    odd = [router_loss_sums(x[s], tgt[s], w, block=100) for s in (slice(0, 350), slice(350, None))]
+    assert not torch.equal(odd[0][1] + odd[1][1], grad)

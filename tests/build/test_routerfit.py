@@ -183,7 +183,9 @@ def test_streaming_fit_equals_whole_model_fit(tiny):
             )
         err = expert_errors(y_dense, y_e).double()
         fit_rows = held.logical_not().repeat_interleave(ids.shape[1])
-        w = fit_linear_router(x[fit_rows], err[fit_rows].argmin(-1), 3, FIT.l2, FIT.max_iter, FIT.tolerance)
+        w = fit_linear_router(
+            x[fit_rows], err[fit_rows].argmin(-1), 3, FIT.l2, FIT.max_iter, FIT.tolerance, block=ids.shape[1]
+        )  # blocks of a window's rows, as the streaming fit sums them
         torch.testing.assert_close(routers[layer]["gate.weight"], w, rtol=1e-3, atol=1e-4)
         with torch.no_grad():
             block.gate.weight.copy_(w)
@@ -296,3 +298,50 @@ def test_sliced_shortcut_equals_running_every_expert(tiny):
             fast[layer]["gate.weight"], slow[layer]["gate.weight"], rtol=1e-3, atol=1e-5
         )
     assert [r["label_share"] for r in rep_fast["layers"]] == [r["label_share"] for r in rep_slow["layers"]]
+
+
+def test_whitened_coordinates_decorrelate_the_features_and_leave_the_logits_alone():
+    """The fit's change of variables: A^T C A = I for the (ridged) covariance, and w = w' A^T gives the same
+    logits as w' on the whitened features x A."""
+    from dive_ds.build.router_math import WHITEN_RIDGE, whitener
+
+    g = torch.Generator().manual_seed(8)
+    mix = torch.randn(10, 10, generator=g, dtype=torch.float64)
+    x = torch.randn(500, 10, generator=g, dtype=torch.float64) @ mix  # correlated features
+    a = whitener(x.T @ x, 500).double()
+    c = x.T @ x / 500
+    c = c + WHITEN_RIDGE * c.diagonal().mean() * torch.eye(10, dtype=torch.float64)
+    torch.testing.assert_close(a.T @ c @ a, torch.eye(10, dtype=torch.float64), rtol=0, atol=1e-5)
+    wp = torch.randn(3, 10, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(x @ (wp @ a.T).T, (x @ a) @ wp.T, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("top_k, shared", [(1, 0.0), (2, 0.0), (1, 0.125)])
+def test_sliced_block_output_equals_the_block(tiny, tmp_path, top_k, shared):
+    """The fit's carry from the dense intermediate == the MoE block run as it is (routing and weights, each
+    expert's bias, the shared expert), for top-1, top-2 and a shared expert, under a fitted-like router."""
+    from dive_ds.build.router_math import sliced_channels
+    from dive_ds.build.router_pass import _dense_mlp, sliced_block_output
+    from dive_ds.io.layers import MoeLayers, build_moe_layer
+    from dive_ds.io.loading import LayerwiseCheckpoint
+
+    model_dir, calib_dir, _ = tiny
+    moe = run_reconstruct(calib_dir, None, tmp_path / "moe", ReconstructConfig(num_experts=3, top_k=top_k,
+                          method="nomining", shared_ratio=shared))  # fmt: skip
+    layers = MoeLayers(moe)
+    g = torch.Generator().manual_seed(11)
+    for layer in range(layers.config.num_hidden_layers):
+        block = build_moe_layer(layers.config, layer, layers.layer_state(layer)).requires_grad_(False)
+        w_gate, w_up, w_down = _dense_mlp(LayerwiseCheckpoint(model_dir), layer)
+        kept = sliced_channels(block.mlp.experts, w_gate, w_up, w_down)
+        assert kept is not None
+        assert block.mlp.experts.bias is not None  # FLAP's compensation: the bias is part of the check
+        block.mlp.gate.weight.data = torch.randn(block.mlp.gate.weight.shape, generator=g)
+        block.mlp.gate.mode = "sparse"
+        x = torch.randn(40, layers.config.hidden_size, generator=g)
+        h = F.silu(x @ w_gate.T) * (x @ w_up.T)
+        with torch.no_grad():
+            want = block.mlp(x.unsqueeze(0))[0]
+            got = sliced_block_output(block.mlp, x, h, kept)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert block.mlp.last_expert_counts.min() > 0  # every expert had rows to check

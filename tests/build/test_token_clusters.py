@@ -135,11 +135,13 @@ def test_cluster_sums_are_the_same_when_the_down_proj_inputs_are_computed_again(
     MLP inputs instead of keeping them from the forward: the same clusters and sums."""
     import dive_ds.build.calib_pass as cp
 
-    assert not cp.keep_down_inputs(10**18, torch.device("cpu"))  # more than any host has: computed again
-    assert cp.keep_down_inputs(1 << 20, torch.device("cpu"))
-    monkeypatch.setattr(cp, "keep_down_inputs", lambda nbytes, where: False)
+    assert not cp.fits_beside(10**18, torch.device("cpu"))  # more than any host has: computed again
+    assert cp.fits_beside(1 << 20, torch.device("cpu"))
+    monkeypatch.setattr(cp, "fits_beside", lambda nbytes, where, share=0.25: False)
     cal = tiny["cal"]
-    _, info = streaming_stats(tiny["model"], cal.calib, CalibConfig(progress=False, token_clusters=3, batch_size=5))
+    _, info = streaming_stats(
+        tiny["model"], cal.calib, CalibConfig(progress=False, token_clusters=3, batch_size=5)
+    )
     again, kept = info["cluster_stats"], tiny["clusters"]
     assert torch.equal(again.count_D, kept.count_D)
     for name in ("sum_DLF", "sumsq_DLF", "mlp_in_sum_DLH"):
