@@ -196,11 +196,16 @@ def _retrain(out: Path, a, fitted: Path) -> Path:
 
     repo = Path(__file__).resolve().parents[2]
     router_steps, expert_steps = a.retrain_steps
+    # ds_configs/zero2.json with the whole batch in one micro batch (one process): the same sequences per
+    # step as 1 x 4 with gradient accumulation, in a quarter of the forwards (27% more tokens/s here)
+    ds = json.loads((repo / "ds_configs" / "zero2.json").read_text())
+    ds["train_micro_batch_size_per_gpu"] = a.retrain_batch
+    write_json(out / "retrain_ds_config.json", ds)
     cmd = [
         sys.executable,
         str(repo / "launchers" / "retrain.py"),
         "--deepspeed",
-        str(repo / "ds_configs" / "zero2.json"),
+        str(out / "retrain_ds_config.json"),
         "--config",
         str(repo / "configs" / "demo_retrain.yaml"),
         # the demo owns OUT/retrain: a rerun (a new fit, another --groups-from) moves the earlier run's files

@@ -59,17 +59,44 @@ def oracle_map(model_dir: Path, domains: list[str]) -> dict[str, int] | None:
     return mapping
 
 
+_WINDOWS: dict[tuple, dict[str, torch.Tensor]] = {}
+"""registry_eval_windows' results in this process, by registry file, tokenizer files and settings (the demo
+evaluates seven models of one tokenizer on the same windows: drawn and tokenized once)."""
+
+
+def _tokenizer_digest(model_dir: Path) -> str:
+    """sha256 of a model folder's tokenizer files (tokenizer*, special_tokens_map.json, vocab*, merges*, *.model)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(Path(model_dir).iterdir()):
+        if f.is_file() and (f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "added_tokens"))
+                            or f.suffix == ".model"):  # fmt: skip
+            h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
 def registry_eval_windows(
     registry: str | Path, model_dir: Path, eval_windows: int, seq_len: int, seed: int
 ) -> dict[str, torch.Tensor]:
     """Windows spread over every registry domain's evaluation set (the four-way split of `seed`,
-    dive_ds.data.split): never calibration, selection or training text of the same split."""
-    from dive_ds.data.registry import iter_documents, load_registry
+    dive_ds.data.split): never calibration, selection or training text of the same split. Drawn once per
+    process for the same registry, tokenizer and settings (the tensors are shared: read them, do not write)."""
+    from dive_ds.data.registry import load_registry
+
+    reg = load_registry(registry)
+    key = (repr(reg), _tokenizer_digest(model_dir), eval_windows, seq_len, seed)
+    if key not in _WINDOWS:
+        _WINDOWS[key] = _draw_eval_windows(reg, model_dir, eval_windows, seq_len, seed)
+    return dict(_WINDOWS[key])
+
+
+def _draw_eval_windows(reg, model_dir, eval_windows, seq_len, seed) -> dict[str, torch.Tensor]:
+    from dive_ds.data.registry import iter_documents
     from dive_ds.data.sampler import eval_chars_budget, evaluation_windows
     from dive_ds.data.split import SplitConfig
     from dive_ds.io.loading import load_tokenizer
 
-    reg = load_registry(registry)
     tok = load_tokenizer(model_dir)
     split = SplitConfig(seed=seed)
     return {

@@ -108,6 +108,10 @@ def streamed_nll(
         ]
         at += w.shape[0]
     ids = torch.cat(list(mine.values())) if at else torch.zeros(0, 1, dtype=torch.long)
+    # a variant that neither routes by domain nor counts rows per domain runs batches across domains
+    # (mining's pruned models: fewer, larger matmuls, about 10% faster on the CPU); the NLL is still summed
+    # per domain at the end
+    spans = [(None, i, min(i + batch_size, at)) for i in range(0, at, batch_size)]
     seq_len = next(iter(windows.values())).shape[1]
     counts = [
         torch.zeros(len(names), n_layers, config.num_local_experts, dtype=torch.float64)
@@ -132,7 +136,8 @@ def streamed_nll(
         own = layer.mlp
         for v, variant in enumerate(variants):
             layer.mlp = variant.mlp(li, own) if variant.mlp is not None else own
-            for d, a, b in batches:
+            per_domain = variant.expert_of_domain is not None or counts[v] is not None
+            for d, a, b in batches if per_domain else spans:
                 if variant.expert_of_domain is not None:
                     layer.mlp.forced_expert = int(variant.expert_of_domain[d])
                 out = layer(
