@@ -29,6 +29,8 @@ def main() -> None:
     p.add_argument(
         "--windows", type=int, default=8, help="calibration windows per domain (default 8, as the demo)"
     )
+    p.add_argument("--variants", default="now,loose,200,forward",
+                   help="comma list of now, loose (3e-3), 200 (iterations), forward (default all)")  # fmt: skip
     a = p.parse_args()
     cal = load_calibration(a.calib)
     windows = {n: w[: a.windows] for n, w in cal.calib.items()}
@@ -39,11 +41,15 @@ def main() -> None:
     t_cal = time.perf_counter() - t0
     now = RouterFitConfig(progress=False)
     runs = {
-        "fit-router (now)": now,
-        "fit-router, tolerance 3e-3 (stops sooner)": replace(now, tolerance=3e-3),
-        "fit-router, 200 L-BFGS iterations": replace(now, tolerance=1e-30),
-        "streaming forward only (1 L-BFGS iteration)": replace(now, max_iter=1),
+        "now": ("fit-router (now)", now),
+        "loose": ("fit-router, tolerance 3e-3 (stops sooner)", replace(now, tolerance=3e-3)),
+        "200": ("fit-router, 200 L-BFGS iterations", replace(now, tolerance=1e-30)),
+        "forward": ("streaming forward only (1 L-BFGS iteration)", replace(now, max_iter=1)),
     }
+    picked = a.variants.split(",")
+    if unknown := set(picked) - set(runs):
+        p.error(f"--variants: unknown {sorted(unknown)}; choose from {list(runs)}")
+    runs = dict(runs[k] for k in picked)
     print(f"{tokens} tokens; "
           f"calibration pass: {t_cal:.1f} s, {tokens / t_cal:.1f} tokens/s")  # fmt: skip
     for name, cfg in runs.items():

@@ -254,9 +254,12 @@ def _streaming_stats(model_dir, windows, cfg, ranks, dtype, stop, scratch, ckpt,
         keep_on = dev if where == "device" else torch.device("cpu")
         mlp_in_TH = torch.empty(my_ids.numel(), hidden, dtype=torch.float32, device=keep_on)
         # kept when they take under a quarter of the free memory, else computed again from the MLP inputs (the
-        # gate and up projections a second time: about 40% of a layer's forward on the demo)
-        if fits_beside(my_ids.numel() * ffn * 4, keep_on):
-            h_TF = torch.empty(my_ids.numel(), ffn, dtype=torch.float32, device=keep_on)
+        # gate and up projections a second time: about 40% of a layer's forward on the demo); in the compute
+        # dtype (exact), and only beside the compute (a GPU's copied to the host and back costs more than it saves)
+        if keep_on == dev and fits_beside(
+            my_ids.numel() * ffn * elem, keep_on, reserve=reserve if where == "device" else 0
+        ):
+            h_TF = torch.empty(my_ids.numel(), ffn, dtype=dtype, device=keep_on)
     if start == 0:
         emb = reader.get("model.embed_tokens.weight").to(dev, dtype)
         for _, a, b in local:
@@ -279,7 +282,7 @@ def _streaming_stats(model_dir, windows, cfg, ranks, dtype, stop, scratch, ckpt,
         sum_DLF[current["d"], current["l"]] += x.sum(0)
         sumsq_DLF[current["d"], current["l"]] += (x * x).sum(0)
         if h_TF is not None:  # kept for the layer's cluster sums
-            h_TF[current["rows"]] = x.to(h_TF.device)
+            h_TF[current["rows"]] = args[0].reshape(-1, ffn)
 
     def mlp_hook(_mod, args):
         mlp_in_sum_DLH[current["d"], current["l"]] += args[0].reshape(-1, hidden).float().sum(0)
@@ -416,7 +419,7 @@ def _cluster_layer(
     for rows in batch_rows:
         x = mlp_in_TH[rows].to(dev)
         if h_TF is not None:
-            h = h_TF[rows].to(dev)
+            h = h_TF[rows].float()
         else:
             xd = x.to(dtype)
             h = (mlp.act_fn(mlp.gate_proj(xd)) * mlp.up_proj(xd)).float()

@@ -65,14 +65,24 @@ evaluates seven models of one tokenizer on the same windows: drawn and tokenized
 
 
 def _tokenizer_digest(model_dir: Path) -> str:
-    """sha256 of a model folder's tokenizer files (tokenizer*, special_tokens_map.json, vocab*, merges*, *.model)."""
+    """sha256 of a model folder's tokenizer files (tokenizer*, special_tokens_map.json, vocab*, merges*, *.model)
+    and of the class AutoTokenizer picks (tokenizer_config.json's tokenizer_class, else config.json's
+    model_type)."""
     import hashlib
 
     h = hashlib.sha256()
-    for f in sorted(Path(model_dir).iterdir()):
+    folder = Path(model_dir)
+    for f in sorted(folder.iterdir()):
         if f.is_file() and (f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "added_tokens"))
                             or f.suffix == ".model"):  # fmt: skip
             h.update(f.name.encode() + b"\0" + f.read_bytes())
+    try:
+        cls = json.loads((folder / "tokenizer_config.json").read_text()).get("tokenizer_class")
+    except (OSError, ValueError):
+        cls = None
+    if not cls and (folder / "config.json").is_file():
+        cls = "model_type:" + str(json.loads((folder / "config.json").read_text()).get("model_type"))
+    h.update(str(cls).encode())
     return h.hexdigest()
 
 
@@ -81,14 +91,17 @@ def registry_eval_windows(
 ) -> dict[str, torch.Tensor]:
     """Windows spread over every registry domain's evaluation set (the four-way split of `seed`,
     dive_ds.data.split): never calibration, selection or training text of the same split. Drawn once per
-    process for the same registry, tokenizer and settings (the tensors are shared: read them, do not write)."""
+    process for the same registry (its definition: data files changed within one process are not seen),
+    tokenizer files and settings; each call gets its own copy."""
     from dive_ds.data.registry import load_registry
 
     reg = load_registry(registry)
+    if not Path(model_dir).is_dir():  # a hub id: its tokenizer is fetched by name, nothing to digest here
+        return _draw_eval_windows(reg, model_dir, eval_windows, seq_len, seed)
     key = (repr(reg), _tokenizer_digest(model_dir), eval_windows, seq_len, seed)
     if key not in _WINDOWS:
         _WINDOWS[key] = _draw_eval_windows(reg, model_dir, eval_windows, seq_len, seed)
-    return dict(_WINDOWS[key])
+    return {name: w.clone() for name, w in _WINDOWS[key].items()}
 
 
 def _draw_eval_windows(reg, model_dir, eval_windows, seq_len, seed) -> dict[str, torch.Tensor]:

@@ -74,27 +74,28 @@ def whitener(gram_HH: torch.Tensor, n: float) -> torch.Tensor:
 
 
 def lbfgs_to_tolerance(w_EH: torch.Tensor, closure, grad_max, max_iter: int, tolerance: float) -> None:
-    """Minimise with L-BFGS over the whitened weights `w_EH` (a leaf; `closure` sets its .grad) until
-    `grad_max()`, the largest entry of the gradient in the weights' own coordinates, is at most `tolerance`,
-    or `max_iter` iterations in all. L-BFGS itself stops on the whitened gradient: when that stop leaves the
-    own gradient above `tolerance`, it goes on from where it was (its history kept) with a smaller whitened
-    tolerance (usually once)."""
-    opt = torch.optim.LBFGS([w_EH], lr=1.0, max_iter=max_iter, history_size=20, tolerance_grad=tolerance,
-                            tolerance_change=1e-12, line_search_fn="strong_wolfe")  # fmt: skip
+    """Minimise with L-BFGS over the whitened weights `w_EH` (a leaf; `closure` sets its .grad) until the
+    largest entry of the gradient in the weights' own coordinates is at most `tolerance`, or `max_iter`
+    iterations (and 5/4 of that in evaluations) in all. `grad_max()` -> (that entry, the whitened gradient's
+    largest entry) at the current weights. L-BFGS itself stops on the whitened gradient: when that stop leaves
+    the own gradient above `tolerance`, it goes on from where it was (its history kept) with the whitened
+    tolerance scaled by how far the own gradient is off (usually once)."""
+    max_eval = max_iter * 5 // 4
+    opt = torch.optim.LBFGS([w_EH], lr=1.0, max_iter=max_iter, max_eval=max_eval, history_size=20,
+                            tolerance_grad=tolerance, tolerance_change=1e-12, line_search_fn="strong_wolfe")  # fmt: skip
     opt.step(closure)
-    state = opt.state[w_EH]
+    state, group = opt.state[w_EH], opt.param_groups[0]
     for _ in range(20):
-        done = state.get("n_iter", 0)
-        now = grad_max()
-        if now <= tolerance or done >= max_iter:
+        done, evals = state.get("n_iter", 0), state.get("func_evals", 0)
+        own, whitened = grad_max()
+        if own <= tolerance or done >= max_iter or evals >= max_eval or not math.isfinite(own):
             return
-        group = opt.param_groups[0]
-        group["tolerance_grad"] *= min(0.9 * tolerance / now, 0.9)
-        group["max_iter"] = max_iter - done
+        group["tolerance_grad"] = 0.9 * whitened * tolerance / own
+        group["max_iter"], group["max_eval"] = max_iter - done, max_eval - evals
         opt.step(closure)
         if (
             state.get("n_iter", 0) == done
-        ):  # no step was taken (a flat or exhausted line search): as good as it gets
+        ):  # no step taken (a flat or exhausted line search): as good as it gets
             return
 
 
@@ -106,18 +107,23 @@ def fit_linear_router(
     max_iter: int = 200,
     tolerance: float = 1e-9,
     block: int = BLOCK,
+    cov_blocks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Multinomial logistic regression without bias: logits = x @ W.T -> W [E, H] (float32).
 
     `target` is a LongTensor [T] of labels or a float [T, E] of target distributions. Features are
     scaled by their root mean square, floored at a tenth of the median one (the penalty acts on the
     scaled problem, so no weight blows up on a near-silent feature), the weights start at zero and
-    L-BFGS (on whitened weights, `whitener`) is deterministic, so the fit is a pure function of its inputs.
-    It stops after `max_iter` iterations or once every entry of the scaled problem's gradient is below
-    `tolerance`. The one-process case of fit_linear_router_sharded (the same code, nothing to all-reduce):
-    with `block` the calibration window length, one rank and many fit the same router up to float64
-    rounding."""
-    return fit_linear_router_sharded(x_TH, target, num_experts, lambda t: t, l2, max_iter, tolerance, block)
+    L-BFGS (on whitened weights, `whitener`, with the covariance of the blocks `cov_blocks` marks) is
+    deterministic, so the fit is a pure function of its inputs. It stops after `max_iter` iterations or once
+    every entry of the scaled problem's gradient is below `tolerance`. The one-process case of
+    fit_linear_router_sharded (the same code, nothing to all-reduce): with `block` the calibration window
+    length, one rank and many sum the same float32 block sums (where a row's float32 results do not depend on
+    the batch's shape, as on the CPU tests here), so they differ by float64 rounding, amplified only as far as
+    L-BFGS amplifies it."""
+    return fit_linear_router_sharded(
+        x_TH, target, num_experts, lambda t: t, l2, max_iter, tolerance, block, cov_blocks
+    )
 
 
 def _project64(x_TH: torch.Tensor, u_H: torch.Tensor, rows: int = 4096) -> torch.Tensor:
@@ -281,6 +287,7 @@ def fit_linear_router_sharded(
     max_iter: int = 200,
     tolerance: float = 1e-9,
     block: int = BLOCK,
+    cov_blocks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """fit_linear_router on tokens sharded over ranks (this rank's rows in x_TH and target): the feature
     scales and covariance, the mean loss and its gradient are all-reduced float64 sums, so every rank runs the
@@ -296,9 +303,7 @@ def fit_linear_router_sharded(
         sq_H += x[i : i + SUM_CHUNK].to(torch.float64).pow(2).sum(0)
     rms_H = (reduce(sq_H) / n).sqrt().to(torch.float32)
     scale_H = rms_H.clamp_min(0.1 * rms_H.median().item() + 1e-12)
-    s64 = scale_H.to(torch.float64)
-    gram = reduce(_blocked_sum(x, x, block)) / s64[:, None] / s64[None, :]  # of the scaled features
-    a_HH = whitener(gram, n)
+    a_HH = _whitening(x, scale_H, num_experts, n, reduce, block, cov_blocks)
     wp = torch.zeros(num_experts, x.shape[1], dtype=torch.float32, device=x.device, requires_grad=True)
 
     def loss_grad():
@@ -313,8 +318,51 @@ def fit_linear_router_sharded(
         wp.grad = g @ a_HH
         return loss
 
-    lbfgs_to_tolerance(wp, closure, lambda: loss_grad()[1].abs().max().item(), max_iter, tolerance)
+    def grad_max():
+        g = loss_grad()[1]
+        return g.abs().max().item(), (g @ a_HH).abs().max().item()
+
+    lbfgs_to_tolerance(wp, closure, grad_max, max_iter, tolerance)
     return ((wp.detach() @ a_HH.T) / scale_H).contiguous()
+
+
+COV_ROWS = 16
+"""The covariance for whitening is taken on about COV_ROWS x H rows (whole windows: `whitening_windows`)."""
+
+
+def whitening_windows(
+    fit_window_ids: torch.Tensor, n_fit_windows: int, seq_len: int, hidden: int
+) -> torch.Tensor:
+    """Which of these fit windows (their global indices, in row order) give the whitening covariance: every
+    k-th fit window by global index, k such that about COV_ROWS x H rows are taken, so one rank and many pick
+    the same ones -> a bool per window (the `cov_blocks` of the fit, with block = seq_len)."""
+    every = max(1, math.ceil(n_fit_windows * seq_len / (COV_ROWS * hidden)))
+    return fit_window_ids % every == 0
+
+
+WHITEN_EVALS = 20
+"""Whiten only when the covariance costs at most this many loss-and-gradient evaluations (2 T H E
+multiply-adds each): it saves 20-40 evaluations a layer on the demo (H = 576, E = 6), and at H = 8192 on all
+rows it would cost hundreds (docs/speed.md section 8)."""
+
+
+def _whitening(x, scale_H, num_experts, n, reduce, block, cov_blocks) -> torch.Tensor:
+    """The fit's A (`whitener`) from the scaled features' covariance over the rows of `cov_blocks` (a bool per
+    block of `block` rows; None: all), or the identity when that covariance would cost more than
+    WHITEN_EVALS evaluations of the loss and gradient. The same on every rank (sums all-reduced)."""
+    hidden = x.shape[1]
+    eye = torch.eye(hidden, dtype=torch.float32, device=x.device)
+    if num_experts < 2:
+        return eye
+    if cov_blocks is not None:
+        rows = cov_blocks.to(x.device).repeat_interleave(block)[: x.shape[0]]
+        x = x[rows]
+    n_cov = reduce(torch.tensor([float(x.shape[0])], dtype=torch.float64, device=x.device)).item()
+    if n_cov * hidden > 2 * WHITEN_EVALS * n * num_experts:
+        return eye
+    s64 = scale_H.to(torch.float64)
+    gram = reduce(_blocked_sum(x, x, block)) / s64[:, None] / s64[None, :]  # of the scaled features
+    return whitener(gram, n_cov)
 
 
 def soft_temperature_sharded(err_TE: torch.Tensor, gather) -> float:

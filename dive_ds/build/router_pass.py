@@ -50,6 +50,7 @@ from dive_ds.build.router_math import (
     soft_targets,
     soft_temperature,
     soft_temperature_sharded,
+    whitening_windows,
 )
 from dive_ds.io.layers import MoeLayers, build_moe_layer
 from dive_ds.parallel.ranks import Ranks, fits_beside, host_memory_per_rank
@@ -80,7 +81,8 @@ def sliced_block_output(
     """The MoE block's output on x when its routed experts are exact slices of the dense FFN (channels
     `kept[e]`), from the dense intermediate h = act(x W_gate^T) * (x W_up^T) already computed: the block's own
     routing, weights and shared expert, and each expert's output W_down[:, kept] h[kept] + b_e (its own
-    down_proj), so no expert runs its gate and up projections again. Equal to `mlp(x)` up to float rounding."""
+    down_proj; `kept` on h's device), so no expert runs its gate and up projections again. Equal to `mlp(x)`
+    up to float rounding."""
     from dive_ds.models.moe import add_shared, permute, unpermute
 
     experts = mlp.experts
@@ -92,7 +94,7 @@ def sliced_block_output(
         if n:
             bias = None if experts.bias is None else experts.bias[e]
             y_NH[at : at + n] = F.linear(
-                h_NF[at : at + n].index_select(1, kept[e].to(h_NF.device)), experts.down_proj[e], bias
+                h_NF[at : at + n].index_select(1, kept[e]), experts.down_proj[e], bias
             )
         at += n
     return add_shared(mlp, x_TH, unpermute(y_NH, order_N, weights_TK, x_TH.shape[0]))
@@ -127,7 +129,7 @@ def check_fit_memory(ranks, need: int, where: torch.device, windows_per_domain: 
 
 
 def _fit_whole(
-    x, err, fit_on, w_init, num_experts, target_kind, cfg, block
+    x, err, fit_on, w_init, num_experts, target_kind, cfg, block, cov_blocks
 ) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """One rank: fit the layer's router on all fit tokens -> (w, noise_weight, the layer's report)."""
     x_fit, err_fit = x[fit_on], err[fit_on].to(torch.float64)
@@ -136,7 +138,7 @@ def _fit_whole(
         w = torch.zeros(1, x.shape[1], device=x.device)
     else:
         tgt = err_fit.argmin(-1) if target_kind == "hard" else soft_targets(err_fit, tau).to(torch.float32)
-        w = fit_linear_router(x_fit, tgt, num_experts, cfg.l2, cfg.max_iter, cfg.tolerance, block)
+        w = fit_linear_router(x_fit, tgt, num_experts, cfg.l2, cfg.max_iter, cfg.tolerance, block, cov_blocks)
     nw = noise_weight_init(x_fit, w, cfg.noise_ratio)
     x_held, err_held = x[~fit_on], err[~fit_on]
     return (
@@ -157,7 +159,7 @@ def _fit_whole(
     )
 
 
-def _fit_sharded(ranks, x, err, fit_on, w_init, num_experts, target_kind, cfg, block):
+def _fit_sharded(ranks, x, err, fit_on, w_init, num_experts, target_kind, cfg, block, cov_blocks):
     """Several ranks, each with its own tokens' rows only: the same fit from all-reduced sums (and gathered
     per-token scalars for the medians) -> (w, noise_weight, the layer's report), equal on every rank."""
     reduce, gather = ranks.sum_, ranks.gather_rows
@@ -168,7 +170,7 @@ def _fit_sharded(ranks, x, err, fit_on, w_init, num_experts, target_kind, cfg, b
     else:
         tgt = err_fit.argmin(-1) if target_kind == "hard" else soft_targets(err_fit, tau).to(torch.float32)
         w = fit_linear_router_sharded(
-            x_fit, tgt, num_experts, reduce, cfg.l2, cfg.max_iter, cfg.tolerance, block
+            x_fit, tgt, num_experts, reduce, cfg.l2, cfg.max_iter, cfg.tolerance, block, cov_blocks
         )
     nw = noise_weight_init_sharded(x_fit, w, cfg.noise_ratio, reduce, gather)
     x_held, err_held = x[~fit_on], err[~fit_on].to(torch.float64)
@@ -250,6 +252,10 @@ def fit_routers(
     carry = carry_device(dev, need)
     check_fit_memory(ranks, need, carry, max(w.shape[0] for w in windows.values()))
     fit_on = fit_tok.to(carry)
+    # the fit's whitening covariance: every k-th fit window by its global index, the same on any number of ranks
+    cov_blocks = whitening_windows(
+        mine_W[held[mine_W].logical_not()], int(held.logical_not().sum()), seq_len, hidden
+    )
     fit_mine = held[mine_W].logical_not().repeat_interleave(seq_len).to(carry)
     embed = moe.get("model.embed_tokens.weight").to(torch.float32)
     hid = F.embedding(ids_WS[mine_W], embed).to(carry)
@@ -282,13 +288,23 @@ def fit_routers(
             common, own = removed_channels(kept, w_down.shape[1])
             removed = common.to(dev), [r.to(dev) for r in own]
             down_removed = removed_down_columns(w_down, removed)  # gathered once a layer, not per batch
-            # the dense intermediate, kept when it fits: the carry then runs each token's expert from its
-            # slice of it (one down-projection) instead of the expert's gate and up projections again
-            if fits_beside(4 * n_mine * w_down.shape[1], carry):
-                h_mine = torch.empty(n_mine, w_down.shape[1], device=carry)
+            routed_kept = [k.to(dev) for k in routed_kept]
         resid = torch.empty(n_mine, hidden, device=carry)
         x_mine = torch.empty(n_mine, hidden, device=carry)
         err_mine = torch.empty(n_mine, num_experts, device=carry)
+        # sliced experts carry each token through its expert's slice of the dense intermediate h (one
+        # down-projection, `sliced_block_output`); h is kept from the error pass when it fits beside the
+        # compute (in the compute dtype, with room left for the fit's copies), else computed again per batch
+        # with the very same matmuls, so the carried states do not depend on free memory
+        elem = torch.empty((), dtype=dtype).element_size()
+        if (
+            kept is not None
+            and carry == dev
+            and fits_beside(
+                elem * n_mine * w_down.shape[1], carry, reserve=4 * n_mine * (hidden + num_experts)
+            )
+        ):
+            h_mine = torch.empty(n_mine, w_down.shape[1], device=carry, dtype=dtype)
         for i in range(0, mine_W.numel(), cfg.batch_size):
             h = hid[i : i + cfg.batch_size].to(dev, dtype)
             a = block.self_attn(
@@ -300,7 +316,7 @@ def fit_routers(
             rows = slice(i * seq_len, i * seq_len + r.shape[0])
             resid[rows], x_mine[rows] = r.float().to(carry), x.float().to(carry)
             if h_mine is not None:
-                h_mine[rows] = h.float().to(carry)
+                h_mine[rows] = h
             if kept is not None:
                 e = sliced_errors(h, w_down, removed, block.mlp.experts.bias, down_removed)
             else:
@@ -314,11 +330,11 @@ def fit_routers(
         tf = time.time()
         if sharded:
             w, nw, report = _fit_sharded(
-                ranks, x_mine, err_mine, fit_mine, w_init, num_experts, target_kind, cfg, seq_len
+                ranks, x_mine, err_mine, fit_mine, w_init, num_experts, target_kind, cfg, seq_len, cov_blocks
             )
         else:
             w, nw, report = _fit_whole(
-                x_mine, err_mine, fit_on, w_init, num_experts, target_kind, cfg, seq_len
+                x_mine, err_mine, fit_on, w_init, num_experts, target_kind, cfg, seq_len, cov_blocks
             )
         fit_s += time.time() - tf
         ranks.broadcast_(w)  # every rank carries its windows on through the very same router
@@ -330,10 +346,11 @@ def fit_routers(
         for i in range(0, n_mine, cfg.batch_size * seq_len):
             rows = slice(i, i + cfg.batch_size * seq_len)
             x = x_mine[rows].to(dev, dtype)
-            if h_mine is None:
+            if kept is None:
                 y = block.mlp(x.unsqueeze(0))[0]
             else:
-                y = sliced_block_output(block.mlp, x, h_mine[rows].to(dev, dtype), routed_kept)
+                h = h_mine[rows] if h_mine is not None else act(F.linear(x, w_gate)) * F.linear(x, w_up)
+                y = sliced_block_output(block.mlp, x, h, routed_kept)
             hid.view(-1, hidden)[rows] = resid[rows] + y.float().to(carry)
         # a decoder layer holds reference cycles: move its weights off so they are freed now, without a
         # gc.collect() per layer (about a second each in a large Python process, as in calibrate)

@@ -192,12 +192,12 @@ def host_memory_per_rank() -> int | None:
     return kib * 1024 // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
-def fits_beside(nbytes: int, where: torch.device, share: float = 0.25) -> bool:
+def fits_beside(nbytes: int, where: torch.device, share: float = 0.25, reserve: int = 0) -> bool:
     """Is `nbytes` under `share` of the memory free at `where` (a GPU's free memory, else this rank's share of
-    the host's available memory)? For buffers that only save work: kept when they fit, else the work is done
-    again."""
+    the host's available memory) once `reserve` bytes still to be allocated are set aside? For buffers that
+    only save work: kept when they fit, else the work is done again."""
     if where.type == "cuda":
         free, _ = torch.cuda.mem_get_info(where)
     else:
         free = host_memory_per_rank()
-    return free is not None and nbytes < share * free
+    return free is not None and nbytes < share * (free - reserve)

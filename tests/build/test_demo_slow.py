@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -100,3 +101,8 @@ def test_demo_pipeline_end_to_end(tmp_path):
     )  # LoRA merged: a plain MoE again
     assert not any("lora" in n for n, _ in retrained.named_parameters())
     assert any((out / "retrain").rglob("events.out.tfevents.*"))
+    # the retraining ran each step's 2 sequences as one micro batch (ds_configs/zero2.json otherwise)
+    ds = json.loads((out / "retrain" / "stages" / "experts" / "ds_config.json").read_text())
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (2, 1)
+    zero2 = json.loads((Path(__file__).resolve().parents[2] / "ds_configs" / "zero2.json").read_text())
+    assert ds["zero_optimization"]["stage"] == zero2["zero_optimization"]["stage"] == 2

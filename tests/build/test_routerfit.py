@@ -23,6 +23,7 @@ from dive_ds.build.router_math import (
     router_loss_grad,
     sliced_errors,
     soft_targets,
+    whitening_windows,
 )
 from dive_ds.build.router_pass import fit_routers
 from dive_ds.io.calibration import load_calibration
@@ -183,9 +184,13 @@ def test_streaming_fit_equals_whole_model_fit(tiny):
             )
         err = expert_errors(y_dense, y_e).double()
         fit_rows = held.logical_not().repeat_interleave(ids.shape[1])
+        fit_windows = torch.arange(len(held))[
+            ~held
+        ]  # blocks of a window's rows and the same whitening windows
+        cov = whitening_windows(fit_windows, len(fit_windows), ids.shape[1], x.shape[1])
         w = fit_linear_router(
-            x[fit_rows], err[fit_rows].argmin(-1), 3, FIT.l2, FIT.max_iter, FIT.tolerance, block=ids.shape[1]
-        )  # blocks of a window's rows, as the streaming fit sums them
+            x[fit_rows], err[fit_rows].argmin(-1), 3, FIT.l2, FIT.max_iter, FIT.tolerance, ids.shape[1], cov
+        )
         torch.testing.assert_close(routers[layer]["gate.weight"], w, rtol=1e-3, atol=1e-4)
         with torch.no_grad():
             block.gate.weight.copy_(w)
@@ -345,3 +350,46 @@ def test_sliced_block_output_equals_the_block(tiny, tmp_path, top_k, shared):
             got = sliced_block_output(block.mlp, x, h, kept)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         assert block.mlp.last_expert_counts.min() > 0  # every expert had rows to check
+
+
+def test_whitened_fit_goes_on_until_its_own_gradient_meets_the_tolerance(monkeypatch):
+    """L-BFGS stops on the whitened gradient; `lbfgs_to_tolerance` goes on until the gradient in the weights'
+    own coordinates is below the tolerance, within max_iter iterations in all (a quadratic whose whitened
+    gradient is 100x smaller than its own), and the fit meets its tolerance on correlated features."""
+    import dive_ds.build.router_math as rm
+
+    c = torch.tensor([1.0, 3.0, 10.0, 0.3])
+    a_diag = torch.full((4,), 0.01)  # w = w' * 0.01: the whitened gradient is 100x smaller
+    wp = torch.zeros(4, requires_grad=True)
+
+    def own_grad():
+        return 2 * c * (wp.detach() * a_diag - 1)
+
+    def closure():
+        w = wp.detach() * a_diag
+        wp.grad = own_grad() * a_diag
+        return (c * (w - 1) ** 2).sum()
+
+    steps = []
+    real = torch.optim.LBFGS.step
+    monkeypatch.setattr(torch.optim.LBFGS, "step", lambda self, f: steps.append(1) or real(self, f))
+    rm.lbfgs_to_tolerance(wp, closure, lambda: (own_grad().abs().max().item(), (own_grad() * a_diag).abs().max().item()),
+                          200, 1e-3)  # fmt: skip
+    assert own_grad().abs().max().item() <= 1e-3 and len(steps) >= 2
+    g = torch.Generator().manual_seed(12)
+    mix = torch.randn(16, 16, generator=g) + 3 * torch.eye(16)
+    x = (torch.randn(2048, 16, generator=g) @ mix) * torch.linspace(0.3, 3.0, 16)
+    labels = (x @ torch.randn(4, 16, generator=g).T + 2 * torch.randn(2048, 4, generator=g)).argmax(-1)
+    scale = x.pow(2).mean(0).sqrt()
+    for tol in (1e-3, 1e-4):
+        w = fit_linear_router(x, labels, 4, l2=1e-3, max_iter=200, tolerance=tol, block=256)
+        _, grad = router_loss_grad(x / scale, labels, w * scale, 1e-3)
+        assert grad.abs().max().item() <= tol
+    a = rm._whitening(x, scale, 4, 2048, lambda t: t, 256, None)
+    assert not torch.equal(a, torch.eye(16))  # whitened here
+    # a covariance dearer than WHITEN_EVALS evaluations (few tokens, wide features): not whitened
+    wide = torch.randn(64, 512, generator=g)
+    assert torch.equal(rm._whitening(wide, torch.ones(512), 2, 64, lambda t: t, 16, None), torch.eye(512))
+    # the covariance of the marked blocks only
+    half = rm._whitening(x, scale, 4, 2048, lambda t: t, 256, torch.tensor([True, False] * 4))
+    assert not torch.equal(half, a)
