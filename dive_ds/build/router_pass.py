@@ -12,10 +12,12 @@ device, in the compute dtype), the calibration windows' hidden states carried fr
 sharded folder from `reconstruct --shards`; writes a new folder (never touches the input).
 
 On many ranks each rank carries its share of the windows and keeps its tokens' rows: the feature
-scales, the L-BFGS loss and its E x H gradient are float64 sums all-reduced over ranks, so every rank
-runs the same L-BFGS on all tokens (router_math's *_sharded functions); only two scalars per token are
+scales, the whitening covariance (H x H, from every k-th fit window), the L-BFGS loss and its E x H gradient
+are float64 sums (of float32 sums per window) all-reduced over ranks, so every rank runs the same L-BFGS on
+all tokens (router_math's *_sharded functions; one rank runs the same code); only two scalars per token are
 gathered (for the medians of the soft-target temperature and the noise init), and rank 0's fitted
-weights are broadcast. Memory per rank is O(its own tokens). One rank fits on its rows as they are.
+weights are broadcast. Memory per rank is O(its own tokens), plus the dense intermediate (T x F) of sliced
+experts when it fits in a quarter of the memory left beside the compute.
 
 Targets for top-k > 1: "soft" = softmax(-err / tau) over the experts (tau per layer = the median gap
 between the best and second-best expert's error), so the router's top-k and its weights among
