@@ -65,12 +65,9 @@ def whitener(gram_HH: torch.Tensor, n: float) -> torch.Tensor:
     in which coordinates the features are uncorrelated and of unit variance, so L-BFGS converges in a
     fraction of the iterations (the objective, penalty included, is the same function of w)."""
     c = gram_HH.to(torch.float64) / max(n, 1.0)
-    c = c + WHITEN_RIDGE * (c.diagonal().mean().item() or 1.0) * torch.eye(
-        c.shape[0], dtype=c.dtype, device=c.device
-    )
-    low = torch.linalg.cholesky(c)  # C = L L^T, so A = L^-T
     eye = torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
-    return torch.linalg.solve_triangular(low, eye, upper=False).T.to(torch.float32).contiguous()
+    low = torch.linalg.cholesky(c + WHITEN_RIDGE * (c.diagonal().mean().item() or 1.0) * eye)  # C = L L^T
+    return torch.linalg.solve_triangular(low, eye, upper=False).T.to(torch.float32).contiguous()  # A = L^-T
 
 
 def lbfgs_to_tolerance(w_EH: torch.Tensor, closure, grad_max, max_iter: int, tolerance: float) -> None:
@@ -93,9 +90,8 @@ def lbfgs_to_tolerance(w_EH: torch.Tensor, closure, grad_max, max_iter: int, tol
         group["tolerance_grad"] = 0.9 * whitened * tolerance / own
         group["max_iter"], group["max_eval"] = max_iter - done, max_eval - evals
         opt.step(closure)
-        if (
-            state.get("n_iter", 0) == done
-        ):  # no step taken (a flat or exhausted line search): as good as it gets
+        # no step taken (a flat or exhausted line search): as good as it gets
+        if state.get("n_iter", 0) == done:
             return
 
 

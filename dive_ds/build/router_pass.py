@@ -291,6 +291,10 @@ def fit_routers(
             removed = common.to(dev), [r.to(dev) for r in own]
             down_removed = removed_down_columns(w_down, removed)  # gathered once a layer, not per batch
             routed_kept = [k.to(dev) for k in routed_kept]
+
+        def dense_h(x, w_gate=w_gate, w_up=w_up):  # the dense intermediate: one expression for both passes
+            return act(F.linear(x, w_gate)) * F.linear(x, w_up)
+
         resid = torch.empty(n_mine, hidden, device=carry)
         x_mine = torch.empty(n_mine, hidden, device=carry)
         err_mine = torch.empty(n_mine, num_experts, device=carry)
@@ -314,7 +318,7 @@ def fit_routers(
             )[0]
             r = (h + a).reshape(-1, hidden)
             x = block.post_attention_layernorm(r)
-            h = act(F.linear(x, w_gate)) * F.linear(x, w_up)
+            h = dense_h(x)
             rows = slice(i * seq_len, i * seq_len + r.shape[0])
             resid[rows], x_mine[rows] = r.float().to(carry), x.float().to(carry)
             if h_mine is not None:
@@ -351,13 +355,13 @@ def fit_routers(
             if kept is None:
                 y = block.mlp(x.unsqueeze(0))[0]
             else:
-                h = h_mine[rows] if h_mine is not None else act(F.linear(x, w_gate)) * F.linear(x, w_up)
+                h = h_mine[rows] if h_mine is not None else dense_h(x)
                 y = sliced_block_output(block.mlp, x, h, routed_kept)
             hid.view(-1, hidden)[rows] = resid[rows] + y.float().to(carry)
         # a decoder layer holds reference cycles: move its weights off so they are freed now, without a
         # gc.collect() per layer (about a second each in a large Python process, as in calibrate)
         block.to("meta")
-        del block, w_gate, w_up, w_down, resid, x_mine, err_mine, h_mine, down_removed
+        del block, w_gate, w_up, w_down, resid, x_mine, err_mine, h_mine, down_removed, dense_h
         bar.set_postfix(layer=f"{layer + 1}/{config.num_hidden_layers}",
                         acc=f"{layers_report[-1]['label_accuracy_heldout']:.2f}")  # fmt: skip
     bar.close()
