@@ -22,6 +22,22 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+LONGEST_FIRST = ("slurm", "slow", "heavy", "dist")
+"""Test files go in this order of their marks (then as collected): `make test` runs two pytest-xdist workers
+with `--dist loadfile --no-loadscope-reorder`, which hand out whole files in this order, so the files of
+minutes start first and the short ones fill in beside them (xdist's own order, most tests first, left the
+SLURM and demo files to run one after another at the end)."""
+
+
+def pytest_collection_modifyitems(config, items):
+    tier = {}
+    for item in items:
+        marks = [i for i, m in enumerate(LONGEST_FIRST) if item.get_closest_marker(m)]
+        tier[item.path] = min([tier.get(item.path, len(LONGEST_FIRST)), *marks])
+    collected = {path: i for i, path in enumerate(dict.fromkeys(item.path for item in items))}
+    items.sort(key=lambda item: (tier[item.path], collected[item.path]))  # stable: a file keeps its order
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item, call):
     report = yield
