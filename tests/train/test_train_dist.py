@@ -36,11 +36,15 @@ pytestmark = pytest.mark.dist
 
 @pytest.fixture(scope="module")
 def world_1():
+    import torch.distributed as dist
+
     from dive_ds.parallel.distributed import teardown_distributed
 
+    made = not dist.is_initialized()
     start_world()  # a no-op when the session's `world` group (tests/conftest.py) is already up
     yield
-    teardown_distributed()
+    if made:  # the session's group stays up for the test files that run after this one
+        teardown_distributed()
 
 
 @pytest.fixture(scope="module")
