@@ -59,7 +59,7 @@ def cluster(tmp_path_factory):
 
 def job_env(out: Path, **extra) -> dict:
     # The two "nodes" share this machine's cores: one thread per rank, as slurm/dive_tiny.sh defaults to
-    # (`make test` exports OMP_NUM_THREADS=2 for its in-process tests, which sbatch would pass on; two ranks of
+    # (a pytest run by hand may have OMP_NUM_THREADS=2 for its in-process tests, which sbatch would pass on; two ranks of
     # two threads each on two cores made this module's first job take 185 s in the suite, against 102 s)
     return {"REPO": str(REPO), "OUT": str(out), "MINE_FAST": "1", "PYTHON": sys.executable,
             "OMP_NUM_THREADS": "1"} | extra  # fmt: skip
