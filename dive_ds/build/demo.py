@@ -43,6 +43,7 @@ def run_demo(a) -> dict:
         f"tokens per domain (the reference recipe uses 1024 x 256; smaller here so the demo fits a 2-core machine), "
         f"N={a.experts} experts, top-{a.top_k}, r={a.prune_ratio}"
     )
+    dtype = _precision(a.dtype)
     times = {}
     t = _step("1/5 calibrate: one streaming pass over all domains")
     _run(
@@ -57,6 +58,7 @@ def run_demo(a) -> dict:
         force=True,  # the demo owns its run folder: new settings replace the old calibration
         demo=True,
         token_clusters=a.experts if pick == "clusters" else 0,
+        dtype=dtype,
     )
     times["calibrate"] = time.time() - t
     t = _step("2/5 mine: domain affinity and groups")
@@ -67,6 +69,7 @@ def run_demo(a) -> dict:
         a.experts,
         a.prune_ratio,
         eval_windows=a.mining_eval_windows,
+        dtype=dtype,
         force=True,  # the demo owns its run folder: mining of another calibration replaces the old one
     )
     times["mine"] = time.time() - t
@@ -100,12 +103,13 @@ def run_demo(a) -> dict:
     # 8 of the 16 windows per domain: half the cost, and measured no worse (calib held-out mean 127.0
     # against 126.8 with all 16; README "Router fitting")
     fit_cfg = RouterFitConfig(windows_per_domain=8)
-    if fitted.exists() and _fit_is_current(fitted, out / f"moe-{pick}", out / "calib", fit_cfg):
+    if fitted.exists() and _fit_is_current(fitted, out / f"moe-{pick}", out / "calib", fit_cfg, dtype):
         print(f"{fitted} already holds this fit; reusing it (delete it to refit)", flush=True)
     else:
         if fitted.exists():  # a rerun refits from the new reconstruction, replacing only the demo's own fit
             _remove_own_fit(fitted, out / f"moe-{pick}")
-        _run(run_fit_router, str(out / f"moe-{pick}"), str(out / "calib"), str(fitted), fit_cfg, dense=None)
+        _run(run_fit_router, str(out / f"moe-{pick}"), str(out / "calib"), str(fitted), fit_cfg, dense=None,
+             dtype=dtype)  # fmt: skip
     times["fit_router"] = time.time() - t
     t = _step(
         "4/5 evaluate: perplexity per domain on the evaluation set (never calibrated, mined or trained on)"
@@ -113,7 +117,11 @@ def run_demo(a) -> dict:
     cal = load_calibration(out / "calib")
     reg = _eval_registry(out, cal)
     ev = dict(
-        registry=reg, eval_windows=a.eval_windows, seq_len=a.seq_len, seed=cal.manifest["sampler"]["seed"]
+        registry=reg,
+        eval_windows=a.eval_windows,
+        seq_len=a.seq_len,
+        seed=cal.manifest["sampler"]["seed"],
+        dtype=dtype,
     )
     # (label, model, oracle, router): an untrained random router is only informative for DIVE itself, the
     # baselines are compared by oracle; the token-cluster MoE has no domain -> expert map and is scored fitted
@@ -138,6 +146,7 @@ def run_demo(a) -> dict:
     }
     mining_rep = json.loads((out / "mining" / "mining.json").read_text())
     summary = {
+        "dtype": dtype,
         "times_s": {k: round(v, 1) for k, v in times.items()},
         "total_s": round(time.time() - t_all, 1),
         "mean_ppl": {
@@ -176,6 +185,24 @@ def run_demo(a) -> dict:
     print(f"fast vs paper affinity: {summary['fast_vs_paper']}")
     print(f"step times (s): {summary['times_s']}; total {summary['total_s']}s; outputs in {out}/")
     return summary
+
+
+def _precision(name: str) -> str:
+    """The demo's compute precision (retraining aside), checked before any work and said once: `auto` is bf16
+    where this machine multiplies bf16 natively (a bf16 GPU; a CPU with avx512_bf16 / amx_bf16, where its
+    matmuls ran 2.3-2.6x float32's, docs/speed.md section 9), else fp32."""
+    from dive_ds.parallel.ranks import auto_dtype, resolve_device, resolve_dtype
+
+    device = resolve_device("auto")
+    dtype = auto_dtype(device) if name == "auto" else name
+    resolve_dtype(dtype, device)
+    print(
+        f"precision: {dtype} for calibration, mining, router fitting and evaluation on {device.type}"
+        + (" (native bf16 here; --dtype fp32 for float32)" if dtype == "bf16" else "")
+        + "; retraining fp32",
+        flush=True,
+    )
+    return dtype
 
 
 def _eval_registry(out: Path, cal) -> str:
@@ -268,9 +295,9 @@ def _check(rc: int) -> None:
         raise RuntimeError(f"demo step failed (exit {rc}); see the message above")
 
 
-def _fit_is_current(fitted: Path, source: Path, calib: Path, cfg) -> bool:
-    """Is `fitted` this demo's fit of `source` from `calib` with `cfg` (a rerun that changed nothing reuses it;
-    a refit would only change its recorded time, and with it every later step's identity)?"""
+def _fit_is_current(fitted: Path, source: Path, calib: Path, cfg, dtype: str = "fp32") -> bool:
+    """Is `fitted` this demo's fit of `source` from `calib` with `cfg` in `dtype` (a rerun that changed nothing
+    reuses it; a refit would only change its recorded time, and with it every later step's identity)?"""
     from dataclasses import asdict
 
     from dive_ds.io.fingerprint import folder_fingerprint
@@ -285,6 +312,7 @@ def _fit_is_current(fitted: Path, source: Path, calib: Path, cfg) -> bool:
         and rec.get("moe") == str(source.resolve())
         and rec.get("calibration_fingerprint") == folder_fingerprint(calib)
         and rec.get("config") == json.loads(json.dumps(asdict(cfg)))
+        and rec.get("dtype") == {"fp32": "float32", "bf16": "bfloat16"}[dtype]
     )
 
 

@@ -37,8 +37,8 @@ class Settings:
                                           "calibration sets larger than RAM)")  # fmt: skip
     device: str = flag("auto", "where the resident layer computes: auto (default; this rank's GPU when there is "
                        "one), cpu, cuda", choices=DEVICES)  # fmt: skip
-    dtype: str = flag("fp32", "compute precision of the resident layer: fp32 (default) or bf16 (GPU only); sums "
-                      "stay float64", choices=DTYPE_NAMES)  # fmt: skip
+    dtype: str = flag("fp32", "compute precision of the resident layer: fp32 (default) or bf16 (a GPU or a "
+                      "native-bf16 CPU); sums stay float64", choices=DTYPE_NAMES)  # fmt: skip
     checkpoint_dir: str | None = flag(None, "resumable: checkpoint the pass here (storage every rank sees); "
                                       "relaunching the same command resumes")  # fmt: skip
     checkpoint_every: int | None = flag(None, "layers between checkpoints (default 1; needs --checkpoint-dir)",

@@ -13,7 +13,8 @@ class DeviceFlags:
 
     device: str = flag("auto", "where the model runs: auto (this rank's GPU if there is one, else the CPU), cpu or cuda",
                        choices=["auto", "cpu", "cuda"])  # fmt: skip
-    dtype: str = flag("fp32", "model weights' dtype: fp32 (default) or bf16 (GPU only); NLL and sums stay float32/64",
+    dtype: str = flag("fp32", "model weights' dtype: fp32 (default) or bf16 (a GPU, or a CPU with native bf16); "
+                      "NLL and sums stay float32/64",
                       choices=["fp32", "bf16"])  # fmt: skip
 
 

@@ -44,13 +44,39 @@ def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+"""/proc/cpuinfo flags of x86 CPUs that multiply bf16 natively (AMD Zen 4+, Intel Cooper Lake / Sapphire
+Rapids+). Elsewhere PyTorch emulates bf16 matmuls, slower than float32."""
+
+
+def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Does this CPU multiply bf16 natively? (Linux x86: its flags; anywhere else: no.)"""
+    try:
+        with open(cpuinfo) as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return any(flag in flags for flag in CPU_BF16_FLAGS)
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """Compute precision of the resident layer: fp32 anywhere, bf16 on CUDA (statistics stay float64)."""
+    """Compute precision of the resident layer: fp32 anywhere; bf16 on CUDA and on a CPU that multiplies bf16
+    natively (statistics and NLL sums stay float32/64)."""
     if name not in DTYPES:
         raise ValueError(f"--dtype {name!r}: choose one of {', '.join(DTYPES)}")
-    if name == "bf16" and device.type != "cuda":
-        raise ValueError("--dtype bf16 computes on a GPU only; on the CPU pass --dtype fp32")
+    if name == "bf16" and device.type != "cuda" and not cpu_has_native_bf16():
+        raise ValueError(
+            "--dtype bf16: this CPU has no native bf16 matmuls (flags avx512_bf16 / amx_bf16), where bf16 is "
+            "slower than fp32; pass --dtype fp32, or run on a GPU"
+        )
     return DTYPES[name]
+
+
+def auto_dtype(device: torch.device) -> str:
+    """The fastest precision `device` computes natively: bf16 on a bf16 GPU or CPU, else fp32."""
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_has_native_bf16() else "fp32"
 
 
 @dataclass(frozen=True)

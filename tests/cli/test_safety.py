@@ -355,9 +355,12 @@ def test_demo_rerun_reuses_a_current_fit_and_moves_stale_evaluations_aside(tmp_p
         "moe": str(source.resolve()),
         "calibration_fingerprint": folder_fingerprint(calib),
         "config": asdict(cfg),
+        "dtype": "float32",
     }
     (fitted / "router_fit.json").write_text(json.dumps(record))
     assert _fit_is_current(fitted, source, calib, cfg)
+    assert _fit_is_current(fitted, source, calib, cfg, "fp32")
+    assert not _fit_is_current(fitted, source, calib, cfg, "bf16")  # another precision
     assert not _fit_is_current(fitted, source, calib, RouterFitConfig(windows_per_domain=4))  # other settings
     (source / "dive_experts.json").write_text('{"groups": {"b": ["x"]}}')  # another reconstruction
     assert not _fit_is_current(fitted, source, calib, cfg)

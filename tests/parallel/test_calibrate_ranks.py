@@ -167,9 +167,10 @@ def test_refusals_are_one_line_before_work(setup, tmp_path, capsys, monkeypatch)
     (tmp_path / "ck").mkdir()
     (tmp_path / "ck" / "calibrate-0123456789abcdef").mkdir()
     before = snapshot(tmp_path)
+    monkeypatch.setattr("dive_ds.parallel.ranks.cpu_has_native_bf16", lambda: False)  # a CPU without bf16
     cases = [
         (["--device", "cuda"], {}, "no CUDA device is visible"),
-        (["--dtype", "bf16", "--device", "cpu"], {}, "bf16 computes on a GPU only"),
+        (["--dtype", "bf16", "--device", "cpu"], {}, "this CPU has no native bf16 matmuls"),
         (["--stop-file", str(tmp_path / "s")], {}, "--stop-file needs --checkpoint-dir"),
         (["--checkpoint-every", "2"], {}, "--checkpoint-every needs --checkpoint-dir"),
         (

@@ -24,8 +24,11 @@ def test_bad_device_dtype_and_world_are_refused_in_one_line(monkeypatch):
         with pytest.raises(ValueError, match="no CUDA device is visible.*--device cpu"):
             resolve_device("cuda")
         assert resolve_device("auto") == torch.device("cpu")
-    with pytest.raises(ValueError, match="bf16 computes on a GPU only"):
+    monkeypatch.setattr("dive_ds.parallel.ranks.cpu_has_native_bf16", lambda: False)
+    with pytest.raises(ValueError, match="this CPU has no native bf16 matmuls.*--dtype fp32"):
         resolve_dtype("bf16", torch.device("cpu"))
+    monkeypatch.setattr("dive_ds.parallel.ranks.cpu_has_native_bf16", lambda: True)
+    assert resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16
     with pytest.raises(ValueError, match="choose one of fp32, bf16"):
         resolve_dtype("fp16", torch.device("cpu"))
     with pytest.raises(ValueError, match="2 ranks but only 1 windows"):
@@ -62,3 +65,18 @@ def test_two_gloo_ranks_sum_gather_and_agree(tmp_path):
         assert summed == [0.1 + 0.2] * 3  # the exact float64 sum of both ranks' values, on both
         assert gathered == [0.0, 10.0, 11.0]  # rank 0's one row, then rank 1's two, on both
         assert broadcast == [7.0, 7.0]  # rank 0's values, on both
+
+
+def test_native_bf16_is_read_from_the_cpu_flags(tmp_path):
+    from dive_ds.parallel.ranks import auto_dtype, cpu_has_native_bf16
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw\n\n")
+    assert not cpu_has_native_bf16(str(info))
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 avx512_vnni\n\n")
+    assert cpu_has_native_bf16(str(info))
+    info.write_text("flags\t\t: fpu amx_bf16 amx_tile\n")  # Sapphire Rapids' AMX
+    assert cpu_has_native_bf16(str(info))
+    assert not cpu_has_native_bf16(str(tmp_path / "absent"))  # not Linux: no
+    # auto on this machine's CPU: bf16 exactly when its flags say so
+    assert auto_dtype(torch.device("cpu")) == ("bf16" if cpu_has_native_bf16() else "fp32")

@@ -147,12 +147,13 @@ def test_more_ranks_than_windows_is_refused_on_every_rank(two, command):
     reason="checks the refusal of --device cuda where no GPU is visible; on a GPU machine cuda is valid",
 )
 @pytest.mark.parametrize("command", ["evaluate", "mine", "fit-router"])
-def test_cuda_without_a_gpu_is_refused_in_one_line(tiny, tmp_path, capsys, command):
+def test_cuda_without_a_gpu_is_refused_in_one_line(tiny, tmp_path, capsys, command, monkeypatch):
     argv = [a for a in _commands(tiny, tmp_path)[command] if a != "cpu" and a != "--device"]
     assert cli([*argv, "--device", "cuda"], capsys) == 2
     assert "no CUDA device is visible" in one_line_error(capsys)
+    monkeypatch.setattr("dive_ds.parallel.ranks.cpu_has_native_bf16", lambda: False)  # a CPU without bf16
     assert cli([*argv, "--dtype", "bf16", "--device", "cpu"], capsys) == 2
-    assert "bf16 computes on a GPU only" in one_line_error(capsys)
+    assert "this CPU has no native bf16 matmuls" in one_line_error(capsys)
     assert not any(tmp_path.iterdir())
 
 
