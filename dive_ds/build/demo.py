@@ -43,7 +43,7 @@ def run_demo(a) -> dict:
         f"tokens per domain (the reference recipe uses 1024 x 256; smaller here so the demo fits a 2-core machine), "
         f"N={a.experts} experts, top-{a.top_k}, r={a.prune_ratio}"
     )
-    dtype = _precision(a.dtype)
+    build_dtype, score_dtype = _precision(a.dtype)
     times = {}
     t = _step("1/5 calibrate: one streaming pass over all domains")
     _run(
@@ -58,7 +58,7 @@ def run_demo(a) -> dict:
         force=True,  # the demo owns its run folder: new settings replace the old calibration
         demo=True,
         token_clusters=a.experts if pick == "clusters" else 0,
-        dtype=dtype,
+        dtype=build_dtype,
     )
     times["calibrate"] = time.time() - t
     t = _step("2/5 mine: domain affinity and groups")
@@ -69,7 +69,7 @@ def run_demo(a) -> dict:
         a.experts,
         a.prune_ratio,
         eval_windows=a.mining_eval_windows,
-        dtype=dtype,
+        dtype=score_dtype,
         force=True,  # the demo owns its run folder: mining of another calibration replaces the old one
     )
     times["mine"] = time.time() - t
@@ -103,13 +103,13 @@ def run_demo(a) -> dict:
     # 8 of the 16 windows per domain: half the cost, and measured no worse (calib held-out mean 127.0
     # against 126.8 with all 16; README "Router fitting")
     fit_cfg = RouterFitConfig(windows_per_domain=8)
-    if fitted.exists() and _fit_is_current(fitted, out / f"moe-{pick}", out / "calib", fit_cfg, dtype):
+    if fitted.exists() and _fit_is_current(fitted, out / f"moe-{pick}", out / "calib", fit_cfg, build_dtype):
         print(f"{fitted} already holds this fit; reusing it (delete it to refit)", flush=True)
     else:
         if fitted.exists():  # a rerun refits from the new reconstruction, replacing only the demo's own fit
             _remove_own_fit(fitted, out / f"moe-{pick}")
         _run(run_fit_router, str(out / f"moe-{pick}"), str(out / "calib"), str(fitted), fit_cfg, dense=None,
-             dtype=dtype)  # fmt: skip
+             dtype=build_dtype)  # fmt: skip
     times["fit_router"] = time.time() - t
     t = _step(
         "4/5 evaluate: perplexity per domain on the evaluation set (never calibrated, mined or trained on)"
@@ -121,7 +121,7 @@ def run_demo(a) -> dict:
         eval_windows=a.eval_windows,
         seq_len=a.seq_len,
         seed=cal.manifest["sampler"]["seed"],
-        dtype=dtype,
+        dtype=score_dtype,
     )
     # (label, model, oracle, router): an untrained random router is only informative for DIVE itself, the
     # baselines are compared by oracle; the token-cluster MoE has no domain -> expert map and is scored fitted
@@ -146,7 +146,7 @@ def run_demo(a) -> dict:
     }
     mining_rep = json.loads((out / "mining" / "mining.json").read_text())
     summary = {
-        "dtype": dtype,
+        "dtype": {"calibrate_fit_router": build_dtype, "mine_evaluate": score_dtype},
         "times_s": {k: round(v, 1) for k, v in times.items()},
         "total_s": round(time.time() - t_all, 1),
         "mean_ppl": {
@@ -187,22 +187,24 @@ def run_demo(a) -> dict:
     return summary
 
 
-def _precision(name: str) -> str:
-    """The demo's compute precision (retraining aside), checked before any work and said once: `auto` is bf16
-    where this machine multiplies bf16 natively (a bf16 GPU; a CPU with avx512_bf16 / amx_bf16, where its
-    matmuls ran 2.3-2.6x float32's, docs/speed.md section 9), else fp32."""
+def _precision(name: str) -> tuple[str, str]:
+    """(precision of the steps that build the model: calibration, router fitting; of the steps that score it:
+    mining's pruned perplexities, evaluation), checked before any work and said once. `auto`: the builds in
+    fp32 (so the models are the fp32 demo's, bit for bit) and the scoring in bf16 where this machine multiplies
+    bf16 natively (a bf16 GPU; a CPU with avx512_bf16 / amx_bf16: its matmuls ran at 2.3-2.6x float32's here,
+    and the scores moved by 0.01-0.13%), else fp32. `bf16`: everything (the fastest; the built models differ,
+    docs/speed.md section 9). Retraining is fp32 either way."""
     from dive_ds.parallel.ranks import auto_dtype, resolve_device, resolve_dtype
 
     device = resolve_device("auto")
-    dtype = auto_dtype(device) if name == "auto" else name
-    resolve_dtype(dtype, device)
-    print(
-        f"precision: {dtype} for calibration, mining, router fitting and evaluation on {device.type}"
-        + (" (native bf16 here; --dtype fp32 for float32)" if dtype == "bf16" else "")
-        + "; retraining fp32",
-        flush=True,
-    )
-    return dtype
+    score = auto_dtype(device) if name == "auto" else name
+    build = "fp32" if name == "auto" else name
+    for dtype in {build, score}:
+        resolve_dtype(dtype, device)
+    print(f"precision on {device.type}: calibration and router fitting {build}, mining and evaluation {score}"
+          + (" (native bf16 here; --dtype fp32 for float32 throughout)" if score == "bf16" else "")
+          + ", retraining fp32", flush=True)  # fmt: skip
+    return build, score
 
 
 def _eval_registry(out: Path, cal) -> str:

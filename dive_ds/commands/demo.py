@@ -33,9 +33,9 @@ class Settings:
                                     "12: the fitted router needs no router stage; 0 0 skips retraining)",
                                     type=nonneg_int, nargs=2, metavar=("ROUTER", "EXPERTS"))  # fmt: skip
     retrain_batch: int = flag(4, "sequences of 256 tokens per step (default 4)", type=positive_int)
-    dtype: str = flag("auto", "precision of calibration, mining, router fitting and evaluation: auto (default: "
-                      "bf16 where the GPU or CPU multiplies bf16 natively, else fp32), fp32 or bf16; retraining "
-                      "stays fp32", choices=("auto", "fp32", "bf16"))  # fmt: skip
+    dtype: str = flag("auto", "compute precision: auto (default: calibration and router fitting fp32, mining and "
+                      "evaluation bf16 where the GPU or CPU multiplies bf16 natively, else fp32), fp32 or bf16 "
+                      "(all of them); retraining stays fp32", choices=("auto", "fp32", "bf16"))  # fmt: skip
 
 
 def run(s: Settings) -> int:

@@ -70,6 +70,12 @@ def test_demo_pipeline_end_to_end(tmp_path):
     )
     s = json.loads((out / "summary.json").read_text())
     m = s["mean_ppl"]
+    # the default precision: the models built in fp32, scored in bf16 where this machine has it natively
+    from dive_ds.parallel.ranks import auto_dtype, resolve_device
+
+    score = auto_dtype(resolve_device("auto"))
+    assert s["dtype"] == {"calibrate_fit_router": "fp32", "mine_evaluate": score}
+    assert json.loads((out / "moe-clusters-fitted" / "router_fit.json").read_text())["dtype"] == "float32"
     print(json.dumps(s, indent=1))
     for v in (
         m["dense"]["router"],
