@@ -27,6 +27,8 @@ $(STAMP): setup.cfg pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps $$($(PY) -c "import configparser;c=configparser.ConfigParser();c.read('setup.cfg');print(' '.join(c['options.extras_require']['demo-assets'].split()))")
 	# DeepSpeed JIT-builds shm_comm on first init_distributed(); pay it once here
 	$(PY) -m dive_ds.parallel.warm_jit
+	# the demo model converted into $(DIVE_DS_CACHE) once, before two test workers could both start it
+	$(PY) -c "from dive_ds.io.loading import demo_model_dir; print(demo_model_dir())"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -26,7 +26,7 @@ LONGEST_FIRST = ("slurm", "slow", "heavy", "dist")
 """Test files go in this order of their marks (then as collected): `make test` runs two pytest-xdist workers
 with `--dist loadfile --no-loadscope-reorder`, which hand out whole files in this order, so the files of
 minutes start first and the short ones fill in beside them (xdist's own order, most tests first, left the
-SLURM and demo files to run one after another at the end)."""
+SLURM and demo files to run one after another at the end). Only one SLURM file goes first (see below)."""
 
 
 def pytest_collection_modifyitems(config, items):
@@ -34,6 +34,10 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         marks = [i for i, m in enumerate(LONGEST_FIRST) if item.get_closest_marker(m)]
         tier[item.path] = min([tier.get(item.path, len(LONGEST_FIRST)), *marks])
+    # the other SLURM files go last: two local clusters at once could take each other's srun ports (their
+    # SrunPortRange is not reserved), and the first file is long done by then
+    slurm = list(dict.fromkeys(item.path for item in items if item.get_closest_marker("slurm")))
+    tier |= dict.fromkeys(slurm[1:], len(LONGEST_FIRST) + 1)
     collected = {path: i for i, path in enumerate(dict.fromkeys(item.path for item in items))}
     items.sort(key=lambda item: (tier[item.path], collected[item.path]))  # stable: a file keeps its order
 

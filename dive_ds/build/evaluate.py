@@ -186,12 +186,18 @@ def _evaluate(model, calib_dir, out, oracle, batch_size, eval_windows, label, ro
     if out is not None:  # before any heavy work
         out = Path(out)
         identity = evaluation_identity(
-            model_dir, calib_dir, registry, eval_windows, seq_len, seed, oracle, router
+            model_dir,
+            calib_dir,
+            registry,
+            eval_windows,
+            seq_len,
+            seed,
+            oracle,
+            router,
+            {torch.float32: "fp32", torch.bfloat16: "bf16"}[torch_dtype],
         )
         if tasks:
             identity["tasks"] = {"names": tasks, "limit": limit, "num_fewshot": num_fewshot}
-        if torch_dtype != torch.float32:  # bf16 numbers differ; fp32 folders from before --dtype stay valid
-            identity["dtype"] = str(torch_dtype).removeprefix("torch.")
         check_not_input(out, {"model": model_dir, "calibration": calib_dir})
         claim_eval_out(out, identity)
     evals: dict[str, torch.Tensor] = {}

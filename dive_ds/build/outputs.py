@@ -92,9 +92,10 @@ PENDING_EVAL = ".eval-pending.json"
 
 
 def evaluation_identity(
-    model_dir: Path, calib_dir, registry, eval_windows, seq_len, seed, oracle, router
+    model_dir: Path, calib_dir, registry, eval_windows, seq_len, seed, oracle, router, dtype: str = "fp32"
 ) -> dict:
-    """What decides `dive-ds evaluate`'s numbers: the model (absolute path, fingerprint) and the windows."""
+    """What decides `dive-ds evaluate`'s numbers: the model (absolute path, fingerprint), the windows and the
+    precision (`dtype`, --dtype's name: bf16 numbers differ; fp32 folders from before --dtype stay valid)."""
     from dive_ds.io.fingerprint import input_record
 
     if calib_dir is not None:
@@ -105,7 +106,9 @@ def evaluation_identity(
     else:  # lm-eval tasks only (their names join the identity in run_evaluate)
         source = {}
     model = input_record(model_dir) if model_dir.is_dir() else {"path": str(model_dir)}
-    return {"model": model, **source, "eval_windows": eval_windows, "oracle": oracle, "router": router}
+    precision = {} if dtype == "fp32" else {"dtype": {"bf16": "bfloat16"}.get(dtype, dtype)}
+    return {"model": model, **source, "eval_windows": eval_windows, "oracle": oracle, "router": router,
+            **precision}  # fmt: skip
 
 
 def claim_eval_out(out: Path, identity: dict) -> None:

@@ -62,6 +62,8 @@ def demo_model_dir(build: bool = True) -> Path:
     missing, unexpected = plain.load_state_dict(q.state_dict(), strict=False)
     if [k for k in missing if "lm_head" not in k] or unexpected:
         raise RuntimeError(f"demo model conversion mismatch: missing {missing}, unexpected {unexpected}")
+    if (out / "config.json").exists():  # another process converted it meanwhile (make setup converts it once)
+        return out
     with staged_dir(out) as tmp:
         plain.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)

@@ -75,7 +75,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 def auto_dtype(device: torch.device) -> str:
     """The fastest precision `device` computes natively: bf16 on a bf16 GPU or CPU, else fp32."""
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp32"
     return "bf16" if cpu_has_native_bf16() else "fp32"
 
 

@@ -76,6 +76,9 @@ def test_demo_pipeline_end_to_end(tmp_path):
     score = auto_dtype(resolve_device("auto"))
     assert s["dtype"] == {"calibrate_fit_router": "fp32", "mine_evaluate": score}
     assert json.loads((out / "moe-clusters-fitted" / "router_fit.json").read_text())["dtype"] == "float32"
+    dtypes = {f.parent.name: json.loads(f.read_text())["dtype"] for f in out.glob("eval-*/eval.json")}
+    assert dtypes.pop("eval-clusters-retrained") == "float32"  # LoRA's small deltas: always scored in fp32
+    assert set(dtypes.values()) == {"bfloat16" if score == "bf16" else "float32"} and len(dtypes) == 6
     print(json.dumps(s, indent=1))
     for v in (
         m["dense"]["router"],

@@ -383,3 +383,13 @@ def test_demo_rerun_reuses_a_current_fit_and_moves_stale_evaluations_aside(tmp_p
     assert (tmp_path / "eval-flap" / "eval.json").is_file() and not (tmp_path / "eval-nomining").exists()
     moved = list(tmp_path.glob("superseded-*/eval-nomining/eval.json"))
     assert len(moved) == 1 and json.loads(moved[0].read_text())["identity"] == current
+    # the precision is part of it: an fp32 evaluation is stale for a bf16 demo, a bf16 one current for it
+    bf16 = ev | {"dtype": "bf16"}
+    _clear_stale_eval(tmp_path, "flap", flap, False, True, bf16)
+    assert not (tmp_path / "eval-flap").exists() and len(list(tmp_path.glob("superseded-*/eval-flap"))) == 1
+    scored = evaluation_identity(flap, None, ev["registry"], 4, 256, 42, False, True, "bf16")
+    assert scored == current | {"dtype": "bfloat16"}
+    (tmp_path / "eval-flap").mkdir()
+    (tmp_path / "eval-flap" / "eval.json").write_text(json.dumps({"identity": scored}))
+    _clear_stale_eval(tmp_path, "flap", flap, False, True, bf16)
+    assert (tmp_path / "eval-flap" / "eval.json").is_file()
