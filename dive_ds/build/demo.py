@@ -193,13 +193,15 @@ def run_demo(a) -> dict:
 
 
 def _precision(name: str) -> tuple[str, str]:
-    """(precision of the steps that build the model: calibration, router fitting; of the steps that score it:
-    mining's pruned perplexities, evaluation), checked before any work and said once. `auto`: the builds in
-    fp32 (the calibration, the token-cluster MoE and its fit are the fp32 demo's bit for bit; DIVE's groups
-    come from bf16 pruned perplexities, the same groups here) and the scoring in bf16 where this machine multiplies
-    bf16 natively (a bf16 GPU; a CPU with avx512_bf16 / amx_bf16: its matmuls ran at 2.3-2.6x float32's here,
-    and the scores moved by 0.01-0.13%), else fp32. `bf16`: everything (the fastest; the built models differ,
-    docs/speed.md section 9). Retraining, and the scoring of the retrained model, are fp32 either way."""
+    """(precision of the steps that build the model: calibration, router fitting; of the steps that score
+    it: mining's pruned perplexities, evaluation), checked before any work and said once.
+
+    `auto`: the builds in fp32 (the calibration, the token-cluster MoE and its fit are the fp32 demo's bit for
+    bit; DIVE's groups come from bf16 pruned perplexities, the same groups here) and the scoring in bf16 where
+    this machine multiplies bf16 natively (a bf16 GPU; a CPU with avx512_bf16 / amx_bf16: its matmuls ran at
+    2.0-2.6x float32's here, and the demo's printed perplexities moved by at most 0.4%), else fp32. `bf16`:
+    everything (the fastest; the built models differ, docs/speed.md section 9). Retraining, and the scoring
+    of the retrained model, are fp32 either way."""
     from dive_ds.parallel.ranks import auto_dtype, resolve_device, resolve_dtype
 
     device = resolve_device("auto")
