@@ -311,6 +311,7 @@ def _fit_is_current(fitted: Path, source: Path, calib: Path, cfg, dtype: str = "
     from dataclasses import asdict
 
     from dive_ds.io.fingerprint import folder_fingerprint
+    from dive_ds.parallel.ranks import dtype_record
 
     try:
         rec = json.loads((fitted / "router_fit.json").read_text())
@@ -322,7 +323,7 @@ def _fit_is_current(fitted: Path, source: Path, calib: Path, cfg, dtype: str = "
         and rec.get("moe") == str(source.resolve())
         and rec.get("calibration_fingerprint") == folder_fingerprint(calib)
         and rec.get("config") == json.loads(json.dumps(asdict(cfg)))
-        and rec.get("dtype") == {"fp32": "float32", "bf16": "bfloat16"}[dtype]
+        and rec.get("dtype") == dtype_record(dtype)
     )
 
 

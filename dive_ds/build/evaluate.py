@@ -24,7 +24,7 @@ from dive_ds.eval.perplexity import domain_perplexities, routing_report
 from dive_ds.io.atomic import write_json
 from dive_ds.io.atomic import write_text as atomic_write_text
 from dive_ds.io.calibration import load_calibration
-from dive_ds.parallel.ranks import Ranks, compute_dtype, start_ranks
+from dive_ds.parallel.ranks import Ranks, compute_dtype, dtype_name, start_ranks
 
 
 def oracle_map(model_dir: Path, domains: list[str]) -> dict[str, int] | None:
@@ -194,7 +194,7 @@ def _evaluate(model, calib_dir, out, oracle, batch_size, eval_windows, label, ro
             seed,
             oracle,
             router,
-            {torch.float32: "fp32", torch.bfloat16: "bf16"}[torch_dtype],
+            dtype_name(torch_dtype),
         )
         if tasks:
             identity["tasks"] = {"names": tasks, "limit": limit, "num_fewshot": num_fewshot}

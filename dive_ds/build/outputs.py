@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from dive_ds.io.fingerprint import git_rev
+from dive_ds.parallel.ranks import dtype_record
 
 
 def read_identity(record: Path) -> dict | None:
@@ -106,7 +107,7 @@ def evaluation_identity(
     else:  # lm-eval tasks only (their names join the identity in run_evaluate)
         source = {}
     model = input_record(model_dir) if model_dir.is_dir() else {"path": str(model_dir)}
-    precision = {} if dtype == "fp32" else {"dtype": {"bf16": "bfloat16"}.get(dtype, dtype)}
+    precision = {} if dtype == "fp32" else {"dtype": dtype_record(dtype)}
     return {"model": model, **source, "eval_windows": eval_windows, "oracle": oracle, "router": router,
             **precision}  # fmt: skip
 

@@ -49,6 +49,16 @@ CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 Rapids+). Elsewhere PyTorch emulates bf16 matmuls, slower than float32."""
 
 
+def dtype_record(name: str) -> str:
+    """How outputs record a --dtype name: "fp32" -> "float32", "bf16" -> "bfloat16"."""
+    return str(DTYPES[name]).removeprefix("torch.")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The --dtype name of a compute dtype: torch.bfloat16 -> "bf16"."""
+    return next(n for n, d in DTYPES.items() if d == dtype)
+
+
 def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
     """Does this CPU multiply bf16 natively? (Linux x86: its flags; anywhere else: no.)"""
     try:

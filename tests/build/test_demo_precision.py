@@ -6,7 +6,10 @@ import torch
 from dive_ds.build.demo import _precision
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU's choice; a GPU machine picks by its GPU")
+@pytest.mark.skipif(
+    torch.cuda.is_available(),
+    reason="on a GPU machine `auto` follows the GPU's bf16 support, not the CPU flags this test sets",
+)
 @pytest.mark.parametrize("native", [True, False])
 def test_auto_builds_in_fp32_and_scores_in_native_bf16_only(native, monkeypatch, capsys):
     monkeypatch.setattr("dive_ds.parallel.ranks.cpu_has_native_bf16", lambda: native)
